@@ -1,0 +1,136 @@
+"""`tierwise ...`: the command line. Each command imports only what it needs, so `serve` and
+the device side never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tierwise.config import ConfigError, load_config
+from tierwise.data import DatasetMissingError
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    import tomllib
+
+    import tomli_w
+
+    config = load_config(args.config)
+    effective = config.model_dump(mode="json", exclude_none=True)
+    sources = effective["prices"].pop("sources")
+    text = tomli_w.dumps(effective)
+    tomllib.loads(text)  # what we print must load back
+    print(text.rstrip())
+    print("\n# price book sources")
+    for field, source in sources.items():
+        print(f"#   {field}: {source}")
+    return 0
+
+
+def _zoo_train(args: argparse.Namespace) -> int:
+    from tierwise.zoo.build import ensure_zoo
+
+    config = load_config(args.config)
+    only = tuple(args.only.split(",")) if args.only else ("device", "edge", "cloud")
+    ensure_zoo(config, only, retrain=args.retrain)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tierwise.server.app import serve
+
+    config = load_config(args.config)
+    tier = config.tier(args.tier).model_copy()
+    if args.max_batch_size is not None:
+        tier.max_batch_size = args.max_batch_size
+    if args.max_queue_delay_ms is not None:
+        tier.max_queue_delay_ms = args.max_queue_delay_ms
+    if args.compute_scale is not None:
+        tier.compute_scale = args.compute_scale
+    models_dir = Path(args.models) if args.models else config.models_dir
+    serve(args.tier, tier, models_dir, host=args.host or tier.host,
+          port=args.port if args.port is not None else tier.port, threads=args.threads)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tierwise.bench.demo import run_demo
+
+    config = load_config(args.config)
+    if args.images is not None:
+        config.demo.images = args.images
+    run_demo(config, report_dir=Path(args.report_dir) if args.report_dir else None)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from tierwise.bench.serve import run_bench_serve
+
+    config = load_config(args.config)
+    run_bench_serve(config, args)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tierwise", description=__doc__)
+    parser.add_argument("--config", help="tierwise.toml (default: $TIERWISE_CONFIG, ./tierwise.toml"
+                        ", else built-in defaults)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="the effective configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("show", help="print the effective config as TOML").set_defaults(
+        run=_config_show)
+
+    zoo = commands.add_parser("zoo", help="the default model zoo")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    train = zoo_commands.add_parser("train", help="train, calibrate and export what is missing")
+    train.add_argument("--retrain", action="store_true", help="train even if cached")
+    train.add_argument("--only", help="comma-separated architectures (device,edge,cloud)")
+    train.set_defaults(run=_zoo_train)
+
+    serve = commands.add_parser("serve", help="run a tier server (OIP v2 over HTTP)")
+    serve.add_argument("--tier", required=True, choices=["edge", "cloud"])
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--models", help="directory of models (default: <data_dir>/models)")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--max-queue-delay-ms", type=float)
+    serve.add_argument("--compute-scale", type=float, help="emulate a slower server")
+    serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    demo.add_argument("--images", type=int, help="test images per strategy (default 2000)")
+    demo.add_argument("--report-dir", help="where the table and plots go")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks; results are written to files")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve = bench_commands.add_parser(
+        "serve", help="closed-loop OIP v2 load against a tier server")
+    bench_serve.add_argument("--url", help="a running server (default: start one on loopback)")
+    bench_serve.add_argument("--model", default="fmnist-edge")
+    bench_serve.add_argument("--concurrency", default="1,8,32")
+    bench_serve.add_argument("--duration-s", type=float, default=5.0)
+    bench_serve.add_argument("--out", default="reports/bench-serve")
+    bench_serve.set_defaults(run=_bench_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (ConfigError, DatasetMissingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

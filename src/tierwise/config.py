@@ -1,0 +1,274 @@
+"""The one config file (`tierwise.toml`): tiers, links, the price book, SLOs, the data directory.
+
+Every field has a built-in default, so no file is needed for a first run. A file is validated
+once, here, at the edge of the system; errors name the field and what was expected, e.g.
+``links.edge.bandwidth_up: expected a rate like '250KB/s', got '-3'``. Code past this point
+trusts its types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+CONFIG_ENV = "TIERWISE_CONFIG"
+DATA_ENV = "TIERWISE_DATA"
+DEFAULT_CONFIG_FILE = "tierwise.toml"
+
+_RATE_UNITS_BYTES = {
+    "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+}
+_RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-z]+)\s*/\s*s\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the field and what was expected."""
+
+
+def parse_rate(value: object) -> float:
+    """Parse a link rate into bytes per second: '250KB/s', '1.5MB/s', '8Mbit/s' or a number.
+
+    KB, MB and GB are decimal (1 KB = 1000 bytes), KiB and MiB binary, kbit/Mbit are bits.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a rate like '250KB/s', got {value!r}")
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str):
+        match = _RATE_RE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if not match or unit not in _RATE_UNITS_BYTES:
+            raise ValueError(f"expected a rate like '250KB/s', got {value!r}")
+        rate = float(match.group(1)) * _RATE_UNITS_BYTES[unit]
+    else:
+        raise ValueError(f"expected a rate like '250KB/s', got {value!r}")
+    if not rate > 0:
+        raise ValueError(f"expected a positive rate like '250KB/s', got {value!r}")
+    return rate
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """The inverse of `parse_rate`, for display: 250000 -> '250KB/s'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:g}{unit}/s"
+    return f"{bytes_per_s:g}B/s"
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TierConfig(_Section):
+    """One tier. The device tier runs inside the app; edge and cloud are `tierwise serve`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0: the demo picks a free port")
+    compute_scale: float = Field(
+        1.0, gt=0, description="emulated compute speed: measured compute time is stretched by this"
+    )
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="how long a batch waits to fill; 0 batches what is queued"
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+class LinkConfig(_Section):
+    """The network between the device and one tier, as the device sees it (emulated)."""
+
+    bandwidth_up: Rate = Field(description="device → tier, e.g. '250KB/s'")
+    bandwidth_down: Rate = Field(description="tier → device")
+    rtt_ms: float = Field(ge=0, le=60_000)
+    emulate: bool = Field(True, description="enforce the rates in the client's transport")
+
+
+class PriceBook(_Section):
+    """What compute, bytes and energy cost. Defaults are public list prices (see `sources`)."""
+
+    edge_usd_per_hour: float = Field(0.17, ge=0)
+    cloud_usd_per_hour: float = Field(0.526, ge=0)
+    edge_link_usd_per_gb_up: float = Field(0.0, ge=0)
+    edge_link_usd_per_gb_down: float = Field(0.0, ge=0)
+    cloud_link_usd_per_gb_up: float = Field(0.0, ge=0)
+    cloud_link_usd_per_gb_down: float = Field(0.09, ge=0)
+    device_power_w: float = Field(6.4, ge=0)
+    electricity_usd_per_kwh: float = Field(0.165, ge=0)
+
+    sources: dict[str, str] = Field(
+        default_factory=lambda: {
+            "edge_usd_per_hour": "AWS EC2 on-demand, c5.xlarge (4 vCPU), us-east-1, Linux: $0.17/h",
+            "cloud_usd_per_hour": "AWS EC2 on-demand, g4dn.xlarge (1x T4 GPU), us-east-1, Linux: "
+            "$0.526/h",
+            "edge_link_usd_per_gb": "device and edge server share a LAN: no per-byte charge",
+            "cloud_link_usd_per_gb_up": "AWS data transfer IN from the internet: free",
+            "cloud_link_usd_per_gb_down": "AWS data transfer OUT to the internet, first 10 TB/month:"
+            " $0.09/GB",
+            "device_power_w": "Raspberry Pi 4 Model B under full CPU load: ~6.4 W (Raspberry Pi "
+            "Ltd power figures)",
+            "electricity_usd_per_kwh": "US EIA, average US residential electricity price 2024: "
+            "~16.5 cents/kWh",
+        }
+    )
+
+    def usd_per_hour(self, tier: str) -> float:
+        return {"edge": self.edge_usd_per_hour, "cloud": self.cloud_usd_per_hour}.get(tier, 0.0)
+
+    def link_usd_per_gb(self, tier: str) -> tuple[float, float]:
+        """(up, down) price per GB on the link from the device to `tier`."""
+        if tier == "edge":
+            return self.edge_link_usd_per_gb_up, self.edge_link_usd_per_gb_down
+        if tier == "cloud":
+            return self.cloud_link_usd_per_gb_up, self.cloud_link_usd_per_gb_down
+        return 0.0, 0.0
+
+
+class SLOConfig(_Section):
+    """Default service-level objectives of a client; a request may override them."""
+
+    deadline_ms: float = Field(200.0, gt=0)
+    min_accuracy: float = Field(0.0, ge=0, le=1)
+    cascade_accuracy_margin_points: float = Field(
+        0.5, ge=0, le=100,
+        description="the cascade threshold is chosen to stay within this many accuracy points "
+        "of the model it escalates to",
+    )
+
+
+class DataConfig(_Section):
+    dataset: str = Field("fashion-mnist", pattern="^fashion-mnist$")
+    path: str | None = Field(None, description="directory with the IDX files; default: the "
+                             "Debian package, or $TIERWISE_DATA")
+    seed: int = 0
+    validation_size: int = Field(5000, ge=100, le=30000)
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(gt=0, le=200)
+    batch_size: int = Field(128, ge=8, le=4096)
+    learning_rate: float = Field(0.01, gt=0, le=10)
+    train_subset: int | None = Field(None, ge=256, description="train on this many images only")
+
+
+class ZooConfig(_Section):
+    seed: int = 0
+    device: TrainConfig = TrainConfig(epochs=6, learning_rate=0.01)
+    edge: TrainConfig = TrainConfig(epochs=6, learning_rate=0.01)
+    cloud: TrainConfig = TrainConfig(epochs=8, learning_rate=0.01)
+
+
+class DemoConfig(_Section):
+    images: int = Field(2000, ge=10, le=10000)
+    report_dir: str = "reports/demo"
+
+
+class Config(_Section):
+    data_dir: str = Field("data", description="models, caches and stores live here")
+    data: DataConfig = DataConfig()
+    zoo: ZooConfig = ZooConfig()
+    tiers: dict[str, TierConfig] = Field(
+        default_factory=lambda: {
+            "device": TierConfig(compute_scale=1.0),
+            "edge": TierConfig(max_batch_size=32),
+            "cloud": TierConfig(max_batch_size=64),
+        }
+    )
+    links: dict[str, LinkConfig] = Field(
+        default_factory=lambda: {
+            "edge": LinkConfig(bandwidth_up="2MB/s", bandwidth_down="5MB/s", rtt_ms=4.0),
+            "cloud": LinkConfig(bandwidth_up="250KB/s", bandwidth_down="1MB/s", rtt_ms=40.0),
+        }
+    )
+    prices: PriceBook = PriceBook()
+    slo: SLOConfig = SLOConfig()
+    demo: DemoConfig = DemoConfig()
+
+    def tier(self, name: str) -> TierConfig:
+        if name not in self.tiers:
+            raise ConfigError(f"tiers.{name}: no such tier; configured: {sorted(self.tiers)}")
+        return self.tiers[name]
+
+    def link(self, tier: str) -> LinkConfig:
+        if tier not in self.links:
+            raise ConfigError(f"links.{tier}: no link to this tier; configured: "
+                              f"{sorted(self.links)}")
+        return self.links[tier]
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.data_dir) / "models"
+
+
+def _merge_tiers_and_links(raw: dict[str, Any]) -> dict[str, Any]:
+    """A file that sets one field of `tiers.edge` keeps the defaults of the other tiers."""
+    defaults = Config()
+    for key in ("tiers", "links"):
+        if isinstance(raw.get(key), dict):
+            merged: dict[str, Any] = {
+                name: value.model_dump() for name, value in getattr(defaults, key).items()
+            }
+            for name, value in raw[key].items():
+                if isinstance(value, dict) and name in merged:
+                    merged[name] = {**merged[name], **value}
+                else:
+                    merged[name] = value
+            raw[key] = merged
+    return raw
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; `tierwise config show` lists them all)"
+        elif "input" in item and item["type"] != "missing":
+            message = f"{message}, got {item['input']!r}"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(_merge_tiers_and_links(dict(raw)))
+    except ValidationError as error:
+        raise ConfigError(_explain(error, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load `path`, else $TIERWISE_CONFIG, else ./tierwise.toml if present, else the defaults.
+
+    Relative `data_dir` values are resolved against the config file's directory.
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or (
+            DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).exists() else None
+        )
+    if path is None:
+        config = Config()
+        base = Path.cwd()
+    else:
+        file = Path(path)
+        if not file.exists():
+            raise ConfigError(f"{file}: config file not found")
+        try:
+            raw = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{file}: not valid TOML: {error}") from None
+        config = config_from_dict(raw, str(file))
+        base = file.resolve().parent
+    if not Path(config.data_dir).is_absolute():
+        config.data_dir = str((base / config.data_dir).resolve())
+    if config.data.path is None and os.environ.get(DATA_ENV):
+        config.data.path = os.environ[DATA_ENV]
+    return config

@@ -1,0 +1,1 @@
+"""Measuring models: calibration, accuracy tables, cascade curves (numpy only)."""

@@ -1,0 +1,37 @@
+"""ONNX export of a zoo model: dynamic batch, one self-contained file, checked against torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+OPSET = 17
+
+
+def export_onnx(model: nn.Module, path: Path, sample: np.ndarray) -> float:
+    """Write `model` to `path` and return the largest |torch - onnxruntime| on `sample`.
+
+    Raises if the two disagree by more than 1e-3 (a broken export must never be cached).
+    """
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.from_numpy(np.ascontiguousarray(sample[:2]))
+    torch.onnx.export(
+        model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=OPSET, dynamo=False,
+    )
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(np.ascontiguousarray(sample))).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT_NAME: np.ascontiguousarray(sample)})[0]
+    error = float(np.abs(expected - got).max())
+    if error > 1e-3:
+        raise RuntimeError(f"{path}: ONNX export differs from torch by {error:.2e}")
+    return error

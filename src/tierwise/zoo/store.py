@@ -1,0 +1,88 @@
+"""The on-disk model store: one directory per model, `model.onnx` beside `metadata.json`.
+
+numpy-free and torch-free, so servers and devices read it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+DATASET_PREFIX = "fmnist"
+
+
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str = Field(description="OIP v2 datatype, e.g. UINT8, FP32")
+    shape: list[int] = Field(description="-1 marks a dynamic dimension")
+
+
+class ModelInfo(BaseModel):
+    """Everything tierwise knows about a model, besides its weights."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    architecture: str
+    version: str = "1"
+    blocks: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: int
+    bytes: int
+    sha256: str
+    test_accuracy: float
+    validation_accuracy: float
+    temperature: float = Field(gt=0, description="softmax(logits / T) is calibrated")
+    expected_calibration_error: float | None = None
+    training: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def confidence_input(self) -> str:
+        return self.inputs[0].name
+
+
+def model_name(architecture: str) -> str:
+    return f"{DATASET_PREFIX}-{architecture}"
+
+
+def model_dir(models_dir: Path, name: str) -> Path:
+    return Path(models_dir) / name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_info(models_dir: Path, info: ModelInfo) -> Path:
+    directory = model_dir(models_dir, info.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / METADATA_FILE).write_text(json.dumps(info.model_dump(), indent=2) + "\n")
+    return directory
+
+
+def load_info(directory: Path) -> ModelInfo:
+    return ModelInfo.model_validate_json((Path(directory) / METADATA_FILE).read_text())
+
+
+def list_models(models_dir: Path) -> dict[str, tuple[ModelInfo, Path]]:
+    """name -> (metadata, path of model.onnx) for every complete model under `models_dir`."""
+    found: dict[str, tuple[ModelInfo, Path]] = {}
+    root = Path(models_dir)
+    if not root.is_dir():
+        return found
+    for directory in sorted(root.iterdir()):
+        onnx_file = directory / MODEL_FILE
+        if onnx_file.is_file() and (directory / METADATA_FILE).is_file():
+            info = load_info(directory)
+            found[info.name] = (info, onnx_file)
+    return found

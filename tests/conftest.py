@@ -1,0 +1,36 @@
+"""Shared fixtures: real Fashion-MNIST, and a real zoo trained on a small subset (seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tierwise.config import Config, TrainConfig, config_from_dict
+from tierwise.data import Splits, load_splits
+
+
+@pytest.fixture(scope="session")
+def splits() -> Splits:
+    return load_splits(validation_size=2000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """Defaults, with a fresh data directory and a zoo trained on 4,000 images for one epoch."""
+    data_dir = tmp_path_factory.mktemp("tierwise-data")
+    quick = TrainConfig(epochs=1, learning_rate=0.005, train_subset=4000).model_dump()
+    return config_from_dict({
+        "data_dir": str(data_dir),
+        "data": {"validation_size": 2000},
+        "zoo": {"device": quick, "edge": quick, "cloud": quick},
+    })
+
+
+@pytest.fixture(scope="session")
+def models_dir(small_config: Config) -> Path:
+    """A directory with fmnist-device, fmnist-edge and fmnist-cloud: real ONNX models."""
+    from tierwise.zoo.build import ensure_zoo
+
+    ensure_zoo(small_config)
+    return small_config.models_dir
