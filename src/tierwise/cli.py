@@ -29,6 +29,17 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from tierwise.data import find_fashion_mnist, load_splits
+
+    config = load_config(args.config)
+    where = find_fashion_mnist(config.data.path)
+    splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
+    print(f"Fashion-MNIST at {where}: train {len(splits.train_x)}, validation "
+          f"{len(splits.val_x)}, test {len(splits.test_x)} (seed {config.data.seed})")
+    return 0
+
+
 def _zoo_train(args: argparse.Namespace) -> int:
     from tierwise.zoo.build import ensure_zoo
 
@@ -84,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     config_commands.add_parser("show", help="print the effective config as TOML").set_defaults(
         run=_config_show)
 
+    data = commands.add_parser("data", help="the dataset")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_commands.add_parser("check", help="find Fashion-MNIST, or say how to install it"
+                             ).set_defaults(run=_data_check)
+
     zoo = commands.add_parser("zoo", help="the default model zoo")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
     train = zoo_commands.add_parser("train", help="train, calibrate and export what is missing")
@@ -116,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--concurrency", default="1,8,32")
     bench_serve.add_argument("--duration-s", type=float, default=5.0)
     bench_serve.add_argument("--out", default="reports/bench-serve")
+    bench_serve.add_argument("--models", help="models directory of the server started here "
+                             "and of the in-process floor (default: <data_dir>/models)")
+    bench_serve.add_argument("--payloads", default="json,binary",
+                             help="comma-separated: json (JSON tensors), binary (binary tensors)")
+    bench_serve.add_argument("--threads", type=int, default=1,
+                             help="ONNX Runtime intra-op threads of the server started here")
     bench_serve.set_defaults(run=_bench_serve)
     return parser
 

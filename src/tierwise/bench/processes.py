@@ -1,0 +1,78 @@
+"""Tier servers as real processes on loopback, for the demo, benchmarks and tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerFailedError(RuntimeError):
+    """A tier server did not come up; the message carries what it printed."""
+
+
+@contextmanager
+def tier_server(
+    tier: str,
+    models_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    extra_args: list[str] | None = None,
+    config_path: str | None = None,
+    ready_timeout_s: float = 30.0,
+) -> Iterator[str]:
+    """Run `tierwise serve --tier <tier>` as a child process; yield its base URL once ready."""
+    port = port or free_port(host)
+    command = [sys.executable, "-m", "tierwise.cli"]
+    if config_path:
+        command += ["--config", config_path]
+    command += ["serve", "--tier", tier, "--host", host, "--port", str(port),
+                "--models", str(models_dir), *(extra_args or [])]
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise ServerFailedError(f"{tier} server exited with {process.returncode}:\n"
+                                        f"{_read(log)}")
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailedError(f"{tier} server not ready after {ready_timeout_s:.0f} s:"
+                                        f"\n{_read(log)}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _read(log: tempfile._TemporaryFileWrapper) -> str:  # type: ignore[type-arg]
+    log.seek(0)
+    return log.read().decode(errors="replace")[-4000:]

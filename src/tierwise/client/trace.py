@@ -1,0 +1,65 @@
+"""`Trace`: where each stage of one inference ran, what it took, what it moved, what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StageTrace:
+    """One stage. For a remote stage, `network_ms` is the round trip minus the server's time."""
+
+    kind: str              # "local" or "remote"
+    tier: str              # "device", "edge", "cloud"
+    model: str
+    model_version: str
+    total_ms: float        # as the device saw it, start to answer
+    compute_ms: float      # model execution (device: × compute_scale; server: from its header)
+    queue_ms: float = 0.0  # waiting in the server's batcher
+    network_ms: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    batch_size: int = 1
+    cost_usd: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Trace:
+    plan: str
+    stages: list[StageTrace] = field(default_factory=list)
+    total_ms: float = 0.0
+    fallback: str | None = None  # why the plan did not run as chosen, if it did not
+    emulated: list[str] = field(default_factory=list)
+
+    @property
+    def escalated(self) -> bool:
+        """A cascade that went past its first stage."""
+        return self.plan.startswith("cascade") and len(self.answered_stages) > 1
+
+    @property
+    def answered_stages(self) -> list[StageTrace]:
+        return [stage for stage in self.stages if stage.error is None]
+
+    @property
+    def answered_by(self) -> StageTrace:
+        return self.answered_stages[-1]
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(stage.bytes_up for stage in self.stages)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(stage.bytes_down for stage in self.stages)
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(stage.cost_usd for stage in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.update(escalated=self.escalated, bytes_up=self.bytes_up,
+                      bytes_down=self.bytes_down, cost_usd=self.cost_usd)
+        return record

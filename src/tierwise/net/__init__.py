@@ -1,0 +1,1 @@
+"""Transports: link emulation and transfer measurement (the planner never sees sockets)."""

@@ -1,0 +1,1 @@
+"""The tier server (`tierwise serve`): OIP v2 over HTTP, dynamic batching, Prometheus metrics."""

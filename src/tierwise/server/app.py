@@ -1,0 +1,425 @@
+"""The tier server: Open Inference Protocol v2 over HTTP/REST, as a plain ASGI app.
+
+Endpoints (KServe v2 / Triton REST):
+  GET  /v2/health/live, /v2/health/ready        200 when live / every model loaded
+  GET  /v2                                      server metadata (extensions: binary_tensor_data)
+  GET  /v2/models/{name}[/versions/{v}]         model metadata
+  GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can infer
+  POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
+  GET  /metrics                                 Prometheus exposition
+
+Infer answers carry the server's own timing in headers, so a client can tell link time from
+server time: `tierwise-compute-ms` (the batch's compute, stretched when emulated),
+`tierwise-queue-ms`, `tierwise-batch-size`, `tierwise-model-version`, `tierwise-tier`; the
+same numbers are in the response `parameters` (`tierwise_compute_ms`, ...), which standard OIP
+clients ignore. Errors are JSON `{"error": "..."}` with a 4xx/5xx status.
+
+A plain ASGI callable rather than a web framework: on this path the framework's routing,
+request objects and middleware cost more than the model (see `tierwise bench serve`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tierwise import __version__
+from tierwise.config import TierConfig
+from tierwise.protocol.oip import (
+    HEADER_LENGTH,
+    ProtocolError,
+    decode_infer_request,
+    encode_error,
+    encode_infer_response,
+    parse_header_length,
+)
+from tierwise.runtime.batcher import DynamicBatcher
+from tierwise.runtime.session import OnnxModel, load_models
+from tierwise.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tierwise.server.metrics import UNKNOWN_MODEL, ServerMetrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SERVER_NAME = "tierwise"
+EXTENSIONS = ["binary_tensor_data"]
+PLATFORM = "onnxruntime_onnx"
+
+log = logging.getLogger("tierwise.server")
+
+_JSON = (b"content-type", b"application/json")
+_CLOSE = (b"connection", b"close")
+_HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()
+
+
+class HTTPError(Exception):
+    """An answer other than 200: its status, its message, and extra headers."""
+
+    def __init__(self, status: int, message: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+class _Served:
+    """One model as served: its batcher, metrics and pre-encoded metadata."""
+
+    def __init__(self, model: OnnxModel, batcher: DynamicBatcher, metrics: Any) -> None:
+        info = model.info
+        self.model = model
+        self.info = info
+        self.batcher = batcher
+        self.metrics = metrics
+        self.version = info.version
+        self.inputs = {spec.name: spec for spec in info.inputs}
+        self.output_names = [spec.name for spec in info.outputs]
+        self.metadata = orjson.dumps({
+            "name": info.name,
+            "versions": [info.version],
+            "platform": PLATFORM,
+            "inputs": [spec.model_dump() for spec in info.inputs],
+            "outputs": [spec.model_dump() for spec in info.outputs],
+        })
+        self.version_header = info.version.encode()
+
+
+class TierServer:
+    """The ASGI app of one tier. Constructing it loads nothing; it serves `models`."""
+
+    def __init__(self, tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]) -> None:
+        self.tier_name = tier_name
+        self.tier = tier
+        self.metrics = ServerMetrics(tier_name, tier.compute_scale)
+        self.models: dict[str, _Served] = {}
+        for name, model in models.items():
+            model_metrics = self.metrics.model(name)
+            batcher = DynamicBatcher(model, max_batch_size=tier.max_batch_size,
+                                     max_queue_delay_ms=tier.max_queue_delay_ms,
+                                     compute_scale=tier.compute_scale,
+                                     on_batch=model_metrics.observe_batch)
+            self.models[name] = _Served(model, batcher, model_metrics)
+        self.server_metadata = orjson.dumps(
+            {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+        self._tier_header = (b"tierwise-tier", tier_name.encode())
+        self._routes: dict[str, Callable[[], tuple[bytes, bytes]]] = {
+            "/v2": lambda: (self.server_metadata, b"application/json"),
+            "/v2/": lambda: (self.server_metadata, b"application/json"),
+            "/v2/health/live": lambda: (b'{"live":true}', b"application/json"),
+            "/v2/health/ready": lambda: (b'{"ready":true}', b"application/json"),
+            "/metrics": lambda: (self.metrics.exposition(), METRICS_CONTENT_TYPE.encode()),
+        }
+
+    def close(self) -> None:
+        for served in self.models.values():
+            served.batcher.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            try:
+                await self._http(scope, receive, send)
+            except HTTPError as error:
+                await _send(send, error.status, encode_error(error.message),
+                            [_JSON, *error.headers])
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.startswith("/v2/models/"):
+            served, action = self._model_route(path)
+            if action == "infer":
+                if method != "POST":
+                    raise HTTPError(405, f"{path}: use POST, not {method}",
+                                    [(b"allow", b"POST")])
+                await self._infer(served, scope, receive, send)
+                return
+            _require_get(method, path)
+            if action == "ready":
+                await _send(send, 200, b'{"ready":true}', [_JSON])
+            else:
+                await _send(send, 200, served.metadata, [_JSON])
+            return
+        route = self._routes.get(path)
+        if route is None:
+            raise HTTPError(404, f"no such endpoint: {path}")
+        _require_get(method, path)
+        body, content_type = route()
+        await _send(send, 200, body, [(b"content-type", content_type)])
+
+    def _model_route(self, path: str) -> tuple[_Served, str]:
+        """(model, action) of /v2/models/{name}[/versions/{v}][/ready|/infer]."""
+        parts = path[len("/v2/models/"):].split("/")
+        name, rest = parts[0], parts[1:]
+        version = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+        action = rest[0] if len(rest) == 1 else ""
+        if len(rest) > 1 or action not in ("", "ready", "infer") or not name:
+            raise HTTPError(404, f"no such endpoint: {path}")
+        served = self.models.get(name)
+        if served is None:
+            raise HTTPError(404, f"unknown model {name!r}; this server has "
+                                 f"{sorted(self.models)}")
+        if version is not None and version != served.version:
+            raise HTTPError(404, f"model {name!r} has no version {version!r}; "
+                                 f"available: [{served.version!r}]")
+        return served, action
+
+    async def _infer(self, served: _Served, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        metrics = served.metrics
+        body = b""
+        try:
+            body, header_length = await self._read_body(scope, receive)
+            request = decode_infer_request(body, header_length)
+            inputs = _checked_inputs(served, request.inputs)
+            wanted = _checked_outputs(served, request.outputs)
+            try:
+                outputs, timing = await served.batcher.infer(inputs)
+            except Exception as error:
+                log.exception("inference failed on %s", served.info.name)
+                raise HTTPError(500, f"inference failed: {type(error).__name__}: {error}") \
+                    from None
+        except ProtocolError as error:
+            metrics.observe_error(error.status, len(body))
+            raise HTTPError(error.status, error.message) from None
+        except HTTPError as error:
+            metrics.observe_error(error.status, len(body))
+            raise
+        parameters = {"tierwise_compute_ms": round(timing.compute_ms, 4),
+                      "tierwise_queue_ms": round(timing.queue_ms, 4),
+                      "tierwise_batch_size": timing.batch_size}
+        answer, extra = encode_infer_response(
+            {name: outputs[name] for name in wanted},
+            model_name=served.info.name, model_version=served.version,
+            binary_outputs={name for name in wanted if request.output_binary(name)},
+            request_id=request.id, parameters=parameters)
+        headers = [
+            (b"content-type", extra["Content-Type"].encode()),
+            (b"tierwise-compute-ms", b"%.4f" % timing.compute_ms),
+            (b"tierwise-queue-ms", b"%.4f" % timing.queue_ms),
+            (b"tierwise-batch-size", b"%d" % timing.batch_size),
+            (b"tierwise-model-version", served.version_header),
+            self._tier_header,
+        ]
+        if HEADER_LENGTH in extra:
+            headers.append((_HEADER_LENGTH_KEY, extra[HEADER_LENGTH].encode()))
+        await _send(send, 200, answer, headers)
+        metrics.observe_request(time.perf_counter() - started, timing.queue_ms, len(body),
+                                len(answer))
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, int | None]:
+        """(body, Inference-Header-Content-Length), refusing a body over `max_body_bytes`
+        before reading it."""
+        limit = self.tier.max_body_bytes
+        header_length: str | None = None
+        encoding = b""
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise HTTPError(400, f"Content-Length: not a number: {value!r}") from None
+                if declared > limit:
+                    # Close the connection: uvicorn then drops the rest of the body unread.
+                    raise HTTPError(413, f"the body is {declared} bytes; this server takes at "
+                                         f"most {limit} (max_body_bytes)", [_CLOSE])
+            elif key == _HEADER_LENGTH_KEY:
+                header_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                encoding = value.lower()
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if message.get("more_body"):
+            chunks = [body]
+            size = len(body)
+            while message.get("more_body"):
+                message = await receive()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, f"the body is over {limit} bytes (max_body_bytes)",
+                                    [_CLOSE])
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        if message["type"] == "http.disconnect":
+            raise HTTPError(400, "the client disconnected before sending the whole body")
+        if encoding and encoding != b"identity":
+            body = _decompress(body, encoding, limit)
+        return body, parse_header_length(header_length)
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """gzip / deflate request bodies (tritonclient's request_compression_algorithm)."""
+    if encoding == b"gzip":
+        decompressor = zlib.decompressobj(wbits=31)
+    elif encoding == b"deflate":
+        decompressor = zlib.decompressobj()
+    else:
+        raise HTTPError(415, f"Content-Encoding {encoding.decode('latin-1')!r} is not "
+                             "supported; use gzip, deflate or none")
+    try:
+        plain = decompressor.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise HTTPError(400, f"the {encoding.decode()} body does not decompress: {error}") \
+            from None
+    if len(plain) > limit:
+        raise HTTPError(413, f"the decompressed body is over {limit} bytes (max_body_bytes)")
+    return plain
+
+
+def _checked_inputs(served: _Served, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The request's inputs in the model's order, after checking names, datatypes, shapes."""
+    specs = served.inputs
+    for name in inputs:
+        if name not in specs:
+            raise ProtocolError(f"model {served.info.name!r} has no input {name!r}; its inputs "
+                                f"are {list(specs)}")
+    checked = {}
+    rows = None
+    for name, spec in specs.items():
+        array = inputs.get(name)
+        if array is None:
+            raise ProtocolError(f"missing input {name!r} ({spec.datatype} {spec.shape})")
+        datatype = _DATATYPE_OF_DTYPE.get(array.dtype.str)
+        if datatype != spec.datatype:
+            raise ProtocolError(f"input {name!r}: expected datatype {spec.datatype}, got "
+                                f"{datatype}")
+        shape = array.shape
+        if len(shape) != len(spec.shape) or any(
+                want != -1 and want != got for want, got in zip(spec.shape, shape)):
+            raise ProtocolError(f"input {name!r}: expected shape {spec.shape} (-1: any), got "
+                                f"{list(shape)}")
+        if rows is None:
+            rows = shape[0] if shape else None
+        elif shape and shape[0] != rows:
+            raise ProtocolError(f"input {name!r}: batch size {shape[0]} differs from the "
+                                f"other inputs' {rows}")
+        checked[name] = array
+    if rows == 0:
+        raise ProtocolError("the inputs have a batch size of 0")
+    return checked
+
+
+def _checked_outputs(served: _Served, requested: dict[str, bool | None]) -> list[str]:
+    if not requested:
+        return served.output_names
+    for name in requested:
+        if name not in served.output_names:
+            raise ProtocolError(f"model {served.info.name!r} has no output {name!r}; its "
+                                f"outputs are {served.output_names}")
+    return list(requested)
+
+
+def _datatype_table() -> dict[str, str]:
+    from tierwise.protocol.oip import DATATYPES, numpy_dtype
+
+    return {numpy_dtype(datatype).str: datatype for datatype in DATATYPES}
+
+
+_DATATYPE_OF_DTYPE = _datatype_table()
+
+
+def _require_get(method: str, path: str) -> None:
+    if method not in ("GET", "HEAD"):
+        raise HTTPError(405, f"{path}: use GET, not {method}", [(b"allow", b"GET")])
+
+
+async def _send(send: Send, status: int, body: bytes,
+                headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", b"%d" % len(body)))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- running it -----------------------------------------------------------------------------
+
+
+def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]) -> TierServer:
+    """The ASGI app serving `models` as tier `tier_name`."""
+    return TierServer(tier_name, tier, models)
+
+
+def _uvicorn_config(app: TierServer, **kwargs: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app, loop="uvloop", http="httptools", interface="asgi3", lifespan="on",
+        access_log=False, proxy_headers=False, server_header=False, log_level="warning",
+        **kwargs)
+
+
+def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: int,
+          threads: int = 1) -> None:
+    """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools)."""
+    import uvicorn
+
+    models = load_models(models_dir, threads=threads)
+    if not models:
+        raise FileNotFoundError(f"{models_dir}: no models to serve (expected "
+                                "<name>/model.onnx with metadata.json; `tierwise zoo train`)")
+    app = create_app(tier_name, tier, models)
+    sock = _bind(host, port)
+    bound_port = sock.getsockname()[1]
+    print(f"tierwise serve: tier {tier_name} on http://{host}:{bound_port} "
+          f"models {sorted(models)} max_batch_size {tier.max_batch_size} "
+          f"max_queue_delay_ms {tier.max_queue_delay_ms:g} compute_scale "
+          f"{tier.compute_scale:g}", flush=True)
+    uvicorn.Server(_uvicorn_config(app)).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: TierServer, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread; yields its base URL, e.g. for tests."""
+    import uvicorn
+
+    sock = _bind(host, port)
+    server = uvicorn.Server(_uvicorn_config(app))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="tierwise-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the tier server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
