@@ -11,7 +11,7 @@ from tierwise.net.shaping import TRANSFER_EXTENSION, shaped_client
 class _Echo(BaseHTTPRequestHandler):
     """A real HTTP server: reads the body, answers with as many bytes as asked for."""
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         size = int(self.headers.get("X-Reply-Bytes", "2"))
         self.send_response(200)

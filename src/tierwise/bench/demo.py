@@ -108,7 +108,7 @@ def _table(results: list[StrategyResult], emulated: list[str]) -> Table:
     for r in results:
         table.add_row(r.strategy, f"{r.accuracy:.2%}", f"{r.latency_p50_ms:.2f}",
                       f"{r.latency_p95_ms:.2f}", f"{r.bytes_up_per_inference:,.0f}",
-                      f"{r.escalated_share:.1%}", f"{r.cost_usd_per_1m:.4f}")
+                      f"{r.escalated_share:.1%}", f"{r.cost_usd_per_1m:.3g}")
     return table
 
 
@@ -118,7 +118,7 @@ def _markdown(results: list[StrategyResult], emulated: list[str], notes: list[st
     for r in results:
         lines.append(f"| {r.strategy} | {r.accuracy:.2%} | {r.latency_p50_ms:.2f} | "
                      f"{r.latency_p95_ms:.2f} | {r.bytes_up_per_inference:,.0f} | "
-                     f"{r.escalated_share:.1%} | {r.cost_usd_per_1m:.4f} |")
+                     f"{r.escalated_share:.1%} | {r.cost_usd_per_1m:.3g} |")
     lines += ["", "Emulated (latencies depend on these):", *[f"- {e}" for e in emulated],
               "", *notes]
     return "\n".join(lines) + "\n"

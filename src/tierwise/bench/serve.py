@@ -110,8 +110,7 @@ class _ClosedLoopConnection(asyncio.Protocol):
         self.bodies: list[tuple[bytes, bytes]] = []  # (head, body), first `keep_bodies`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self._send()
 
     def _send(self) -> None:

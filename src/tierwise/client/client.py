@@ -152,7 +152,9 @@ class Client:
     def session(self, model: str) -> OnnxModel:
         if model not in self._sessions:
             if model not in self._paths:
-                raise FileNotFoundError(f"model {model!r} is not on this device ({self.models_dir})")
+                raise FileNotFoundError(
+                    f"model {model!r} is not on this device ({self.models_dir})"
+                )
             self._sessions[model] = OnnxModel(self._paths[model], self.models[model], self.threads)
         return self._sessions[model]
 
@@ -229,7 +231,9 @@ class _Execution:
         prices = client.config.prices
         self.trace.stages.append(StageTrace(
             kind="remote", tier=tier, model=model,
-            model_version=response.headers.get("tierwise-model-version", decoded.model_version or ""),
+            model_version=response.headers.get(
+                "tierwise-model-version", decoded.model_version or ""
+            ),
             total_ms=total_ms, compute_ms=compute_ms, queue_ms=queue_ms,
             network_ms=max(0.0, total_ms - compute_ms - queue_ms),
             bytes_up=transfer.bytes_up, bytes_down=transfer.bytes_down, batch_size=batch_size,

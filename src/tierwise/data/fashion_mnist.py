@@ -64,7 +64,9 @@ def find_fashion_mnist(directory: str | Path | None = None) -> Path:
     if directory is not None:
         path = Path(directory)
         if not _has_files(path):
-            raise DatasetMissingError(f"{path}: no Fashion-MNIST IDX files here.\n{_install_hint()}")
+            raise DatasetMissingError(
+                f"{path}: no Fashion-MNIST IDX files here.\n{_install_hint()}"
+            )
         return path
     found = _debian_dir()
     if found is None or not _has_files(found):
@@ -75,7 +77,7 @@ def find_fashion_mnist(directory: str | Path | None = None) -> Path:
 def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     with gzip.open(path, "rb") as stream:
         raw = stream.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != expected_dims:
+    if len(raw) < 4 or raw[:4] != bytes([0, 0, _IDX_UBYTE, expected_dims]):
         raise ValueError(f"{path}: not an IDX file of {expected_dims}-d unsigned bytes")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_dims)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * expected_dims)
@@ -85,7 +87,9 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def load_fashion_mnist(directory: str | None = None, kind: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    directory: str | None = None, kind: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 1, 28, 28], labels int64 [N]) of the 'train' or 'test' part."""
     if kind not in _FILES:
         raise ValueError(f"kind: expected 'train' or 'test', got {kind!r}")
@@ -113,7 +117,9 @@ class Splits:
     test_y: np.ndarray
 
 
-def load_splits(directory: str | None = None, validation_size: int = 5000, seed: int = 0) -> Splits:
+def load_splits(
+    directory: str | None = None, validation_size: int = 5000, seed: int = 0
+) -> Splits:
     train_x, train_y = load_fashion_mnist(directory, "train")
     test_x, test_y = load_fashion_mnist(directory, "test")
     order = np.random.default_rng(seed).permutation(len(train_x))

@@ -3,8 +3,8 @@
 `ShapedTransport` wraps a real httpx transport. Each direction of a link is a FIFO pipe of a
 fixed rate (`LinkDirection`): a transfer of n bytes occupies it for n / rate seconds after
 whatever is already queued on it — serialisation delay, shared by every request on the link,
-as on a real bottleneck (a token bucket with no burst allowance). Half the RTT is added each
-way as propagation delay. The request body really leaves the socket at the link's pace (it is
+as on a real bottleneck (a token bucket with no burst allowance), counted from when the
+transport is handed the request. Half the RTT is added each way as propagation delay. The request body really leaves the socket at the link's pace (it is
 sent in paced chunks); the response is read off the socket and handed over when the emulated
 downlink would have delivered it.
 
@@ -14,6 +14,7 @@ bandwidth and RTT estimators learn from.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,10 +36,11 @@ class LinkDirection:
         self._free_at = 0.0
         self._lock = threading.Lock()
 
-    def reserve(self, nbytes: int) -> float:
-        """Queue `nbytes` on the pipe; return the perf_counter time their last byte is through."""
+    def reserve(self, nbytes: int, ready_at: float | None = None) -> float:
+        """Queue `nbytes`, ready to go at `ready_at` (default now); return the perf_counter
+        time their last byte is through."""
         with self._lock:
-            start = max(time.perf_counter(), self._free_at)
+            start = max(time.perf_counter() if ready_at is None else ready_at, self._free_at)
             self._free_at = start + nbytes / self.rate_bytes_per_s
             return self._free_at
 
@@ -83,19 +85,24 @@ def _header_bytes(headers: httpx.Headers) -> int:
 class _PacedBody(httpx.SyncByteStream):
     """The request body, released onto the socket no faster than the uplink carries it."""
 
-    def __init__(self, body: bytes, link: EmulatedLink, overhead_bytes: int) -> None:
+    def __init__(self, body: bytes, link: EmulatedLink, overhead_bytes: int,
+                 started: float) -> None:
         self.body = body
         self.link = link
         self.overhead_bytes = overhead_bytes
+        self.started = started
         self.sent_at = 0.0
 
     def __iter__(self) -> Iterator[bytes]:
-        first = True
+        # The request (header block included) was ready to go when the transport got it;
+        # httpx's own work since then overlaps the emulated transmission, as a NIC would.
+        ready_at: float | None = self.started
+        extra = self.overhead_bytes
         for start in range(0, max(len(self.body), 1), CHUNK_BYTES):
             chunk = self.body[start:start + CHUNK_BYTES]
-            extra = self.overhead_bytes if first else 0
-            first = False
-            _sleep_until(self.link.up.reserve(len(chunk) + extra))
+            through = self.link.up.reserve(len(chunk) + extra, ready_at)
+            ready_at, extra = None, 0
+            _sleep_until(through + self.link.rtt_s / 2)
             if chunk:
                 yield chunk
         self.sent_at = time.perf_counter()
@@ -114,10 +121,11 @@ class ShapedTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
         body = request.read()
-        overhead = _header_bytes(request.headers) + len(request.method) + len(request.url.raw_path) + 12
+        # the request line: "POST /path HTTP/1.1\r\n"
+        overhead = _header_bytes(request.headers) + len(request.method) + len(request.url.raw_path)
+        overhead += 12
         if self.link is not None:
-            _sleep_until(started + self.link.rtt_s / 2)
-            paced = _PacedBody(body, self.link, overhead)
+            paced = _PacedBody(body, self.link, overhead, started)
             request.stream = paced
         response = self.inner.handle_request(request)
         try:
@@ -152,5 +160,8 @@ class ShapedTransport(httpx.BaseTransport):
 def shaped_client(base_url: str, link: LinkConfig | None, timeout_s: float = 10.0) -> httpx.Client:
     """A keep-alive httpx client to `base_url` whose traffic crosses the emulated `link`."""
     emulated = EmulatedLink(link) if link is not None and link.emulate else None
-    transport = ShapedTransport(httpx.HTTPTransport(retries=0), emulated)
+    # TCP_NODELAY: the body follows the header block in a separate write, and Nagle's
+    # algorithm would hold it back for the server's ACK.
+    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    transport = ShapedTransport(httpx.HTTPTransport(retries=0, socket_options=nodelay), emulated)
     return httpx.Client(base_url=base_url, transport=transport, timeout=timeout_s)

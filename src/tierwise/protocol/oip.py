@@ -74,7 +74,8 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
         if datatype == "BYTES":
             raise ProtocolError("datatype BYTES is not supported: tierwise serves fixed-size "
                                 f"numeric tensors ({', '.join(DATATYPES)})")
-        raise ProtocolError(f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+        raise ProtocolError(f"unknown datatype {datatype!r}; expected one of "
+                            f"{', '.join(DATATYPES)}")
     return dtype
 
 
@@ -180,9 +181,8 @@ def encode_infer_request(
     if request_id is not None:
         request["id"] = request_id
     request_parameters = dict(parameters or {})
-    if outputs is None:
-        if binary_outputs:
-            request_parameters["binary_data_output"] = True
+    if outputs is None and binary_outputs:
+        request_parameters["binary_data_output"] = True
     if request_parameters:
         request["parameters"] = request_parameters
     request["inputs"] = [_tensor_header(name, array, binary, chunks)[0]
@@ -271,6 +271,15 @@ def _array_from_json(data: Any, dtype: np.dtype[Any], count: int, where: str) ->
             array = np.array(data, dtype=np.float64)
         except (ValueError, TypeError) as error:
             raise ProtocolError(f"{where}: 'data' is not numeric: {error}") from None
+    elif array.dtype.kind in "fO" and dtype.kind in "iu":
+        # Integers past int64 (UINT64) make numpy guess float64 or object: redo it exactly.
+        exact = np.array(data, dtype=object).reshape(-1)
+        if all(type(value) is int for value in exact):
+            try:
+                return exact.astype(dtype)
+            except OverflowError:
+                raise ProtocolError(f"{where}: 'data' values are out of range for "
+                                    f"{_DATATYPES[dtype]}") from None
     if array.dtype.kind not in allowed:
         raise ProtocolError(f"{where}: 'data' holds {array.dtype.kind!r}-kind values "
                             f"({array.dtype}) that do not fit datatype {_DATATYPES[dtype]}")

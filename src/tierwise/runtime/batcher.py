@@ -37,7 +37,7 @@ class BatchTiming:
 
 
 class _Queued:
-    __slots__ = ("inputs", "rows", "shape_key", "future", "arrived")
+    __slots__ = ("arrived", "future", "inputs", "rows", "shape_key")
 
     def __init__(self, inputs: Mapping[str, np.ndarray], future: asyncio.Future[Any]) -> None:
         self.inputs = inputs
@@ -177,7 +177,8 @@ class DynamicBatcher:
             for queued in batch:
                 end = offset + queued.rows
                 if not queued.future.done():
-                    sliced = {name: output[offset:end] for name, output in zip(names, outputs)}
+                    sliced = {name: output[offset:end]
+                              for name, output in zip(names, outputs, strict=True)}
                     timing = BatchTiming((started - queued.arrived) * 1e3, compute_ms, size)
                     queued.future.set_result((sliced, timing))
                 offset = end

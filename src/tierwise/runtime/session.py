@@ -42,7 +42,9 @@ class OnnxModel:
         return out, (time.perf_counter() - started) * 1e3
 
 
-def load_models(models_dir: Path, threads: int = 1, names: list[str] | None = None) -> dict[str, OnnxModel]:
+def load_models(
+    models_dir: Path, threads: int = 1, names: list[str] | None = None
+) -> dict[str, OnnxModel]:
     """Every model under `models_dir` (or only `names`), loaded."""
     found = list_models(models_dir)
     if names is not None:

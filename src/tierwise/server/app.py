@@ -134,6 +134,10 @@ class TierServer:
             except HTTPError as error:
                 await _send(send, error.status, encode_error(error.message),
                             [_JSON, *error.headers])
+            except Exception as error:  # a bug: answer it, log it, keep serving
+                log.exception("%s %s failed", scope["method"], scope["path"])
+                await _send(send, 500, encode_error(f"internal error: {type(error).__name__}: "
+                                                    f"{error}"), [_JSON])
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -151,7 +155,12 @@ class TierServer:
         path: str = scope["path"]
         method: str = scope["method"]
         if path.startswith("/v2/models/"):
-            served, action = self._model_route(path)
+            try:
+                served, action = self._model_route(path)
+            except HTTPError as error:
+                if path.endswith("/infer"):
+                    self.metrics.model(UNKNOWN_MODEL).observe_error(error.status, 0)
+                raise
             if action == "infer":
                 if method != "POST":
                     raise HTTPError(405, f"{path}: use POST, not {method}",
@@ -312,7 +321,7 @@ def _checked_inputs(served: _Served, inputs: dict[str, Any]) -> dict[str, Any]:
                                 f"{datatype}")
         shape = array.shape
         if len(shape) != len(spec.shape) or any(
-                want != -1 and want != got for want, got in zip(spec.shape, shape)):
+                want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
             raise ProtocolError(f"input {name!r}: expected shape {spec.shape} (-1: any), got "
                                 f"{list(shape)}")
         if rows is None:

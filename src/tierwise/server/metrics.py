@@ -54,7 +54,7 @@ class ServerMetrics:
             ["model", "status"], registry=self.registry)
         self.request_seconds = Histogram(
             "tierwise_request_duration_seconds",
-            "Inference request time in the server, body received to response sent",
+            "Inference request time in the server, from the request reaching the app to the answer",
             ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry)
         self.queue_seconds = Histogram(
             "tierwise_queue_duration_seconds", "Time a request waited for its batch to start",

@@ -34,7 +34,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512) 
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            batch = torch.from_numpy(np.array(images[start:start + batch_size]))
             out.append(model(batch.contiguous(memory_format=torch.channels_last)).numpy())
     return np.concatenate(out)
 
