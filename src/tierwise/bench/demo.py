@@ -130,7 +130,7 @@ def _plots(results: list[StrategyResult], report_dir: Path, emulated: list[str])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    footer = "emulated: " + "; ".join(emulated)
+    footer = "; ".join(emulated)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
@@ -141,7 +141,7 @@ def _plots(results: list[StrategyResult], report_dir: Path, emulated: list[str])
     ax.set_ylabel("share of requests")
     ax.set_title("Latency CDF per strategy")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.text(0.01, 0.01, footer, fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     paths.append(report_dir / "latency_cdf.png")

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -332,8 +333,10 @@ def _plot(rows: list[LoadResult], floor: FloorResult | None, path: Path, title: 
                            label="in-process ORT, batch 1")
         latency.axhline(floor.latency_p50_ms, color="gray", linestyle="--",
                         label="in-process ORT, batch 1")
+    levels = sorted({row.concurrency for row in rows})
     for axis, label in ((throughput, "requests/s"), (latency, "p50 latency (ms)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
         axis.set_xlabel("concurrent connections (closed loop)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
@@ -350,14 +353,24 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
     from tierwise.runtime.session import load_models
 
     console = Console()
-    concurrencies = [int(level) for level in str(args.concurrency).split(",") if level]
+    if not console.is_terminal and console.width < 110:  # e.g. piped: keep the table whole
+        console = Console(width=110)
+    try:
+        concurrencies = [int(level) for level in str(args.concurrency).split(",") if level]
+    except ValueError:
+        concurrencies = []
+    if not concurrencies or min(concurrencies) < 1:
+        raise SystemExit(f"error: --concurrency: expected positive integers like '1,8,32', "
+                         f"got {args.concurrency!r}")
     payloads = [payload for payload in str(getattr(args, "payloads", "json,binary")).split(",")
                 if payload]
-    unknown = sorted(set(payloads) - set(PAYLOADS))
-    if unknown or not concurrencies or min(concurrencies) < 1:
-        raise ValueError(f"--payloads: expected some of {PAYLOADS}, got {unknown}; "
-                         f"--concurrency: expected positive integers, got {args.concurrency!r}")
+    if not payloads or set(payloads) - set(PAYLOADS):
+        raise SystemExit(f"error: --payloads: expected some of {','.join(PAYLOADS)}, "
+                         f"got {payloads}")
     models_dir = Path(args.models) if getattr(args, "models", None) else config.models_dir
+    if not args.url and not (models_dir / args.model).is_dir():
+        raise SystemExit(f"error: {models_dir / args.model}: no such model to serve; train it "
+                         "(`tierwise zoo train --only edge`), or pass --models or --url")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = load_fashion_mnist(config.data.path, "test")[0][:IMAGES]
@@ -397,10 +410,19 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
         "server_started_here": started_here,
         "duration_s": args.duration_s,
         "note": "closed loop, batch-1 requests; load generator and server share this machine",
+        "cpus": os.cpu_count(),
+        "server_tier": config.tier("edge").model_dump() if started_here else None,
         "in_process_floor": asdict(floor) if floor is not None else None,
         "rows": [asdict(row) for row in rows],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(rows, floor, out / "bench-serve.png", title)
     console.print(_table(rows, floor, title))
+    if started_here:
+        tier = config.tier("edge")
+        emulated = (f"compute emulated at {tier.compute_scale:g}x" if tier.compute_scale != 1
+                    else "no compute emulation")
+        console.print(f"server: tier edge, {emulated}, max_batch_size {tier.max_batch_size}, "
+                      f"max_queue_delay_ms {tier.max_queue_delay_ms:g}; no link emulation "
+                      f"(loopback); server and load generator share {os.cpu_count()} CPUs")
     console.print(f"wrote {out / 'results.json'} and {out / 'bench-serve.png'}")

@@ -4,8 +4,9 @@
 fixed rate (`LinkDirection`): a transfer of n bytes occupies it for n / rate seconds after
 whatever is already queued on it — serialisation delay, shared by every request on the link,
 as on a real bottleneck (a token bucket with no burst allowance), counted from when the
-transport is handed the request. Half the RTT is added each way as propagation delay. The request body really leaves the socket at the link's pace (it is
-sent in paced chunks); the response is read off the socket and handed over when the emulated
+transport is handed the request. Half the RTT is added each way as propagation delay. The
+request body really leaves the socket at the link's pace (it is sent in paced chunks); the
+response is read off the socket and handed over when the emulated
 downlink would have delivered it.
 
 The same wrapper measures what each transfer actually took (`Transfer`), which is what the
