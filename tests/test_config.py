@@ -76,3 +76,12 @@ def test_cli_reports_bad_config_without_traceback(
     file.write_text('[tiers.edge]\nmax_batch_size = 0\n')
     assert main(["--config", str(file), "config", "show"]) == 2
     assert "tiers.edge.max_batch_size" in capsys.readouterr().err
+
+
+def test_serve_flags_are_validated_like_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--tier", "edge", "--max-batch-size", "0", "--port", "1"]) == 2
+    assert "tiers.edge.max_batch_size" in capsys.readouterr().err
+    assert main(["serve", "--tier", "edge", "--models", str(tmp_path), "--port", "1"]) == 2
+    assert "no models to serve" in capsys.readouterr().err

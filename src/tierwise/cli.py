@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierwise.config import ConfigError, load_config
-from tierwise.data import DatasetMissingError
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -50,16 +49,18 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tierwise.config import config_from_dict
     from tierwise.server.app import serve
 
     config = load_config(args.config)
-    tier = config.tier(args.tier).model_copy()
-    if args.max_batch_size is not None:
-        tier.max_batch_size = args.max_batch_size
-    if args.max_queue_delay_ms is not None:
-        tier.max_queue_delay_ms = args.max_queue_delay_ms
-    if args.compute_scale is not None:
-        tier.compute_scale = args.compute_scale
+    overrides = {
+        "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+        "compute_scale": args.compute_scale, "max_body_bytes": args.max_body_bytes,
+    }
+    tier_settings = {**config.tier(args.tier).model_dump(),
+                     **{k: v for k, v in overrides.items() if v is not None}}
+    # validated like a config file, so a bad flag is named: tiers.edge.max_batch_size: ...
+    tier = config_from_dict({"tiers": {args.tier: tier_settings}}, "command line").tiers[args.tier]
     models_dir = Path(args.models) if args.models else config.models_dir
     serve(args.tier, tier, models_dir, host=args.host or tier.host,
           port=args.port if args.port is not None else tier.port, threads=args.threads)
@@ -115,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-delay-ms", type=float)
     serve.add_argument("--compute-scale", type=float, help="emulate a slower server")
+    serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413")
     serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     serve.set_defaults(run=_serve)
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, DatasetMissingError) as error:
+    except (ConfigError, FileNotFoundError) as error:  # DatasetMissingError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

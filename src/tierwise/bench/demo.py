@@ -256,4 +256,5 @@ def run_demo(config: Config, report_dir: Path | None = None,
 def _server_args(tier: TierConfig) -> list[str]:
     return ["--max-batch-size", str(tier.max_batch_size),
             "--max-queue-delay-ms", str(tier.max_queue_delay_ms),
-            "--compute-scale", str(tier.compute_scale)]
+            "--compute-scale", str(tier.compute_scale),
+            "--max-body-bytes", str(tier.max_body_bytes)]
