@@ -21,14 +21,14 @@ def export_onnx(model: nn.Module, path: Path, sample: np.ndarray) -> float:
     """
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.from_numpy(np.ascontiguousarray(sample[:2]))
+    example = torch.from_numpy(np.array(sample[:2]))  # a writable copy
     torch.onnx.export(
         model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         opset_version=OPSET, dynamo=False,
     )
     with torch.inference_mode():
-        expected = model(torch.from_numpy(np.ascontiguousarray(sample))).numpy()
+        expected = model(torch.from_numpy(np.array(sample))).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {INPUT_NAME: np.ascontiguousarray(sample)})[0]
     error = float(np.abs(expected - got).max())
