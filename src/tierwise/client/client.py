@@ -101,10 +101,9 @@ class Client:
     ) -> None:
         self.config = config or load_config()
         self.models_dir = Path(models_dir) if models_dir else self.config.models_dir
-        self.models: dict[str, ModelInfo] = {
-            name: info for name, (info, _) in list_models(self.models_dir).items()
-        }
-        self._paths = {name: path for name, (_, path) in list_models(self.models_dir).items()}
+        found = list_models(self.models_dir)
+        self.models: dict[str, ModelInfo] = {name: info for name, (info, _) in found.items()}
+        self._paths = {name: path for name, (_, path) in found.items()}
         if device_model not in self.models:
             raise FileNotFoundError(
                 f"device_model: {device_model!r} not found under {self.models_dir} "

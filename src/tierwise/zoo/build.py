@@ -79,9 +79,4 @@ def ensure_zoo(
     return {a: cached[a] for a in architectures}
 
 
-def zoo_is_cached(models_dir: Path, architectures: tuple[str, ...] = ARCHITECTURES) -> bool:
-    present = {info.architecture for info, _ in list_models(models_dir).values()}
-    return all(a in present for a in architectures)
-
-
-__all__ = ["build_model", "ensure_zoo", "zoo_is_cached"]
+__all__ = ["build_model", "ensure_zoo"]
