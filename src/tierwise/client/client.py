@@ -116,6 +116,7 @@ class Client:
         self.tier_urls = dict(tier_urls or {})
         self._sessions: dict[str, OnnxModel] = {}
         self._http: dict[str, httpx.Client] = {}
+        self._emulated = tuple(emulation_labels(self.config))  # once: every trace carries it
         self.session(device_model)  # load eagerly: the fallback must always be ready
 
     # -- the public API --------------------------------------------------------------------
@@ -133,7 +134,7 @@ class Client:
 
     def emulation_labels(self) -> list[str]:
         """What this client emulates, for every output that depends on it."""
-        return emulation_labels(self.config)
+        return list(self._emulated)
 
     def close(self) -> None:
         for http in self._http.values():
@@ -179,7 +180,7 @@ class _Execution:
 
     def __init__(self, client: Client, plan: str) -> None:
         self.client = client
-        self.trace = Trace(plan=plan, emulated=client.emulation_labels())
+        self.trace = Trace(plan=plan, emulated=client._emulated)
 
     def run_local(self, model: str, image: np.ndarray) -> StageOutcome:
         client = self.client

@@ -31,7 +31,7 @@ class Trace:
     stages: list[StageTrace] = field(default_factory=list)
     total_ms: float = 0.0
     fallback: str | None = None  # why the plan did not run as chosen, if it did not
-    emulated: list[str] = field(default_factory=list)
+    emulated: tuple[str, ...] = ()
 
     @property
     def escalated(self) -> bool:
