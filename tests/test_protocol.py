@@ -175,7 +175,7 @@ BAD_REQUESTS = [
     (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": ["x"]}]}', None,
      "do not fit datatype FP32"),
     (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}', None,
-     "BYTES is not supported"),
+     "BYTES tensors must be sent as binary"),
     (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "FP8", "data": [1]}]}', None,
      "unknown datatype 'FP8'"),
     (b'{"inputs": [{"name": "a", "shape": [1], "datatype": "UINT8"}]}', None,

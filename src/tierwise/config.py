@@ -81,6 +81,10 @@ class TierConfig(_Section):
         0.0, ge=0, le=1000, description="how long a batch waits to fill; 0 batches what is queued"
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    models: list[str] = Field(
+        default_factory=list,
+        description="the models this tier runs for the planner (split heads/tails included "
+        "implicitly); the server itself serves every model in its models directory")
 
 
 class LinkConfig(_Section):
@@ -178,9 +182,9 @@ class Config(_Section):
     zoo: ZooConfig = ZooConfig()
     tiers: dict[str, TierConfig] = Field(
         default_factory=lambda: {
-            "device": TierConfig(compute_scale=1.0),
-            "edge": TierConfig(max_batch_size=32),
-            "cloud": TierConfig(max_batch_size=64),
+            "device": TierConfig(compute_scale=1.0, models=["fmnist-device"]),
+            "edge": TierConfig(max_batch_size=32, models=["fmnist-edge"]),
+            "cloud": TierConfig(max_batch_size=64, models=["fmnist-cloud"]),
         }
     )
     links: dict[str, LinkConfig] = Field(

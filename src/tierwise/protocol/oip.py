@@ -12,8 +12,11 @@ Specs: https://kserve.github.io/website/docs/concepts/architecture/data-plane/v2
 and Triton's docs/protocol/extension_binary_data.md.
 
 Everything here maps numpy arrays to (body, headers) and back: no sockets, no HTTP client, so
-the tier server and the device client share it. BYTES (string) tensors are rejected: tierwise
-moves fixed-size numeric tensors only.
+the tier server and the device client share it.
+
+BYTES tensors carry encoded payloads (`tierwise.codecs`): numpy object arrays of `bytes`,
+sent as binary tensor data only, each element a 4-byte little-endian length and its bytes
+(the binary layout of BYTES in Triton's extension). Text BYTES tensors are not served.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import orjson
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
+BYTES = "BYTES"
 
 # Little-endian on the wire; on a little-endian host these are the native dtypes.
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -71,9 +75,8 @@ def numpy_dtype(datatype: str) -> np.dtype[Any]:
     """The numpy dtype of an OIP datatype name ("FP32" -> float32)."""
     dtype = _NUMPY_DTYPES.get(datatype)
     if dtype is None:
-        if datatype == "BYTES":
-            raise ProtocolError("datatype BYTES is not supported: tierwise serves fixed-size "
-                                f"numeric tensors ({', '.join(DATATYPES)})")
+        if datatype == BYTES:
+            return np.dtype(object)
         raise ProtocolError(f"unknown datatype {datatype!r}; expected one of "
                             f"{', '.join(DATATYPES)}")
     return dtype
@@ -83,9 +86,11 @@ def datatype_of(dtype: np.dtype[Any] | np.ndarray) -> str:
     """The OIP datatype name of a numpy dtype or array (float32 -> "FP32")."""
     if isinstance(dtype, np.ndarray):
         dtype = dtype.dtype
+    if dtype.kind == "O":
+        return BYTES
     name = _DATATYPES.get(dtype) or _DATATYPES.get(dtype.newbyteorder("<"))
     if name is None:
-        kind = "BYTES (strings and objects)" if dtype.kind in "OSU" else str(dtype)
+        kind = "BYTES (strings: send bytes objects)" if dtype.kind in "SU" else str(dtype)
         raise ProtocolError(f"numpy dtype {kind} has no supported OIP datatype; expected one of "
                             f"{', '.join(str(d) for d in _DATATYPES)}")
     return name
@@ -116,6 +121,7 @@ class InferRequest:
     outputs: dict[str, bool | None] = field(default_factory=dict)
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    input_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def output_binary(self, name: str) -> bool:
         """Whether output `name` should be answered as binary data."""
@@ -139,13 +145,33 @@ class InferResponse:
 # -- encoding ------------------------------------------------------------------------------
 
 
-def _tensor_header(name: str, array: np.ndarray, binary: bool,
-                   chunks: list[Any]) -> tuple[dict[str, Any], np.ndarray]:
+def _bytes_elements(name: str, array: np.ndarray) -> bytes:
+    parts = []
+    for element in array.reshape(-1):
+        if not isinstance(element, bytes | bytearray | memoryview):
+            raise ProtocolError(f"tensor {name!r}: BYTES elements must be bytes, got "
+                                f"{type(element).__name__}")
+        parts += [len(element).to_bytes(4, "little"), bytes(element)]
+    return b"".join(parts)
+
+
+def _tensor_header(name: str, array: np.ndarray, binary: bool, chunks: list[Any],
+                   parameters: Mapping[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], np.ndarray]:
     datatype = datatype_of(array)
+    if datatype == BYTES:
+        if not binary:
+            raise ProtocolError(f"tensor {name!r}: BYTES payloads go as binary tensor data")
+        data = _bytes_elements(name, array)
+        chunks.append(data)
+        return {"name": name, "datatype": BYTES, "shape": list(array.shape),
+                "parameters": {**(parameters or {}), "binary_data_size": len(data)}}, array
     wire = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[datatype])
     header: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(wire.shape)}
+    if parameters:
+        header["parameters"] = dict(parameters)
     if binary:
-        header["parameters"] = {"binary_data_size": wire.nbytes}
+        header["parameters"] = {**(parameters or {}), "binary_data_size": wire.nbytes}
         if wire.nbytes:
             chunks.append(wire.reshape(-1).view(np.uint8))
     else:
@@ -169,10 +195,12 @@ def encode_infer_request(
     binary_outputs: bool = True,
     request_id: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    input_parameters: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """(body, extra HTTP headers) of an inference request.
 
     binary: send the inputs as binary tensor data (else as JSON `data` lists).
+    input_parameters: per-input `parameters` (e.g. {"image": {"content_type": "png"}}).
     outputs: the outputs to ask for (None: all of them).
     binary_outputs: ask for the outputs as binary tensor data.
     """
@@ -185,7 +213,8 @@ def encode_infer_request(
         request_parameters["binary_data_output"] = True
     if request_parameters:
         request["parameters"] = request_parameters
-    request["inputs"] = [_tensor_header(name, array, binary, chunks)[0]
+    per_input = input_parameters or {}
+    request["inputs"] = [_tensor_header(name, array, binary, chunks, per_input.get(name))[0]
                          for name, array in inputs.items()]
     if outputs is not None:
         request["outputs"] = [{"name": name, "parameters": {"binary_data": binary_outputs}}
@@ -315,6 +344,8 @@ def _decode_tensor(tensor: Any, kind: str, binary: memoryview,
     count = math.prod(shape)
     parameters = tensor.get("parameters")
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if datatype == BYTES:
+        return name, _decode_bytes(where, shape, size, binary, offset), offset + (size or 0)
     if size is None:
         if "data" not in tensor:
             raise ProtocolError(f"{where}: has neither 'data' nor parameters.binary_data_size")
@@ -333,6 +364,33 @@ def _decode_tensor(tensor: Any, kind: str, binary: memoryview,
                             f"({len(binary) - offset} bytes of binary data left)")
     array = np.frombuffer(binary, dtype, count, offset).reshape(shape)
     return name, array, offset + size
+
+
+def _decode_bytes(where: str, shape: list[int], size: Any, binary: memoryview,
+                  offset: int) -> np.ndarray:
+    """A BYTES tensor's elements (4-byte little-endian length, then the bytes, each)."""
+    if type(size) is not int or size < 0:
+        raise ProtocolError(f"{where}: BYTES tensors must be sent as binary tensor data "
+                            "(parameters.binary_data_size)")
+    if offset + size > len(binary):
+        raise ProtocolError(f"{where}: binary_data_size {size} runs past the end of the body "
+                            f"({len(binary) - offset} bytes of binary data left)")
+    count = math.prod(shape)
+    elements = np.empty(count, dtype=object)
+    position, end = offset, offset + size
+    for index in range(count):
+        if position + 4 > end:
+            raise ProtocolError(f"{where}: binary data ends inside element {index} of {count}")
+        length = int.from_bytes(binary[position:position + 4], "little")
+        position += 4
+        if position + length > end:
+            raise ProtocolError(f"{where}: element {index} says {length} bytes, only "
+                                f"{end - position} are left")
+        elements[index] = bytes(binary[position:position + length])
+        position += length
+    if position != end:
+        raise ProtocolError(f"{where}: {end - position} bytes left after {count} BYTES elements")
+    return elements.reshape(shape)
 
 
 def _check_binary_consumed(binary: memoryview, used: int) -> None:
@@ -366,12 +424,14 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
     if not isinstance(tensors, list) or not tensors:
         raise ProtocolError("'inputs' must be a non-empty list of tensors")
     inputs: dict[str, np.ndarray] = {}
+    input_parameters: dict[str, dict[str, Any]] = {}
     offset = 0
     for tensor in tensors:
         name, array, offset = _decode_tensor(tensor, "input", binary, offset)
         if name in inputs:
             raise ProtocolError(f"input {name!r} is given twice")
         inputs[name] = array
+        input_parameters[name] = _parameters(tensor.get("parameters"), f"input {name!r}: ")
     _check_binary_consumed(binary, offset)
     outputs: dict[str, bool | None] = {}
     requested = header.get("outputs")
@@ -388,7 +448,8 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
                                     f"got {flag!r}")
             outputs[name] = flag
     return InferRequest(inputs=inputs, outputs=outputs, id=_optional_str(header, "id"),
-                        parameters=_parameters(header.get("parameters"), ""))
+                        parameters=_parameters(header.get("parameters"), ""),
+                        input_parameters=input_parameters)
 
 
 def decode_infer_response(body: bytes, header_length: int | None) -> InferResponse:

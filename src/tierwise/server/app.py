@@ -33,13 +33,16 @@ from typing import Any
 import orjson
 
 from tierwise import __version__
+from tierwise.codecs import CODECS, RAW, CodecError, decode_rows
 from tierwise.config import TierConfig
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
     decode_infer_request,
     encode_error,
     encode_infer_response,
+    numpy_dtype,
     parse_header_length,
 )
 from tierwise.runtime.batcher import DynamicBatcher
@@ -206,7 +209,7 @@ class TierServer:
         try:
             body, header_length = await self._read_body(scope, receive)
             request = decode_infer_request(body, header_length)
-            inputs = _checked_inputs(served, request.inputs)
+            inputs = _checked_inputs(served, _decoded_inputs(served, request))
             wanted = _checked_outputs(served, request.outputs)
             try:
                 outputs, timing = await served.batcher.infer(inputs)
@@ -302,6 +305,32 @@ def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
     return plain
 
 
+def _decoded_inputs(served: _Served, request: InferRequest) -> dict[str, Any]:
+    """The request's inputs with every codec payload (`parameters.content_type`) decoded into
+    the tensor the model's metadata describes, one payload per batch row."""
+    inputs = dict(request.inputs)
+    for name, array in request.inputs.items():
+        codec = request.input_parameters.get(name, {}).get("content_type")
+        if codec is None or codec == RAW:
+            if array.dtype.kind == "O":
+                raise ProtocolError(f"input {name!r}: a BYTES input needs "
+                                    "parameters.content_type naming its codec; known: "
+                                    f"{sorted(CODECS)}")
+            continue
+        spec = served.inputs.get(name)
+        if spec is None:
+            continue  # _checked_inputs names the unknown input
+        if array.dtype.kind != "O" or array.ndim != 1:
+            raise ProtocolError(f"input {name!r}: content_type {codec!r} needs a BYTES tensor "
+                                "of shape [batch], one payload per row")
+        try:
+            inputs[name] = decode_rows(codec, array, tuple(spec.shape[1:]),
+                                       numpy_dtype(spec.datatype))
+        except CodecError as error:
+            raise ProtocolError(f"input {name!r}: {error}") from None
+    return inputs
+
+
 def _checked_inputs(served: _Served, inputs: dict[str, Any]) -> dict[str, Any]:
     """The request's inputs in the model's order, after checking names, datatypes, shapes."""
     specs = served.inputs
@@ -346,7 +375,7 @@ def _checked_outputs(served: _Served, requested: dict[str, bool | None]) -> list
 
 
 def _datatype_table() -> dict[str, str]:
-    from tierwise.protocol.oip import DATATYPES, numpy_dtype
+    from tierwise.protocol.oip import DATATYPES
 
     return {numpy_dtype(datatype).str: datatype for datatype in DATATYPES}
 

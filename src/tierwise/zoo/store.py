@@ -41,6 +41,10 @@ class ModelInfo(BaseModel):
     temperature: float = Field(gt=0, description="softmax(logits / T) is calibrated")
     expected_calibration_error: float | None = None
     training: dict[str, float] = Field(default_factory=dict)
+    role: str = Field("full", pattern="^(full|head|tail)$",
+                      description="a whole model, or one side of a split (tierwise.optimize.split)")
+    parent: str | None = Field(None, description="the model a head or tail was cut from")
+    split_point: int | None = Field(None, description="blocks [0, k) are the head")
 
     @property
     def confidence_input(self) -> str:

@@ -1,0 +1,91 @@
+"""A model's profile: everything the planner knows about a model, stored beside it.
+
+`tierwise profile` measures it (`tierwise.profile.profiler`); the planner reads nothing else
+about a model. torch-free, numpy-free: devices and servers read it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tierwise.zoo.store import model_dir
+
+PROFILE_FILE = "profile.json"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CodecProfile(_Record):
+    """One codec on one tensor (the input, or the features at one cut), on validation data."""
+
+    bytes_mean: float = Field(description="encoded payload bytes per image (no protocol overhead)")
+    bytes_p95: float
+    accuracy: float = Field(description="validation accuracy with this codec in the path")
+    encode_ms: float = Field(description="per image, on this host (device side)")
+    decode_ms: float = Field(description="per image, on this host (server side)")
+
+
+class SplitProfile(_Record):
+    split_point: int = Field(description="blocks [0, k) run on the device")
+    head: str
+    tail: str
+    features_shape: list[int]
+    codecs: dict[str, CodecProfile]
+
+
+class CascadeCurve(_Record):
+    """This model first, `then` on escalation: accuracy and escalation rate per threshold
+    (escalate iff calibrated confidence < threshold), thinned to ~1% steps of escalation."""
+
+    then: str
+    thresholds: list[float]
+    accuracy: list[float]
+    escalation_rate: list[float]
+
+
+class ModelProfile(_Record):
+    model: str
+    version: str
+    sha256: str = Field(description="of the model.onnx profiled: a different file is stale")
+    measured_at: str
+    host: str
+    validation_images: int
+    accuracy: float = Field(description="validation accuracy, raw input")
+    compute_ms: dict[str, float] = Field(
+        description="tier -> whole-model time at batch 1: host median × the tier's compute_scale")
+    block_ms: dict[str, list[float]] = Field(
+        default_factory=dict, description="tier -> per-block time (cumulative differences of "
+        "head@k times, so the first k add up to what head@k takes)")
+    compute_scales: dict[str, float]
+    emulated: list[str] = Field(default_factory=list)
+    input_codecs: dict[str, CodecProfile]
+    splits: list[SplitProfile] = Field(default_factory=list)
+    cascades: list[CascadeCurve] = Field(default_factory=list)
+
+    def split(self, split_point: int) -> SplitProfile:
+        for split in self.splits:
+            if split.split_point == split_point:
+                return split
+        raise KeyError(f"{self.model}: no profiled split at {split_point}; profiled: "
+                       f"{[s.split_point for s in self.splits]}")
+
+
+def profile_path(models_dir: Path, model: str) -> Path:
+    return model_dir(models_dir, model) / PROFILE_FILE
+
+
+def save_profile(models_dir: Path, profile: ModelProfile) -> Path:
+    path = profile_path(models_dir, profile.model)
+    path.write_text(profile.model_dump_json(indent=1) + "\n")
+    return path
+
+
+def load_profile(models_dir: Path, model: str) -> ModelProfile:
+    path = profile_path(models_dir, model)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model {model!r} has no profile; run `tierwise profile`")
+    return ModelProfile.model_validate_json(path.read_text())

@@ -1,0 +1,212 @@
+"""`tierwise profile`: measure each model for the planner and store `profile.json` beside it.
+
+For every whole model: its batch-1 compute time on this host, stretched by each tier's
+`compute_scale`; for the models edge and cloud serve, every split point (exported first) with
+the time per block, the bytes per image of each feature codec and the validation accuracy
+with that codec in the path; the bytes of each input codec; and, for the device's models,
+cascade curves towards every model it can escalate to.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from tierwise.codecs import RAW, codec_names, get_codec
+from tierwise.config import Config
+from tierwise.data import Splits, load_splits
+from tierwise.profile.calibration import softmax
+from tierwise.profile.cascade import cascade_curve
+from tierwise.profile.model_profile import (
+    CascadeCurve,
+    CodecProfile,
+    ModelProfile,
+    SplitProfile,
+    profile_path,
+    save_profile,
+)
+from tierwise.runtime.session import OnnxModel
+from tierwise.zoo.store import ModelInfo, list_models
+
+TIMING_RUNS = 300
+WARMUP_RUNS = 30
+CODEC_TIMING_IMAGES = 200
+BATCH = 256
+
+
+def batch1_ms(run: Callable[[np.ndarray], object], sample: np.ndarray,
+              runs: int = TIMING_RUNS) -> float:
+    """Median time of `run` on one input at a time (ms), after a warm-up."""
+    for index in range(WARMUP_RUNS):
+        run(sample[index % len(sample)][None])
+    times = np.empty(runs)
+    for index in range(runs):
+        one = sample[index % len(sample)][None]
+        started = time.perf_counter()
+        run(one)
+        times[index] = time.perf_counter() - started
+    return float(np.median(times) * 1e3)
+
+
+def _batched(model: OnnxModel, inputs: np.ndarray) -> np.ndarray:
+    return np.concatenate([model.run(inputs[i:i + BATCH]) for i in range(0, len(inputs), BATCH)])
+
+
+def codec_profile(codec_name: str, tensors: np.ndarray,
+                  accuracy_of: Callable[[np.ndarray], float]) -> CodecProfile:
+    """Bytes, accuracy and timing of one codec on `tensors` (one row per image)."""
+    if codec_name == RAW:
+        size = float(tensors[0].nbytes)
+        return CodecProfile(bytes_mean=size, bytes_p95=size, accuracy=accuracy_of(tensors),
+                            encode_ms=0.0, decode_ms=0.0)
+    codec = get_codec(codec_name)
+    row_shape, dtype = tensors.shape[1:], tensors.dtype
+    payloads = [codec.encode(row) for row in tensors]
+    decoded = np.stack([codec.decode(payload, row_shape, dtype) for payload in payloads])
+    sizes = np.array([len(payload) for payload in payloads], dtype=np.float64)
+    timed = tensors[:CODEC_TIMING_IMAGES]
+    started = time.perf_counter()
+    timed_payloads = [codec.encode(row) for row in timed]
+    encode_ms = (time.perf_counter() - started) * 1e3 / len(timed)
+    started = time.perf_counter()
+    for payload in timed_payloads:
+        codec.decode(payload, row_shape, dtype)
+    decode_ms = (time.perf_counter() - started) * 1e3 / len(timed)
+    return CodecProfile(bytes_mean=float(sizes.mean()), bytes_p95=float(np.percentile(sizes, 95)),
+                        accuracy=accuracy_of(decoded), encode_ms=encode_ms, decode_ms=decode_ms)
+
+
+def thin_curve(then: str, confidence: np.ndarray, first_correct: np.ndarray,
+               then_correct: np.ndarray, steps: int = 100) -> CascadeCurve:
+    """The cascade curve at about `steps` evenly spaced escalation rates (both ends kept)."""
+    thresholds, accuracy, escalation = cascade_curve(confidence, first_correct, then_correct)
+    picks = np.unique(np.searchsorted(escalation, np.linspace(0, 1, steps + 1)).clip(
+        0, len(escalation) - 1))
+    return CascadeCurve(then=then, thresholds=thresholds[picks].tolist(),
+                        accuracy=accuracy[picks].tolist(),
+                        escalation_rate=escalation[picks].tolist())
+
+
+class _Profiler:
+    """Measures the models of one models directory against one config."""
+
+    def __init__(self, config: Config, models_dir: Path, splits: Splits,
+                 progress: Progress) -> None:
+        self.config = config
+        self.models_dir = models_dir
+        self.splits = splits
+        self.progress = progress
+        self.scales = {tier: settings.compute_scale for tier, settings in config.tiers.items()}
+        self.found = list_models(models_dir)
+        self.loaded: dict[str, OnnxModel] = {}
+        self.correct: dict[str, np.ndarray] = {}
+
+    def model(self, name: str) -> OnnxModel:
+        if name not in self.loaded:
+            info, path = self.found[name]
+            self.loaded[name] = OnnxModel(path, info)
+        return self.loaded[name]
+
+    def correctness(self, name: str) -> np.ndarray:
+        """Per validation image, whether `name` is right (cached: cascades reuse it)."""
+        if name not in self.correct:
+            logits = _batched(self.model(name), self.splits.val_x)
+            self.correct[name] = logits.argmax(1) == self.splits.val_y
+        return self.correct[name]
+
+    def accuracy_with(self, name: str) -> Callable[[np.ndarray], float]:
+        model, labels = self.model(name), self.splits.val_y
+        return lambda inputs: float((_batched(model, inputs).argmax(1) == labels).mean())
+
+    def per_tier(self, host_ms: float) -> dict[str, float]:
+        return {tier: host_ms * scale for tier, scale in self.scales.items()}
+
+    def profile(self, name: str, split: bool, cascade_to: list[str]) -> ModelProfile:
+        from tierwise.client.client import emulation_labels
+        from tierwise.optimize.split import export_split, split_points
+
+        info, path = self.found[name]
+        val_x = self.splits.val_x
+        task = self.progress.add_task(f"profiling {name}", total=None)
+        model = self.model(name)
+        full_ms = batch1_ms(model.run, val_x)
+        input_codecs = {codec: codec_profile(codec, val_x, self.accuracy_with(name))
+                        for codec in codec_names("input")}
+        splits: list[SplitProfile] = []
+        head_ms = [0.0]
+        if split:
+            for point in split_points(info):
+                self.progress.update(task, description=f"profiling {name} split @{point}")
+                head_info, tail_info = export_split(self.models_dir, name, point, val_x[:32])
+                self.found = list_models(self.models_dir)
+                head = self.model(head_info.name)
+                head_ms.append(batch1_ms(head.run, val_x))
+                features = _batched(head, val_x)
+                splits.append(SplitProfile(
+                    split_point=point, head=head_info.name, tail=tail_info.name,
+                    features_shape=list(features.shape[1:]),
+                    codecs={codec: codec_profile(codec, features,
+                                                 self.accuracy_with(tail_info.name))
+                            for codec in codec_names("feature")}))
+        head_ms.append(full_ms)
+        blocks = np.maximum(np.diff(head_ms), 0.0) if split else np.array([full_ms])
+        cascades = []
+        for then in cascade_to:
+            confidence = softmax(_batched(model, val_x), info.temperature).max(1)
+            cascades.append(thin_curve(then, confidence, self.correctness(name),
+                                       self.correctness(then)))
+        self.progress.update(task, total=1, completed=1, description=f"profiled {name}")
+        return ModelProfile(
+            model=name, version=info.version, sha256=info.sha256,
+            measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            host=f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+            validation_images=len(val_x),
+            accuracy=float(self.correctness(name).mean()),
+            compute_ms=self.per_tier(full_ms),
+            block_ms={tier: (blocks * scale).tolist() for tier, scale in self.scales.items()},
+            compute_scales=self.scales, emulated=emulation_labels(self.config),
+            input_codecs=input_codecs, splits=splits, cascades=cascades)
+
+
+def _is_current(models_dir: Path, info: ModelInfo) -> bool:
+    path = profile_path(models_dir, info.name)
+    if not path.is_file():
+        return False
+    stored = ModelProfile.model_validate_json(path.read_text())
+    return stored.sha256 == info.sha256
+
+
+def ensure_profiles(config: Config, models_dir: Path | None = None, *, only: list[str] | None = None,
+                    force: bool = False, console: Console | None = None) -> list[str]:
+    """Profile every whole model that has no current profile (or all, with `force`); return
+    the names profiled. The models the device runs get cascade curves towards every model of
+    the other tiers; the models of the other tiers get their splits exported and measured."""
+    console = console or Console()
+    models_dir = Path(models_dir or config.models_dir)
+    found = list_models(models_dir)
+    whole = [name for name, (info, _) in found.items() if info.role == "full"]
+    device_models = set(config.tier("device").models)
+    remote_models = [m for tier, settings in config.tiers.items() if tier != "device"
+                     for m in settings.models if m in found]
+    todo = [name for name in whole if (only is None or name in only)
+            and (force or not _is_current(models_dir, found[name][0]))]
+    if not todo:
+        return []
+    splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
+    with Progress(console=console, transient=True) as progress:
+        profiler = _Profiler(config, models_dir, splits, progress)
+        for name in todo:
+            cascade_to = remote_models if name in device_models else []
+            profile = profiler.profile(name, split=name in remote_models, cascade_to=cascade_to)
+            save_profile(models_dir, profile)
+            console.print(f"[green]profiled[/] {name}: validation accuracy "
+                          f"{profile.accuracy:.2%}, {profile.compute_ms['device']:.3f} ms "
+                          f"on the device, {len(profile.splits)} split points")
+    return todo
