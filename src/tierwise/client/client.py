@@ -1,13 +1,19 @@
 """`tierwise.Client`: the device SDK. numpy + onnxruntime + httpx, no torch.
 
-It runs the device model with ONNX Runtime, calls edge and cloud servers over OIP v2 (binary
-tensors, keep-alive) through the emulated links, executes plans, and returns every answer
-with its `Trace`. A remote stage that fails falls back to the device model: a request is
-never lost.
+It runs device models with ONNX Runtime, calls edge and cloud servers over OIP v2 (binary
+tensors, keep-alive) through their links, and answers every request with its `Trace`.
+
+With no plan given, each request is placed by the policy (`tierwise.planner.policy`) from the
+model profiles and the online estimates, which every transfer updates. A remote stage that
+fails, times out or would miss the request's deadline falls back to the next feasible plan
+without that tier, at worst the device model: a request is always answered, exactly once. A
+tier that does not answer is marked down until the prober (`tierwise.client.prober`) sees it
+healthy again; meanwhile the client runs offline.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +21,29 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from tierwise.client.prober import Prober
 from tierwise.client.trace import StageTrace, Trace
+from tierwise.codecs import RAW, encode_rows
 from tierwise.config import Config, load_config
-from tierwise.net.shaping import TRANSFER_EXTENSION, EmulatedLink, Transfer, shaped_client
+from tierwise.net.shaping import (
+    ABORT_AT_EXTENSION,
+    TRANSFER_EXTENSION,
+    EmulatedLink,
+    Transfer,
+    shaped_client,
+)
 from tierwise.planner.cost import compute_cost_usd, device_energy_cost_usd, transfer_cost_usd
-from tierwise.planner.plans import Local, Plan, StageOutcome
+from tierwise.planner.estimators import Ewma, LinkEstimator, ServerEstimator
+from tierwise.planner.plans import Local, Plan, RemoteStageError, StageOutcome
+from tierwise.planner.policy import (
+    SLO,
+    Decision,
+    PlanningState,
+    Policy,
+    candidates_from_profiles,
+)
 from tierwise.profile.calibration import softmax
+from tierwise.profile.model_profile import ModelProfile, load_profile
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
     ProtocolError,
@@ -33,10 +56,10 @@ from tierwise.runtime.session import OnnxModel
 from tierwise.zoo.store import ModelInfo, list_models, model_name
 
 DEVICE_TIER = "device"
+# Time kept in hand for the device fallback when a remote stage is given a deadline.
+FALLBACK_MARGIN_MS = 1.0
 
-
-class RemoteStageError(RuntimeError):
-    """A remote stage gave no usable answer (unreachable, timed out, or an error status)."""
+__all__ = ["Client", "InferenceResult", "RemoteStageError", "emulation_labels"]
 
 
 @dataclass
@@ -50,7 +73,7 @@ class InferenceResult:
         return float(self.probabilities.max())
 
 
-def emulation_labels(config: Config) -> list[str]:
+def emulation_labels(config: Config, links: dict[str, EmulatedLink] | None = None) -> list[str]:
     """What is emulated under `config`: every output that depends on it must print these."""
     labels = []
     for tier, settings in config.tiers.items():
@@ -58,8 +81,9 @@ def emulation_labels(config: Config) -> list[str]:
             labels.append(f"{tier} compute: emulated at {settings.compute_scale:g}x this host's "
                           "compute time")
     for tier, link in config.links.items():
-        if link.emulate:
-            labels.append(f"link device->{tier}: {EmulatedLink(link).describe()}")
+        emulated = (links or {}).get(tier) or (EmulatedLink(link) if link.emulate else None)
+        if emulated is not None:
+            labels.append(f"link device->{tier}: {emulated.describe()}")
     return labels
 
 
@@ -79,13 +103,16 @@ class Client:
     """The device side of tierwise.
 
     Args:
-        config: the tierwise config (links, tiers, prices); default `load_config()`.
-        models_dir: where the device's models and the metadata of remote models live;
-            default `<config.data_dir>/models`.
+        config: the tierwise config (tiers, links, prices, SLOs); default `load_config()`.
+        models_dir: where the device's models and the metadata and profiles of remote models
+            live; default `<config.data_dir>/models`.
         tier_urls: base URL per remote tier; default `http://{host}:{port}` from the config.
-        device_model: the model `Local` falls back to; default `fmnist-device`.
-        plan: the plan `infer` runs when it is given none; default `Local(device_model)`.
-        timeout_s: per remote request.
+        device_model: the model every fallback ends at; default `fmnist-device`.
+        plan: a fixed plan for every request; default None: the policy places each request.
+        links: the link per tier (default: emulated from `config.links`); pass your own to
+            change rates while it runs, or `EmulatedLink(..., pace=False)` under `tc`.
+        timeout_s: the longest a remote stage may take when no deadline bounds it.
+        probe: run the background prober (health of down tiers, stale link estimates).
     """
 
     def __init__(
@@ -96,8 +123,10 @@ class Client:
         tier_urls: dict[str, str] | None = None,
         device_model: str = model_name("device"),
         plan: Plan | None = None,
+        links: dict[str, EmulatedLink | None] | None = None,
         timeout_s: float = 10.0,
         threads: int = 1,
+        probe: bool = True,
     ) -> None:
         self.config = config or load_config()
         self.models_dir = Path(models_dir) if models_dir else self.config.models_dir
@@ -110,33 +139,109 @@ class Client:
                 f"(found {sorted(self.models)}); run `tierwise zoo train` first"
             )
         self.device_model = device_model
-        self.plan = plan or Local(device_model)
+        self.plan = plan
         self.timeout_s = timeout_s
         self.threads = threads
         self.tier_urls = dict(tier_urls or {})
+        if links is None:
+            links = {tier: EmulatedLink(link) if link.emulate else None
+                     for tier, link in self.config.links.items()}
+        self.links = links
+        self.link_estimators = {tier: LinkEstimator(link)
+                                for tier, link in self.config.links.items()}
+        self.server_estimators = {tier: ServerEstimator() for tier in self.config.links}
+        self._device_ratio: dict[str, Ewma] = {}
+        self.down: set[str] = set()
+        self._lock = threading.Lock()
         self._sessions: dict[str, OnnxModel] = {}
         self._http: dict[str, httpx.Client] = {}
-        self._emulated = tuple(emulation_labels(self.config))  # once: every trace carries it
+        self._policy: Policy | None = None
+        self._profiled_ms: dict[tuple[str, str], float] = {}
+        self._emulated = tuple(emulation_labels(self.config, links))
         self.session(device_model)  # load eagerly: the fallback must always be ready
+        self.prober = Prober(self) if probe else None
 
     # -- the public API --------------------------------------------------------------------
 
-    def infer(self, image: np.ndarray, plan: Plan | None = None) -> InferenceResult:
-        """Classify one uint8 image with `plan` (default: the client's plan)."""
-        plan = plan or self.plan
+    def infer(self, image: np.ndarray, plan: Plan | None = None, *,
+              deadline_ms: float | None = None, min_accuracy: float | None = None,
+              keep_input_on_device: bool = False) -> InferenceResult:
+        """Classify one uint8 image.
+
+        With a `plan` (or the client's), that plan runs, and a failed remote stage falls back
+        to the device model. Without one, the policy picks the cheapest plan meeting the SLO:
+        `deadline_ms` and `min_accuracy` (default: the config's `slo`), and
+        `keep_input_on_device` (only local and split plans qualify).
+        """
         batch = _as_batch(image)
-        execution = _Execution(self, plan.describe())
+        slo = SLO(deadline_ms if deadline_ms is not None else self.config.slo.deadline_ms,
+                  min_accuracy if min_accuracy is not None else self.config.slo.min_accuracy,
+                  keep_input_on_device)
         started = time.perf_counter()
-        outcome = plan.execute(execution, batch)
-        execution.trace.total_ms = (time.perf_counter() - started) * 1e3
+        plan = plan or self.plan
+        decision = None
+        if plan is None:
+            decision = self.decide(slo)
+            plan = decision.plan
+        elif keep_input_on_device and plan.sends_raw_input:
+            raise ValueError(f"plan: {plan.describe()} sends the input off the device, which "
+                             "keep_input_on_device forbids")
+        trace = Trace(plan=plan.describe(), emulated=self._emulated,
+                      slo={"deadline_ms": slo.deadline_ms, "min_accuracy": slo.min_accuracy,
+                           "keep_input_on_device": slo.keep_input_on_device},
+                      decision=decision.to_dict() if decision else None)
+        excluded: set[str] = set()
+        while True:
+            execution = _Execution(self, trace, self._abort_at(started, slo, decision))
+            try:
+                outcome = plan.execute(execution, batch)
+                break
+            except RemoteStageError as error:
+                excluded.add(error.tier)
+                plan, why = self._fallback(slo, started, excluded, decision is not None)
+                trace.fallback = f"{error.tier} failed ({error}); fell back to {why}"
+                trace.attempts.append(plan.describe())
+        if outcome.fallback:
+            trace.fallback = outcome.fallback
+        trace.total_ms = (time.perf_counter() - started) * 1e3
         probabilities = outcome.probabilities
-        return InferenceResult(int(probabilities.argmax()), probabilities, execution.trace)
+        return InferenceResult(int(probabilities.argmax()), probabilities, trace)
+
+    def decide(self, slo: SLO, exclude: set[str] | None = None) -> Decision:
+        """What the policy would run now for `slo` (no request is made)."""
+        policy = self.policy()
+        with self._lock:
+            state = PlanningState(
+                links={tier: estimator.snapshot()
+                       for tier, estimator in self.link_estimators.items()},
+                queue_ms={tier: server.queue_ms.value
+                          for tier, server in self.server_estimators.items()},
+                compute_ratio=self._compute_ratios(),
+                unavailable=self.down | (exclude or set()),
+            )
+        return policy.choose(slo, state)
+
+    def policy(self) -> Policy:
+        """The policy over every plan the profiles support (loaded on first use)."""
+        if self._policy is None:
+            profiles = self._profiles()
+            self._policy = Policy(candidates_from_profiles(self.config, profiles),
+                                  self.config.prices)
+            if self.prober is not None:
+                self.prober.start()
+        return self._policy
+
+    def probe_now(self) -> None:
+        """Probe every remote tier once, now (health, RTT, bandwidth): an app-start warm-up."""
+        (self.prober or Prober(self)).probe_all(force=True)
 
     def emulation_labels(self) -> list[str]:
         """What this client emulates, for every output that depends on it."""
         return list(self._emulated)
 
     def close(self) -> None:
+        if self.prober is not None:
+            self.prober.stop()
         for http in self._http.values():
             http.close()
         self._http.clear()
@@ -147,98 +252,205 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- planning helpers ------------------------------------------------------------------
+
+    def _profiles(self) -> dict[str, ModelProfile]:
+        names = {m for settings in self.config.tiers.values() for m in settings.models}
+        profiles = {name: load_profile(self.models_dir, name) for name in sorted(names)
+                    if name in self.models}
+        if not profiles:
+            raise FileNotFoundError(f"{self.models_dir}: no model profiles; run `tierwise "
+                                    "profile` (the policy reads nothing else about a model)")
+        for name, profile in profiles.items():
+            for tier, compute_ms in profile.compute_ms.items():
+                self._profiled_ms[(tier, name)] = compute_ms
+            for split in profile.splits:
+                for tier, blocks in profile.block_ms.items():
+                    self._profiled_ms[(tier, split.head)] = sum(blocks[:split.split_point])
+                    self._profiled_ms[(tier, split.tail)] = sum(blocks[split.split_point:])
+        return profiles
+
+    def _compute_ratios(self) -> dict[tuple[str, str], float]:
+        ratios = {(DEVICE_TIER, model): ewma.value for model, ewma in self._device_ratio.items()}
+        for tier, server in self.server_estimators.items():
+            for model, ewma in server.compute_ratio.items():
+                ratios[(tier, model)] = ewma.value
+        return ratios
+
+    def _abort_at(self, started: float, slo: SLO, decision: Decision | None) -> float:
+        """When a remote stage must give up: in time for the device fallback to still meet
+        the deadline when the plan was predicted to, else after `timeout_s`."""
+        if decision is not None and decision.feasible:
+            local_ms = self._profiled_ms.get((DEVICE_TIER, self.device_model), 0.0)
+            budget_ms = slo.deadline_ms - local_ms - FALLBACK_MARGIN_MS
+            if budget_ms > 0:
+                return started + budget_ms / 1e3
+        return started + self.timeout_s
+
+    def _fallback(self, slo: SLO, started: float, excluded: set[str],
+                  adaptive: bool) -> tuple[Plan, str]:
+        """The next plan after a remote failure: the policy's choice without the failed tiers
+        for what is left of the deadline, or the device model."""
+        if adaptive:
+            left_ms = slo.deadline_ms - (time.perf_counter() - started) * 1e3
+            if left_ms > 0:
+                decision = self.decide(SLO(left_ms, slo.min_accuracy, slo.keep_input_on_device),
+                                       exclude=excluded)
+                if decision.feasible:
+                    return decision.plan, f"{decision.plan.describe()} (next feasible plan)"
+        return Local(self.device_model), "the device model"
+
     # -- stages ---------------------------------------------------------------------------
 
     def session(self, model: str) -> OnnxModel:
-        if model not in self._sessions:
+        session = self._sessions.get(model)
+        if session is None:
             if model not in self._paths:
                 raise FileNotFoundError(
                     f"model {model!r} is not on this device ({self.models_dir})"
                 )
-            self._sessions[model] = OnnxModel(self._paths[model], self.models[model], self.threads)
-        return self._sessions[model]
+            with self._lock:
+                session = self._sessions.get(model)
+                if session is None:
+                    session = OnnxModel(self._paths[model], self.models[model], self.threads)
+                    self._sessions[model] = session
+        return session
 
     def http(self, tier: str) -> httpx.Client:
-        if tier not in self._http:
+        client = self._http.get(tier)
+        if client is None:
             url = self.tier_urls.get(tier)
             if url is None:
                 settings = self.config.tier(tier)
                 if settings.port == 0:
                     raise RemoteStageError(f"tier {tier!r}: no URL (set tiers.{tier}.port or "
-                                           "pass tier_urls)")
+                                           "pass tier_urls)", tier)
                 url = f"http://{settings.host}:{settings.port}"
-            self._http[tier] = shaped_client(url, self.config.links.get(tier), self.timeout_s)
-        return self._http[tier]
+            with self._lock:
+                client = self._http.get(tier)
+                if client is None:
+                    client = shaped_client(url, self.links.get(tier), self.timeout_s)
+                    self._http[tier] = client
+        return client
 
     def temperature(self, model: str) -> float:
         info = self.models.get(model)
         return info.temperature if info else 1.0
 
+    def mark(self, tier: str, up: bool) -> None:
+        with self._lock:
+            if up:
+                self.down.discard(tier)
+            else:
+                self.down.add(tier)
+
+    def observe_device(self, model: str, compute_ms: float) -> None:
+        profiled = self._profiled_ms.get((DEVICE_TIER, model))
+        if profiled:
+            with self._lock:
+                ewma = self._device_ratio.setdefault(model, Ewma(1.0, 0.2))
+                ewma.update(min(max(compute_ms / profiled, 0.2), 5.0))
+
+
+def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: str,
+              abort_at: float) -> tuple[np.ndarray, StageTrace]:
+    """One OIP v2 inference on `tier`: (first output, its stage trace). Learns from the
+    transfer; raises RemoteStageError when there is no usable answer."""
+    info = client.models.get(model)
+    input_name = info.inputs[0].name if info else "image"
+    if codec == RAW:
+        inputs, parameters, payload = {input_name: tensor}, None, tensor.nbytes
+    else:
+        encoded = encode_rows(codec, tensor)
+        inputs = {input_name: encoded}
+        parameters = {input_name: {"content_type": codec}}
+        payload = sum(len(row) for row in encoded)
+    body, headers = encode_infer_request(inputs, binary=True, outputs=None, binary_outputs=True,
+                                         input_parameters=parameters)
+    started = time.perf_counter()
+    link = client.link_estimators[tier]
+    try:
+        response = client.http(tier).post(
+            infer_path(model), content=body, headers=headers,
+            timeout=max(abort_at - started, 0.001),
+            extensions={ABORT_AT_EXTENSION: abort_at})
+    except httpx.TimeoutException as error:
+        waited_ms = (time.perf_counter() - started) * 1e3
+        link.observe_timeout(len(body) + 300, waited_ms)
+        raise RemoteStageError(f"no answer in {waited_ms:.0f} ms ({type(error).__name__})",
+                               tier) from None
+    except httpx.HTTPError as error:
+        raise RemoteStageError(f"{type(error).__name__}: {error}", tier, tier_down=True) from None
+    total_ms = (time.perf_counter() - started) * 1e3
+    if response.status_code != 200:
+        raise RemoteStageError(f"{tier} answered {response.status_code}: {response.text[:200]}",
+                               tier, tier_down=response.status_code >= 500)
+    try:
+        decoded = decode_infer_response(
+            response.content, parse_header_length(response.headers.get(HEADER_LENGTH)))
+    except ProtocolError as error:
+        raise RemoteStageError(f"undecodable answer: {error}", tier) from None
+    transfer: Transfer = response.extensions[TRANSFER_EXTENSION]
+    compute_ms = float(response.headers.get("tierwise-compute-ms", 0.0))
+    queue_ms = float(response.headers.get("tierwise-queue-ms", 0.0))
+    batch_size = int(response.headers.get("tierwise-batch-size", 1))
+    network_ms = max(0.0, total_ms - compute_ms - queue_ms)
+    link.observe(transfer.bytes_up, transfer.bytes_down, network_ms, payload_up_bytes=payload)
+    # batch-1 compute is what the profile measured: only that corrects it
+    client.server_estimators[tier].observe(
+        model, compute_ms if batch_size == 1 else 0.0,
+        client._profiled_ms.get((tier, model)), queue_ms)
+    # A batch's compute is shared by its requests; each pays its share.
+    billed_ms = compute_ms / max(batch_size, 1)
+    prices = client.config.prices
+    stage = StageTrace(
+        kind="remote", tier=tier, model=model,
+        model_version=response.headers.get("tierwise-model-version", decoded.model_version or ""),
+        total_ms=total_ms, compute_ms=compute_ms, queue_ms=queue_ms, network_ms=network_ms,
+        bytes_up=transfer.bytes_up, bytes_down=transfer.bytes_down, batch_size=batch_size,
+        codec=codec, cost_usd=compute_cost_usd(prices, tier, billed_ms)
+        + transfer_cost_usd(prices, tier, transfer.bytes_up, transfer.bytes_down))
+    return next(iter(decoded.outputs.values())), stage
+
 
 class _Execution:
     """Runs the stages of one inference for its plan and records them in its trace."""
 
-    def __init__(self, client: Client, plan: str) -> None:
+    def __init__(self, client: Client, trace: Trace, abort_at: float) -> None:
         self.client = client
-        self.trace = Trace(plan=plan, emulated=client._emulated)
+        self.trace = trace
+        self.abort_at = abort_at
 
-    def run_local(self, model: str, image: np.ndarray) -> StageOutcome:
+    def run_local(self, model: str, tensor: np.ndarray) -> np.ndarray:
         client = self.client
         session = client.session(model)
         started = time.perf_counter()
-        logits, compute_ms = session.run_timed(image)
+        output, compute_ms = session.run_timed(tensor)
         scale = client.config.tier(DEVICE_TIER).compute_scale
         if scale > 1.0:  # emulate a slower device: stretch the measured compute time
             time.sleep(compute_ms * (scale - 1.0) / 1e3)
             compute_ms *= scale
+        client.observe_device(model, compute_ms)
         total_ms = (time.perf_counter() - started) * 1e3
         self.trace.stages.append(StageTrace(
             kind="local", tier=DEVICE_TIER, model=model, model_version=session.info.version,
             total_ms=total_ms, compute_ms=compute_ms,
             cost_usd=device_energy_cost_usd(client.config.prices, compute_ms),
         ))
-        return StageOutcome(softmax(logits[0], client.temperature(model)))
+        return output
 
-    def run_remote(self, tier: str, model: str, image: np.ndarray) -> StageOutcome:
+    def run_remote(self, tier: str, model: str, tensor: np.ndarray, codec: str) -> np.ndarray:
         try:
-            return self._call_remote(tier, model, image)
-        except (httpx.HTTPError, RemoteStageError, ProtocolError) as error:
+            output, stage = call_tier(self.client, tier, model, tensor, codec, self.abort_at)
+        except RemoteStageError as error:
             self.trace.stages.append(StageTrace(
                 kind="remote", tier=tier, model=model, model_version="", total_ms=0.0,
-                compute_ms=0.0, error=f"{type(error).__name__}: {error}",
-            ))
-            self.trace.fallback = f"{tier} failed ({type(error).__name__}); answered on device"
-            return self.run_local(self.client.device_model, image)
+                compute_ms=0.0, codec=codec, error=str(error)))
+            if error.tier_down:
+                self.client.mark(tier, up=False)
+            raise
+        self.trace.stages.append(stage)
+        return output
 
-    def _call_remote(self, tier: str, model: str, image: np.ndarray) -> StageOutcome:
-        client = self.client
-        body, headers = encode_infer_request({"image": image}, binary=True,
-                                             outputs=["logits"], binary_outputs=True)
-        started = time.perf_counter()
-        response = client.http(tier).post(infer_path(model), content=body, headers=headers)
-        total_ms = (time.perf_counter() - started) * 1e3
-        if response.status_code != 200:
-            raise RemoteStageError(f"{tier} answered {response.status_code}: {response.text[:200]}")
-        decoded = decode_infer_response(
-            response.content, parse_header_length(response.headers.get(HEADER_LENGTH))
-        )
-        transfer: Transfer = response.extensions[TRANSFER_EXTENSION]
-        compute_ms = float(response.headers.get("tierwise-compute-ms", 0.0))
-        queue_ms = float(response.headers.get("tierwise-queue-ms", 0.0))
-        batch_size = int(response.headers.get("tierwise-batch-size", 1))
-        # A batch's compute is shared by its requests; each pays its share.
-        billed_ms = compute_ms / max(batch_size, 1)
-        prices = client.config.prices
-        self.trace.stages.append(StageTrace(
-            kind="remote", tier=tier, model=model,
-            model_version=response.headers.get(
-                "tierwise-model-version", decoded.model_version or ""
-            ),
-            total_ms=total_ms, compute_ms=compute_ms, queue_ms=queue_ms,
-            network_ms=max(0.0, total_ms - compute_ms - queue_ms),
-            bytes_up=transfer.bytes_up, bytes_down=transfer.bytes_down, batch_size=batch_size,
-            cost_usd=compute_cost_usd(prices, tier, billed_ms)
-            + transfer_cost_usd(prices, tier, transfer.bytes_up, transfer.bytes_down),
-        ))
-        logits = decoded.outputs["logits"]
-        return StageOutcome(softmax(logits[0], client.temperature(model)))
+    def outcome(self, model: str, logits: np.ndarray) -> StageOutcome:
+        return StageOutcome(softmax(logits[0], self.client.temperature(model)))

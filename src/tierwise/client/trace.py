@@ -21,6 +21,7 @@ class StageTrace:
     bytes_up: int = 0
     bytes_down: int = 0
     batch_size: int = 1
+    codec: str | None = None  # how the tensor travelled (remote stages)
     cost_usd: float = 0.0
     error: str | None = None
 
@@ -31,6 +32,9 @@ class Trace:
     stages: list[StageTrace] = field(default_factory=list)
     total_ms: float = 0.0
     fallback: str | None = None  # why the plan did not run as chosen, if it did not
+    attempts: list[str] = field(default_factory=list)  # plans tried after the first failed
+    slo: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] | None = None  # the policy's prediction, when it chose the plan
     emulated: tuple[str, ...] = ()
 
     @property
@@ -45,6 +49,10 @@ class Trace:
     @property
     def answered_by(self) -> StageTrace:
         return self.answered_stages[-1]
+
+    @property
+    def deadline_missed(self) -> bool:
+        return bool(self.slo) and self.total_ms > self.slo["deadline_ms"]
 
     @property
     def bytes_up(self) -> int:

@@ -27,6 +27,9 @@ from tierwise.config import LinkConfig
 
 CHUNK_BYTES = 4096
 TRANSFER_EXTENSION = "tierwise_transfer"
+# request extension: a time.perf_counter() by which the answer must be in, else
+# httpx.TimeoutException (the client's deadline, enforced while the link is still sending)
+ABORT_AT_EXTENSION = "tierwise_abort_at"
 
 
 class LinkDirection:
@@ -47,19 +50,35 @@ class LinkDirection:
 
 
 class EmulatedLink:
-    """Both directions and the RTT of one device→tier link, from its `LinkConfig`."""
+    """Both directions and the RTT of one device→tier link, from its `LinkConfig`.
 
-    def __init__(self, config: LinkConfig) -> None:
-        self.config = config
+    `pace=False` adds only the RTT: the bandwidth is enforced elsewhere (the kernel's `tc`
+    between network namespaces, `tierwise.net.tc`). `set_rates` changes the link while it
+    carries traffic: the bandwidth benchmarks replay traces through it.
+    """
+
+    def __init__(self, config: LinkConfig, pace: bool = True) -> None:
+        self.pace = pace
         self.up = LinkDirection(config.bandwidth_up)
         self.down = LinkDirection(config.bandwidth_down)
         self.rtt_s = config.rtt_ms / 1e3
 
+    def set_rates(self, bandwidth_up: float | None = None, bandwidth_down: float | None = None,
+                  rtt_ms: float | None = None) -> None:
+        if bandwidth_up is not None:
+            self.up.rate_bytes_per_s = bandwidth_up
+        if bandwidth_down is not None:
+            self.down.rate_bytes_per_s = bandwidth_down
+        if rtt_ms is not None:
+            self.rtt_s = rtt_ms / 1e3
+
     def describe(self) -> str:
         from tierwise.config import format_rate
 
-        return (f"emulated: up {format_rate(self.config.bandwidth_up)}, down "
-                f"{format_rate(self.config.bandwidth_down)}, RTT {self.config.rtt_ms:g} ms")
+        rates = (f"up {format_rate(self.up.rate_bytes_per_s)}, down "
+                 f"{format_rate(self.down.rate_bytes_per_s)}" if self.pace
+                 else "bandwidth by the kernel (tc)")
+        return f"emulated: {rates}, RTT {self.rtt_s * 1e3:g} ms"
 
 
 @dataclass
@@ -72,10 +91,14 @@ class Transfer:
     total_ms: float    # request start until the response was delivered
 
 
-def _sleep_until(deadline: float) -> None:
-    remaining = deadline - time.perf_counter()
+def _sleep_until(deadline: float, abort_at: float = float("inf"),
+                 request: httpx.Request | None = None) -> None:
+    """Sleep until `deadline`; if that is past `abort_at`, sleep until then and time out."""
+    remaining = min(deadline, abort_at) - time.perf_counter()
     if remaining > 0:
         time.sleep(remaining)
+    if deadline > abort_at:
+        raise httpx.ReadTimeout("the request's deadline passed on the link", request=request)
 
 
 def _header_bytes(headers: httpx.Headers) -> int:
@@ -87,11 +110,12 @@ class _PacedBody(httpx.SyncByteStream):
     """The request body, released onto the socket no faster than the uplink carries it."""
 
     def __init__(self, body: bytes, link: EmulatedLink, overhead_bytes: int,
-                 started: float) -> None:
+                 started: float, abort_at: float) -> None:
         self.body = body
         self.link = link
         self.overhead_bytes = overhead_bytes
         self.started = started
+        self.abort_at = abort_at
         self.sent_at = 0.0
 
     def __iter__(self) -> Iterator[bytes]:
@@ -101,9 +125,10 @@ class _PacedBody(httpx.SyncByteStream):
         extra = self.overhead_bytes
         for start in range(0, max(len(self.body), 1), CHUNK_BYTES):
             chunk = self.body[start:start + CHUNK_BYTES]
-            through = self.link.up.reserve(len(chunk) + extra, ready_at)
+            through = (self.link.up.reserve(len(chunk) + extra, ready_at) if self.link.pace
+                       else time.perf_counter())
             ready_at, extra = None, 0
-            _sleep_until(through + self.link.rtt_s / 2)
+            _sleep_until(through + self.link.rtt_s / 2, self.abort_at)
             if chunk:
                 yield chunk
         self.sent_at = time.perf_counter()
@@ -125,8 +150,9 @@ class ShapedTransport(httpx.BaseTransport):
         # the request line: "POST /path HTTP/1.1\r\n"
         overhead = _header_bytes(request.headers) + len(request.method) + len(request.url.raw_path)
         overhead += 12
+        abort_at = request.extensions.get(ABORT_AT_EXTENSION, float("inf"))
         if self.link is not None:
-            paced = _PacedBody(body, self.link, overhead, started)
+            paced = _PacedBody(body, self.link, overhead, started, abort_at)
             request.stream = paced
         response = self.inner.handle_request(request)
         try:
@@ -137,7 +163,9 @@ class ShapedTransport(httpx.BaseTransport):
         if self.link is not None:
             uploaded = paced.sent_at or uploaded
             down_bytes = len(content) + _header_bytes(response.headers) + 17
-            _sleep_until(self.link.down.reserve(down_bytes) + self.link.rtt_s / 2)
+            through = (self.link.down.reserve(down_bytes) if self.link.pace
+                       else time.perf_counter())
+            _sleep_until(through + self.link.rtt_s / 2, abort_at, request)
         finished = time.perf_counter()
         transfer = Transfer(
             bytes_up=len(body) + overhead,
@@ -158,9 +186,13 @@ class ShapedTransport(httpx.BaseTransport):
         self.inner.close()
 
 
-def shaped_client(base_url: str, link: LinkConfig | None, timeout_s: float = 10.0) -> httpx.Client:
+def shaped_client(base_url: str, link: LinkConfig | EmulatedLink | None,
+                  timeout_s: float = 10.0) -> httpx.Client:
     """A keep-alive httpx client to `base_url` whose traffic crosses the emulated `link`."""
-    emulated = EmulatedLink(link) if link is not None and link.emulate else None
+    if isinstance(link, LinkConfig):
+        emulated = EmulatedLink(link) if link.emulate else None
+    else:
+        emulated = link
     # TCP_NODELAY: the body follows the header block in a separate write, and Nagle's
     # algorithm would hold it back for the server's ACK.
     nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]

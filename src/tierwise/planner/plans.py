@@ -1,8 +1,9 @@
 """Plans: where one inference runs. Each plan kind is one small class behind `Plan`.
 
-A plan owns the control flow of an inference (run here, send there, escalate when unsure);
-the client owns the stages (`StageRunner`): running a model locally, calling a tier over
-OIP v2, measuring both. A new kind of plan is one new class.
+A plan owns the control flow of an inference (run here, send there, cut the model, escalate
+when unsure); the client owns the stages (`StageRunner`): running a model on the device,
+calling a tier over OIP v2 through its link, measuring both. A new kind of plan is one new
+class; the policy (`tierwise.planner.policy`) scores plans from their `Legs`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,41 @@ from typing import Protocol
 
 import numpy as np
 
+from tierwise.codecs import RAW
+
+
+class RemoteStageError(RuntimeError):
+    """A remote stage gave no usable answer: unreachable, timed out, past its deadline, or an
+    error status. `tier_down` says whether the tier itself looks unreachable."""
+
+    def __init__(self, message: str, tier: str, tier_down: bool = False) -> None:
+        super().__init__(message)
+        self.tier = tier
+        self.tier_down = tier_down
+
 
 @dataclass
 class StageOutcome:
     """One stage's answer: calibrated class probabilities for the input."""
 
     probabilities: np.ndarray  # [classes], float64, sums to 1
+    fallback: str | None = None  # set when the plan answered other than it was meant to
 
 
 class StageRunner(Protocol):
     """What a plan needs from whoever executes it (the device client)."""
 
-    def run_local(self, model: str, image: np.ndarray) -> StageOutcome: ...
+    def run_local(self, model: str, tensor: np.ndarray) -> np.ndarray:
+        """The model's first output on the device."""
+        ...
 
-    def run_remote(self, tier: str, model: str, image: np.ndarray) -> StageOutcome: ...
+    def run_remote(self, tier: str, model: str, tensor: np.ndarray, codec: str) -> np.ndarray:
+        """The model's first output on `tier`, the input sent encoded with `codec`."""
+        ...
+
+    def outcome(self, model: str, logits: np.ndarray) -> StageOutcome:
+        """Calibrated probabilities of `model`'s logits."""
+        ...
 
 
 class Plan(Protocol):
@@ -34,6 +56,16 @@ class Plan(Protocol):
     def describe(self) -> str: ...
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome: ...
+
+    @property
+    def tiers(self) -> frozenset[str]:
+        """The remote tiers it may call."""
+        ...
+
+    @property
+    def sends_raw_input(self) -> bool:
+        """Whether the input itself may leave the device."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,31 +78,89 @@ class Local:
         return f"local({self.model})"
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
-        return runner.run_local(self.model, image)
+        return runner.outcome(self.model, runner.run_local(self.model, image))
+
+    @property
+    def tiers(self) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def sends_raw_input(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
 class Remote:
-    """Send the input to `tier` and run `model` there (OIP v2, binary tensors)."""
+    """Send the input to `tier`, encoded with `input_codec`, and run `model` there."""
 
     tier: str
     model: str
+    input_codec: str = RAW
 
     def describe(self) -> str:
-        return f"remote({self.tier}:{self.model})"
+        codec = "" if self.input_codec == RAW else f", {self.input_codec}"
+        return f"remote({self.tier}:{self.model}{codec})"
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
-        return runner.run_remote(self.tier, self.model, image)
+        logits = runner.run_remote(self.tier, self.model, image, self.input_codec)
+        return runner.outcome(self.model, logits)
+
+    @property
+    def tiers(self) -> frozenset[str]:
+        return frozenset((self.tier,))
+
+    @property
+    def sends_raw_input(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Split:
+    """Run blocks [0, split_point) of `model` on the device, send the features encoded with
+    `feature_codec`, and run the rest on `tier` as the model `<model>.tail@<k>` (Neurosurgeon,
+    Kang et al. 2017; feature compression as in BottleNet++, Shao & Zhang 2020). The raw
+    input never leaves the device."""
+
+    tier: str
+    model: str
+    split_point: int
+    feature_codec: str = RAW
+
+    @property
+    def head(self) -> str:
+        return f"{self.model}.head@{self.split_point}"
+
+    @property
+    def tail(self) -> str:
+        return f"{self.model}.tail@{self.split_point}"
+
+    def describe(self) -> str:
+        return f"split({self.model}@{self.split_point} -> {self.tier}, {self.feature_codec})"
+
+    def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
+        features = runner.run_local(self.head, image)
+        logits = runner.run_remote(self.tier, self.tail, features, self.feature_codec)
+        return runner.outcome(self.model, logits)
+
+    @property
+    def tiers(self) -> frozenset[str]:
+        return frozenset((self.tier,))
+
+    @property
+    def sends_raw_input(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
 class Cascade:
     """Run `first`; escalate to `then` only when its calibrated confidence is below
-    `threshold` (Teerapittayanon et al., "BranchyNet", 2016; the joint inference of KubeEdge
-    Sedna). The threshold comes from `tierwise.profile.cascade.choose_threshold`."""
+    `threshold` (BranchyNet, Teerapittayanon et al. 2016; the joint inference of KubeEdge
+    Sedna; FrugalGPT's cascade). The threshold comes from the first model's cascade curve.
+
+    If the escalation fails, the first stage's answer stands: it is already in hand."""
 
     first: Local
-    then: Remote
+    then: Remote | Split
     threshold: float
 
     def describe(self) -> str:
@@ -80,4 +170,17 @@ class Cascade:
         outcome = self.first.execute(runner, image)
         if float(outcome.probabilities.max()) >= self.threshold:
             return outcome
-        return self.then.execute(runner, image)
+        try:
+            return self.then.execute(runner, image)
+        except RemoteStageError as error:
+            outcome.fallback = (f"escalation to {error.tier} failed ({error}); answered with "
+                                f"the first stage")
+            return outcome
+
+    @property
+    def tiers(self) -> frozenset[str]:
+        return self.then.tiers
+
+    @property
+    def sends_raw_input(self) -> bool:
+        return self.then.sends_raw_input

@@ -132,7 +132,7 @@ class _Profiler:
         from tierwise.client.client import emulation_labels
         from tierwise.optimize.split import export_split, split_points
 
-        info, path = self.found[name]
+        info, _ = self.found[name]
         val_x = self.splits.val_x
         task = self.progress.add_task(f"profiling {name}", total=None)
         model = self.model(name)
@@ -183,8 +183,9 @@ def _is_current(models_dir: Path, info: ModelInfo) -> bool:
     return stored.sha256 == info.sha256
 
 
-def ensure_profiles(config: Config, models_dir: Path | None = None, *, only: list[str] | None = None,
-                    force: bool = False, console: Console | None = None) -> list[str]:
+def ensure_profiles(config: Config, models_dir: Path | None = None, *,
+                    only: list[str] | None = None, force: bool = False,
+                    console: Console | None = None) -> list[str]:
     """Profile every whole model that has no current profile (or all, with `force`); return
     the names profiled. The models the device runs get cascade curves towards every model of
     the other tiers; the models of the other tiers get their splits exported and measured."""

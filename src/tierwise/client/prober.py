@@ -1,0 +1,126 @@
+"""The prober: a background thread that keeps the client's picture of its tiers fresh.
+
+- A tier marked down gets `GET /v2/health/ready` every `down_interval_s`; when it answers
+  200 it is marked up and offloading resumes.
+- A healthy tier whose link estimate is stale (no informative transfer for the estimator's
+  `stale_after_s`, typically because the planner stopped sending there) gets an RTT probe
+  (the same small GET) and a bandwidth probe: a real inference of a blank image on the
+  tier's first model, raw, the size of a remote request. Without it, a client that moved to
+  the device when the link was poor would never see the link recover.
+
+Probe traffic crosses the same (emulated) link as requests and is counted in `totals`, so
+benchmarks charge it to the strategy that needs it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+import numpy as np
+
+from tierwise.codecs import RAW
+from tierwise.net.shaping import TRANSFER_EXTENSION
+from tierwise.planner.plans import RemoteStageError
+
+if TYPE_CHECKING:
+    from tierwise.client.client import Client
+
+HEALTH_PATH = "/v2/health/ready"
+
+
+@dataclass
+class ProbeTotals:
+    probes: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    cost_usd: float = 0.0
+
+
+class Prober:
+    def __init__(self, client: Client, down_interval_s: float = 0.5,
+                 tick_s: float = 0.1) -> None:
+        self.client = client
+        self.down_interval_s = down_interval_s
+        self.tick_s = tick_s
+        self.totals = ProbeTotals()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_try: dict[str, float] = {}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tierwise-prober",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            self.probe_all()
+
+    def probe_all(self, force: bool = False) -> None:
+        """One round: health of down tiers, RTT and bandwidth of stale links."""
+        client = self.client
+        for tier, estimator in client.link_estimators.items():
+            if tier not in client.tier_urls and client.config.tier(tier).port == 0:
+                continue  # nowhere to probe
+            now = time.monotonic()
+            if tier in client.down:
+                if force or now - self._last_try.get(tier, -1e9) >= self.down_interval_s:
+                    self._last_try[tier] = now
+                    if self.health(tier):
+                        client.mark(tier, up=True)
+            elif force or estimator.stale(now):
+                if self.health(tier):
+                    self.bandwidth(tier)
+                else:
+                    client.mark(tier, up=False)
+
+    def health(self, tier: str) -> bool:
+        """GET /v2/health/ready; a 200 is also an RTT sample."""
+        try:
+            response = self.client.http(tier).get(HEALTH_PATH, timeout=2.0)
+        except (httpx.HTTPError, RemoteStageError):
+            return False
+        transfer = response.extensions[TRANSFER_EXTENSION]
+        self._count(tier, transfer.bytes_up, transfer.bytes_down, 0.0)
+        if response.status_code != 200:
+            return False
+        self.client.link_estimators[tier].observe_rtt_probe(
+            transfer.bytes_up, transfer.bytes_down, transfer.total_ms)
+        return True
+
+    def bandwidth(self, tier: str) -> None:
+        """A request-sized inference; `call_tier` feeds its transfer to the estimators."""
+        from tierwise.client.client import call_tier
+
+        client = self.client
+        models = client.config.tier(tier).models
+        if not models or models[0] not in client.models:
+            return
+        model = models[0]
+        blank = np.zeros([1, *client.models[model].inputs[0].shape[1:]], dtype=np.uint8)
+        estimate = client.link_estimators[tier].snapshot().transfer_ms(blank.nbytes)
+        abort_at = time.perf_counter() + max(2.0, 4 * estimate / 1e3)
+        try:
+            _, stage = call_tier(client, tier, model, blank, RAW, abort_at)
+        except RemoteStageError as error:
+            if error.tier_down:
+                client.mark(tier, up=False)
+            return
+        self._count(tier, stage.bytes_up, stage.bytes_down, stage.cost_usd)
+
+    def _count(self, tier: str, bytes_up: int, bytes_down: int, cost_usd: float) -> None:
+        totals = self.totals
+        totals.probes += 1
+        totals.bytes_up += bytes_up
+        totals.bytes_down += bytes_down
+        totals.cost_usd += cost_usd
