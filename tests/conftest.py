@@ -29,8 +29,11 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 @pytest.fixture(scope="session")
 def models_dir(small_config: Config) -> Path:
-    """A directory with fmnist-device, fmnist-edge and fmnist-cloud: real ONNX models."""
+    """A directory with fmnist-device, fmnist-edge and fmnist-cloud: real ONNX models, with
+    their split heads/tails and profiles (`tierwise profile`)."""
+    from tierwise.profile.profiler import ensure_profiles
     from tierwise.zoo.build import ensure_zoo
 
     ensure_zoo(small_config)
+    ensure_profiles(small_config)
     return small_config.models_dir

@@ -65,7 +65,7 @@ def test_device_compute_scale_is_emulated(small_config: Config, splits: Splits) 
     slow = small_config.model_copy(deep=True)
     slow.tiers["device"].compute_scale = 50.0
     with Client(slow) as client:
-        stage = client.infer(splits.test_x[0]).trace.stages[0]
+        stage = client.infer(splits.test_x[0], Local("fmnist-device")).trace.stages[0]
         labels = client.emulation_labels()
     assert stage.total_ms >= stage.compute_ms * 0.9
     assert any("device compute: emulated at 50x" in label for label in labels)

@@ -120,6 +120,8 @@ def test_every_model_serves_its_own_outputs(client: httpx.Client, splits: Splits
                                             models: dict[str, OnnxModel]) -> None:
     images = splits.test_x[:4]
     for name, model in models.items():
+        if model.info.role != "full":
+            continue  # split halves: tests/test_planner.py runs them end to end
         response = infer(client, images, binary=True, path=f"/v2/models/{name}/infer")
         np.testing.assert_allclose(logits_of(response), model.run(images), rtol=1e-6,
                                    atol=1e-6)

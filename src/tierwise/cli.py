@@ -48,6 +48,19 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from tierwise.profile.profiler import ensure_profiles
+    from tierwise.zoo.build import ensure_zoo
+
+    config = load_config(args.config)
+    ensure_zoo(config)
+    only = args.only.split(",") if args.only else None
+    done = ensure_profiles(config, only=only, force=args.force or bool(only))
+    if not done:
+        print("every profile is current (use --force to measure again)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tierwise.config import config_from_dict
     from tierwise.server.app import serve
@@ -85,6 +98,48 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_bandwidth(args: argparse.Namespace) -> int:
+    from tierwise.bench.bandwidth import SweepSettings, log_levels, run_bench_bandwidth
+    from tierwise.config import parse_rate
+
+    config = load_config(args.config)
+    low, high = (parse_rate(rate) for rate in args.range.split(".."))
+    settings = SweepSettings(levels=log_levels(low, high, args.levels), images=args.images,
+                             cell_budget_s=args.cell_budget_s, deadline_ms=args.deadline_ms,
+                             min_accuracy=args.min_accuracy, oracle_images=args.oracle_images)
+    run_bench_bandwidth(config, Path(args.out), settings, link_mode=args.link)
+    return 0
+
+
+def _bench_trace(args: argparse.Namespace) -> int:
+    from tierwise.bench.trace import TraceSettings, run_bench_trace
+
+    config = load_config(args.config)
+    settings = TraceSettings(rate_per_s=args.rate, deadline_ms=args.deadline_ms,
+                             min_accuracy=args.min_accuracy, speed=args.speed)
+    run_bench_trace(config, Path(args.trace), Path(args.out), settings, link_mode=args.link)
+    return 0
+
+
+def _positive(kind: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+    return parse
+
+
+def _add_slo_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deadline-ms", type=_positive(float), default=100.0,
+                        help="every request's deadline (default 100)")
+    parser.add_argument("--min-accuracy", type=float, default=0.93,
+                        help="every request's accuracy floor, a fraction (default 0.93)")
+    parser.add_argument("--link", choices=["emulated", "tc"], default="emulated",
+                        help="emulated: paced in the client transport; tc: servers in network "
+                        "namespaces, bandwidth enforced by the kernel (root only)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tierwise", description=__doc__)
     parser.add_argument("--config", help="tierwise.toml (default: $TIERWISE_CONFIG, ./tierwise.toml"
@@ -107,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--retrain", action="store_true", help="train even if cached")
     train.add_argument("--only", help="comma-separated architectures (device,edge,cloud)")
     train.set_defaults(run=_zoo_train)
+
+    profile = commands.add_parser("profile", help="measure models for the planner (compute per "
+                                  "block, bytes and accuracy per split point and codec, "
+                                  "cascade curves); stored as profile.json beside each model")
+    profile.add_argument("--only", help="comma-separated model names (measured again)")
+    profile.add_argument("--force", action="store_true", help="measure even if current")
+    profile.set_defaults(run=_profile)
 
     serve = commands.add_parser("serve", help="run a tier server (OIP v2 over HTTP)")
     serve.add_argument("--tier", required=True, choices=["edge", "cloud"])
@@ -141,6 +203,32 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--threads", type=int, default=1,
                              help="ONNX Runtime intra-op threads of the server started here")
     bench_serve.set_defaults(run=_bench_serve)
+
+    bandwidth = bench_commands.add_parser(
+        "bandwidth", help="every strategy across a sweep of uplink bandwidth, with an oracle")
+    bandwidth.add_argument("--range", default="1KB/s..10MB/s", help="low..high uplink rates")
+    bandwidth.add_argument("--levels", type=int, default=9, help="log-spaced levels (default 9)")
+    bandwidth.add_argument("--images", type=_positive(int), default=200,
+                           help="test images per strategy and level (default 200)")
+    bandwidth.add_argument("--oracle-images", type=_positive(int), default=60,
+                           help="images per candidate plan when the oracle measures them")
+    bandwidth.add_argument("--cell-budget-s", type=_positive(float), default=8.0,
+                           help="stop a strategy's level after this long (at least 10 images)")
+    bandwidth.add_argument("--out", default="reports/bench-bandwidth")
+    _add_slo_flags(bandwidth)
+    bandwidth.set_defaults(run=_bench_bandwidth)
+
+    trace = bench_commands.add_parser(
+        "trace", help="replay a bandwidth trace (CSV) while streaming requests")
+    trace.add_argument("--trace", default="traces/commute.csv",
+                       help="CSV: t_s,bandwidth_up_bytes_per_s,bandwidth_down_bytes_per_s,rtt_ms")
+    trace.add_argument("--rate", type=_positive(float), default=20.0,
+                       help="requests per second, per strategy (default 20)")
+    trace.add_argument("--speed", type=_positive(float), default=1.0,
+                       help="replay the trace this many times faster (default 1)")
+    trace.add_argument("--out", default="reports/bench-trace")
+    _add_slo_flags(trace)
+    trace.set_defaults(run=_bench_trace)
     return parser
 
 
@@ -149,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError) as error:  # DatasetMissingError included
+    except (ConfigError, FileNotFoundError, ValueError) as error:  # DatasetMissingError included
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,8 +56,10 @@ from tierwise.runtime.session import OnnxModel
 from tierwise.zoo.store import ModelInfo, list_models, model_name
 
 DEVICE_TIER = "device"
-# Time kept in hand for the device fallback when a remote stage is given a deadline.
-FALLBACK_MARGIN_MS = 1.0
+# Time kept in hand, beyond the device model's own, for the device fallback when a remote
+# stage is given a deadline: scheduling jitter on a busy device.
+FALLBACK_MARGIN_MS = 2.0
+FALLBACK_MARGIN_SHARE = 0.05
 
 __all__ = ["Client", "InferenceResult", "RemoteStageError", "emulation_labels"]
 
@@ -73,13 +75,16 @@ class InferenceResult:
         return float(self.probabilities.max())
 
 
-def emulation_labels(config: Config, links: dict[str, EmulatedLink] | None = None) -> list[str]:
+def compute_labels(config: Config) -> list[str]:
+    """Which tiers' compute speed is emulated (`compute_scale`)."""
+    return [f"{tier} compute: emulated at {settings.compute_scale:g}x this host's compute time"
+            for tier, settings in config.tiers.items() if settings.compute_scale != 1.0]
+
+
+def emulation_labels(config: Config, links: dict[str, EmulatedLink | None] | None = None
+                     ) -> list[str]:
     """What is emulated under `config`: every output that depends on it must print these."""
-    labels = []
-    for tier, settings in config.tiers.items():
-        if settings.compute_scale != 1.0:
-            labels.append(f"{tier} compute: emulated at {settings.compute_scale:g}x this host's "
-                          "compute time")
+    labels = compute_labels(config)
     for tier, link in config.links.items():
         emulated = (links or {}).get(tier) or (EmulatedLink(link) if link.emulate else None)
         if emulated is not None:
@@ -282,7 +287,8 @@ class Client:
         the deadline when the plan was predicted to, else after `timeout_s`."""
         if decision is not None and decision.feasible:
             local_ms = self._profiled_ms.get((DEVICE_TIER, self.device_model), 0.0)
-            budget_ms = slo.deadline_ms - local_ms - FALLBACK_MARGIN_MS
+            margin_ms = max(FALLBACK_MARGIN_MS, FALLBACK_MARGIN_SHARE * slo.deadline_ms)
+            budget_ms = slo.deadline_ms - local_ms - margin_ms
             if budget_ms > 0:
                 return started + budget_ms / 1e3
         return started + self.timeout_s

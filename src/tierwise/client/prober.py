@@ -2,11 +2,11 @@
 
 - A tier marked down gets `GET /v2/health/ready` every `down_interval_s`; when it answers
   200 it is marked up and offloading resumes.
-- A healthy tier whose link estimate is stale (no informative transfer for the estimator's
-  `stale_after_s`, typically because the planner stopped sending there) gets an RTT probe
-  (the same small GET) and a bandwidth probe: a real inference of a blank image on the
-  tier's first model, raw, the size of a remote request. Without it, a client that moved to
-  the device when the link was poor would never see the link recover.
+- A healthy tier whose link estimate is stale (no transfer for the estimator's
+  `stale_after_s`, typically because the planner stopped sending there) gets a probe pair:
+  the same small GET, then a real inference of a few blank images on the tier's first model,
+  from which the estimator solves RTT and uplink bandwidth. Without it, a client that moved
+  to the device when the link was poor would never see the link recover.
 
 Probe traffic crosses the same (emulated) link as requests and is counted in `totals`, so
 benchmarks charge it to the strategy that needs it.
@@ -22,14 +22,18 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
-from tierwise.codecs import RAW
 from tierwise.net.shaping import TRANSFER_EXTENSION
+from tierwise.planner.cost import compute_cost_usd, transfer_cost_usd
 from tierwise.planner.plans import RemoteStageError
+from tierwise.protocol.oip import encode_infer_request, infer_path
 
 if TYPE_CHECKING:
     from tierwise.client.client import Client
 
 HEALTH_PATH = "/v2/health/ready"
+# Images in a bandwidth probe: ~3.5 KB, ten times a health probe, so the pair separates RTT
+# from bandwidth up to a few MB/s.
+PROBE_IMAGES = 4
 
 
 @dataclass
@@ -76,49 +80,61 @@ class Prober:
             if tier in client.down:
                 if force or now - self._last_try.get(tier, -1e9) >= self.down_interval_s:
                     self._last_try[tier] = now
-                    if self.health(tier):
+                    if self.health(tier) is not None:
                         client.mark(tier, up=True)
             elif force or estimator.stale(now):
-                if self.health(tier):
-                    self.bandwidth(tier)
-                else:
+                small = self.health(tier)
+                large = self.bandwidth(tier) if small is not None else None
+                if small is None:
                     client.mark(tier, up=False)
+                elif large is not None:
+                    estimator.observe_probe_pair(small, large)
 
-    def health(self, tier: str) -> bool:
-        """GET /v2/health/ready; a 200 is also an RTT sample."""
+    def health(self, tier: str) -> tuple[int, int, float] | None:
+        """GET /v2/health/ready: (bytes up, bytes down, ms) when it answers 200, else None."""
         try:
-            response = self.client.http(tier).get(HEALTH_PATH, timeout=2.0)
+            response = self.client.http(tier).get(HEALTH_PATH, timeout=5.0)
         except (httpx.HTTPError, RemoteStageError):
-            return False
+            return None
         transfer = response.extensions[TRANSFER_EXTENSION]
-        self._count(tier, transfer.bytes_up, transfer.bytes_down, 0.0)
+        self._count(transfer.bytes_up, transfer.bytes_down, 0.0)
         if response.status_code != 200:
-            return False
-        self.client.link_estimators[tier].observe_rtt_probe(
-            transfer.bytes_up, transfer.bytes_down, transfer.total_ms)
-        return True
+            return None
+        return transfer.bytes_up, transfer.bytes_down, transfer.total_ms
 
-    def bandwidth(self, tier: str) -> None:
-        """A request-sized inference; `call_tier` feeds its transfer to the estimators."""
-        from tierwise.client.client import call_tier
-
+    def bandwidth(self, tier: str) -> tuple[int, int, float] | None:
+        """A real inference of a few blank images on the tier's first model, raw: several
+        times a health probe's size. (bytes up, bytes down, network ms) or None."""
         client = self.client
         models = client.config.tier(tier).models
         if not models or models[0] not in client.models:
-            return
-        model = models[0]
-        blank = np.zeros([1, *client.models[model].inputs[0].shape[1:]], dtype=np.uint8)
-        estimate = client.link_estimators[tier].snapshot().transfer_ms(blank.nbytes)
-        abort_at = time.perf_counter() + max(2.0, 4 * estimate / 1e3)
+            return None
+        info = client.models[models[0]]
+        blank = np.zeros([PROBE_IMAGES, *info.inputs[0].shape[1:]], dtype=np.uint8)
+        body, headers = encode_infer_request({info.inputs[0].name: blank}, binary=True)
+        estimate = client.link_estimators[tier].snapshot().transfer_ms(len(body))
         try:
-            _, stage = call_tier(client, tier, model, blank, RAW, abort_at)
-        except RemoteStageError as error:
-            if error.tier_down:
-                client.mark(tier, up=False)
-            return
-        self._count(tier, stage.bytes_up, stage.bytes_down, stage.cost_usd)
+            response = client.http(tier).post(infer_path(info.name), content=body,
+                                              headers=headers,
+                                              timeout=max(5.0, 4 * estimate / 1e3))
+        except httpx.TimeoutException:
+            return None
+        except (httpx.HTTPError, RemoteStageError):
+            client.mark(tier, up=False)
+            return None
+        transfer = response.extensions[TRANSFER_EXTENSION]
+        compute_ms = float(response.headers.get("tierwise-compute-ms", 0.0))
+        queue_ms = float(response.headers.get("tierwise-queue-ms", 0.0))
+        prices = client.config.prices
+        self._count(transfer.bytes_up, transfer.bytes_down,
+                    compute_cost_usd(prices, tier, compute_ms)
+                    + transfer_cost_usd(prices, tier, transfer.bytes_up, transfer.bytes_down))
+        if response.status_code != 200:
+            return None
+        return (transfer.bytes_up, transfer.bytes_down,
+                max(0.0, transfer.total_ms - compute_ms - queue_ms))
 
-    def _count(self, tier: str, bytes_up: int, bytes_down: int, cost_usd: float) -> None:
+    def _count(self, bytes_up: int, bytes_down: int, cost_usd: float) -> None:
         totals = self.totals
         totals.probes += 1
         totals.bytes_up += bytes_up

@@ -276,6 +276,12 @@ def _reap_stale_namespaces() -> None:
         match = re.match(rf"^{_NS_PREFIX}(\d+)-\d+-", name)
         if match and not _pid_alive(int(match.group(1))):
             _kill_namespace_processes(name)
+            # The kernel frees a deleted namespace's veths lazily; delete them now so their
+            # subnets are free for the scan that follows.
+            veths = subprocess.run(["ip", "-n", name, "-o", "link", "show", "type", "veth"],
+                                   capture_output=True, text=True, timeout=30, check=False)
+            for veth in re.findall(r"^\d+: ([^@:]+)", veths.stdout, re.MULTILINE):
+                _quiet(["ip", "-n", name, "link", "del", veth])
             _quiet(["ip", "netns", "del", name])
 
 

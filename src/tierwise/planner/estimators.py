@@ -7,13 +7,16 @@ which the server reports in response headers) is modelled as
 
     network_ms = rtt_ms + bytes_up / bandwidth_up + bytes_down / bandwidth_down.
 
-One transfer cannot separate the three, so each estimate learns from the transfers that
-inform it: the RTT from small probes (`GET /v2/health/ready`) and from transfers whose
-serialisation time is a small part of the whole; the bandwidths from what is left of a
-transfer once the RTT is taken off, given to the direction that dominates the predicted
-serialisation (requests are larger than answers here, so usually the uplink). A link with no
-informative sample for `stale_after_s` is stale, and the client probes it
-(`tierwise.client.prober`).
+One transfer cannot tell RTT from bandwidth: 25 ms for 1 KB is a 24 ms RTT on a fast link or
+a 4 ms RTT at 50 KB/s. So the prober sends pairs of transfers of different sizes (a small
+`GET /v2/health/ready` and a request-sized inference) over the same link, back to back, and
+solves the two equations for RTT and uplink bandwidth (`observe_probe_pair`). Between probes,
+every real transfer refines the uplink bandwidth from what the RTT does not explain
+(`observe`); a transfer that is too small to say anything about bandwidth still confirms the
+estimate is current. A link with no transfer at all for `stale_after_s` is stale, which is
+when the client probes it — typically because the planner stopped sending there, and only a
+probe can tell when sending there pays again. The downlink keeps its configured value
+unless answers dominate a transfer's time (answers here are a few hundred bytes).
 """
 
 from __future__ import annotations
@@ -29,12 +32,11 @@ from tierwise.config import LinkConfig
 # headers plus the OIP JSON header (measured on loopback: ~330 B up, ~270 B down).
 DEFAULT_OVERHEAD_UP_BYTES = 330.0
 DEFAULT_RESPONSE_BYTES = 270.0
-# A transfer whose predicted serialisation is below this share of its time informs the RTT.
-RTT_INFORMATIVE_SHARE = 0.2
-# ... and one whose serialisation is above this share informs the bandwidth.
-BANDWIDTH_INFORMATIVE_SHARE = 0.2
-# A direction whose predicted serialisation is this share of the total takes all the residual.
-DOMINANT_SHARE = 0.8
+# A transfer informs the bandwidth when the RTT leaves this much of its time unexplained.
+MIN_SERIAL_SHARE = 0.1
+MIN_SERIAL_MS = 0.3
+# After a timeout the uplink estimate drops to this share of what the wait implies.
+TIMEOUT_BACKOFF = 0.5
 
 
 class Ewma:
@@ -81,6 +83,7 @@ class LinkEstimator:
         self.overhead_up_bytes = Ewma(DEFAULT_OVERHEAD_UP_BYTES, alpha)
         self.response_bytes = Ewma(DEFAULT_RESPONSE_BYTES, alpha)
         self.stale_after_s = stale_after_s
+        self.seen_at = -math.inf  # time.monotonic() of the last transfer of any kind
         self._lock = threading.Lock()
 
     def snapshot(self) -> LinkEstimate:
@@ -89,7 +92,7 @@ class LinkEstimator:
 
     def stale(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        return now - self.bandwidth_up.updated_at > self.stale_after_s
+        return now - self.seen_at > self.stale_after_s
 
     def observe(self, bytes_up: int, bytes_down: int, network_ms: float,
                 payload_up_bytes: int | None = None, now: float | None = None) -> None:
@@ -97,52 +100,58 @@ class LinkEstimator:
         the server's reported compute and queue time). `payload_up_bytes`, when given, is the
         encoded tensor's size: the rest of `bytes_up` is protocol overhead."""
         with self._lock:
+            self.seen_at = time.monotonic() if now is None else now
             if payload_up_bytes is not None:
                 self.overhead_up_bytes.update(max(0.0, bytes_up - payload_up_bytes), now)
                 self.response_bytes.update(bytes_down, now)
             up_ms = bytes_up / self.bandwidth_up.value * 1e3
             down_ms = bytes_down / self.bandwidth_down.value * 1e3
-            serial_ms = up_ms + down_ms
-            predicted_ms = self.rtt_ms.value + serial_ms
-            if serial_ms <= RTT_INFORMATIVE_SHARE * predicted_ms:
-                self.rtt_ms.update(max(0.0, network_ms - serial_ms), now)
-            if serial_ms >= BANDWIDTH_INFORMATIVE_SHARE * predicted_ms:
-                # What the RTT does not explain is serialisation (never below a tenth of the
-                # prediction: jitter must not imply an infinite rate). It goes to the direction
-                # that dominates the prediction; when neither does, it is shared as predicted.
-                measured_ms = max(network_ms - self.rtt_ms.value, 0.1 * serial_ms)
-                if up_ms >= DOMINANT_SHARE * serial_ms:
-                    up_share_ms = max(measured_ms - down_ms, 0.1 * up_ms)
-                    self.bandwidth_up.update(bytes_up / up_share_ms * 1e3, now)
-                elif down_ms >= DOMINANT_SHARE * serial_ms:
-                    down_share_ms = max(measured_ms - up_ms, 0.1 * down_ms)
-                    self.bandwidth_down.update(bytes_down / down_share_ms * 1e3, now)
-                else:
-                    scale = measured_ms / serial_ms
-                    self.bandwidth_up.update(bytes_up / (up_ms * scale) * 1e3, now)
-                    self.bandwidth_down.update(bytes_down / (down_ms * scale) * 1e3, now)
+            if network_ms < self.rtt_ms.value:
+                # faster than the RTT alone: the RTT has come down
+                self.rtt_ms.update(max(0.0, network_ms - up_ms - down_ms), now)
+                return
+            unexplained_ms = network_ms - self.rtt_ms.value
+            if unexplained_ms < max(MIN_SERIAL_SHARE * network_ms, MIN_SERIAL_MS):
+                return  # too small a transfer to say anything about bandwidth
+            if down_ms > up_ms:
+                self.bandwidth_down.update(bytes_down / max(unexplained_ms - up_ms, 0.1 * down_ms)
+                                           * 1e3, now)
+            else:
+                self.bandwidth_up.update(bytes_up / max(unexplained_ms - down_ms, 0.1 * up_ms)
+                                         * 1e3, now)
 
-    def observe_rtt_probe(self, bytes_up: int, bytes_down: int, network_ms: float,
-                          now: float | None = None) -> None:
-        """A probe too small to say much about bandwidth: its time, less its predicted
-        serialisation, is an RTT sample."""
+    def observe_probe_pair(self, small: tuple[int, int, float], large: tuple[int, int, float],
+                           now: float | None = None) -> None:
+        """Two transfers of different sizes, (bytes_up, bytes_down, network_ms) each, sent
+        back to back: solve `network - down/bw_down = rtt + up/bw_up` for RTT and uplink."""
         with self._lock:
-            serial_ms = (bytes_up / self.bandwidth_up.value
-                         + bytes_down / self.bandwidth_down.value) * 1e3
-            self.rtt_ms.update(max(0.0, network_ms - serial_ms), now)
+            self.seen_at = time.monotonic() if now is None else now
+            down = self.bandwidth_down.value
+            (up_1, down_1, ms_1), (up_2, down_2, ms_2) = small, large
+            net_1 = ms_1 - down_1 / down * 1e3
+            net_2 = ms_2 - down_2 / down * 1e3
+            if up_2 <= up_1:
+                return
+            if net_2 - net_1 > MIN_SERIAL_MS:
+                bandwidth_up = (up_2 - up_1) / (net_2 - net_1) * 1e3
+                self.bandwidth_up.update(bandwidth_up, now)
+            # else: the sizes' difference was lost in jitter: a fast link; keep the estimate
+            rtt = net_1 - up_1 / self.bandwidth_up.value * 1e3
+            self.rtt_ms.update(max(0.0, rtt), now)
 
     def observe_timeout(self, bytes_up: int, waited_network_ms: float) -> None:
-        """A request abandoned after `waited_network_ms` with no answer: the link is at least
-        that slow for this size. Pull the uplink estimate down so the prediction for such a
-        request is no lower than what was seen (a censored sample)."""
+        """A request abandoned after `waited_network_ms` with no answer: the link is slower
+        than that for this size, by how much nobody knows. Like TCP after a loss, cut the
+        uplink estimate to half of what the wait implies; the next transfers or probes
+        (which a stale link gets) bring it back up."""
         with self._lock:
-            predicted = self.snapshot()
-            serial_ms = waited_network_ms - predicted.rtt_ms
-            if serial_ms <= 0:
-                return
+            self.seen_at = time.monotonic()
+            serial_ms = max(waited_network_ms - self.rtt_ms.value, 0.1 * waited_network_ms)
             implied_up = bytes_up / serial_ms * 1e3
-            if implied_up < self.bandwidth_up.value:
-                self.bandwidth_up.update(implied_up)
+            ewma = self.bandwidth_up
+            ewma.value = TIMEOUT_BACKOFF * min(implied_up, ewma.value)
+            ewma.samples += 1
+            ewma.updated_at = self.seen_at
 
 
 class ServerEstimator:

@@ -213,8 +213,9 @@ class Policy:
                 self._by_floor.pop(next(iter(self._by_floor)))
         return cached
 
-    def choose(self, slo: SLO, state: PlanningState) -> Decision:
-        started = time.perf_counter()
+    def _score(self, slo: SLO, state: PlanningState
+               ) -> tuple[list[Plan], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(plans, latency_ms, accuracy, cost_usd, allowed) of every candidate."""
         accuracy, weight, plans = self._for_floor(slo.min_accuracy)
         # one row per tier, and a last one standing for "no tier" (local plans)
         per_tier = np.array([
@@ -240,6 +241,17 @@ class Policy:
         allowed = (usable > 0) | ~escalated
         if slo.keep_input_on_device:
             allowed &= ~self._raw_input
+        return plans, latency, accuracy, cost, allowed
+
+    def predict(self, slo: SLO, state: PlanningState) -> dict[Plan, tuple[float, float, float]]:
+        """plan -> (predicted latency ms, accuracy, cost USD), for every candidate."""
+        plans, latency, accuracy, cost, _ = self._score(slo, state)
+        return {plan: (float(latency[i]), float(accuracy[i]), float(cost[i]))
+                for i, plan in enumerate(plans)}
+
+    def choose(self, slo: SLO, state: PlanningState) -> Decision:
+        started = time.perf_counter()
+        plans, latency, accuracy, cost, allowed = self._score(slo, state)
         feasible = allowed & (latency <= slo.deadline_ms) & (accuracy >= slo.min_accuracy - 1e-12)
         if feasible.any():
             best = int(np.flatnonzero(feasible)[np.argmin(cost[feasible])])
