@@ -13,13 +13,16 @@ Layout, per tier::
 A qdisc only shapes what leaves an interface, so the uplink (device → tier) is the egress
 qdisc of the root-side end and the downlink (tier → device) that of the namespace-side end.
 Servers bind to the namespace-side address; clients in the root namespace connect to it, and
-routing sends every byte through the veth pair and its two qdiscs.
+routing sends every byte through the veth pair and its two qdiscs. Names carry the pid (in hex
+for the 15-character interface names) and the subnets are picked under a file lock, so parallel
+runs never clash; namespaces left by a killed run are reaped by the next one.
 
 Why tbf (a token bucket) and no netem: this kernel has no netem, and netem is not needed here,
 since the RTT is added by the client transport. tbf is the simplest qdisc that enforces a rate
 (htb would do the same with more set-up; it has the same one-packet credit described below).
 
-What a token bucket means for the measurements (all verified in `tests/test_tc_links.py`):
+What a token bucket means for the measurements (measured here; `tests/test_tc_links.py` checks
+the rates, the one-frame burst and rate changes under load):
 
 * Rates are TCP goodput. tbf counts whole Ethernet frames: a full segment is 1514 bytes on
   the wire for 1448 bytes of payload, so the qdisc rate is raised by that ratio and a bulk
@@ -28,8 +31,12 @@ What a token bucket means for the measurements (all verified in `tests/test_tc_l
   stalls for good: `burst` is never below `MIN_BURST_BYTES`. At high rates it is a couple of
   milliseconds' worth, because the qdisc watchdog cannot wake per packet without losing rate.
 * After an idle period the bucket is full, so the first `burst` bytes (≥ one packet, ~1.5 KB)
-  leave at once. Unnoticeable at 100 KB/s (15 ms), but at 1 KB/s a 2 KB request takes ~0.6 s
-  rather than 2 s. A token bucket cannot do better; a real serialising link would.
+  leave at once. Unnoticeable at 100 KB/s (15 ms), but at 1 KB/s 2 KB take 0.7–0.9 s rather
+  than 2 s, and 10 KB take 8.7 s rather than 10 s. A token bucket cannot do better (htb has
+  the same credit); a real serialising link, or the emulator, would.
+* ACKs share the reverse direction: about 66 bytes per two or three segments. With up and
+  down more than ~50× apart the slow side's ACKs throttle the fast side (5 MB/s up over
+  50 KB/s down: 79% of the rate; over 20 KB/s: 26%), as on a real asymmetric link.
 * The queue (`limit`) is deep, at least a second's worth: the emulator's pipe never drops, and
   drops at low rates would make TCP stall in retransmission timeouts rather than queue.
 """

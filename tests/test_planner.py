@@ -1,0 +1,264 @@
+"""The planner end to end: every plan kind over loopback, the policy on hand-built estimates,
+the estimators after a bandwidth step, and fallback when a server dies mid-stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tierwise.bench.processes import free_port, tier_server
+from tierwise.client import Client
+from tierwise.codecs import codec_names
+from tierwise.config import Config, LinkConfig
+from tierwise.data import Splits
+from tierwise.net.shaping import EmulatedLink
+from tierwise.planner.estimators import LinkEstimate, LinkEstimator
+from tierwise.planner.plans import Cascade, Local, Remote, Split
+from tierwise.planner.policy import (
+    SLO,
+    Candidate,
+    PlanningState,
+    Policy,
+    candidates_from_profiles,
+)
+from tierwise.profile.calibration import softmax
+from tierwise.profile.model_profile import load_profile
+from tierwise.runtime.session import load_models
+
+
+@pytest.fixture(scope="module")
+def servers(models_dir: Path) -> Iterator[dict[str, str]]:
+    with tier_server("edge", models_dir) as edge, tier_server("cloud", models_dir) as cloud:
+        yield {"edge": edge, "cloud": cloud}
+
+
+def fast_links(rate: float = 50e6) -> dict[str, EmulatedLink | None]:
+    return {tier: EmulatedLink(LinkConfig(bandwidth_up=rate, bandwidth_down=rate, rtt_ms=1.0))
+            for tier in ("edge", "cloud")}
+
+
+def test_every_plan_kind_answers_like_the_model_it_runs(
+        small_config: Config, models_dir: Path, servers: dict[str, str], splits: Splits) -> None:
+    models = load_models(models_dir, names=["fmnist-device", "fmnist-edge", "fmnist-cloud"])
+    images = splits.test_x[:6]
+    expected = {name: softmax(model.run(images), model.info.temperature)
+                for name, model in models.items()}
+    plans = [Local("fmnist-device")]
+    plans += [Remote(tier, f"fmnist-{tier}", codec) for tier in ("edge", "cloud")
+              for codec in codec_names("input")]
+    plans += [Split(tier, f"fmnist-{tier}", point, codec) for tier, points in
+              (("edge", (1, 3)), ("cloud", (2, 4))) for point in points
+              for codec in codec_names("feature")]
+    with Client(small_config, tier_urls=servers, links=fast_links(), probe=False) as client:
+        for plan in plans:
+            model = plan.model
+            for image, want in zip(images, expected[model], strict=True):
+                result = client.infer(image, plan)
+                assert result.trace.fallback is None, (plan, result.trace.fallback)
+                # lossless plans match the model; lossy feature codecs stay close to it
+                tolerance = {"fp16-zstd": 1e-3, "int8-zstd": 0.05}.get(
+                    getattr(plan, "feature_codec", ""), 1e-5)
+                np.testing.assert_allclose(result.probabilities, want, atol=tolerance)
+            stages = result.trace.stages
+            if isinstance(plan, Split):
+                assert [s.kind for s in stages] == ["local", "remote"]
+                assert stages[0].model == plan.head and stages[1].model == plan.tail
+                assert stages[1].codec == plan.feature_codec and stages[1].bytes_up > 0
+            elif isinstance(plan, Remote):
+                assert stages[0].codec == plan.input_codec
+
+
+def test_cascade_escalates_only_below_its_threshold(
+        small_config: Config, servers: dict[str, str], splits: Splits) -> None:
+    never = Cascade(Local("fmnist-device"), Remote("cloud", "fmnist-cloud"), 0.0)
+    always = Cascade(Local("fmnist-device"), Split("edge", "fmnist-edge", 2, "fp16-zstd"), 1.01)
+    with Client(small_config, tier_urls=servers, links=fast_links(), probe=False) as client:
+        for image in splits.test_x[:5]:
+            assert not client.infer(image, never).trace.escalated
+            trace = client.infer(image, always).trace
+            assert trace.escalated and trace.answered_by.tier == "edge"
+
+
+# -- the policy on hand-built estimates ---------------------------------------------------
+
+def hand_built_policy(config: Config) -> Policy:
+    """Three plans with round numbers: a cheap inaccurate local model, an accurate remote
+    model sending 1 KB, and a split sending 2 KB that keeps the input on the device (its
+    tail holds the big dense layers, so it costs more server time than the whole model)."""
+    return Policy([
+        Candidate(Local("small"), accuracy=0.88, device_model="small", device_ms=2.0),
+        Candidate(Remote("cloud", "big"), accuracy=0.95, device_model="big", device_ms=0.0,
+                  tier="cloud", server_model="big", server_ms=5.0,
+                  payload_mean_bytes=1000, payload_p95_bytes=1000),
+        Candidate(Split("cloud", "big", 2, "int8-zstd"), accuracy=0.94,
+                  device_model="big.head@2", device_ms=10.0, tier="cloud",
+                  server_model="big.tail@2", server_ms=6.0,
+                  payload_mean_bytes=2000, payload_p95_bytes=2000),
+    ], config.prices)
+
+
+def state(bandwidth_up: float, rtt_ms: float = 10.0, down: tuple[str, ...] = ()) -> PlanningState:
+    link = LinkEstimate(rtt_ms=rtt_ms, bandwidth_up=bandwidth_up, bandwidth_down=1e6,
+                        overhead_up_bytes=0.0, response_bytes=0.0)
+    return PlanningState(links={"cloud": link}, unavailable=down)
+
+
+def test_policy_picks_the_cheapest_plan_that_meets_the_slo(small_config: Config) -> None:
+    policy = hand_built_policy(small_config)
+    # no accuracy floor: the device is cheapest and fast enough
+    assert policy.choose(SLO(100, 0.0), state(1e6)).plan == Local("small")
+    # a floor the device misses, on a fast link: the remote plan moves 1 KB at 1 MB/s = 1 ms
+    decision = policy.choose(SLO(100, 0.93), state(1e6))
+    assert decision.plan == Remote("cloud", "big") and decision.feasible
+    assert decision.latency_ms == pytest.approx(0.0 + 5.0 + 10.0 + 1.0)
+    # the input must stay on the device: only the split qualifies
+    private = policy.choose(SLO(100, 0.93, keep_input_on_device=True), state(1e6))
+    assert private.plan == Split("cloud", "big", 2, "int8-zstd")
+    # at 20 KB/s the remote plan takes 65 ms, the split 126 ms: only the remote fits 100 ms
+    assert policy.choose(SLO(100, 0.93), state(20e3)).plan == Remote("cloud", "big")
+    assert not policy.choose(SLO(100, 0.93, keep_input_on_device=True), state(20e3)).feasible
+
+
+def test_policy_misses_least_when_nothing_is_feasible(small_config: Config) -> None:
+    policy = hand_built_policy(small_config)
+    # 1 KB/s: remote 1,015 ms, split 2,026 ms against a 50 ms deadline; the device is fast
+    # but 0.88 < 0.93: missing the floor by 5% is less than missing the deadline 20-fold
+    decision = policy.choose(SLO(50, 0.93), state(1e3))
+    assert decision.plan == Local("small")
+    assert not decision.feasible and "misses least" in decision.reason
+    # the cloud is down: remote plans are out whatever the link
+    down = policy.choose(SLO(100, 0.93), state(1e7, down=("cloud",)))
+    assert down.plan == Local("small") and not down.feasible
+
+
+def test_policy_sets_the_cascade_threshold_for_the_floor(small_config: Config,
+                                                          models_dir: Path) -> None:
+    profiles = {m: load_profile(models_dir, m)
+                for m in ("fmnist-device", "fmnist-edge", "fmnist-cloud")}
+    policy = Policy(candidates_from_profiles(small_config, profiles), small_config.prices)
+    fast = PlanningState(links={t: LinkEstimator(small_config.link(t)).snapshot()
+                                for t in ("edge", "cloud")})
+    device_accuracy = profiles["fmnist-device"].accuracy
+    floors = np.linspace(device_accuracy, profiles["fmnist-cloud"].accuracy, 4)
+    escalation = []
+    for floor in floors:
+        predicted = policy.predict(SLO(1000, float(floor)), fast)
+        cascade = next(plan for plan in predicted if isinstance(plan, Cascade)
+                       and plan.then == Remote("cloud", "fmnist-cloud"))
+        assert predicted[cascade][1] >= floor - 1e-9  # its accuracy meets the floor
+        escalation.append(cascade.threshold)
+    assert escalation == sorted(escalation)  # a higher floor escalates more
+
+
+def test_a_decision_takes_well_under_a_millisecond(small_config: Config, models_dir: Path,
+                                                   servers: dict[str, str]) -> None:
+    with Client(small_config, tier_urls=servers, probe=False) as client:
+        client.decide(SLO(100, 0.9))
+        times = [client.decide(SLO(100, 0.9)).decision_us for _ in range(200)]
+    # the 100 µs target is a benchmark figure (tierwise bench bandwidth); this guards the order
+    assert 0 < float(np.median(times)) < 1000
+
+
+# -- estimators ---------------------------------------------------------------------------
+
+def test_estimates_follow_a_bandwidth_step(small_config: Config, servers: dict[str, str],
+                                           splits: Splits) -> None:
+    link = EmulatedLink(LinkConfig(bandwidth_up=400e3, bandwidth_down=5e6, rtt_ms=5.0))
+    links: dict[str, EmulatedLink | None] = {"edge": link, "cloud": None}
+    plan = Remote("edge", "fmnist-edge")
+    with Client(small_config, tier_urls=servers, links=links, probe=False) as client:
+        estimator = client.link_estimators["edge"]
+        client.probe_now()
+        for image in splits.test_x[:15]:
+            client.infer(image, plan)
+        before = estimator.snapshot()
+        assert before.bandwidth_up == pytest.approx(400e3, rel=0.35)
+        assert before.rtt_ms == pytest.approx(5.0, abs=4.0)
+        link.set_rates(bandwidth_up=40e3)  # a 10x drop
+        predicted_after: list[float] = []
+        for image in splits.test_x[15:30]:
+            trace = client.infer(image, plan).trace
+            predicted_after.append(estimator.snapshot().transfer_ms(784))
+        after = estimator.snapshot()
+    assert after.bandwidth_up == pytest.approx(40e3, rel=0.3)
+    # and what it predicts for a request now matches what one takes
+    measured_network_ms = trace.stages[0].network_ms
+    assert predicted_after[-1] == pytest.approx(measured_network_ms, rel=0.3)
+
+
+def test_a_probe_pair_separates_rtt_from_bandwidth() -> None:
+    estimator = LinkEstimator(LinkConfig(bandwidth_up="2MB/s", bandwidth_down="5MB/s",
+                                         rtt_ms=4))
+    # truth: RTT 30 ms, uplink 50 KB/s; a 200-byte and a 3,500-byte probe
+    def network_ms(up: int) -> float:
+        return 30.0 + up / 50e3 * 1e3 + 300 / 5e6 * 1e3
+    estimator.observe_probe_pair((200, 300, network_ms(200)), (3500, 300, network_ms(3500)))
+    assert estimator.rtt_ms.value == pytest.approx(30.0, rel=0.01)
+    assert estimator.bandwidth_up.value == pytest.approx(50e3, rel=0.01)
+
+
+# -- failure ------------------------------------------------------------------------------
+
+def test_server_killed_mid_stream_every_request_answered_once_then_offloading_resumes(
+        small_config: Config, models_dir: Path, splits: Splits) -> None:
+    port = free_port()
+    config = small_config.model_copy(deep=True)
+    config.tiers["edge"].models = ["fmnist-edge"]
+    config.tiers["cloud"].models = []  # one remote tier: the edge
+    floor = load_profile(models_dir, "fmnist-edge").accuracy  # only the edge model meets it
+    images = splits.test_x[:120]
+    answers: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def ask(client: Client, index: int) -> str:
+        result = client.infer(images[index], deadline_ms=2000, min_accuracy=floor)
+        with lock:
+            assert index not in answers, "answered twice"
+            answers[index] = result.label
+        return result.trace.answered_by.tier
+
+    url = f"http://127.0.0.1:{port}"
+    with Client(config, tier_urls={"edge": url}, links=fast_links(), timeout_s=5.0) as client:
+        client.prober.down_interval_s = 0.2  # type: ignore[union-attr]
+        with tier_server("edge", models_dir, port=port), ThreadPoolExecutor(4) as pool:
+            first = list(pool.map(lambda i: ask(client, i), range(40)))
+            assert first.count("edge") >= 35  # the edge model meets the floor: offloaded
+            futures = [pool.submit(ask, client, i) for i in range(40, 80)]
+        # the server is gone (killed while requests were in flight)
+        during = [future.result(timeout=30) for future in futures]
+        offline = [ask(client, i) for i in range(80, 90)]
+        assert set(offline) == {"device"} and "edge" in client.down
+        with tier_server("edge", models_dir, port=port):
+            deadline = time.monotonic() + 10
+            while "edge" in client.down and time.monotonic() < deadline:
+                time.sleep(0.05)
+            resumed = [ask(client, i) for i in range(90, 120)]
+    assert sorted(answers) == list(range(120))  # every request answered, exactly once
+    assert len(during) == 40
+    assert resumed.count("edge") >= 25  # offloading resumed once the prober saw it healthy
+
+
+def test_a_request_that_would_miss_its_deadline_falls_back_in_time(
+        small_config: Config, servers: dict[str, str], splits: Splits) -> None:
+    # the link is configured fast (the planner believes it) but runs at 2 KB/s
+    slow = EmulatedLink(LinkConfig(bandwidth_up=2e3, bandwidth_down=1e6, rtt_ms=2.0))
+    config = small_config.model_copy(deep=True)
+    config.links["edge"] = LinkConfig(bandwidth_up="10MB/s", bandwidth_down="10MB/s", rtt_ms=2)
+    config.tiers["cloud"].models = []
+    floor = load_profile(config.models_dir, "fmnist-edge").accuracy
+    with Client(config, tier_urls=servers, links={"edge": slow, "cloud": None},
+                probe=False) as client:
+        results = [client.infer(image, deadline_ms=80, min_accuracy=floor)
+                   for image in splits.test_x[:5]]
+    first = results[0].trace
+    assert first.decision is not None and first.decision["feasible"]
+    assert first.fallback is not None and first.answered_by.tier == "device"
+    assert all(r.trace.total_ms < 80 for r in results)
+    # after the timeout the estimate dropped: later requests are planned on the device
+    assert results[-1].trace.plan.startswith("local")
