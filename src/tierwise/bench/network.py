@@ -75,8 +75,8 @@ class Testbed:
 
     def describe_links(self) -> str:
         if self.tc is not None:
-            return ("enforced by the kernel: " + self.tc.describe()
-                    + "; RTT added in the client transport")
+            return ("enforced by the kernel: tc tbf on veth pairs into a network namespace per "
+                    "tier; RTT added in the client transport")
         return "emulated in the client transport: real sockets on loopback, paced"
 
 
@@ -102,7 +102,25 @@ def testbed(config: Config, link_mode: str = "emulated") -> Iterator[Testbed]:
                 urls[tier] = stack.enter_context(tier_server(tier, models_dir))
         else:
             raise ValueError(f"link: expected 'emulated' or 'tc', got {link_mode!r}")
+        warm_servers(urls, models_dir)
         yield Testbed(config, models_dir, urls, namespaces)
+
+
+def warm_servers(urls: dict[str, str], models_dir: Path) -> None:
+    """One inference of every model on every server, so that no strategy pays for a model's
+    first run (ONNX Runtime allocates on it) in its measurements."""
+    import httpx
+
+    from tierwise.protocol.oip import encode_infer_request, infer_path, numpy_dtype
+    from tierwise.zoo.store import list_models
+
+    for url in urls.values():
+        with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
+            for name, (info, _) in list_models(models_dir).items():
+                spec = info.inputs[0]
+                blank = np.zeros([1, *spec.shape[1:]], dtype=numpy_dtype(spec.datatype))
+                body, headers = encode_infer_request({spec.name: blank}, binary=True)
+                http.post(infer_path(name), content=body, headers=headers).raise_for_status()
 
 
 def load_profiles(config: Config) -> dict[str, ModelProfile]:
