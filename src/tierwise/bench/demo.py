@@ -70,13 +70,16 @@ def choose_cascade(config: Config, then_model: str) -> CascadeChoice:
     )
 
 
-def run_strategy(client: Client, plan: Plan, images: np.ndarray, labels: np.ndarray,
-                 progress: Progress, name: str) -> tuple[StrategyResult, list[Trace]]:
+def run_strategy(client: Client, plan: Plan | None, images: np.ndarray, labels: np.ndarray,
+                 progress: Progress, name: str, min_accuracy: float = 0.0
+                 ) -> tuple[StrategyResult, list[Trace]]:
+    """`plan=None`: the policy places every request, for `min_accuracy` and the config's
+    deadline."""
     task = progress.add_task(name, total=len(images))
     traces: list[Trace] = []
     correct = 0
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        result = client.infer(image, plan)
+        result = client.infer(image, plan, min_accuracy=min_accuracy)
         correct += result.label == int(label)
         traces.append(result.trace)
         if index % 25 == 0:
@@ -84,9 +87,10 @@ def run_strategy(client: Client, plan: Plan, images: np.ndarray, labels: np.ndar
     progress.update(task, completed=len(images))
     latencies = [trace.total_ms for trace in traces]
     n = len(traces)
+    plans = sorted({trace.plan for trace in traces})
     return StrategyResult(
         strategy=name,
-        plan=plan.describe(),
+        plan=plan.describe() if plan else f"policy per request ({len(plans)} plans used)",
         accuracy=correct / n,
         latency_p50_ms=float(np.percentile(latencies, 50)),
         latency_p95_ms=float(np.percentile(latencies, 95)),
@@ -181,6 +185,9 @@ def run_demo(config: Config, report_dir: Path | None = None,
                              f"needs torch ({error}): pip install 'tierwise[train]'") from None
         console.rule("training the zoo (cached afterwards)")
         ensure_zoo(config, console=console)
+    from tierwise.profile.profiler import ensure_profiles
+
+    ensure_profiles(config, console=console)
     infos = {name: info for name, (info, _) in list_models(config.models_dir).items()}
     for name in (DEVICE, EDGE, CLOUD):
         info = infos[name]
@@ -197,11 +204,13 @@ def run_demo(config: Config, report_dir: Path | None = None,
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
     images, labels = splits.test_x[:config.demo.images], splits.test_y[:config.demo.images]
 
-    strategies: dict[str, Plan] = {
+    strategies: dict[str, Plan | None] = {
         "device-only": Local(DEVICE),
         "edge-only": Remote("edge", EDGE),
         "cloud-only": Remote("cloud", CLOUD),
         "cascade": Cascade(Local(DEVICE), Remote("cloud", CLOUD), choice.threshold),
+        # tierwise itself: the cheapest plan per request that meets the cascade's target
+        "adaptive": None,
     }
     edge_tier, cloud_tier = config.tier("edge"), config.tier("cloud")
     with (
@@ -213,10 +222,11 @@ def run_demo(config: Config, report_dir: Path | None = None,
         # Each strategy is its own device with its own links, so they run side by side.
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
-            def worker(name: str, plan: Plan) -> None:
+            def worker(name: str, plan: Plan | None) -> None:
                 with Client(config, tier_urls={"edge": edge_url, "cloud": cloud_url}) as client:
                     client.infer(images[0], plan)  # warm the connection and the session
-                    results[name], _ = run_strategy(client, plan, images, labels, progress, name)
+                    results[name], _ = run_strategy(client, plan, images, labels, progress,
+                                                    name, min_accuracy=choice.target_accuracy)
 
             threads = [threading.Thread(target=worker, args=item) for item in strategies.items()]
             for thread in threads:
@@ -234,6 +244,10 @@ def run_demo(config: Config, report_dir: Path | None = None,
         f"validation images for accuracy within {config.slo.cascade_accuracy_margin_points:g} "
         f"points of the cloud model; expected escalation rate "
         f"{choice.expected_escalation_rate:.1%}.",
+        f"Adaptive: the policy's cheapest plan per request with accuracy ≥ "
+        f"{choice.target_accuracy:.2%} (the cascade's target) within "
+        f"{config.slo.deadline_ms:g} ms, from the model profiles (`tierwise profile`) and "
+        "online link estimates.",
         "Cost: server compute-seconds x price per hour, bytes x link price per GB, device "
         "energy x electricity price (price book: `tierwise config show`).",
         "Absolute times are figures of this machine; compare strategies side by side.",
