@@ -1,6 +1,7 @@
 """tierwise: cost-effective ML inference across device, edge and cloud.
 
-`tierwise.Client` is the device SDK; it needs numpy, onnxruntime and httpx only.
+`tierwise.Client` is the device SDK; it needs numpy, onnxruntime, httpx, zstandard and
+Pillow only. Plans and SLOs: `tierwise.planner`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ seconds (at least `min_requests`), so the slowest levels stay bounded.
 The oracle is the best single static plan per level, chosen after the fact. Every plan the
 policy could choose is screened at that level (`oracle_images` each; a request is cut off at
 3× the deadline, which already makes it a miss); the four best of the screening and the
-local plans are then run in full like the strategies, and the best full run is the oracle's:
+local plans are then run in full, side by side with the strategies (same load, same images),
+and the best full run is the oracle's:
 the cheapest that missed no deadline (≤ 2%) and whose profiled accuracy meets the floor,
 else the one that misses least. Plans whose latency, predicted with the level's true link,
 is over 1.5× the deadline, or whose profiled accuracy misses the floor, are not screened:
@@ -156,13 +157,12 @@ def _best(runs: dict[str, Run], slo: SLO, profiled_accuracy: dict[str, float]
     return sorted(summaries, key=lambda n: (miss(n), cost(n))), []
 
 
-def _oracle(bed: Testbed, level: float, slo: SLO, images: np.ndarray, labels: np.ndarray,
-            settings: SweepSettings, profiled_accuracy: dict[str, float],
-            predicted_ms: dict[str, float], plans: list[Plan], parallel: bool
-            ) -> tuple[Run, dict[str, Any]]:
-    """The best single static plan at this level, chosen after measuring: a screening run of
-    every plan that could win, then full runs of the best few (a cascade's cost on a few
-    dozen images is luck: how many happened to escalate), and the best full run is it."""
+def _oracle_finalists(bed: Testbed, level: float, slo: SLO, images: np.ndarray,
+                      labels: np.ndarray, settings: SweepSettings,
+                      profiled_accuracy: dict[str, float], predicted_ms: dict[str, float],
+                      plans: list[Plan], parallel: bool) -> tuple[list[str], dict[str, Any]]:
+    """Screen every plan that could be the oracle's at this level; return the few worth a
+    full run (a cascade's cost on a few dozen images is luck: how many escalated)."""
     def could_win(plan: Plan) -> bool:
         name = plan.describe()
         return (predicted_ms[name] <= PRUNE_DEADLINES * slo.deadline_ms
@@ -172,26 +172,23 @@ def _oracle(bed: Testbed, level: float, slo: SLO, images: np.ndarray, labels: np
     screened = [p for p in plans if could_win(p)]
     if not screened:  # nothing can meet both: the least-miss plan is among the fastest
         screened = sorted(plans, key=lambda p: predicted_ms[p.describe()])[:8]
-
-    def job(name: str, limit: int, cutoff: bool) -> Any:
-        return lambda: _run_cell(bed, name, by_name[name], level, slo, images, labels,
-                                 settings, settings.cell_budget_s, limit, cutoff=cutoff)
-
-    screening = _run_all({p.describe(): job(p.describe(), settings.oracle_images, True)
+    screening = _run_all({p.describe(): _cell_job(bed, p.describe(), by_name[p.describe()],
+                                                  level, slo, images, labels, settings,
+                                                  settings.oracle_images, cutoff=True)
                           for p in screened}, parallel)
     ranked, feasible = _best(screening, slo, profiled_accuracy)
     # the local plans too: where the network fails every remote plan, one of them is best
     finalists = list(dict.fromkeys(ranked[:ORACLE_FINALISTS] + [
         p.describe() for p in plans if isinstance(p, Local)]))
-    finals = _run_all({name: job(name, settings.images, False) for name in finalists},
-                      parallel)
-    ranked_finals, _ = _best(finals, slo, profiled_accuracy)
-    chosen = ranked_finals[0]
-    run = finals[chosen]
-    run.strategy = ORACLE
-    return run, {"screened": len(screening), "skipped": len(plans) - len(screened),
-                 "feasible_in_screening": len(feasible), "finalists": finalists,
-                 "chosen": chosen}
+    return finalists, {"screened": len(screening), "skipped": len(plans) - len(screened),
+                       "feasible_in_screening": len(feasible), "finalists": finalists}
+
+
+def _cell_job(bed: Testbed, name: str, plan: Plan | None, level: float, slo: SLO,
+              images: np.ndarray, labels: np.ndarray, settings: SweepSettings, limit: int,
+              cutoff: bool = False) -> Any:
+    return lambda: _run_cell(bed, name, plan, level, slo, images, labels, settings,
+                             settings.cell_budget_s, limit, cutoff=cutoff)
 
 
 def _predictions(bed: Testbed, level: float, slo: SLO,
@@ -235,17 +232,25 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
         task = progress.add_task("bandwidth sweep", total=len(settings.levels))
         for level in sorted(settings.levels, reverse=True):
             rate = describe_rate(level)
-            progress.update(task, description=f"bandwidth sweep: {rate} strategies")
-            jobs = {name: (lambda name=name, level=level: _run_cell(
-                bed, name, None if name == ADAPTIVE else statics[name], level, slo, images,
-                labels, settings, settings.cell_budget_s, settings.images))
-                for name in STRATEGIES}
-            runs = _in_parallel(jobs) if parallel else {n: j() for n, j in jobs.items()}
-            progress.update(task, description=f"bandwidth sweep: {rate} oracle")
+            progress.update(task, description=f"bandwidth sweep: {rate} oracle screening")
             accuracy, predicted = _predictions(bed, level, slo, oracle_plans)
-            runs[ORACLE], oracle_notes[rate] = _oracle(bed, level, slo, images, labels,
-                                                       settings, accuracy, predicted,
-                                                       oracle_plans, parallel)
+            finalists, notes = _oracle_finalists(bed, level, slo, images, labels, settings,
+                                                 accuracy, predicted, oracle_plans, parallel)
+            # the strategies and the oracle's finalists side by side, under the same load
+            progress.update(task, description=f"bandwidth sweep: {rate} strategies")
+            by_name = {p.describe(): p for p in oracle_plans}
+            jobs = {name: _cell_job(bed, name, None if name == ADAPTIVE else statics[name],
+                                    level, slo, images, labels, settings, settings.images)
+                    for name in STRATEGIES}
+            jobs |= {f"{ORACLE}:{name}": _cell_job(bed, name, by_name[name], level, slo,
+                                                   images, labels, settings, settings.images)
+                     for name in finalists}
+            runs = _in_parallel(jobs) if parallel else {n: j() for n, j in jobs.items()}
+            finals = {name: runs.pop(f"{ORACLE}:{name}") for name in finalists}
+            chosen = _best(finals, slo, accuracy)[0][0]
+            runs[ORACLE] = finals[chosen]
+            runs[ORACLE].strategy = ORACLE
+            oracle_notes[rate] = {**notes, "chosen": chosen}
             for name in (*STRATEGIES, ORACLE):
                 row = runs[name].summary()
                 row["bandwidth_up_bytes_per_s"] = level
@@ -368,10 +373,14 @@ def plot_sweep(path: Path, rows: list[dict[str, Any]], settings: SweepSettings,
               ORACLE: {"linestyle": "--", "color": "grey", "linewidth": 2}}
     for axis, (key, title, line) in zip(axes, panels, strict=True):
         for name in (*STRATEGIES, ORACLE):
-            points = sorted((r["bandwidth_up_bytes_per_s"], r[key]) for r in rows
+            points = sorted((r["bandwidth_up_bytes_per_s"], r[key], r["requests"]) for r in rows
                             if r["strategy"] == name)
-            x, y = zip(*points, strict=True)
-            axis.plot(x, y, marker="o", label=name, **styles.get(name, {}))
+            x, y, n = zip(*points, strict=True)
+            line_ = axis.plot(x, y, marker="o", label=name, **styles.get(name, {}))[0]
+            # hollow: the cell's time budget ran out before every image (a small sample)
+            short = [i for i, count in enumerate(n) if count < settings.images - 1]
+            axis.scatter([x[i] for i in short], [y[i] for i in short], s=60, zorder=3,
+                         facecolors="white", edgecolors=line_.get_color())
         if line is not None:
             axis.axhline(line, color="red", linestyle=":", linewidth=1,
                          label="floor" if key == "accuracy" else "deadline")
@@ -382,7 +391,9 @@ def plot_sweep(path: Path, rows: list[dict[str, Any]], settings: SweepSettings,
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle("tierwise bench bandwidth — " + "; ".join(emulated), fontsize=8)
+    figure.suptitle("tierwise bench bandwidth — " + "; ".join(emulated)
+                    + "\nhollow markers: the cell's time budget ended it early (fewer images)",
+                    fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -114,6 +114,7 @@ class Client:
         tier_urls: base URL per remote tier; default `http://{host}:{port}` from the config.
         device_model: the model every fallback ends at; default `fmnist-device`.
         plan: a fixed plan for every request; default None: the policy places each request.
+        slo: this client's default SLO; default the config's `slo` (deadline, accuracy floor).
         links: the link per tier (default: emulated from `config.links`); pass your own to
             change rates while it runs, or `EmulatedLink(..., pace=False)` under `tc`.
         timeout_s: the longest a remote stage may take when no deadline bounds it.
@@ -128,6 +129,7 @@ class Client:
         tier_urls: dict[str, str] | None = None,
         device_model: str = model_name("device"),
         plan: Plan | None = None,
+        slo: SLO | None = None,
         links: dict[str, EmulatedLink | None] | None = None,
         timeout_s: float = 10.0,
         threads: int = 1,
@@ -145,6 +147,7 @@ class Client:
             )
         self.device_model = device_model
         self.plan = plan
+        self.slo = slo or SLO(self.config.slo.deadline_ms, self.config.slo.min_accuracy)
         self.timeout_s = timeout_s
         self.threads = threads
         self.tier_urls = dict(tier_urls or {})
@@ -175,13 +178,13 @@ class Client:
 
         With a `plan` (or the client's), that plan runs, and a failed remote stage falls back
         to the device model. Without one, the policy picks the cheapest plan meeting the SLO:
-        `deadline_ms` and `min_accuracy` (default: the config's `slo`), and
+        `deadline_ms` and `min_accuracy` (default: the client's `slo`), and
         `keep_input_on_device` (only local and split plans qualify).
         """
         batch = _as_batch(image)
-        slo = SLO(deadline_ms if deadline_ms is not None else self.config.slo.deadline_ms,
-                  min_accuracy if min_accuracy is not None else self.config.slo.min_accuracy,
-                  keep_input_on_device)
+        slo = SLO(deadline_ms if deadline_ms is not None else self.slo.deadline_ms,
+                  min_accuracy if min_accuracy is not None else self.slo.min_accuracy,
+                  keep_input_on_device or self.slo.keep_input_on_device)
         started = time.perf_counter()
         plan = plan or self.plan
         decision = None

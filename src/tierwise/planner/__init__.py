@@ -1,5 +1,6 @@
-"""Plans (where an inference runs), their cost, and — later — the policy that picks one."""
+"""Plans (where an inference runs), the estimators, the policy that picks a plan, and cost."""
 
-from tierwise.planner.plans import Cascade, Local, Plan, Remote
+from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
+from tierwise.planner.policy import SLO, Decision
 
-__all__ = ["Cascade", "Local", "Plan", "Remote"]
+__all__ = ["SLO", "Cascade", "Decision", "Local", "Plan", "Remote", "Split"]
