@@ -296,6 +296,8 @@ def targets(rows: list[dict[str, Any]], decision_us: dict[str, float]) -> dict[s
             "oracle_miss_rate": oracle["deadline_miss_rate"],
             "adaptive_accuracy": adaptive["accuracy"],
             "oracle_accuracy": oracle["accuracy"],
+            "adaptive_main_plan": next(iter(adaptive["plans"]), None),
+            "oracle_plan": next(iter(oracle["plans"]), None),
         })
     in_sweep = [r["decision_us_p50"] for r in rows if "decision_us_p50" in r]
     return {"per_level": per_level, "decision_us": decision_us,
