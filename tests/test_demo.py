@@ -7,14 +7,14 @@ from tierwise.bench.demo import run_demo
 from tierwise.config import Config
 
 
-def test_demo_compares_the_four_strategies_and_writes_a_report(
+def test_demo_compares_the_strategies_and_writes_a_report(
     small_config: Config, models_dir: Path, tmp_path: Path
 ) -> None:
     config = small_config.model_copy(deep=True)
     config.demo.images = 60
     console = Console(record=True, width=160)
     rows = {r.strategy: r for r in run_demo(config, tmp_path / "report", console=console)}
-    assert list(rows) == ["device-only", "edge-only", "cloud-only", "cascade"]
+    assert list(rows) == ["device-only", "edge-only", "cloud-only", "cascade", "adaptive"]
     # where each strategy ran shows in what it sent and what it cost
     assert rows["device-only"].bytes_up_per_inference == 0
     assert rows["edge-only"].bytes_up_per_inference > 784
@@ -26,6 +26,9 @@ def test_demo_compares_the_four_strategies_and_writes_a_report(
     assert rows["device-only"].latency_p50_ms < rows["edge-only"].latency_p50_ms
     assert rows["cloud-only"].cost_usd_per_1m > rows["device-only"].cost_usd_per_1m
     assert all(r.fallback_share == 0 for r in rows.values())
+    # adaptive meets the cascade's accuracy target for less than sending everything away
+    assert rows["adaptive"].cost_usd_per_1m < rows["cloud-only"].cost_usd_per_1m
+    assert rows["adaptive"].plan.startswith("policy per request")
 
     report = tmp_path / "report"
     saved = json.loads((report / "results.json").read_text())

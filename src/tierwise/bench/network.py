@@ -29,7 +29,13 @@ from tierwise.client import Client, InferenceResult
 from tierwise.config import Config, LinkConfig, format_rate
 from tierwise.net.shaping import EmulatedLink
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
-from tierwise.planner.policy import SLO, PlanningState, Policy, candidates_from_profiles
+from tierwise.planner.policy import (
+    SLO,
+    PlanningState,
+    Policy,
+    candidates_from_profiles,
+    cascade_point,
+)
 from tierwise.profile.model_profile import ModelProfile, load_profile
 
 REMOTE_TIERS = ("edge", "cloud")
@@ -130,20 +136,21 @@ def load_profiles(config: Config) -> dict[str, ModelProfile]:
 
 def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
     """The static strategies' plans, fixed before any request is made."""
+    from tierwise.planner.estimators import LinkEstimator
+
     profiles = load_profiles(config)
     device, edge, cloud = (config.tier(t).models[0] for t in ("device", "edge", "cloud"))
     candidates = candidates_from_profiles(config, profiles)
-    # the cascade: the threshold that meets the floor, from the device model's curve
-    cascade = Policy([c for c in candidates if isinstance(c.plan, Local | Cascade)
-                      and (not isinstance(c.plan, Cascade) or c.plan.then == Remote("cloud",
-                                                                                      cloud))],
-                     config.prices)
-    threshold, *_ = _cascade_threshold(cascade, slo)
-    # the split the policy would pick with the configured links, kept forever after
+    # the cascade to the cloud model, at the threshold that meets the floor
+    curve = next(c.curve for c in candidates if isinstance(c.plan, Cascade)
+                 and c.plan.then == Remote("cloud", cloud))
+    threshold, _, _ = cascade_point(curve, slo.min_accuracy)  # type: ignore[arg-type]
+    # the split the policy would pick with the configured links, kept whatever happens
     splits = Policy([c for c in candidates if isinstance(c.plan, Local | Split)], config.prices)
-    state = PlanningState(links={t: _prior(config.link(t)) for t in REMOTE_TIERS})
+    configured = PlanningState(links={t: LinkEstimator(config.link(t)).snapshot()
+                                      for t in REMOTE_TIERS})
     split = splits.choose(SLO(slo.deadline_ms, slo.min_accuracy, keep_input_on_device=True),
-                          state).plan
+                          configured).plan
     if not isinstance(split, Split):  # nothing better than local: take the smallest payload
         split = min((c for c in candidates if isinstance(c.plan, Split)),
                     key=lambda c: c.payload_mean_bytes).plan
@@ -156,24 +163,11 @@ def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
     }
 
 
-def _prior(link: LinkConfig) -> Any:
-    from tierwise.planner.estimators import LinkEstimator
-
-    return LinkEstimator(link).snapshot()
-
-
-def _cascade_threshold(policy: Policy, slo: SLO) -> tuple[float, float, float]:
-    from tierwise.planner.policy import _cascade_point
-
-    candidate = next(c for c in policy.candidates if c.curve is not None)
-    return _cascade_point(candidate.curve, slo.min_accuracy)  # type: ignore[arg-type]
-
-
 def candidate_plans(config: Config, slo: SLO) -> list[Plan]:
     """Every static plan the policy could choose for `slo` (cascade thresholds set for the
     floor): what the oracle picks from."""
     policy = Policy(candidates_from_profiles(config, load_profiles(config)), config.prices)
-    return list(dict.fromkeys(policy._for_floor(slo.min_accuracy)[2]))
+    return list(dict.fromkeys(policy.plans_for(slo.min_accuracy)))
 
 
 @dataclass

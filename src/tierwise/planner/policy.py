@@ -150,7 +150,7 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
     return local + remote + cascades
 
 
-def _cascade_point(curve: CascadeCurve, floor: float) -> tuple[float, float, float]:
+def cascade_point(curve: CascadeCurve, floor: float) -> tuple[float, float, float]:
     """(threshold, accuracy, escalation rate) of the fewest escalations reaching `floor`, or
     of the most accurate point when none does."""
     accuracy = np.asarray(curve.accuracy)
@@ -195,6 +195,10 @@ class Policy:
         self._device_usd_per_ms = (prices.device_power_w / 1e3 / JOULES_PER_KWH
                                    * prices.electricity_usd_per_kwh)
 
+    def plans_for(self, min_accuracy: float) -> list[Plan]:
+        """Every candidate plan, cascade thresholds set for the floor `min_accuracy`."""
+        return list(self._for_floor(min_accuracy)[2])
+
     def _for_floor(self, floor: float) -> tuple[np.ndarray, np.ndarray, list[Plan]]:
         """(accuracy, remote weight, plans) with every cascade's threshold set for `floor`."""
         cached = self._by_floor.get(floor)
@@ -204,7 +208,7 @@ class Policy:
             plans = [c.plan for c in self.candidates]
             for i in self._cascades:
                 candidate = self.candidates[i]
-                threshold, accuracy[i], weight[i] = _cascade_point(candidate.curve, floor)  # type: ignore[arg-type]
+                threshold, accuracy[i], weight[i] = cascade_point(candidate.curve, floor)  # type: ignore[arg-type]
                 plan = candidate.plan
                 assert isinstance(plan, Cascade)
                 plans[i] = Cascade(plan.first, plan.then, threshold)
