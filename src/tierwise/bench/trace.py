@@ -151,7 +151,7 @@ def _replay(bed: Testbed, strategies: dict[str, Plan | None], points: list[Trace
     start = time.perf_counter() + 0.05
 
     def drive_links() -> None:
-        for point in points[1:]:
+        for point in points[1:-1]:  # the last row only marks the end
             if stop.wait(max(0.0, start + point.t_s / settings.speed - time.perf_counter())):
                 return
             _apply(bed, list(all_links.values()), point)
