@@ -103,7 +103,14 @@ def _bench_bandwidth(args: argparse.Namespace) -> int:
     from tierwise.config import parse_rate
 
     config = load_config(args.config)
-    low, high = (parse_rate(rate) for rate in args.range.split(".."))
+    try:
+        low, high = (parse_rate(rate) for rate in args.range.split(".."))
+    except ValueError as error:
+        raise ConfigError(f"--range: expected LOW..HIGH rates like '1KB/s..10MB/s', got "
+                          f"{args.range!r} ({error})") from None
+    if args.levels < 2 or not low < high:
+        raise ConfigError(f"--range/--levels: need low < high and at least 2 levels, got "
+                          f"{args.range!r} with {args.levels}")
     settings = SweepSettings(levels=log_levels(low, high, args.levels), images=args.images,
                              cell_budget_s=args.cell_budget_s, deadline_ms=args.deadline_ms,
                              min_accuracy=args.min_accuracy, oracle_images=args.oracle_images)
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:  # DatasetMissingError included
+    except (ConfigError, FileNotFoundError) as error:  # bad traces; DatasetMissingError
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

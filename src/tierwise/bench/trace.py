@@ -43,7 +43,7 @@ from tierwise.bench.network import (
     testbed,
 )
 from tierwise.client.client import compute_labels
-from tierwise.config import Config
+from tierwise.config import Config, ConfigError
 from tierwise.data import load_splits
 from tierwise.net.shaping import EmulatedLink
 from tierwise.planner.plans import Plan
@@ -52,7 +52,7 @@ from tierwise.planner.policy import SLO
 COLUMNS = ("t_s", "bandwidth_up_bytes_per_s", "bandwidth_down_bytes_per_s", "rtt_ms")
 
 
-class TraceError(ValueError):
+class TraceError(ConfigError):
     """A trace file that cannot be replayed; the message names the line and the column."""
 
 
