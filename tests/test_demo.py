@@ -25,7 +25,10 @@ def test_demo_compares_the_strategies_and_writes_a_report(
     assert rows["cloud-only"].latency_p50_ms >= config.links["cloud"].rtt_ms
     assert rows["device-only"].latency_p50_ms < rows["edge-only"].latency_p50_ms
     assert rows["cloud-only"].cost_usd_per_1m > rows["device-only"].cost_usd_per_1m
-    assert all(r.fallback_share == 0 for r in rows.values())
+    # static plans fall back only on errors; adaptive also when a stage would miss its
+    # deadline, which a loaded 2-core machine can cause now and then
+    assert all(r.fallback_share == 0 for name, r in rows.items() if name != "adaptive")
+    assert rows["adaptive"].fallback_share <= 0.05
     # adaptive meets the cascade's accuracy target for less than sending everything away
     assert rows["adaptive"].cost_usd_per_1m < rows["cloud-only"].cost_usd_per_1m
     assert rows["adaptive"].plan.startswith("policy per request")

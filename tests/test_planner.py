@@ -169,7 +169,8 @@ def test_a_decision_takes_well_under_a_millisecond(small_config: Config, models_
 
 def test_estimates_follow_a_bandwidth_step(small_config: Config, servers: dict[str, str],
                                            splits: Splits) -> None:
-    link = EmulatedLink(LinkConfig(bandwidth_up=400e3, bandwidth_down=5e6, rtt_ms=5.0))
+    # rates where a request's serialisation (24 ms, then 240 ms) dwarfs scheduling jitter
+    link = EmulatedLink(LinkConfig(bandwidth_up=50e3, bandwidth_down=5e6, rtt_ms=5.0))
     links: dict[str, EmulatedLink | None] = {"edge": link, "cloud": None}
     plan = Remote("edge", "fmnist-edge")
     with Client(small_config, tier_urls=servers, links=links, probe=False) as client:
@@ -178,15 +179,15 @@ def test_estimates_follow_a_bandwidth_step(small_config: Config, servers: dict[s
         for image in splits.test_x[:15]:
             client.infer(image, plan)
         before = estimator.snapshot()
-        assert before.bandwidth_up == pytest.approx(400e3, rel=0.35)
-        assert before.rtt_ms == pytest.approx(5.0, abs=4.0)
-        link.set_rates(bandwidth_up=40e3)  # a 10x drop
+        assert before.bandwidth_up == pytest.approx(50e3, rel=0.35)
+        assert before.rtt_ms < 20  # the RTT did not soak up the serialisation time
+        link.set_rates(bandwidth_up=5e3)  # a 10x drop
         predicted_after: list[float] = []
-        for image in splits.test_x[15:30]:
+        for image in splits.test_x[15:27]:
             trace = client.infer(image, plan).trace
             predicted_after.append(estimator.snapshot().transfer_ms(784))
         after = estimator.snapshot()
-    assert after.bandwidth_up == pytest.approx(40e3, rel=0.3)
+    assert after.bandwidth_up == pytest.approx(5e3, rel=0.25)
     # and what it predicts for a request now matches what one takes
     measured_network_ms = trace.stages[0].network_ms
     assert predicted_after[-1] == pytest.approx(measured_network_ms, rel=0.3)
@@ -254,11 +255,11 @@ def test_a_request_that_would_miss_its_deadline_falls_back_in_time(
     floor = load_profile(config.models_dir, "fmnist-edge").accuracy
     with Client(config, tier_urls=servers, links={"edge": slow, "cloud": None},
                 probe=False) as client:
-        results = [client.infer(image, deadline_ms=80, min_accuracy=floor)
+        results = [client.infer(image, deadline_ms=150, min_accuracy=floor)
                    for image in splits.test_x[:5]]
     first = results[0].trace
     assert first.decision is not None and first.decision["feasible"]
     assert first.fallback is not None and first.answered_by.tier == "device"
-    assert all(r.trace.total_ms < 80 for r in results)
+    assert all(r.trace.total_ms < 150 for r in results)
     # after the timeout the estimate dropped: later requests are planned on the device
     assert results[-1].trace.plan.startswith("local")
