@@ -245,8 +245,6 @@ def test_the_server_still_answers_after_bad_payloads(http: httpx.Client, splits:
     assert _logits(_post(http, "fmnist-edge", "image", rows, "png")).shape == (2, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: a non-string content_type reaches get_codec, "
-                   "whose dict lookup raises TypeError (unhashable), answered as a 500")
 def test_a_malformed_content_type_is_a_400(http: httpx.Client, splits: Splits) -> None:
     rows = encode_rows("png", splits.test_x[:1])
     body, headers = encode_infer_request({"image": rows}, binary=True,
@@ -255,8 +253,6 @@ def test_a_malformed_content_type_is_a_400(http: httpx.Client, splits: Splits) -
     assert response.status_code == 400, (response.status_code, response.text)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: decode_rows np.stack()s zero rows, a ValueError "
-                   "answered as a 500 instead of the 400 'batch size of 0'")
 def test_an_empty_batch_of_payloads_is_a_400(http: httpx.Client) -> None:
     response = _post(http, "fmnist-edge", "image", np.empty(0, dtype=object), "png")
     assert response.status_code == 400, (response.status_code, response.text)

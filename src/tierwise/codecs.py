@@ -186,4 +186,6 @@ def decode_rows(codec_name: str, rows: np.ndarray, row_shape: tuple[int, ...],
                 dtype: np.dtype[Any]) -> np.ndarray:
     """The inverse of `encode_rows`: a [len(rows), *row_shape] array of `dtype`."""
     codec = get_codec(codec_name)
+    if len(rows) == 0:
+        return np.empty((0, *row_shape), dtype)
     return np.stack([codec.decode(bytes(row), row_shape, dtype) for row in rows])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,9 @@ def load_trace(path: Path) -> list[TracePoint]:
                 except ValueError:
                     raise TraceError(f"{path}:{line}: {column}: expected a number, got "
                                      f"{text!r}") from None
+                if not math.isfinite(values[column]):
+                    raise TraceError(f"{path}:{line}: {column}: expected a finite number, "
+                                     f"got {text!r}")
                 if column != "t_s" and not values[column] > 0 and column != "rtt_ms":
                     raise TraceError(f"{path}:{line}: {column}: expected a positive rate, "
                                      f"got {text!r}")

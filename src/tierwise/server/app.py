@@ -311,6 +311,9 @@ def _decoded_inputs(served: _Served, request: InferRequest) -> dict[str, Any]:
     inputs = dict(request.inputs)
     for name, array in request.inputs.items():
         codec = request.input_parameters.get(name, {}).get("content_type")
+        if codec is not None and not isinstance(codec, str):
+            raise ProtocolError(f"input {name!r}: parameters.content_type must be a codec "
+                                f"name, got {codec!r}")
         if codec is None or codec == RAW:
             if array.dtype.kind == "O":
                 raise ProtocolError(f"input {name!r}: a BYTES input needs "
