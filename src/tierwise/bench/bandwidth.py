@@ -42,12 +42,11 @@ from tierwise.bench.network import (
     Run,
     Testbed,
     candidate_plans,
-    describe_rate,
     static_plans,
     testbed,
 )
 from tierwise.client.client import compute_labels
-from tierwise.config import Config
+from tierwise.config import Config, format_rate
 from tierwise.data import load_splits
 from tierwise.planner.plans import Cascade, Local, Plan
 from tierwise.planner.policy import SLO
@@ -231,7 +230,7 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
         parallel = bed.tc is None  # under tc every client shares the kernel's link
         task = progress.add_task("bandwidth sweep", total=len(settings.levels))
         for level in sorted(settings.levels, reverse=True):
-            rate = describe_rate(level)
+            rate = format_rate(level)
             progress.update(task, description=f"bandwidth sweep: {rate} oracle screening")
             accuracy, predicted = _predictions(bed, level, slo, oracle_plans)
             finalists, notes = _oracle_finalists(bed, level, slo, images, labels, settings,
@@ -258,10 +257,10 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
             progress.advance(task)
         decision_us = decision_time_us(bed, slo)
     elapsed = time.monotonic() - started
-    low, high = describe_rate(min(settings.levels)), describe_rate(max(settings.levels))
+    low, high = format_rate(min(settings.levels)), format_rate(max(settings.levels))
     labels_emulated = [*compute_labels(config), *(
         f"link device->{tier}: uplink swept {low}..{high}, downlink "
-        f"{describe_rate(config.link(tier).bandwidth_down)}, RTT {config.link(tier).rtt_ms:g} ms"
+        f"{format_rate(config.link(tier).bandwidth_down)}, RTT {config.link(tier).rtt_ms:g} ms"
         for tier in REMOTE_TIERS), f"links {bed.describe_links()}"]
     write_results(out_dir, rows, settings, labels_emulated, oracle_notes, elapsed, link_mode,
                   decision_us)
@@ -327,7 +326,7 @@ COLUMNS = (("strategy", "strategy", "{}"), ("bandwidth_up_bytes_per_s", "uplink"
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
-    return [describe_rate(row[key]) if fmt is None else fmt.format(row[key])
+    return [format_rate(row[key]) if fmt is None else fmt.format(row[key])
             for key, _, fmt in COLUMNS]
 
 
@@ -352,7 +351,7 @@ def print_table(console: Console, rows: list[dict[str, Any]], settings: SweepSet
         console.print(f"[yellow]{label}[/]")
     summary = targets(rows, decision_us)
     for level in summary["per_level"]:
-        console.print(f"{describe_rate(level['bandwidth_up_bytes_per_s'])}: adaptive cost "
+        console.print(f"{format_rate(level['bandwidth_up_bytes_per_s'])}: adaptive cost "
                       f"{level['cost_ratio_to_oracle']:.2f}x the oracle's, missed "
                       f"{level['adaptive_miss_rate']:.1%} vs {level['oracle_miss_rate']:.1%}")
     console.print(f"decision time ({decision_us['candidates']:.0f} candidate plans): p50 "

@@ -26,7 +26,7 @@ import numpy as np
 
 from tierwise.bench.processes import tier_server
 from tierwise.client import Client, InferenceResult
-from tierwise.config import Config, LinkConfig, format_rate
+from tierwise.config import Config, LinkConfig
 from tierwise.net.shaping import EmulatedLink
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.planner.policy import (
@@ -229,7 +229,3 @@ class Run:
             row["decision_us_p50"] = float(np.percentile(self.decision_us, 50))
             row["decision_us_p99"] = float(np.percentile(self.decision_us, 99))
         return row
-
-
-def describe_rate(bytes_per_s: float) -> str:
-    return format_rate(bytes_per_s)

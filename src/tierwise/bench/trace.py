@@ -39,7 +39,6 @@ from tierwise.bench.network import (
     STRATEGIES,
     Run,
     Testbed,
-    describe_rate,
     static_plans,
     testbed,
 )
@@ -321,4 +320,4 @@ def plot_trace(path: Path, points: list[TracePoint], records: list[dict[str, Any
     plt.close(figure)
 
 
-__all__ = ["TraceError", "TraceSettings", "describe_rate", "load_trace", "run_bench_trace"]
+__all__ = ["TraceError", "TraceSettings", "load_trace", "run_bench_trace"]
