@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 import tierwise.net.tc as tc_module
+from tierwise.bench.processes import namespaced_tier_server
 from tierwise.net.tc import (
     NamespaceLinks,
     TcUnavailableError,
-    namespaced_tier_server,
     tc_unavailable_reason,
 )
 

@@ -41,15 +41,16 @@ from tierwise.bench.network import (
     STRATEGIES,
     Run,
     Testbed,
-    candidate_plans,
+    full_policy,
     static_plans,
     testbed,
 )
 from tierwise.client.client import compute_labels
 from tierwise.config import Config, format_rate
 from tierwise.data import load_splits
+from tierwise.planner.estimators import LinkEstimator
 from tierwise.planner.plans import Cascade, Local, Plan
-from tierwise.planner.policy import SLO
+from tierwise.planner.policy import SLO, PlanningState, Policy
 
 CUTOFF_DEADLINES = 3.0
 # The oracle measures plans predicted (with the level's true link) within this many deadlines
@@ -190,18 +191,12 @@ def _cell_job(bed: Testbed, name: str, plan: Plan | None, level: float, slo: SLO
                              settings.cell_budget_s, limit, cutoff=cutoff)
 
 
-def _predictions(bed: Testbed, level: float, slo: SLO,
+def _predictions(policy: Policy, config: Config, level: float, slo: SLO,
                  plans: list[Plan]) -> tuple[dict[str, float], dict[str, float]]:
     """Per plan: (profiled accuracy, latency predicted with the level's true link)."""
-    from tierwise.planner.estimators import LinkEstimator
-    from tierwise.planner.policy import PlanningState
-
-    true_links = {}
-    for tier in REMOTE_TIERS:
-        link = bed.config.link(tier).model_copy(update={"bandwidth_up": level})
-        true_links[tier] = LinkEstimator(link).snapshot()
-    with bed.client(bed.links(level), probe=False) as client:
-        predicted = client.policy().predict(slo, PlanningState(links=true_links))
+    true_links = {tier: LinkEstimator(config.link(tier).model_copy(
+        update={"bandwidth_up": level})).snapshot() for tier in REMOTE_TIERS}
+    predicted = policy.predict(slo, PlanningState(links=true_links))
     return ({plan.describe(): predicted[plan][1] for plan in plans},
             {plan.describe(): predicted[plan][0] for plan in plans})
 
@@ -219,7 +214,8 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
     images, labels = splits.test_x[:settings.images], splits.test_y[:settings.images]
     statics = static_plans(config, slo)
-    oracle_plans = candidate_plans(config, slo)
+    policy = full_policy(config)
+    oracle_plans = list(dict.fromkeys(policy.plans_for(slo.min_accuracy)))
     rows: list[dict[str, Any]] = []
     oracle_notes: dict[str, Any] = {}
     started = time.monotonic()
@@ -232,7 +228,7 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
         for level in sorted(settings.levels, reverse=True):
             rate = format_rate(level)
             progress.update(task, description=f"bandwidth sweep: {rate} oracle screening")
-            accuracy, predicted = _predictions(bed, level, slo, oracle_plans)
+            accuracy, predicted = _predictions(policy, config, level, slo, oracle_plans)
             finalists, notes = _oracle_finalists(bed, level, slo, images, labels, settings,
                                                  accuracy, predicted, oracle_plans, parallel)
             # the strategies and the oracle's finalists side by side, under the same load

@@ -95,7 +95,8 @@ def testbed(config: Config, link_mode: str = "emulated") -> Iterator[Testbed]:
         urls: dict[str, str] = {}
         namespaces = None
         if link_mode == "tc":
-            from tierwise.net.tc import NamespaceLinks, namespaced_tier_server
+            from tierwise.bench.processes import namespaced_tier_server
+            from tierwise.net.tc import NamespaceLinks
 
             rates = {tier: (config.link(tier).bandwidth_up, config.link(tier).bandwidth_down)
                      for tier in REMOTE_TIERS}
@@ -163,11 +164,9 @@ def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
     }
 
 
-def candidate_plans(config: Config, slo: SLO) -> list[Plan]:
-    """Every static plan the policy could choose for `slo` (cascade thresholds set for the
-    floor): what the oracle picks from."""
-    policy = Policy(candidates_from_profiles(config, load_profiles(config)), config.prices)
-    return list(dict.fromkeys(policy.plans_for(slo.min_accuracy)))
+def full_policy(config: Config) -> Policy:
+    """The policy over every plan the profiles support: what the oracle picks from."""
+    return Policy(candidates_from_profiles(config, load_profiles(config)), config.prices)
 
 
 @dataclass

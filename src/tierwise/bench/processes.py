@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from tierwise.net.tc import NamespaceLinks
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,8 +40,12 @@ def tier_server(
     extra_args: list[str] | None = None,
     config_path: str | None = None,
     ready_timeout_s: float = 30.0,
+    popen: Callable[..., subprocess.Popen[Any]] = subprocess.Popen,
 ) -> Iterator[str]:
-    """Run `tierwise serve --tier <tier>` as a child process; yield its base URL once ready."""
+    """Run `tierwise serve --tier <tier>` as a child process; yield its base URL once ready.
+
+    `popen` starts the process (default: here; `namespaced_tier_server` passes one that runs
+    it inside a network namespace)."""
     port = port or free_port(host)
     command = [sys.executable, "-m", "tierwise.cli"]
     if config_path:
@@ -44,8 +53,8 @@ def tier_server(
     command += ["serve", "--tier", tier, "--host", host, "--port", str(port),
                 "--models", str(models_dir), *(extra_args or [])]
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = popen(command, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + ready_timeout_s
@@ -54,7 +63,9 @@ def tier_server(
                 raise ServerFailedError(f"{tier} server exited with {process.returncode}:\n"
                                         f"{_read(log)}")
             try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                # trust_env=False: a proxy from the environment must not carry the check
+                ready = httpx.get(f"{url}/v2/health/ready", timeout=1.0, trust_env=False)
+                if ready.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -71,6 +82,16 @@ def tier_server(
             process.kill()
             process.wait()
         log.close()
+
+
+@contextmanager
+def namespaced_tier_server(links: NamespaceLinks, tier: str, models_dir: Path, *,
+                           port: int = 8000, **kwargs: Any) -> Iterator[str]:
+    """`tier_server` inside the tier's network namespace (`tierwise.net.tc`): every byte
+    crosses the shaped veth. The namespace has its own ports, so a fixed one cannot clash."""
+    with tier_server(tier, models_dir, host=links.address(tier), port=port,
+                     popen=functools.partial(links.popen, tier), **kwargs) as url:
+        yield url
 
 
 def _read(log: tempfile._TemporaryFileWrapper) -> str:  # type: ignore[type-arg]

@@ -364,9 +364,10 @@ class Client:
 
 
 def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: str,
-              abort_at: float) -> tuple[np.ndarray, StageTrace]:
+              abort_at: float, learn: bool = True) -> tuple[np.ndarray, StageTrace]:
     """One OIP v2 inference on `tier`: (first output, its stage trace). Learns from the
-    transfer; raises RemoteStageError when there is no usable answer."""
+    transfer unless `learn` is False (a probe, whose caller learns from it its own way);
+    raises RemoteStageError when there is no usable answer."""
     info = client.models.get(model)
     input_name = info.inputs[0].name if info else "image"
     if codec == RAW:
@@ -387,7 +388,8 @@ def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: 
             extensions={ABORT_AT_EXTENSION: abort_at})
     except httpx.TimeoutException as error:
         waited_ms = (time.perf_counter() - started) * 1e3
-        link.observe_timeout(len(body) + HTTP_HEADER_BYTES, waited_ms)
+        if learn:
+            link.observe_timeout(len(body) + HTTP_HEADER_BYTES, waited_ms)
         raise RemoteStageError(f"no answer in {waited_ms:.0f} ms ({type(error).__name__})",
                                tier) from None
     except httpx.HTTPError as error:
@@ -406,13 +408,16 @@ def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: 
     queue_ms = float(response.headers.get("tierwise-queue-ms", 0.0))
     batch_size = int(response.headers.get("tierwise-batch-size", 1))
     network_ms = max(0.0, total_ms - compute_ms - queue_ms)
-    link.observe(transfer.bytes_up, transfer.bytes_down, network_ms, payload_up_bytes=payload)
-    # batch-1 compute is what the profile measured: only that corrects it
-    client.server_estimators[tier].observe(
-        model, compute_ms if batch_size == 1 else 0.0,
-        client._profiled_ms.get((tier, model)), queue_ms)
-    # A batch's compute is shared by its requests; each pays its share.
-    billed_ms = compute_ms / max(batch_size, 1)
+    if learn:
+        link.observe(transfer.bytes_up, transfer.bytes_down, network_ms,
+                     payload_up_bytes=payload)
+        # batch-1 compute is what the profile measured: only that corrects it
+        client.server_estimators[tier].observe(
+            model, compute_ms if batch_size == 1 else 0.0,
+            client._profiled_ms.get((tier, model)), queue_ms)
+    # A batch's compute is shared by its rows; this request pays for its own rows.
+    rows = len(tensor)
+    billed_ms = compute_ms * rows / max(batch_size, rows)
     prices = client.config.prices
     stage = StageTrace(
         kind="remote", tier=tier, model=model,

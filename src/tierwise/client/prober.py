@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
+from tierwise.codecs import RAW
 from tierwise.net.shaping import TRANSFER_EXTENSION
-from tierwise.planner.cost import compute_cost_usd, transfer_cost_usd
 from tierwise.planner.plans import RemoteStageError
-from tierwise.protocol.oip import encode_infer_request, infer_path
 
 if TYPE_CHECKING:
     from tierwise.client.client import Client
@@ -105,34 +104,24 @@ class Prober:
     def bandwidth(self, tier: str) -> tuple[int, int, float] | None:
         """A real inference of a few blank images on the tier's first model, raw: several
         times a health probe's size. (bytes up, bytes down, network ms) or None."""
+        from tierwise.client.client import call_tier
+
         client = self.client
         models = client.config.tier(tier).models
         if not models or models[0] not in client.models:
             return None
         info = client.models[models[0]]
         blank = np.zeros([PROBE_IMAGES, *info.inputs[0].shape[1:]], dtype=np.uint8)
-        body, headers = encode_infer_request({info.inputs[0].name: blank}, binary=True)
-        estimate = client.link_estimators[tier].snapshot().transfer_ms(len(body))
+        estimate_ms = client.link_estimators[tier].snapshot().transfer_ms(blank.nbytes)
+        abort_at = time.perf_counter() + max(5.0, 4 * estimate_ms / 1e3)
         try:
-            response = client.http(tier).post(infer_path(info.name), content=body,
-                                              headers=headers,
-                                              timeout=max(5.0, 4 * estimate / 1e3))
-        except httpx.TimeoutException:
+            _, stage = call_tier(client, tier, info.name, blank, RAW, abort_at, learn=False)
+        except RemoteStageError as error:
+            if error.tier_down:
+                client.mark(tier, up=False)
             return None
-        except (httpx.HTTPError, RemoteStageError):
-            client.mark(tier, up=False)
-            return None
-        transfer = response.extensions[TRANSFER_EXTENSION]
-        compute_ms = float(response.headers.get("tierwise-compute-ms", 0.0))
-        queue_ms = float(response.headers.get("tierwise-queue-ms", 0.0))
-        prices = client.config.prices
-        self._count(transfer.bytes_up, transfer.bytes_down,
-                    compute_cost_usd(prices, tier, compute_ms)
-                    + transfer_cost_usd(prices, tier, transfer.bytes_up, transfer.bytes_down))
-        if response.status_code != 200:
-            return None
-        return (transfer.bytes_up, transfer.bytes_down,
-                max(0.0, transfer.total_ms - compute_ms - queue_ms))
+        self._count(stage.bytes_up, stage.bytes_down, stage.cost_usd)
+        return stage.bytes_up, stage.bytes_down, stage.network_ms
 
     def _count(self, bytes_up: int, bytes_down: int, cost_usd: float) -> None:
         totals = self.totals

@@ -49,9 +49,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from itertools import count
@@ -59,9 +56,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-
-from tierwise.bench.processes import ServerFailedError
 from tierwise.config import format_rate
 
 # Payload → wire: a 1448-byte TCP segment (MSS with timestamps) is a 1514-byte Ethernet frame.
@@ -300,56 +294,3 @@ def _allocation_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextmanager
-def namespaced_tier_server(
-    links: NamespaceLinks,
-    tier: str,
-    models_dir: Path,
-    *,
-    port: int = 8000,
-    extra_args: list[str] | None = None,
-    config_path: str | None = None,
-    ready_timeout_s: float = 30.0,
-) -> Iterator[str]:
-    """`tier_server`, but inside the tier's namespace: every byte crosses the shaped veth.
-
-    The namespace has its own ports, so the fixed default port cannot clash with anything.
-    """
-    host = links.address(tier)
-    command = [sys.executable, "-m", "tierwise.cli"]
-    if config_path:
-        command += ["--config", config_path]
-    command += ["serve", "--tier", tier, "--host", host, "--port", str(port),
-                "--models", str(models_dir), *(extra_args or [])]
-    log = tempfile.TemporaryFile()
-    process = links.popen(tier, command, stdout=log, stderr=subprocess.STDOUT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://{host}:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise ServerFailedError(f"{tier} server exited with {process.returncode}:\n"
-                                        f"{_tail(log)}")
-            try:
-                # trust_env=False: a proxy from the environment cannot reach our namespace.
-                ready = httpx.get(f"{url}/v2/health/ready", timeout=1.0, trust_env=False)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerFailedError(f"{tier} server not ready after {ready_timeout_s:.0f} s:"
-                                        f"\n{_tail(log)}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        _stop(process, timeout_s=10.0)
-        log.close()
-
-
-def _tail(log: Any) -> str:
-    log.seek(0)
-    return log.read().decode(errors="replace")[-4000:]
