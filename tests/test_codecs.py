@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tierwise.codecs import CodecError, codec_names, decode_rows, encode_rows, get_codec
+from tierwise.codecs import CodecError, decode_rows, encode_rows, get_codec
 from tierwise.config import TierConfig
 from tierwise.data import Splits
 from tierwise.protocol.oip import (
@@ -52,16 +52,6 @@ def http(models: dict[str, OnnxModel]) -> Iterator[httpx.Client]:
 # -- the codecs themselves -------------------------------------------------------------------
 
 
-def test_codec_names_by_kind() -> None:
-    assert codec_names("input") == ["raw", "zstd", "png"]
-    assert codec_names("feature") == ["raw", "fp16-zstd", "int8-zstd"]
-    for name in ("zstd", "png"):
-        assert get_codec(name).lossless and get_codec(name).kind == "input"
-    for name in ("fp16-zstd", "int8-zstd"):
-        assert not get_codec(name).lossless and get_codec(name).kind == "feature"
-
-
-@pytest.mark.parametrize("codec", ["zstd", "png"])
 def test_lossless_input_codecs_round_trip_real_images(codec: str, splits: Splits) -> None:
     images = splits.test_x[:300]
     assert images.dtype == np.uint8 and images.shape[1:] == IMAGE

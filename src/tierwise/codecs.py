@@ -1,7 +1,8 @@
 """Codecs: how a tensor is packed for the link. numpy + zstandard + Pillow, no torch.
 
 Input codecs pack a uint8 image before a `Remote` plan sends it; feature codecs pack the
-float32 activations a `Split` plan sends from its cut. A codec is one small class behind
+float32 activations a `Split` plan sends from its cut; code codecs pack the uint8 codes a
+learned bottleneck's device half emits. A codec is one small class behind
 `Codec`; the registry below is the only list of them, and a model's profile records which
 ones were measured for it (bytes and accuracy), so the planner takes whatever that lists.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,7 +38,7 @@ class Codec(Protocol):
     """Packs one tensor of a known shape and dtype into bytes, and back."""
 
     name: str
-    kind: str       # "input" (uint8 images) or "feature" (float32 activations)
+    kind: str       # "input" (uint8 images), "feature" (float32 activations) or "code"
     lossless: bool
 
     def encode(self, array: np.ndarray) -> bytes: ...
@@ -74,36 +76,90 @@ class Zstd:
         return np.frombuffer(_decompress(payload, size, self.name), dtype).reshape(shape)
 
 
-class Png:
-    """A uint8 image as an 8-bit grayscale PNG (Pillow): lossless, and the format a camera
-    pipeline already has. Shape [1, H, W] (channels first, one channel)."""
+class _PillowImage:
+    """A uint8 image [1, H, W] (channels first, one channel) as one grayscale image file
+    written by Pillow; subclasses pick the format and its save options."""
 
-    name = "png"
+    name: str
     kind = "input"
-    lossless = True
+    lossless: bool
+    image_format: str           # Pillow's format name, e.g. "PNG"
+    save_options: dict[str, Any]
 
     def encode(self, array: np.ndarray) -> bytes:
         from PIL import Image
 
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[0] != 1:
-            raise CodecError(f"png: expects a uint8 [1, H, W] image, got {array.dtype} "
+            raise CodecError(f"{self.name}: expects a uint8 [1, H, W] image, got {array.dtype} "
                              f"{list(array.shape)}")
         out = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array[0]), mode="L").save(out, "PNG", optimize=True)
+        Image.fromarray(np.ascontiguousarray(array[0]), mode="L").save(
+            out, self.image_format, **self.save_options)
         return out.getvalue()
 
     def decode(self, payload: bytes, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(payload)) as image:
-                pixels = np.asarray(image.convert("L"), dtype=np.uint8)
+            # only this codec's format: a payload is not a licence to run every Pillow decoder
+            with Image.open(io.BytesIO(payload), formats=(self.image_format,)) as image:
+                size = [image.height, image.width]
+                # the header is checked before the pixels are decoded: a huge one costs nothing
+                fits = (1, *size) == tuple(shape) and np.dtype(dtype) == np.uint8
+                # WebP has no grayscale mode: Pillow writes and reads it as RGB
+                pixels = np.asarray(image.convert("L"), dtype=np.uint8) if fits else None
         except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise CodecError(f"png: payload is not a PNG image: {error}") from None
-        if (1, *pixels.shape) != tuple(shape) or np.dtype(dtype) != np.uint8:
-            raise CodecError(f"png: image is {list(pixels.shape)}, the model expects "
-                             f"{list(shape)} {np.dtype(dtype)}")
+            raise CodecError(f"{self.name}: payload is not a {self.image_format} image: "
+                             f"{error}") from None
+        if pixels is None:
+            raise CodecError(f"{self.name}: image is {size}, the model expects {list(shape)} "
+                             f"{np.dtype(dtype)}")
         return pixels[None]
+
+
+class Png(_PillowImage):
+    """A uint8 image as an 8-bit grayscale PNG (Pillow): lossless, and the format a camera
+    pipeline already has. Shape [1, H, W] (channels first, one channel)."""
+
+    name = "png"
+    lossless = True
+    image_format = "PNG"
+
+    def __init__(self) -> None:
+        self.save_options = {"optimize": True}
+
+
+class Jpeg(_PillowImage):
+    """A uint8 image as a grayscale baseline JPEG (ITU-T T.81) at `quality` (1-95, Pillow's
+    scale; 75 is its default): lossy, and the format most cameras already emit.
+
+    `optimize=True` builds Huffman tables per image: a quarter fewer bytes on Fashion-MNIST.
+    Its markers and tables still cost ~165 bytes (an all-black 28x28 image), so on images
+    this small q90 is larger than lossless zstd; the profile shows which quality pays."""
+
+    lossless = False
+    image_format = "JPEG"
+
+    def __init__(self, quality: int) -> None:
+        self.quality = quality
+        self.name = f"jpeg-q{quality}"
+        self.save_options = {"quality": quality, "optimize": True}
+
+
+class Webp(_PillowImage):
+    """A uint8 image as lossy WebP (VP8 intra-frame coding) at `quality` (0-100).
+
+    Its container costs ~58 bytes (an all-black 28x28 image) against JPEG's ~165, and on
+    Fashion-MNIST it is both smaller and closer than JPEG at each quality. `method=6` is libwebp's
+    slowest, smallest setting: a 28x28 image still encodes in ~0.5 ms."""
+
+    lossless = False
+    image_format = "WEBP"
+
+    def __init__(self, quality: int) -> None:
+        self.quality = quality
+        self.name = f"webp-q{quality}"
+        self.save_options = {"quality": quality, "method": 6}
 
 
 class Float16Zstd:
@@ -123,42 +179,198 @@ class Float16Zstd:
         return half.astype(dtype).reshape(shape)
 
 
-class Int8Zstd:
-    """Per-channel affine 8-bit quantisation, then zstd (the uniform quantiser of
+def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Unsigned codes below 2**bits, `bits` bits each, first code in the lowest bits of the
+    first byte; the last byte is padded with zero bits."""
+    if bits == 8:  # already one code a byte: skip the 8x bit expansion
+        return np.ascontiguousarray(codes, dtype=np.uint8).tobytes()
+    planes = np.unpackbits(codes.reshape(-1, 1).astype(np.uint8), axis=1, bitorder="little")
+    return np.packbits(planes[:, :bits], bitorder="little").tobytes()
+
+
+def _unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
+    """The inverse of `_pack_codes`: `count` uint8 codes from at least count*bits bits."""
+    if bits == 8:
+        return np.frombuffer(data, np.uint8, count)
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), count=count * bits,
+                           bitorder="little").reshape(count, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(count)
+
+
+def _packed_size(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+class _AffineZstd:
+    """Per-channel affine `bits`-bit quantisation, then zstd (the uniform quantiser of
     BottleNet++ / Neurosurgeon-style split computing, without a learned bottleneck).
 
-    Each channel c is sent as its float16 (low, step) and uint8 codes
-    q = round((x - low) / step), step = (high - low) / 255; zero maps to a code exactly when
-    low = 0, which is the common post-ReLU case, so zstd still finds long zero runs.
+    Each channel c is sent as its float16 (low, step) and codes
+    q = round((x - low) / step), step = (high - low) / (2**bits - 1), packed `bits` bits each;
+    so |x - decoded| ≤ step / 2, plus the float16 rounding of low and step. Zero maps to a
+    code exactly when low = 0, which is the common post-ReLU case, so zstd still finds long
+    zero runs. Payload before zstd: [C, 2] float16 scales, then the packed codes.
     """
 
-    name = "int8-zstd"
     kind = "feature"
     lossless = False
+    name: str
+    bits: int
 
     def encode(self, array: np.ndarray) -> bytes:
+        levels = (1 << self.bits) - 1
         channels = array.reshape(array.shape[0], -1) if array.ndim > 1 else array[None]
         low = channels.min(axis=1).astype(np.float16).astype(np.float32)
         high = channels.max(axis=1)
-        step = ((high - low) / 255.0).astype(np.float16).astype(np.float32)
+        step = ((high - low) / levels).astype(np.float16).astype(np.float32)
         safe = np.where(step > 0, step, 1.0)[:, None]
-        codes = np.clip(np.rint((channels - low[:, None]) / safe), 0, 255).astype(np.uint8)
+        codes = np.clip(np.rint((channels - low[:, None]) / safe), 0, levels).astype(np.uint8)
         scales = np.stack([low, step], axis=1).astype("<f2")
-        return _compress(scales.tobytes() + codes.tobytes())
+        return _compress(scales.tobytes() + _pack_codes(codes, self.bits))
 
     def decode(self, payload: bytes, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         n_channels = shape[0] if len(shape) > 1 else 1
-        per_channel = math.prod(shape) // n_channels
-        data = _decompress(payload, n_channels * (4 + per_channel), self.name)
+        count = math.prod(shape)
+        data = _decompress(payload, n_channels * 4 + _packed_size(count, self.bits), self.name)
         scales = np.frombuffer(data, "<f2", n_channels * 2).astype(np.float32).reshape(-1, 2)
-        codes = np.frombuffer(data, np.uint8, offset=n_channels * 4).reshape(n_channels, -1)
+        codes = _unpack_codes(data[n_channels * 4:], count, self.bits).reshape(n_channels, -1)
         values = scales[:, :1] + codes.astype(np.float32) * scales[:, 1:]
         return values.astype(dtype).reshape(shape)
 
 
-# A new codec is one class and one entry here.
-CODECS: dict[str, Codec] = {codec.name: codec for codec in (Zstd(), Png(), Float16Zstd(),
-                                                            Int8Zstd())}
+class Int8Zstd(_AffineZstd):
+    """`_AffineZstd` at 8 bits: 256 levels, one code a byte."""
+
+    name = "int8-zstd"
+    bits = 8
+
+
+class Int4Zstd(_AffineZstd):
+    """`_AffineZstd` at 4 bits: 16 levels, two codes a byte (an odd count pads the last
+    byte). Half the bytes of int8 before zstd, at 17x the error bound."""
+
+    name = "int4-zstd"
+    bits = 4
+
+
+class PackedBits:
+    """The uint8 codes of a learned bottleneck's device half (the split computing of
+    BottleNet, Eshratifar et al. 2019), each in [0, 2**bits), packed `bits` bits a code.
+
+    Lossless, with no header and no zstd: a code tensor is ~10 bytes, and a zstd frame
+    adds ~9 (10 bytes compress to 19); the receiver knows the shape, hence the length.
+    """
+
+    kind = "code"
+    lossless = True
+
+    def __init__(self, bits: int) -> None:
+        if not 1 <= bits <= 8:
+            raise ValueError(f"PackedBits: bits must be 1 to 8, got {bits}")
+        self.bits = bits
+        self.name = packed_codec_name(bits)
+
+    def encode(self, array: np.ndarray) -> bytes:
+        if array.dtype != np.uint8:
+            raise CodecError(f"{self.name}: expects uint8 codes, got {array.dtype}")
+        if array.size and int(array.max()) >= 1 << self.bits:
+            raise CodecError(f"{self.name}: code {int(array.max())} does not fit in "
+                             f"{self.bits} bits (expected codes in [0, {1 << self.bits}))")
+        return _pack_codes(array, self.bits)
+
+    def decode(self, payload: bytes, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        count = math.prod(shape)
+        expected = _packed_size(count, self.bits)
+        if len(payload) != expected:
+            raise CodecError(f"{self.name}: payload is {len(payload)} bytes, {list(shape)} "
+                             f"codes of {self.bits} bits need {expected}")
+        # any dtype that holds every uint8 exactly (a float tail takes codes as floats)
+        if not np.can_cast(np.uint8, dtype, "safe"):
+            raise CodecError(f"{self.name}: codes decode to uint8 or a wider type, the model "
+                             f"expects {np.dtype(dtype)}")
+        return _unpack_codes(payload, count, self.bits).astype(dtype).reshape(shape)
+
+
+class LearnedBottleneck:
+    """A learned feature codec (BottleNet++, Shao & Zhang 2020): a trained encoder squeezes
+    the features at a cut into a few channels of `bits`-bit codes, packed on the wire; a
+    trained decoder expands them back into features the tail can use.
+
+    What it claims: the codes round-trip exactly, and the decoded features keep the task's
+    accuracy (measured by `tierwise optimize bottleneck`) — not that they equal the input.
+    Made by `tierwise.optimize.bottleneck`; runs on ONNX Runtime alone. In a served split the
+    encoder is fused into the device head and the decoder into the tail, so only the packed
+    codes travel (`packed-<bits>bit`).
+    """
+
+    kind = "feature"
+    lossless = False
+
+    def __init__(self, encoder: Path, decoder: Path, bits: int) -> None:
+        import onnxruntime as ort
+
+        def session(path: Path) -> ort.InferenceSession:
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        self.encoder, self.decoder = session(encoder), session(decoder)
+        self.packing = PackedBits(bits)
+        self.name = f"learned-{Path(encoder).parent.name}"
+        self.codes_shape = tuple(self.encoder.get_outputs()[0].shape[1:])
+        self.codes_per_image = math.prod(self.codes_shape)
+
+    def encode_batch(self, features: np.ndarray) -> list[bytes]:
+        codes = self.encoder.run(None, {self.encoder.get_inputs()[0].name: features})[0]
+        return [self.packing.encode(row) for row in codes]
+
+    def decode_batch(self, payloads: list[bytes]) -> np.ndarray:
+        codes = np.stack([self.packing.decode(payload, self.codes_shape, np.dtype(np.uint8))
+                          for payload in payloads])
+        return self.decoder.run(None, {self.decoder.get_inputs()[0].name: codes})[0]
+
+    def encode(self, array: np.ndarray) -> bytes:
+        return self.encode_batch(np.ascontiguousarray(array, np.float32)[None])[0]
+
+    def decode(self, payload: bytes, shape: tuple[int, ...] | None = None,
+               dtype: np.dtype[Any] | None = None) -> np.ndarray:
+        features = self.decode_batch([payload])[0]
+        if shape is not None and tuple(features.shape) != tuple(shape):
+            raise CodecError(f"{self.name}: decodes to {list(features.shape)}, expected "
+                             f"{list(shape)}")
+        return features
+
+
+def bottleneck_dir(models_dir: Path, model: str, split_point: int, name: str) -> Path:
+    """Where `tierwise optimize bottleneck` keeps one learned codec (encoder.onnx,
+    decoder.onnx): beside the models, but not itself a model."""
+    return Path(models_dir) / f"{model}.bottleneck@{split_point}-{name}"
+
+
+def load_bottleneck(models_dir: Path, model: str, split_point: int, name: str,
+                    bits: int) -> LearnedBottleneck:
+    directory = bottleneck_dir(models_dir, model, split_point, name)
+    if not (directory / "encoder.onnx").is_file():
+        raise FileNotFoundError(f"{directory}: no learned bottleneck; run "
+                                f"`tierwise optimize bottleneck`")
+    return LearnedBottleneck(directory / "encoder.onnx", directory / "decoder.onnx", bits)
+
+
+def packed_codec_name(bits: int) -> str:
+    return f"packed-{bits}bit"
+
+
+def _webp_available() -> bool:
+    from PIL import features
+
+    return bool(features.check("webp"))
+
+
+# A new codec is one class and one entry here. The order is the profile's order.
+_QUALITIES = (90, 75, 50)
+# a Pillow built without libwebp still serves every other codec
+_WEBP = [Webp(quality) for quality in _QUALITIES] if _webp_available() else []
+CODECS: dict[str, Codec] = {codec.name: codec for codec in (
+    Zstd(), Png(), *(Jpeg(quality) for quality in _QUALITIES), *_WEBP,
+    Float16Zstd(), Int8Zstd(), Int4Zstd(), PackedBits(4), PackedBits(8))}
 
 
 def get_codec(name: str) -> Codec:
@@ -169,7 +381,7 @@ def get_codec(name: str) -> Codec:
 
 
 def codec_names(kind: str) -> list[str]:
-    """`raw` plus every codec of `kind` ("input" or "feature")."""
+    """`raw` plus every codec of `kind` ("input", "feature" or "code"), in registry order."""
     return [RAW, *(name for name, codec in CODECS.items() if codec.kind == kind)]
 
 

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_ENV = "TIERWISE_CONFIG"
 DATA_ENV = "TIERWISE_DATA"
@@ -85,6 +85,9 @@ class TierConfig(_Section):
         default_factory=list,
         description="the models this tier runs for the planner (split heads/tails included "
         "implicitly); the server itself serves every model in its models directory")
+    variants: bool = Field(
+        True, description="also plan with the registered variants of these models "
+        "(`tierwise optimize`: int8, pruned, distilled)")
 
 
 class LinkConfig(_Section):
@@ -171,6 +174,75 @@ class ZooConfig(_Section):
     cloud: TrainConfig = TrainConfig(epochs=5, learning_rate=0.01)
 
 
+class QuantizeConfig(_Section):
+    calibration_images: int = Field(512, ge=16, description="validation images that calibrate "
+                                    "static INT8 activation ranges")
+
+
+class PruneConfig(_Section):
+    ratios: list[float] = Field([0.5], min_length=1, description="fractions of each conv's "
+                                "channels removed (one variant each)")
+    finetune: TrainConfig = TrainConfig(epochs=2, learning_rate=0.003)
+
+    @field_validator("ratios")
+    @classmethod
+    def _fractions(cls, ratios: list[float]) -> list[float]:
+        for ratio in ratios:
+            if not 0 < ratio < 1:
+                raise ValueError(f"expected fractions in (0, 1); {ratio} is not")
+        return ratios
+
+
+class DistillConfig(_Section):
+    teacher: str = Field("fmnist-cloud", description="the model whose logits are the soft labels")
+    student: str = Field("device", description="the zoo architecture of the student")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of the soft labels")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-label loss; "
+                         "1 - alpha weighs the hard-label loss")
+    train: TrainConfig = TrainConfig(epochs=6, learning_rate=0.01)
+
+
+class BottleneckConfig(_Section):
+    model: str = Field("fmnist-cloud", description="the model cut and compressed")
+    split_points: list[int] = Field(default_factory=list,
+                                    description="cuts to compress; empty: the deepest")
+    widths: list[int] = Field([1, 2, 4, 8], min_length=1, description="code channels")
+    bits: list[int] = Field([4, 8], min_length=1, description="bits per code value")
+    temperature: float = Field(2.0, gt=0, description="of the uncompressed tail's soft labels")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft-label loss")
+    train: TrainConfig = TrainConfig(epochs=4, learning_rate=0.003)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, bits: list[int]) -> list[int]:
+        for value in bits:
+            if value not in (4, 8):
+                raise ValueError(f"expected 4 or 8 bits per code value; {value} is not")
+        return bits
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, widths: list[int]) -> list[int]:
+        for value in widths:
+            if value < 1:
+                raise ValueError(f"expected positive code widths; {value} is not")
+        return widths
+
+
+class OptimizeConfig(_Section):
+    """`tierwise optimize`: what it makes, and the accuracy a variant may give up."""
+
+    models: list[str] = Field(["fmnist-device", "fmnist-edge", "fmnist-cloud"],
+                              description="the models quantize and prune work on")
+    accuracy_budget: float = Field(
+        0.01, ge=0, le=1, description="a variant whose validation accuracy is more than this "
+        "below its parent's (0.01 = 1 point) is rejected, not registered")
+    quantize: QuantizeConfig = QuantizeConfig()
+    prune: PruneConfig = PruneConfig()
+    distill: DistillConfig = DistillConfig()
+    bottleneck: BottleneckConfig = BottleneckConfig()
+
+
 class DemoConfig(_Section):
     images: int = Field(2000, ge=10, le=10000)
     report_dir: str = "reports/demo"
@@ -196,6 +268,7 @@ class Config(_Section):
     prices: PriceBook = PriceBook()
     slo: SLOConfig = SLOConfig()
     demo: DemoConfig = DemoConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
 
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:

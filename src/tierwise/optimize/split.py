@@ -42,6 +42,11 @@ def tail_name(model: str, split_point: int) -> str:
     return f"{model}.tail@{split_point}"
 
 
+def bottleneck_name(model: str, split_point: int, name: str) -> str:
+    """`fmnist-cloud@4 bottleneck-w2-4bit`: how reports name one learned bottleneck."""
+    return f"{model}@{split_point} bottleneck-{name}"
+
+
 def split_points(info: ModelInfo) -> list[int]:
     """Every cut that leaves at least one block on each side."""
     return list(range(1, len(info.blocks)))

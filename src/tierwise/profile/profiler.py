@@ -38,7 +38,6 @@ from tierwise.zoo.store import ModelInfo, list_models
 TIMING_RUNS = 300
 WARMUP_RUNS = 30
 CODEC_TIMING_IMAGES = 200
-BATCH = 256
 
 
 def batch1_ms(run: Callable[[np.ndarray], object], sample: np.ndarray,
@@ -53,10 +52,6 @@ def batch1_ms(run: Callable[[np.ndarray], object], sample: np.ndarray,
         run(one)
         times[index] = time.perf_counter() - started
     return float(np.median(times) * 1e3)
-
-
-def _batched(model: OnnxModel, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([model.run(inputs[i:i + BATCH]) for i in range(0, len(inputs), BATCH)])
 
 
 def codec_profile(codec_name: str, tensors: np.ndarray,
@@ -117,13 +112,13 @@ class _Profiler:
     def correctness(self, name: str) -> np.ndarray:
         """Per validation image, whether `name` is right (cached: cascades reuse it)."""
         if name not in self.correct:
-            logits = _batched(self.model(name), self.splits.val_x)
+            logits = self.model(name).run_batched(self.splits.val_x)
             self.correct[name] = logits.argmax(1) == self.splits.val_y
         return self.correct[name]
 
     def accuracy_with(self, name: str) -> Callable[[np.ndarray], float]:
         model, labels = self.model(name), self.splits.val_y
-        return lambda inputs: float((_batched(model, inputs).argmax(1) == labels).mean())
+        return lambda inputs: float((model.run_batched(inputs).argmax(1) == labels).mean())
 
     def per_tier(self, host_ms: float) -> dict[str, float]:
         return {tier: host_ms * scale for tier, scale in self.scales.items()}
@@ -148,7 +143,7 @@ class _Profiler:
                 self.found = list_models(self.models_dir)
                 head = self.model(head_info.name)
                 head_ms.append(batch1_ms(head.run, val_x))
-                features = _batched(head, val_x)
+                features = head.run_batched(val_x)
                 splits.append(SplitProfile(
                     split_point=point, head=head_info.name, tail=tail_info.name,
                     features_shape=list(features.shape[1:]),
@@ -162,7 +157,7 @@ class _Profiler:
         blocks *= full_ms / max(float(blocks.sum()), 1e-12)
         cascades = []
         for then in cascade_to:
-            confidence = softmax(_batched(model, val_x), info.temperature).max(1)
+            confidence = softmax(model.run_batched(val_x), info.temperature).max(1)
             cascades.append(thin_curve(then, confidence, self.correctness(name),
                                        self.correctness(then)))
         self.progress.update(task, total=1, completed=1, description=f"profiled {name}")

@@ -35,6 +35,13 @@ class OnnxModel:
         """The first output for a batch of inputs."""
         return self.session.run(self.output_names[:1], {self.input_name: inputs})[0]
 
+    def run_batched(self, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The first output for any number of inputs, `batch_size` at a time."""
+        if len(inputs) == 0:
+            return self.run(inputs)
+        return np.concatenate([self.run(inputs[start:start + batch_size])
+                               for start in range(0, len(inputs), batch_size)])
+
     def run_timed(self, inputs: np.ndarray) -> tuple[np.ndarray, float]:
         """(first output, compute time in ms)."""
         started = time.perf_counter()

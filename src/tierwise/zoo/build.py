@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from rich.console import Console
+from torch import nn
 
 from tierwise.config import Config, TrainConfig
 from tierwise.data import Splits, load_splits
 from tierwise.profile.calibration import expected_calibration_error, fit_temperature, softmax
-from tierwise.zoo.architectures import ARCHITECTURES, parameter_count
+from tierwise.zoo.architectures import ARCHITECTURES, build, parameter_count
 from tierwise.zoo.export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from tierwise.zoo.store import (
     MODEL_FILE,
+    WEIGHTS_FILE,
     ModelInfo,
     TensorSpec,
     list_models,
@@ -35,6 +38,7 @@ def build_model(
     name = model_name(architecture)
     onnx_path = model_dir(models_dir, name) / MODEL_FILE
     export_onnx(result.model, onnx_path, splits.test_x[:64])
+    torch.save(result.model.state_dict(), onnx_path.parent / WEIGHTS_FILE)
     info = ModelInfo(
         name=name,
         architecture=architecture,
@@ -57,13 +61,30 @@ def build_model(
     return info
 
 
+def load_trained(models_dir: Path, name: str) -> tuple[nn.Sequential, ModelInfo]:
+    """A zoo model as the torch module it was trained as (eval mode), with its metadata."""
+    found = list_models(models_dir)
+    if name not in found:
+        raise FileNotFoundError(f"{models_dir}: no model {name!r}; found {sorted(found)}")
+    info, path = found[name]
+    weights = path.parent / WEIGHTS_FILE
+    if info.role != "full" or info.variant or not weights.is_file():
+        raise FileNotFoundError(
+            f"{name}: no trained torch weights ({weights}); only zoo models trained by this "
+            f"version keep them: retrain with `tierwise zoo train --retrain`")
+    model = build(info.architecture)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval(), info
+
+
 def ensure_zoo(
     config: Config, architectures: tuple[str, ...] = ARCHITECTURES, retrain: bool = False,
     console: Console | None = None,
 ) -> dict[str, ModelInfo]:
     """Train whatever of the zoo is not cached under `config.models_dir`; return all of it."""
     console = console or Console()
-    cached = {info.architecture: info for info, _ in list_models(config.models_dir).values()}
+    found = list_models(config.models_dir)
+    cached = {a: found[model_name(a)][0] for a in ARCHITECTURES if model_name(a) in found}
     missing = [a for a in architectures if retrain or a not in cached]
     if missing:
         splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
@@ -79,4 +100,4 @@ def ensure_zoo(
     return {a: cached[a] for a in architectures}
 
 
-__all__ = ["build_model", "ensure_zoo"]
+__all__ = ["build_model", "ensure_zoo", "load_trained"]

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+# The trained torch module (torch.save of the whole nn.Module), kept where a model was trained
+# so that `tierwise optimize` can prune, fine-tune or distil it. Servers and devices never
+# read it.
+WEIGHTS_FILE = "weights.pt"
 DATASET_PREFIX = "fmnist"
 
 
@@ -45,6 +49,11 @@ class ModelInfo(BaseModel):
                       description="a whole model, or one side of a split (tierwise.optimize.split)")
     parent: str | None = Field(None, description="the model a head or tail was cut from")
     split_point: int | None = Field(None, description="blocks [0, k) are the head")
+    variant: str | None = Field(
+        None, description="how `tierwise optimize` made it from `parent` (int8-static, "
+        "pruned-50, distilled...); a variant runs wherever its parent does")
+    bottleneck: str | None = Field(
+        None, description="a split head/tail with a learned bottleneck (e.g. w2-4bit) at the cut")
 
     @property
     def confidence_input(self) -> str:
@@ -76,6 +85,16 @@ def save_info(models_dir: Path, info: ModelInfo) -> Path:
 
 def load_info(directory: Path) -> ModelInfo:
     return ModelInfo.model_validate_json((Path(directory) / METADATA_FILE).read_text())
+
+
+def variants_of(models: list[str], found: dict[str, tuple[ModelInfo, Path]]) -> list[str]:
+    """`models` and, after each, every registered whole-model variant of it."""
+    out: list[str] = []
+    for name in models:
+        out.append(name)
+        out += [other for other, (info, _) in found.items()
+                if info.variant and info.parent == name and info.role == "full"]
+    return out
 
 
 def list_models(models_dir: Path) -> dict[str, tuple[ModelInfo, Path]]:

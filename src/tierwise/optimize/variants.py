@@ -1,0 +1,119 @@
+"""Registering what `tierwise optimize` makes: a model variant is an ordinary model in the
+store, named `<parent>.<variant>` (e.g. `fmnist-cloud.int8-static`), with `parent` and
+`variant` in its metadata, so that `tierwise profile` measures it and the planner may use it
+wherever its parent runs (`tiers.*.variants`).
+
+A variant is kept only if its validation accuracy is within the configured budget of its
+parent's (`optimize.accuracy_budget`); otherwise nothing is written, and whatever an earlier
+run registered under that name is removed — a rejected variant must never be served.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from tierwise.data import Splits
+from tierwise.profile.calibration import expected_calibration_error, fit_temperature, softmax
+from tierwise.runtime.session import OnnxModel
+from tierwise.zoo.store import (
+    MODEL_FILE,
+    ModelInfo,
+    list_models,
+    model_dir,
+    save_info,
+    sha256_file,
+)
+
+
+@dataclass
+class VariantOutcome:
+    """What one optimization step produced, kept or not; one row of `tierwise optimize`'s
+    output and of its JSON."""
+
+    name: str
+    parent: str
+    variant: str
+    kept: bool
+    bytes: int
+    parameters: int
+    validation_accuracy: float
+    parent_validation_accuracy: float
+    test_accuracy: float
+    reason: str = ""
+    details: dict[str, object] = field(default_factory=dict)  # step-specific measurements
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.parent_validation_accuracy - self.validation_accuracy
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "accuracy_drop": self.accuracy_drop}
+
+
+def variant_name(parent: str, variant: str) -> str:
+    return f"{parent}.{variant}"
+
+
+def onnx_parameters(path: Path) -> int:
+    """Weights in an ONNX file, quantized ones included (one per element)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return int(sum(int(np.prod(tensor.dims)) for tensor in graph.initializer
+                   if len(tensor.dims) > 1 or tensor.data_type == onnx.TensorProto.FLOAT))
+
+
+def register_variant(
+    models_dir: Path, parent: ModelInfo, variant: str, onnx_path: Path, splits: Splits,
+    accuracy_budget: float, *, parameters: int | None = None,
+    training: dict[str, float] | None = None,
+) -> VariantOutcome:
+    """Evaluate the model at `onnx_path` (a scratch file, consumed) as `<parent>.<variant>`;
+    register it if it is within `accuracy_budget` of `parent` on validation data."""
+    name = variant_name(parent.name, variant)
+    provisional = parent.model_copy(update={"name": name})
+    model = OnnxModel(onnx_path, provisional, threads=2)
+    val_logits = model.run_batched(splits.val_x)
+    test_logits = model.run_batched(splits.test_x)
+    val_accuracy = float((val_logits.argmax(1) == splits.val_y).mean())
+    test_accuracy = float((test_logits.argmax(1) == splits.test_y).mean())
+    drop = parent.validation_accuracy - val_accuracy
+    outcome = VariantOutcome(
+        name=name, parent=parent.name, variant=variant, kept=drop <= accuracy_budget,
+        bytes=onnx_path.stat().st_size,
+        parameters=parameters if parameters is not None else onnx_parameters(onnx_path),
+        validation_accuracy=val_accuracy, parent_validation_accuracy=parent.validation_accuracy,
+        test_accuracy=test_accuracy)
+    directory = model_dir(models_dir, name)
+    if not outcome.kept:
+        outcome.reason = (f"validation accuracy {val_accuracy:.2%} is {drop * 100:.2f} points "
+                          f"below {parent.name}'s; the budget is {accuracy_budget * 100:g}")
+        onnx_path.unlink()
+        shutil.rmtree(directory, ignore_errors=True)
+        return outcome
+    directory.mkdir(parents=True, exist_ok=True)
+    stored = directory / MODEL_FILE
+    shutil.move(str(onnx_path), stored)
+    temperature = fit_temperature(val_logits, splits.val_y)
+    save_info(models_dir, parent.model_copy(update={
+        "name": name, "version": "1", "parent": parent.name, "variant": variant,
+        "bytes": stored.stat().st_size, "sha256": sha256_file(stored),
+        "parameters": outcome.parameters, "test_accuracy": test_accuracy,
+        "validation_accuracy": val_accuracy, "temperature": temperature,
+        "expected_calibration_error": expected_calibration_error(
+            softmax(val_logits, temperature), splits.val_y),
+        "training": training or {}, "role": "full", "split_point": None, "bottleneck": None}))
+    return outcome
+
+
+def parent_info(models_dir: Path, name: str) -> ModelInfo:
+    """The whole, non-variant model `name`, or an error that says what there is."""
+    found = list_models(models_dir)
+    whole = sorted(n for n, (info, _) in found.items() if info.role == "full" and not info.variant)
+    if name not in whole:
+        raise FileNotFoundError(f"{models_dir}: no model {name!r} to optimize; found {whole} "
+                                f"(run `tierwise zoo train`)")
+    return found[name][0]
