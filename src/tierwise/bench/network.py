@@ -36,7 +36,7 @@ from tierwise.planner.policy import (
     candidates_from_profiles,
     cascade_point,
 )
-from tierwise.profile.model_profile import ModelProfile, load_profile
+from tierwise.profile.model_profile import load_tier_profiles
 
 REMOTE_TIERS = ("edge", "cloud")
 STRATEGIES = ("device-only", "edge-only", "cloud-only", "static-cascade", "static-split",
@@ -130,16 +130,11 @@ def warm_servers(urls: dict[str, str], models_dir: Path) -> None:
                 http.post(infer_path(name), content=body, headers=headers).raise_for_status()
 
 
-def load_profiles(config: Config) -> dict[str, ModelProfile]:
-    names = {m for settings in config.tiers.values() for m in settings.models}
-    return {name: load_profile(config.models_dir, name) for name in sorted(names)}
-
-
 def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
     """The static strategies' plans, fixed before any request is made."""
     from tierwise.planner.estimators import LinkEstimator
 
-    profiles = load_profiles(config)
+    profiles = load_tier_profiles(config, config.models_dir)
     device, edge, cloud = (config.tier(t).models[0] for t in ("device", "edge", "cloud"))
     candidates = candidates_from_profiles(config, profiles)
     # the cascade to the cloud model, at the threshold that meets the floor
@@ -166,7 +161,8 @@ def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
 
 def full_policy(config: Config) -> Policy:
     """The policy over every plan the profiles support: what the oracle picks from."""
-    return Policy(candidates_from_profiles(config, load_profiles(config)), config.prices)
+    profiles = load_tier_profiles(config, config.models_dir)
+    return Policy(candidates_from_profiles(config, profiles), config.prices)
 
 
 @dataclass

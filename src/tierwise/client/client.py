@@ -43,7 +43,7 @@ from tierwise.planner.policy import (
     candidates_from_profiles,
 )
 from tierwise.profile.calibration import softmax
-from tierwise.profile.model_profile import ModelProfile, load_profile
+from tierwise.profile.model_profile import ModelProfile, load_tier_profiles
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
     ProtocolError,
@@ -265,9 +265,7 @@ class Client:
     # -- planning helpers ------------------------------------------------------------------
 
     def _profiles(self) -> dict[str, ModelProfile]:
-        names = {m for settings in self.config.tiers.values() for m in settings.models}
-        profiles = {name: load_profile(self.models_dir, name) for name in sorted(names)
-                    if name in self.models}
+        profiles = load_tier_profiles(self.config, self.models_dir)
         if not profiles:
             raise FileNotFoundError(f"{self.models_dir}: no model profiles; run `tierwise "
                                     "profile` (the policy reads nothing else about a model)")

@@ -27,6 +27,7 @@ accurate on validation data) are registered for the planner; the report lists th
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -213,11 +214,13 @@ def _export(models_dir: Path, parent: ModelInfo, point: int, name: str, stack: n
     sample_codes = encoder.eval()(torch.from_numpy(sample_features)).numpy()
     _export_module(decoder, directory / "decoder.onnx", sample_codes, CODES, "features")
     codec = LearnedBottleneck(directory / "encoder.onnx", directory / "decoder.onnx", bits)
-    if not register:
-        return codec
     full_name = f"bottleneck-{name}"
     fused_head_name = f"{head_name(parent.name, point)}.{full_name}"
     fused_tail_name = f"{tail_name(parent.name, point)}.{full_name}"
+    if not register:  # off the frontier now: whatever an earlier run registered must go
+        for stale in (fused_head_name, fused_tail_name):
+            shutil.rmtree(models_dir / stale, ignore_errors=True)
+        return codec
     with tempfile.TemporaryDirectory(prefix="tierwise-bottleneck-") as scratch:
         tail_path = Path(scratch) / "tail.onnx"
         export_onnx(nn.Sequential(decoder, tail).eval(), tail_path, sample_codes,

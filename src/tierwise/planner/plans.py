@@ -125,17 +125,23 @@ class Split:
     model: str
     split_point: int
     feature_codec: str = RAW
+    # a learned bottleneck at the cut (`tierwise optimize bottleneck`): its encoder is fused
+    # into the head, its decoder into the tail, and `feature_codec` packs its codes
+    bottleneck: str | None = None
 
     @property
     def head(self) -> str:
-        return f"{self.model}.head@{self.split_point}"
+        suffix = f".{self.bottleneck}" if self.bottleneck else ""
+        return f"{self.model}.head@{self.split_point}{suffix}"
 
     @property
     def tail(self) -> str:
-        return f"{self.model}.tail@{self.split_point}"
+        suffix = f".{self.bottleneck}" if self.bottleneck else ""
+        return f"{self.model}.tail@{self.split_point}{suffix}"
 
     def describe(self) -> str:
-        return f"split({self.model}@{self.split_point} -> {self.tier}, {self.feature_codec})"
+        codec = self.bottleneck or self.feature_codec
+        return f"split({self.model}@{self.split_point} -> {self.tier}, {codec})"
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
         features = runner.run_local(self.head, image)

@@ -33,6 +33,7 @@ from tierwise.planner.cost import BYTES_PER_GB, JOULES_PER_KWH
 from tierwise.planner.estimators import LinkEstimate
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.profile.model_profile import CascadeCurve, ModelProfile
+from tierwise.zoo.store import variants_of
 
 DEVICE = "device"
 
@@ -100,13 +101,21 @@ class PlanningState:
 
 def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile]
                              ) -> list[Candidate]:
-    """Every plan the profiles support, for the models each tier runs (`tiers.*.models`)."""
-    device_models = [m for m in config.tier(DEVICE).models if m in profiles]
+    """Every plan the profiles support, for the models each tier runs (`tiers.*.models`, and
+    their variants where `tiers.*.variants` is on)."""
+    parents = {name: profile.parent for name, profile in profiles.items() if profile.variant}
+
+    def runs_on(tier: str) -> list[str]:
+        settings = config.tier(tier)
+        listed = variants_of(settings.models, parents) if settings.variants else settings.models
+        return [model for model in listed if model in profiles]
+
+    device_models = runs_on(DEVICE)
     remote: list[Candidate] = []
-    for tier, settings in config.tiers.items():
+    for tier in config.tiers:
         if tier == DEVICE or tier not in config.links:
             continue
-        for model in settings.models:
+        for model in runs_on(tier):
             profile = profiles.get(model)
             if profile is None:
                 continue
@@ -119,11 +128,13 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
                     payload_mean_bytes=measured.bytes_mean,
                     payload_p95_bytes=measured.bytes_p95))
             for split in profile.splits:
-                head_ms = sum(profile.block_ms[DEVICE][:split.split_point])
-                tail_ms = sum(profile.block_ms[tier][split.split_point:])
+                head_ms = split.head_ms.get(DEVICE,
+                                            sum(profile.block_ms[DEVICE][:split.split_point]))
+                tail_ms = split.tail_ms.get(tier,
+                                            sum(profile.block_ms[tier][split.split_point:]))
                 for codec, measured in split.codecs.items():
                     remote.append(Candidate(
-                        plan=Split(tier, model, split.split_point, codec),
+                        plan=Split(tier, model, split.split_point, codec, split.bottleneck),
                         accuracy=measured.accuracy, device_model=split.head,
                         device_ms=head_ms + measured.encode_ms, tier=tier,
                         server_model=split.tail, server_ms=tail_ms + measured.decode_ms,

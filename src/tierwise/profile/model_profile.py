@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tierwise.zoo.store import model_dir
+from tierwise.config import Config
+from tierwise.zoo.store import list_models, model_dir, variants_of
 
 PROFILE_FILE = "profile.json"
 
@@ -35,6 +36,11 @@ class SplitProfile(_Record):
     tail: str
     features_shape: list[int]
     codecs: dict[str, CodecProfile]
+    bottleneck: str | None = Field(None, description="a learned bottleneck's fused head/tail")
+    head_ms: dict[str, float] = Field(
+        default_factory=dict, description="tier -> measured head time, where the head is not "
+        "the sum of the model's blocks (a bottleneck's encoder is fused into it)")
+    tail_ms: dict[str, float] = Field(default_factory=dict, description="likewise the tail")
 
 
 class CascadeCurve(_Record):
@@ -49,6 +55,8 @@ class CascadeCurve(_Record):
 
 class ModelProfile(_Record):
     model: str
+    parent: str | None = Field(None, description="the model this one is a variant of")
+    variant: str | None = None
     version: str
     sha256: str = Field(description="of the model.onnx profiled: a different file is stale")
     measured_at: str
@@ -66,9 +74,9 @@ class ModelProfile(_Record):
     splits: list[SplitProfile] = Field(default_factory=list)
     cascades: list[CascadeCurve] = Field(default_factory=list)
 
-    def split(self, split_point: int) -> SplitProfile:
+    def split(self, split_point: int, bottleneck: str | None = None) -> SplitProfile:
         for split in self.splits:
-            if split.split_point == split_point:
+            if split.split_point == split_point and split.bottleneck == bottleneck:
                 return split
         raise KeyError(f"{self.model}: no profiled split at {split_point}; profiled: "
                        f"{[s.split_point for s in self.splits]}")
@@ -89,3 +97,15 @@ def load_profile(models_dir: Path, model: str) -> ModelProfile:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model {model!r} has no profile; run `tierwise profile`")
     return ModelProfile.model_validate_json(path.read_text())
+
+
+def load_tier_profiles(config: Config, models_dir: Path) -> dict[str, ModelProfile]:
+    """The profiles of every model the tiers run: those `tiers.*.models` lists and, where
+    `tiers.*.variants` is on, their registered variants. What the planner plans with."""
+    found = list_models(models_dir)
+    parents = {name: info.parent for name, (info, _) in found.items()
+               if info.variant and info.role == "full"}
+    names = {name for settings in config.tiers.values()
+             for name in (variants_of(settings.models, parents) if settings.variants
+                          else settings.models)}
+    return {name: load_profile(models_dir, name) for name in sorted(names) if name in found}

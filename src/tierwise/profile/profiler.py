@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from tierwise.codecs import RAW, codec_names, get_codec
+from tierwise.codecs import RAW, codec_names, get_codec, packed_codec_name
 from tierwise.config import Config
 from tierwise.data import Splits, load_splits
 from tierwise.profile.calibration import softmax
@@ -33,7 +33,7 @@ from tierwise.profile.model_profile import (
     save_profile,
 )
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import ModelInfo, list_models
+from tierwise.zoo.store import ModelInfo, bottleneck_bits, list_models, variants_of
 
 TIMING_RUNS = 300
 WARMUP_RUNS = 30
@@ -150,6 +150,7 @@ class _Profiler:
                     codecs={codec: codec_profile(codec, features,
                                                  self.accuracy_with(tail_info.name))
                             for codec in codec_names("feature")}))
+            splits += self.bottleneck_splits(name)
         head_ms.append(full_ms)
         blocks = np.maximum(np.diff(head_ms), 0.0) if split else np.array([full_ms])
         # timing noise can make a longer head measure faster than a shorter one; clipping
@@ -162,7 +163,8 @@ class _Profiler:
                                        self.correctness(then)))
         self.progress.update(task, total=1, completed=1, description=f"profiled {name}")
         return ModelProfile(
-            model=name, version=info.version, sha256=info.sha256,
+            model=name, parent=info.parent, variant=info.variant, version=info.version,
+            sha256=info.sha256,
             measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
             host=f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
             validation_images=len(val_x),
@@ -173,12 +175,45 @@ class _Profiler:
             input_codecs=input_codecs, splits=splits, cascades=cascades)
 
 
-def _is_current(models_dir: Path, info: ModelInfo) -> bool:
+    def bottleneck_splits(self, name: str) -> list[SplitProfile]:
+        """The learned-bottleneck splits of `name` (`tierwise optimize bottleneck`): their fused
+        heads and tails timed as they are, their codes' bytes, and the accuracy through them."""
+        out = []
+        for head_info, tail_info in bottleneck_parts(self.found, name):
+            head, tail = self.model(head_info.name), self.model(tail_info.name)
+            codes = head.run_batched(self.splits.val_x)
+            codec = packed_codec_name(bottleneck_bits(head_info.bottleneck or ""))
+            out.append(SplitProfile(
+                split_point=head_info.split_point or 0, head=head_info.name,
+                tail=tail_info.name, features_shape=list(codes.shape[1:]),
+                codecs={codec: codec_profile(codec, codes, self.accuracy_with(tail_info.name))},
+                bottleneck=head_info.bottleneck,
+                head_ms=self.per_tier(batch1_ms(head.run, self.splits.val_x)),
+                tail_ms=self.per_tier(batch1_ms(tail.run, codes))))
+        return out
+
+
+def bottleneck_parts(found: dict[str, tuple[ModelInfo, Path]],
+                     model: str) -> list[tuple[ModelInfo, ModelInfo]]:
+    """(fused head, fused tail) of every learned bottleneck registered for `model`."""
+    heads = [info for info, _ in found.values()
+             if info.parent == model and info.bottleneck and info.role == "head"]
+    tails = {(info.split_point, info.bottleneck): info for info, _ in found.values()
+             if info.parent == model and info.bottleneck and info.role == "tail"}
+    return [(head, tails[(head.split_point, head.bottleneck)]) for head in heads
+            if (head.split_point, head.bottleneck) in tails]
+
+
+def _is_current(models_dir: Path, info: ModelInfo,
+                found: dict[str, tuple[ModelInfo, Path]]) -> bool:
+    """Profiled from this very file, with the learned bottlenecks registered now."""
     path = profile_path(models_dir, info.name)
     if not path.is_file():
         return False
     stored = ModelProfile.model_validate_json(path.read_text())
-    return stored.sha256 == info.sha256
+    profiled = sorted(split.head for split in stored.splits if split.bottleneck)
+    registered = sorted(head.name for head, _ in bottleneck_parts(found, info.name))
+    return stored.sha256 == info.sha256 and profiled == registered
 
 
 def ensure_profiles(config: Config, models_dir: Path | None = None, *,
@@ -191,18 +226,22 @@ def ensure_profiles(config: Config, models_dir: Path | None = None, *,
     models_dir = Path(models_dir or config.models_dir)
     found = list_models(models_dir)
     whole = [name for name, (info, _) in found.items() if info.role == "full"]
-    device_models = set(config.tier("device").models)
+    parents = {name: info.parent for name, (info, _) in found.items() if info.variant}
+    device_models = set(variants_of(config.tier("device").models, parents))
+    # splits are cut from the models the tiers list; their variants run whole
     remote_models = [m for tier, settings in config.tiers.items() if tier != "device"
                      for m in settings.models if m in found]
+    cascade_targets = [m for tier, settings in config.tiers.items() if tier != "device"
+                       for m in variants_of(settings.models, parents) if m in found]
     todo = [name for name in whole if (only is None or name in only)
-            and (force or not _is_current(models_dir, found[name][0]))]
+            and (force or not _is_current(models_dir, found[name][0], found))]
     if not todo:
         return []
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
     with Progress(console=console, transient=True) as progress:
         profiler = _Profiler(config, models_dir, splits, progress)
         for name in todo:
-            cascade_to = remote_models if name in device_models else []
+            cascade_to = cascade_targets if name in device_models else []
             profile = profiler.profile(name, split=name in remote_models, cascade_to=cascade_to)
             save_profile(models_dir, profile)
             console.print(f"[green]profiled[/] {name}: validation accuracy "

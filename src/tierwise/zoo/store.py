@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -87,14 +88,23 @@ def load_info(directory: Path) -> ModelInfo:
     return ModelInfo.model_validate_json((Path(directory) / METADATA_FILE).read_text())
 
 
-def variants_of(models: list[str], found: dict[str, tuple[ModelInfo, Path]]) -> list[str]:
-    """`models` and, after each, every registered whole-model variant of it."""
+def variants_of(models: list[str], parents: Mapping[str, str | None]) -> list[str]:
+    """`models` and, after each, its variants (`parents`: variant name -> the model it was
+    made from)."""
     out: list[str] = []
     for name in models:
         out.append(name)
-        out += [other for other, (info, _) in found.items()
-                if info.variant and info.parent == name and info.role == "full"]
+        out += sorted(variant for variant, parent in parents.items() if parent == name)
     return out
+
+
+def bottleneck_bits(bottleneck: str) -> int:
+    """Bits per code of a bottleneck named like `bottleneck-w2-4bit`."""
+    suffix = bottleneck.rsplit("-", 1)[-1]
+    if not suffix.endswith("bit") or not suffix[:-3].isdigit():
+        raise ValueError(f"bottleneck: expected a name like 'bottleneck-w2-4bit', got "
+                         f"{bottleneck!r}")
+    return int(suffix[:-3])
 
 
 def list_models(models_dir: Path) -> dict[str, tuple[ModelInfo, Path]]:
