@@ -61,6 +61,78 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    """`tierwise optimize <step>`: make variants, register them, profile them for the planner;
+    write what was measured to <out>/<step>.json."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tierwise.data import load_splits
+    from tierwise.profile.profiler import ensure_profiles
+    from tierwise.zoo.build import ensure_zoo
+
+    config = load_config(args.config)
+    settings = config.optimize
+    console = Console()
+    out_dir = Path(args.out)
+    ensure_zoo(config, console=console)
+    if args.step == "report":
+        from tierwise.optimize.report import build_report
+
+        ensure_profiles(config, console=console)
+        build_report(config, out_dir, test_images=args.test_images, console=console)
+        console.print(f"[green]wrote[/] {out_dir}/optimize_report.json, rate_accuracy.png, "
+                      f"latency_accuracy.png")
+        return 0
+    splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
+    models = args.models.split(",") if args.models else settings.models
+    results: list[dict[str, object]] = []
+    with Progress(console=console, transient=True) as progress:
+        if args.step == "quantize":
+            from tierwise.optimize.quantize import quantize_model
+
+            for model in models:
+                results += [o.to_dict() for o in quantize_model(
+                    config.models_dir, model, splits,
+                    calibration_images=settings.quantize.calibration_images,
+                    accuracy_budget=settings.accuracy_budget)]
+        elif args.step == "prune":
+            from tierwise.optimize.prune import prune_model
+
+            for model in models:
+                for ratio in settings.prune.ratios:
+                    results.append(prune_model(
+                        config.models_dir, model, splits, ratio, settings.prune.finetune,
+                        accuracy_budget=settings.accuracy_budget, progress=progress).to_dict())
+        elif args.step == "distill":
+            from tierwise.optimize.distill import distill
+
+            results.append(distill(config.models_dir, settings.distill, splits,
+                                   accuracy_budget=settings.accuracy_budget,
+                                   progress=progress).to_dict())
+        elif args.step == "bottleneck":
+            from tierwise.optimize.bottleneck import train_bottlenecks
+
+            results += [o.to_dict() for o in train_bottlenecks(
+                config.models_dir, settings.bottleneck, splits, progress=progress)]
+        else:  # split
+            from tierwise.optimize.split import export_all_splits
+
+            for model in models:
+                points = export_all_splits(config.models_dir, model, splits.val_x[:32])
+                results.append({"model": model, "split_points": points,
+                                "checked": "tail(head(x)) == model(x) within 1e-4"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.step}.json").write_text(json.dumps(results, indent=1) + "\n")
+    for row in results:
+        console.print(row)
+    ensure_profiles(config, console=console)
+    console.print(f"[green]wrote[/] {out_dir / (args.step + '.json')}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tierwise.config import config_from_dict
     from tierwise.server.app import serve
@@ -176,6 +248,25 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--only", help="comma-separated model names (measured again)")
     profile.add_argument("--force", action="store_true", help="measure even if current")
     profile.set_defaults(run=_profile)
+
+    optimize = commands.add_parser(
+        "optimize", help="make smaller, faster variants and split codecs; measure them")
+    optimize_commands = optimize.add_subparsers(dest="step", required=True)
+    for step, text in (
+            ("quantize", "INT8 variants (ONNX Runtime: dynamic, static QDQ per-channel)"),
+            ("prune", "structured channel pruning, fine-tuned (optimize.prune.ratios)"),
+            ("distill", "a device student taught by the cloud model, beside a label-only one"),
+            ("bottleneck", "learned bottlenecks at a split (optimize.bottleneck)"),
+            ("split", "export a head and a tail at every block boundary, checked"),
+            ("report", "rate–accuracy and latency–accuracy of everything, on test data")):
+        step_parser = optimize_commands.add_parser(step, help=text)
+        step_parser.add_argument("--out", default="reports/optimize", help="where results go")
+        if step in ("quantize", "prune", "split"):
+            step_parser.add_argument("--models", help="comma-separated models (default: "
+                                "optimize.models)")
+        if step == "report":
+            step_parser.add_argument("--test-images", type=int, default=10000)
+        step_parser.set_defaults(run=_optimize)
 
     serve = commands.add_parser("serve", help="run a tier server (OIP v2 over HTTP)")
     serve.add_argument("--tier", required=True, choices=["edge", "cloud"])
