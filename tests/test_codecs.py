@@ -52,6 +52,7 @@ def http(models: dict[str, OnnxModel]) -> Iterator[httpx.Client]:
 # -- the codecs themselves -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("codec", ["zstd", "png"])
 def test_lossless_input_codecs_round_trip_real_images(codec: str, splits: Splits) -> None:
     images = splits.test_x[:300]
     assert images.dtype == np.uint8 and images.shape[1:] == IMAGE
