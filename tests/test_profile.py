@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from tierwise.cli import main
+from tierwise.codecs import codec_names
 from tierwise.config import Config
 from tierwise.data import Splits
 from tierwise.optimize.split import export_split, head_name, tail_name
@@ -19,7 +20,7 @@ from tierwise.zoo.store import ModelInfo, list_models
 
 WHOLE = ("fmnist-device", "fmnist-edge", "fmnist-cloud")
 SERVED = ("fmnist-edge", "fmnist-cloud")  # the models edge and cloud run: split and measured
-FEATURE_CODECS = {"raw", "fp16-zstd", "int8-zstd"}
+FEATURE_CODECS = set(codec_names("feature"))
 
 
 def _info(models_dir: Path, name: str) -> ModelInfo:
