@@ -103,10 +103,6 @@ class BottleneckOutcome:
         return {**asdict(self), "reduction_vs_raw_image": 784 / self.bytes_per_image}
 
 
-def _features(head: OnnxModel, images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(head.run_batched(images, 512))
-
-
 def train_bottlenecks(
     models_dir: Path, settings: BottleneckConfig, splits: Splits, *, seed: int = 0,
     progress: Progress | None = None,
@@ -129,10 +125,11 @@ def _train_at(models_dir: Path, parent: ModelInfo, point: int, settings: Bottlen
     network, _ = load_trained(models_dir, parent.name)
     export_split(models_dir, parent.name, point, splits.val_x[:32])
     found = list_models(models_dir)
-    head = OnnxModel(found[head_name(parent.name, point)][1],
-                     found[head_name(parent.name, point)][0], threads=2)
-    train_features = _features(head, splits.train_x).numpy()
-    val_features, test_features = _features(head, splits.val_x), _features(head, splits.test_x)
+    head_info, head_path = found[head_name(parent.name, point)]
+    head = OnnxModel(head_path, head_info, threads=2)
+    train_features = head.run_batched(splits.train_x, 512)
+    val_features = torch.from_numpy(head.run_batched(splits.val_x, 512))
+    test_features = head.run_batched(splits.test_x, 512)
     channels = int(train_features.shape[1])
     blocks = list(network.children())
     uncompressed_tail = nn.Sequential(*blocks[point:]).eval()
@@ -143,8 +140,8 @@ def _train_at(models_dir: Path, parent: ModelInfo, point: int, settings: Bottlen
             encoder, decoder = Encoder(channels, width, bits), Decoder(channels, width, bits)
             tail = copy.deepcopy(nn.Sequential(*blocks[point:]))
             stack = nn.Sequential(encoder, decoder, tail)
-            # The uncompressed tail teaches the compressed one (BottleNet++ trains on the
-            # task loss alone; its soft labels recover about half a point more here).
+            # The uncompressed tail teaches the compressed one, besides the labels
+            # (BottleNet++ trains on the task loss alone).
             teacher = SoftTargets(uncompressed_tail, settings.temperature, settings.alpha)
             started = time.perf_counter()
             # Features are fixed inputs here: no flips (the frozen head already saw them).
@@ -157,18 +154,18 @@ def _train_at(models_dir: Path, parent: ModelInfo, point: int, settings: Bottlen
                 val_accuracy = _accuracy(stack, val_features, splits.val_y)
             trained.append((width, bits, stack, val_accuracy, time.perf_counter() - started))
     with torch.inference_mode():
-        uncompressed = _accuracy(uncompressed_tail, test_features,
+        uncompressed = _accuracy(uncompressed_tail, torch.from_numpy(test_features),
                                  splits.test_y)
     frontier = _frontier([(w * b, -acc) for w, b, _, acc, _ in trained])
     outcomes = []
     for index, (width, bits, stack, val_accuracy, seconds) in enumerate(trained):
         name = f"w{width}-{bits}bit"
         registered = index in frontier
-        codec = _export(models_dir, parent, point, name, stack, bits, splits,
-                        head_onnx=found[head_name(parent.name, point)][1],
-                        register=registered, val_accuracy=val_accuracy)
-        payloads = [codec.encode(row) for row in test_features.numpy()[:1]]
-        decoded = codec.decode_batch(codec.encode_batch(test_features.numpy()))
+        codec = _export(models_dir, parent, point, name, stack, bits,
+                        val_features.numpy()[:64], head_onnx=head_path, register=registered,
+                        val_accuracy=val_accuracy)
+        payloads = codec.encode_batch(test_features)
+        decoded = codec.decode_batch(payloads)
         with torch.inference_mode():
             test_accuracy = _accuracy(stack[2], torch.from_numpy(decoded), splits.test_y)
         outcomes.append(BottleneckOutcome(
@@ -199,20 +196,21 @@ def _frontier(points: list[tuple[float, float]]) -> set[int]:
 
 
 def _export(models_dir: Path, parent: ModelInfo, point: int, name: str, stack: nn.Sequential,
-            bits: int, splits: Splits, *, head_onnx: Path, register: bool,
+            bits: int, sample_features: np.ndarray, *, head_onnx: Path, register: bool,
             val_accuracy: float) -> LearnedBottleneck:
-    """Write the codec (encoder, decoder) and, if `register`, the fused head and tail."""
+    """Write the codec (encoder, decoder) and, if `register`, the fused head and tail;
+    `sample_features` (head outputs) check each export against torch."""
     import onnx
     from onnx import compose
 
     encoder, decoder, tail = stack[0], stack[1], stack[2]
     directory = bottleneck_dir(models_dir, parent.name, point, name)
     directory.mkdir(parents=True, exist_ok=True)
-    head = OnnxModel(head_onnx, parent, threads=1)
-    sample_features = head.run(splits.val_x[:64])
-    _export_module(encoder, directory / "encoder.onnx", sample_features, "features", CODES)
-    sample_codes = encoder.eval()(torch.from_numpy(sample_features)).numpy()
-    _export_module(decoder, directory / "decoder.onnx", sample_codes, CODES, "features")
+    export_onnx(encoder.eval(), directory / "encoder.onnx", sample_features,
+                input_name="features", output_name=CODES)
+    sample_codes = encoder(torch.from_numpy(sample_features)).numpy()
+    export_onnx(decoder.eval(), directory / "decoder.onnx", sample_codes, input_name=CODES,
+                output_name="features")
     codec = LearnedBottleneck(directory / "encoder.onnx", directory / "decoder.onnx", bits)
     full_name = f"bottleneck-{name}"
     fused_head_name = f"{head_name(parent.name, point)}.{full_name}"
@@ -250,7 +248,3 @@ def _export(models_dir: Path, parent: ModelInfo, point: int, name: str, stack: n
             "parameters": onnx_parameters(path)}))
     return codec
 
-
-def _export_module(module: nn.Module, path: Path, sample: np.ndarray, input_name: str,
-                   output_name: str) -> None:
-    export_onnx(module.eval(), path, sample, input_name=input_name, output_name=output_name)

@@ -12,7 +12,6 @@ device model does.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,8 @@ from torch.nn import functional
 
 from tierwise.config import DistillConfig
 from tierwise.data import Splits
-from tierwise.optimize.variants import VariantOutcome, parent_info, register_variant
+from tierwise.optimize.variants import VariantOutcome, parent_info, register_module
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.architectures import parameter_count
-from tierwise.zoo.export import export_onnx
 from tierwise.zoo.store import list_models, model_name
 from tierwise.zoo.train import LabelLoss, predict_logits, train_model
 
@@ -98,14 +95,10 @@ def distill(models_dir: Path, settings: DistillConfig, splits: Splits, *,
     taught = train_model(settings.student, splits.train_x, splits.train_y, settings.train,
                          seed=seed, progress=progress, objective=soft_targets,
                          description=f"distil {settings.teacher} into {settings.student}")
-    with tempfile.TemporaryDirectory(prefix="tierwise-distill-") as scratch:
-        path = Path(scratch) / "model.onnx"
-        export_onnx(taught.model, path, splits.test_x[:64])
-        outcome = register_variant(
-            models_dir, parent, "distilled", path, splits, accuracy_budget,
-            parameters=parameter_count(taught.model),
-            training={"epochs": taught.epochs, "seconds": taught.seconds,
-                      "temperature": settings.temperature, "alpha": settings.alpha})
+    outcome = register_module(
+        models_dir, parent, "distilled", taught.model, splits, accuracy_budget,
+        training={"epochs": taught.epochs, "seconds": taught.seconds,
+                  "temperature": settings.temperature, "alpha": settings.alpha})
     val_logits = predict_logits(label_only.model, splits.val_x)
     test_logits = predict_logits(label_only.model, splits.test_x)
     return DistillResult(

@@ -12,7 +12,6 @@ masked one. It is fine-tuned with the zoo's training loop, exported to ONNX, and
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,10 +21,9 @@ from torch import nn
 
 from tierwise.config import TrainConfig
 from tierwise.data import Splits
-from tierwise.optimize.variants import VariantOutcome, register_variant
+from tierwise.optimize.variants import VariantOutcome, register_module
 from tierwise.zoo.architectures import parameter_count
 from tierwise.zoo.build import load_trained
-from tierwise.zoo.export import export_onnx
 from tierwise.zoo.train import train_model
 
 
@@ -65,13 +63,9 @@ def prune_model(
     result = train_model(parent.architecture, splits.train_x, splits.train_y, finetune,
                          seed=seed, progress=progress, model=network,
                          description=f"fine-tune {model}.{variant}")
-    with tempfile.TemporaryDirectory(prefix="tierwise-prune-") as scratch:
-        path = Path(scratch) / "model.onnx"
-        export_onnx(result.model, path, splits.test_x[:64])
-        outcome = register_variant(
-            models_dir, parent, variant, path, splits, accuracy_budget,
-            parameters=parameter_count(result.model),
-            training={"epochs": result.epochs, "seconds": result.seconds, "ratio": ratio})
+    outcome = register_module(
+        models_dir, parent, variant, result.model, splits, accuracy_budget,
+        training={"epochs": result.epochs, "seconds": result.seconds, "ratio": ratio})
     outcome.details = {
         "parameters_before": before["parameters"], "macs_before": before["macs"],
         "macs": multiply_accumulates(result.model.eval(), example),

@@ -26,9 +26,10 @@ from rich.table import Table
 from tierwise.codecs import codec_names
 from tierwise.config import Config
 from tierwise.data import load_splits
-from tierwise.profile.profiler import batch1_ms, bottleneck_parts, codec_profile
+from tierwise.profile.model_profile import load_profile
+from tierwise.profile.profiler import batch1_ms, codec_profile
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import bottleneck_bits, list_models
+from tierwise.zoo.store import list_models
 
 RAW_IMAGE_BYTES = 784
 BATCH_64 = 64
@@ -47,10 +48,8 @@ def _batch64_ms(model: OnnxModel, images: np.ndarray, runs: int = 30) -> float:
 
 def build_report(config: Config, out_dir: Path, *, test_images: int = 10000,
                  console: Console | None = None) -> dict[str, object]:
-    """Measure everything in `config.models_dir`; write the JSON and plots to `out_dir`."""
-    from tierwise.codecs import packed_codec_name
-    from tierwise.optimize.split import export_split, split_points
-
+    """Measure everything in `config.models_dir` (profiled: `tierwise profile`); write the
+    JSON and plots to `out_dir`."""
     console = console or Console()
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
     images, labels = splits.test_x[:test_images], splits.test_y[:test_images]
@@ -80,23 +79,16 @@ def build_report(config: Config, out_dir: Path, *, test_images: int = 10000,
                 rows_rate.append({"kind": "input", "model": name, "split_point": 0,
                                   "codec": codec, "bytes": measured.bytes_mean,
                                   "test_accuracy": measured.accuracy})
-            for point in split_points(found[name][0]):
-                head, tail = export_split(models_dir, name, point, splits.val_x[:32])
-                found = list_models(models_dir)
-                features = model(head.name).run_batched(images)
-                for codec in codec_names("feature"):
-                    measured = codec_profile(codec, features, accuracy_with(tail.name))
-                    rows_rate.append({"kind": "feature", "model": name, "split_point": point,
-                                      "codec": codec, "bytes": measured.bytes_mean,
-                                      "test_accuracy": measured.accuracy})
-            for head_info, tail_info in bottleneck_parts(found, name):
-                codes = model(head_info.name).run_batched(images)
-                codec = packed_codec_name(bottleneck_bits(head_info.bottleneck or ""))
-                measured = codec_profile(codec, codes, accuracy_with(tail_info.name))
-                rows_rate.append({"kind": "learned", "model": name,
-                                  "split_point": head_info.split_point,
-                                  "codec": head_info.bottleneck, "bytes": measured.bytes_mean,
-                                  "test_accuracy": measured.accuracy})
+            # the profile lists every split and the codecs measured for it (`tierwise profile`
+            # exported the heads and tails), learned bottlenecks included
+            for split in load_profile(models_dir, name).splits:
+                features = model(split.head).run_batched(images)
+                for codec in split.codecs:
+                    measured = codec_profile(codec, features, accuracy_with(split.tail))
+                    rows_rate.append({
+                        "kind": "learned" if split.bottleneck else "feature", "model": name,
+                        "split_point": split.split_point, "codec": split.bottleneck or codec,
+                        "bytes": measured.bytes_mean, "test_accuracy": measured.accuracy})
             progress.advance(task)
         for name in whole:
             info, path = found[name]

@@ -11,8 +11,10 @@ run registered under that name is removed — a rejected variant must never be s
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,6 +30,9 @@ from tierwise.zoo.store import (
     save_info,
     sha256_file,
 )
+
+if TYPE_CHECKING:  # torch only where a trained module is registered: quantize needs none
+    from torch import nn
 
 
 @dataclass
@@ -107,6 +112,22 @@ def register_variant(
             softmax(val_logits, temperature), splits.val_y),
         "training": training or {}, "role": "full", "split_point": None, "bottleneck": None}))
     return outcome
+
+
+def register_module(
+    models_dir: Path, parent: ModelInfo, variant: str, module: nn.Module, splits: Splits,
+    accuracy_budget: float, training: dict[str, float],
+) -> VariantOutcome:
+    """Export a trained torch `module` (checked against torch) and register it as
+    `<parent>.<variant>` if it is within `accuracy_budget`."""
+    from tierwise.zoo.architectures import parameter_count
+    from tierwise.zoo.export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="tierwise-variant-") as scratch:
+        path = Path(scratch) / MODEL_FILE
+        export_onnx(module, path, splits.test_x[:64])
+        return register_variant(models_dir, parent, variant, path, splits, accuracy_budget,
+                                parameters=parameter_count(module), training=training)
 
 
 def parent_info(models_dir: Path, name: str) -> ModelInfo:
