@@ -3,6 +3,7 @@ what they make — on real ONNX models trained on real Fashion-MNIST (a small su
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,3 +184,18 @@ def test_report_writes_the_frontier_and_the_variants(
         r["model"] for r in report["models"]}
     for name in ("optimize_report.json", "rate_accuracy.png", "latency_accuracy.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_optimize_bottleneck_runs_from_the_command_line(config: Config, tmp_path: Path) -> None:
+    from tierwise.cli import main
+
+    config_file = tmp_path / "tierwise.toml"
+    config_file.write_text(
+        f'data_dir = "{config.data_dir}"\n'
+        f"[data]\nvalidation_size = {config.data.validation_size}\n"
+        "[optimize.bottleneck]\nwidths = [1]\nbits = [8]\n"
+        "[optimize.bottleneck.train]\nepochs = 0.2\ntrain_subset = 1000\n")
+    out = tmp_path / "out"
+    assert main(["--config", str(config_file), "optimize", "bottleneck", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "bottleneck.json").read_text())
+    assert (row["width"], row["bits"], row["bytes_per_image"]) == (1, 8, 9)

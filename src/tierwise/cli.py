@@ -87,7 +87,8 @@ def _optimize(args: argparse.Namespace) -> int:
                       f"latency_accuracy.png")
         return 0
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
-    models = args.models.split(",") if args.models else settings.models
+    # only quantize, prune and split take --models
+    models = args.models.split(",") if getattr(args, "models", None) else settings.models
     results: list[dict[str, object]] = []
     with Progress(console=console, transient=True) as progress:
         if args.step == "quantize":
