@@ -197,7 +197,7 @@ class DistillConfig(_Section):
     teacher: str = Field("fmnist-cloud", description="the model whose logits are the soft labels")
     student: str = Field("device", description="the zoo architecture of the student")
     temperature: float = Field(4.0, gt=0, description="softmax temperature of the soft labels")
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-label loss; "
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-label loss; "
                          "1 - alpha weighs the hard-label loss")
     train: TrainConfig = TrainConfig(epochs=6, learning_rate=0.01)
 
