@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierwise.config import ConfigError, load_config
+from tierwise.registry import RegistryError
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -147,9 +148,26 @@ def _serve(args: argparse.Namespace) -> int:
                      **{k: v for k, v in overrides.items() if v is not None}}
     # validated like a config file, so a bad flag is named: tiers.edge.max_batch_size: ...
     tier = config_from_dict({"tiers": {args.tier: tier_settings}}, "command line").tiers[args.tier]
+    registry_url = args.registry_url or (config.registry.url if not args.models else "")
+    if registry_url:
+        from tierwise.registry.serving import serve_from_registry
+
+        serve_from_registry(args.tier, tier, config, registry_url,
+                            host=args.host or tier.host,
+                            port=args.port if args.port is not None else tier.port,
+                            threads=args.threads, channel=args.channel,
+                            device_id=args.device_id)
+        return 0
+    wrap = None
+    if args.tier == "cloud":  # the cloud also hosts the registry, where there is one
+        from tierwise.registry.serving import hosted
+
+        def wrap(app: object) -> object:
+            return hosted(app, config)  # type: ignore[arg-type]
     models_dir = Path(args.models) if args.models else config.models_dir
     serve(args.tier, tier, models_dir, host=args.host or tier.host,
-          port=args.port if args.port is not None else tier.port, threads=args.threads)
+          port=args.port if args.port is not None else tier.port, threads=args.threads,
+          wrap=wrap)
     return 0
 
 
@@ -279,7 +297,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--compute-scale", type=float, help="emulate a slower server")
     serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413")
     serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    serve.add_argument("--registry-url", help="serve what this registry deploys (default "
+                       "registry.url; none: serve --models)")
+    serve.add_argument("--channel", choices=["stable", "canary"], help="default registry.channel")
+    serve.add_argument("--device-id", help="this server's id for canary cohorts")
     serve.set_defaults(run=_serve)
+
+    from tierwise.registry.cli import add_commands as add_registry_commands
+
+    add_registry_commands(commands)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--images", type=int, help="test images per strategy (default 2000)")
@@ -336,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError) as error:  # bad traces; DatasetMissingError
+    except (ConfigError, RegistryError, FileNotFoundError, FileExistsError) as error:
+        # bad config, traces or registry input; DatasetMissingError; RegistryError
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

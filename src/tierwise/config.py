@@ -248,6 +248,34 @@ class DemoConfig(_Section):
     report_dir: str = "reports/demo"
 
 
+class RegistryConfig(_Section):
+    """The model registry (`tierwise registry`): where it lives at the cloud tier, and how
+    edge servers and devices subscribe to it."""
+
+    root: str = Field("", description="the registry's directory at the cloud tier (artifacts, "
+                      "index, keys); empty: <data_dir>/registry")
+    url: str = Field("", description="where subscribers find it, e.g. http://127.0.0.1:8001 "
+                     "(the cloud server); empty: serve from a models directory instead")
+    channel: str = Field("stable", pattern="^(stable|canary)$",
+                         description="stable: the stable version, or the canary for devices in "
+                         "its cohort; canary: always the canary where there is one")
+    device_id: str = Field("", description="this subscriber's id, hashed into canary cohorts; "
+                           "empty: the host name")
+    poll_s: float = Field(5.0, gt=0, le=3600, description="how often subscribers poll")
+    canary_share: float = Field(0.1, gt=0, le=1,
+                                description="`registry push --channel canary` default share")
+    retire_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="how long a server keeps serving a version after it "
+        "left the channel, for devices that have not polled since")
+    token: str = Field("", description="bearer token of the registry API; empty: "
+                       "$TIERWISE_REGISTRY_TOKEN, else <root>/keys/token")
+    public_key: str = Field("", description="the Ed25519 public key (PEM file) manifests must be "
+                            "signed with; empty: <root>/keys/signing.pub")
+
+    def root_dir(self, data_dir: str) -> Path:
+        return Path(self.root) if self.root else Path(data_dir) / "registry"
+
+
 class Config(_Section):
     data_dir: str = Field("data", description="models, caches and stores live here")
     data: DataConfig = DataConfig()
@@ -269,6 +297,7 @@ class Config(_Section):
     slo: SLOConfig = SLOConfig()
     demo: DemoConfig = DemoConfig()
     optimize: OptimizeConfig = OptimizeConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:
@@ -284,6 +313,10 @@ class Config(_Section):
     @property
     def models_dir(self) -> Path:
         return Path(self.data_dir) / "models"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.registry.root_dir(self.data_dir)
 
 
 def _merge_tiers_and_links(raw: dict[str, Any]) -> dict[str, Any]:

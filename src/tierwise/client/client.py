@@ -13,6 +13,7 @@ healthy again; meanwhile the client runs offline.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -52,10 +53,19 @@ from tierwise.protocol.oip import (
     infer_path,
     parse_header_length,
 )
+from tierwise.registry.subscriber import (
+    DeviceView,
+    InstalledVersion,
+    RegistryUnavailableError,
+    Subscriber,
+    SubscriberState,
+    subscriber_for,
+)
 from tierwise.runtime.session import OnnxModel
 from tierwise.zoo.store import ModelInfo, list_models, model_name
 
 DEVICE_TIER = "device"
+log = logging.getLogger("tierwise.client")
 # Time kept in hand, beyond the device model's own, for the device fallback when a remote
 # stage is given a deadline: scheduling jitter on a busy device.
 FALLBACK_MARGIN_MS = 2.0
@@ -121,6 +131,12 @@ class Client:
             change rates while it runs, or `EmulatedLink(..., pace=False)` under `tc`.
         timeout_s: the longest a remote stage may take when no deadline bounds it.
         probe: run the background prober (health of down tiers, stale link estimates).
+        registry_url: take the models from this registry (the cloud server) instead of
+            `models_dir`: verified, kept current by polling, swapped in while requests run;
+            default `registry.url` unless `models_dir` is given. Remote stages then ask for
+            the version this device was given, and every trace records it.
+        channel, device_id: the registry channel and this device's id (its canary cohort);
+            default `registry.channel`, `registry.device_id` (else the host name).
     """
 
     def __init__(
@@ -136,12 +152,20 @@ class Client:
         timeout_s: float = 10.0,
         threads: int = 1,
         probe: bool = True,
+        registry_url: str | None = None,
+        channel: str | None = None,
+        device_id: str | None = None,
     ) -> None:
         self.config = config or load_config()
+        url = registry_url if registry_url is not None else \
+            ("" if models_dir else self.config.registry.url)
+        self.subscriber: Subscriber | None = None
+        if url:
+            self.subscriber, models_dir = self._subscribe(url, channel, device_id, timeout_s)
         self.models_dir = Path(models_dir) if models_dir else self.config.models_dir
-        found = list_models(self.models_dir)
-        self.models: dict[str, ModelInfo] = {name: info for name, (info, _) in found.items()}
-        self._paths = {name: path for name, (_, path) in found.items()}
+        self.models: dict[str, ModelInfo] = {}
+        self._paths: dict[str, Path] = {}
+        self._list_models()
         if device_model not in self.models:
             raise FileNotFoundError(
                 f"device_model: {device_model!r} not found under {self.models_dir} "
@@ -170,6 +194,8 @@ class Client:
         self._emulated = tuple(emulation_labels(self.config, links))
         self.session(device_model)  # load eagerly: the fallback must always be ready
         self.prober = Prober(self) if probe else None
+        if self.subscriber is not None:
+            self.subscriber.start()
 
     # -- the public API --------------------------------------------------------------------
 
@@ -250,6 +276,8 @@ class Client:
         return list(self._emulated)
 
     def close(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop()
         if self.prober is not None:
             self.prober.stop()
         for http in self._http.values():
@@ -261,6 +289,89 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- models: from a directory, or kept current from a registry --------------------------
+
+    def _list_models(self) -> None:
+        """Metadata of every model in `models_dir`; weights where this device has them."""
+        found = list_models(self.models_dir, weights=False)
+        self.models = {name: info for name, (info, _) in found.items()}
+        self._paths = {name: path for name, (_, path) in found.items() if path.is_file()}
+
+    def _subscribe(self, url: str, channel: str | None, device_id: str | None,
+                   timeout_s: float) -> tuple[Subscriber, Path]:
+        """Start from the registry (or, when it cannot be reached, from what an earlier run
+        installed): (the subscriber, the models directory it keeps current)."""
+        subscriber = subscriber_for(self.config, DEVICE_TIER, url, channel=channel,
+                                    device_id=device_id)
+        view = DeviceView(subscriber.cache_dir / "models")
+        try:
+            view.update(subscriber.wait_until_ready(timeout_s))
+        except RegistryUnavailableError:
+            if not any(view.directory.glob("*/metadata.json")):
+                subscriber.stop()
+                raise
+            log.warning("registry %s unreachable: starting offline with the models installed "
+                        "earlier", url)
+
+        shown = dict(subscriber.state.current)
+
+        def swap(state: SubscriberState) -> bool:
+            taken, waiting = self._servable(state, shown)
+            shown.clear()
+            shown.update(taken)
+            self._swap(view.update(SubscriberState(current=taken)))
+            return not waiting
+
+        subscriber.on_change = swap
+        return subscriber, view.directory
+
+    def _servable(self, state: SubscriberState, shown: dict[str, InstalledVersion]
+                  ) -> tuple[dict[str, InstalledVersion], list[str]]:
+        """The versions in `state` this device can switch to now: (versions, models still
+        waiting). A new version of a model that runs on a server is taken once every such
+        tier answers ready for it; until then the device keeps the version it `shown`, so
+        its remote stages never ask a server for a version it does not have yet."""
+        taken: dict[str, InstalledVersion] = {}
+        waiting = []
+        for model, installed in state.current.items():
+            previous = shown.get(model)
+            if previous is None or previous.version == installed.version or \
+                    self._served_everywhere(installed):
+                taken[model] = installed
+            else:
+                taken[model] = previous
+                waiting.append(model)
+        return taken, waiting
+
+    def _served_everywhere(self, installed: InstalledVersion) -> bool:
+        for member, tiers in installed.runs_on.items():
+            for tier in tiers:
+                if tier == DEVICE_TIER or tier not in self.config.links:
+                    continue
+                try:
+                    ready = self.http(tier).get(
+                        f"/v2/models/{member}/versions/{installed.version}/ready", timeout=2.0)
+                except (httpx.HTTPError, RemoteStageError):
+                    return False
+                if ready.status_code != 200:
+                    return False
+        return True
+
+    def _swap(self, changed: set[str]) -> None:
+        """New versions arrived (`changed` models): requests already running finish on the
+        sessions they hold; the next ones use the new versions and a policy re-planned from
+        their profiles."""
+        with self._lock:
+            self._list_models()
+            for name in changed:
+                self._sessions.pop(name, None)
+            self._policy = None
+        self.session(self.device_model)
+
+    def model_versions(self) -> dict[str, str]:
+        """The version of every model this client plans with."""
+        return {name: info.version for name, info in self.models.items()}
 
     # -- planning helpers ------------------------------------------------------------------
 
@@ -362,10 +473,12 @@ class Client:
 
 
 def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: str,
-              abort_at: float, learn: bool = True) -> tuple[np.ndarray, StageTrace]:
-    """One OIP v2 inference on `tier`: (first output, its stage trace). Learns from the
-    transfer unless `learn` is False (a probe, whose caller learns from it its own way);
-    raises RemoteStageError when there is no usable answer."""
+              abort_at: float, learn: bool = True, version: str | None = None
+              ) -> tuple[np.ndarray, StageTrace]:
+    """One OIP v2 inference on `tier` (of `version`, else the server's default): (first
+    output, its stage trace). Learns from the transfer unless `learn` is False (a probe,
+    whose caller learns from it its own way); raises RemoteStageError when there is no
+    usable answer."""
     info = client.models.get(model)
     input_name = info.inputs[0].name if info else "image"
     if codec == RAW:
@@ -381,7 +494,7 @@ def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: 
     link = client.link_estimators[tier]
     try:
         response = client.http(tier).post(
-            infer_path(model), content=body, headers=headers,
+            infer_path(model, version), content=body, headers=headers,
             timeout=max(abort_at - started, 0.001),
             extensions={ABORT_AT_EXTENSION: abort_at})
     except httpx.TimeoutException as error:
@@ -434,6 +547,9 @@ class _Execution:
         self.client = client
         self.trace = trace
         self.abort_at = abort_at
+        # From a registry, remote stages ask for the versions this device was given when the
+        # request started, so a head and its tail always match across a swap.
+        self.versions = client.model_versions() if client.subscriber is not None else {}
 
     def run_local(self, model: str, tensor: np.ndarray) -> np.ndarray:
         client = self.client
@@ -455,7 +571,8 @@ class _Execution:
 
     def run_remote(self, tier: str, model: str, tensor: np.ndarray, codec: str) -> np.ndarray:
         try:
-            output, stage = call_tier(self.client, tier, model, tensor, codec, self.abort_at)
+            output, stage = call_tier(self.client, tier, model, tensor, codec, self.abort_at,
+                                      version=self.versions.get(model))
         except RemoteStageError as error:
             self.trace.stages.append(StageTrace(
                 kind="remote", tier=tier, model=model, model_version="", total_ms=0.0,

@@ -102,7 +102,7 @@ def load_profile(models_dir: Path, model: str) -> ModelProfile:
 def load_tier_profiles(config: Config, models_dir: Path) -> dict[str, ModelProfile]:
     """The profiles of every model the tiers run: those `tiers.*.models` lists and, where
     `tiers.*.variants` is on, their registered variants. What the planner plans with."""
-    found = list_models(models_dir)
+    found = list_models(models_dir, weights=False)
     parents = {name: info.parent for name, (info, _) in found.items()
                if info.variant and info.role == "full"}
     names = {name for settings in config.tiers.values()

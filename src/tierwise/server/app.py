@@ -20,6 +20,7 @@ request objects and middleware cost more than the model (see `tierwise bench ser
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -78,7 +79,7 @@ class HTTPError(Exception):
 
 
 class _Served:
-    """One model as served: its batcher, metrics and pre-encoded metadata."""
+    """One model version as served: its batcher, metrics and pre-encoded metadata."""
 
     def __init__(self, model: OnnxModel, batcher: DynamicBatcher, metrics: Any) -> None:
         info = model.info
@@ -89,14 +90,19 @@ class _Served:
         self.version = info.version
         self.inputs = {spec.name: spec for spec in info.inputs}
         self.output_names = [spec.name for spec in info.outputs]
-        self.metadata = orjson.dumps({
+        self.version_header = info.version.encode()
+        self.in_flight = 0  # infer requests holding it; a retired version closes at 0
+        self.retired = False
+
+    def metadata(self, versions: list[str]) -> bytes:
+        info = self.info
+        return orjson.dumps({
             "name": info.name,
-            "versions": [info.version],
+            "versions": versions,
             "platform": PLATFORM,
             "inputs": [spec.model_dump() for spec in info.inputs],
             "outputs": [spec.model_dump() for spec in info.outputs],
         })
-        self.version_header = info.version.encode()
 
 
 class TierServer:
@@ -106,14 +112,12 @@ class TierServer:
         self.tier_name = tier_name
         self.tier = tier
         self.metrics = ServerMetrics(tier_name, tier.compute_scale)
-        self.models: dict[str, _Served] = {}
-        for name, model in models.items():
-            model_metrics = self.metrics.model(name)
-            batcher = DynamicBatcher(model, max_batch_size=tier.max_batch_size,
-                                     max_queue_delay_ms=tier.max_queue_delay_ms,
-                                     compute_scale=tier.compute_scale,
-                                     on_batch=model_metrics.observe_batch)
-            self.models[name] = _Served(model, batcher, model_metrics)
+        # name -> version -> served; `default_version[name]` answers unversioned requests
+        self.models: dict[str, dict[str, _Served]] = {}
+        self.default_version: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for model in models.values():
+            self._install(model)
         self.server_metadata = orjson.dumps(
             {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
         self._tier_header = (b"tierwise-tier", tier_name.encode())
@@ -121,13 +125,77 @@ class TierServer:
             "/v2": lambda: (self.server_metadata, b"application/json"),
             "/v2/": lambda: (self.server_metadata, b"application/json"),
             "/v2/health/live": lambda: (b'{"live":true}', b"application/json"),
-            "/v2/health/ready": lambda: (b'{"ready":true}', b"application/json"),
             "/metrics": lambda: (self.metrics.exposition(), METRICS_CONTENT_TYPE.encode()),
         }
 
+    # -- which models it serves: changed while it serves (registry hot swap) --------------
+
+    def update(self, install: list[OnnxModel], retire: list[tuple[str, str]],
+               defaults: Mapping[str, str] | None = None) -> None:
+        """Serve the loaded models in `install`, stop serving the (name, version)s in
+        `retire`, and make `defaults` (name -> version) answer unversioned requests.
+
+        Safe from any thread: the change is made on the server's event loop, between requests.
+        A request already running on a retired version finishes on it; its batcher closes
+        when the last one has answered. So no request fails or is dropped by a swap."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            self._update(install, retire, defaults or {})
+            return
+        done = asyncio.run_coroutine_threadsafe(
+            self._update_async(install, retire, defaults or {}), loop)
+        done.result(timeout=60)
+
+    async def _update_async(self, install: list[OnnxModel], retire: list[tuple[str, str]],
+                            defaults: Mapping[str, str]) -> None:
+        self._update(install, retire, defaults)
+
+    def _update(self, install: list[OnnxModel], retire: list[tuple[str, str]],
+                defaults: Mapping[str, str]) -> None:
+        for model in install:
+            self._install(model)
+        for name, version in retire:
+            versions = self.models.get(name, {})
+            served = versions.pop(version, None)
+            if not versions:
+                self.models.pop(name, None)
+                self.default_version.pop(name, None)
+            elif self.default_version.get(name) == version:
+                self.default_version[name] = max(versions, key=_version_order)
+            if served is not None:
+                served.retired = True
+                if served.in_flight == 0:
+                    served.batcher.close()
+        for name, version in defaults.items():
+            if version in self.models.get(name, {}):
+                self.default_version[name] = version
+
+    def _install(self, model: OnnxModel) -> None:
+        name, version = model.info.name, model.info.version
+        model_metrics = self.metrics.model(name)
+        batcher = DynamicBatcher(model, max_batch_size=self.tier.max_batch_size,
+                                 max_queue_delay_ms=self.tier.max_queue_delay_ms,
+                                 compute_scale=self.tier.compute_scale,
+                                 on_batch=model_metrics.observe_batch)
+        versions = self.models.setdefault(name, {})
+        replaced = versions.get(version)
+        versions[version] = _Served(model, batcher, model_metrics)
+        self.default_version.setdefault(name, version)
+        if replaced is not None:
+            replaced.retired = True
+            if replaced.in_flight == 0:
+                replaced.batcher.close()
+
+    def served_versions(self) -> dict[str, list[str]]:
+        """name -> the versions served, the default first."""
+        return {name: sorted(versions, key=lambda v: (v != self.default_version[name],
+                                                       _version_order(v)))
+                for name, versions in self.models.items()}
+
     def close(self) -> None:
-        for served in self.models.values():
-            served.batcher.close()
+        for versions in self.models.values():
+            for served in versions.values():
+                served.batcher.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -135,12 +203,12 @@ class TierServer:
             try:
                 await self._http(scope, receive, send)
             except HTTPError as error:
-                await _send(send, error.status, encode_error(error.message),
+                await send_response(send, error.status, encode_error(error.message),
                             [_JSON, *error.headers])
             except Exception as error:  # a bug: answer it, log it, keep serving
                 log.exception("%s %s failed", scope["method"], scope["path"])
-                await _send(send, 500, encode_error(f"internal error: {type(error).__name__}: "
-                                                    f"{error}"), [_JSON])
+                await send_response(send, 500, encode_error(
+                    f"internal error: {type(error).__name__}: {error}"), [_JSON])
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -148,6 +216,7 @@ class TierServer:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self._loop = asyncio.get_running_loop()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.close()
@@ -168,20 +237,33 @@ class TierServer:
                 if method != "POST":
                     raise HTTPError(405, f"{path}: use POST, not {method}",
                                     [(b"allow", b"POST")])
-                await self._infer(served, scope, receive, send)
+                served.in_flight += 1
+                try:
+                    await self._infer(served, scope, receive, send)
+                finally:
+                    served.in_flight -= 1
+                    if served.retired and served.in_flight == 0:
+                        served.batcher.close()
                 return
             _require_get(method, path)
             if action == "ready":
-                await _send(send, 200, b'{"ready":true}', [_JSON])
+                await send_response(send, 200, b'{"ready":true}', [_JSON])
             else:
-                await _send(send, 200, served.metadata, [_JSON])
+                versions = self.served_versions().get(served.info.name, [served.version])
+                await send_response(send, 200, served.metadata(versions), [_JSON])
+            return
+        if path == "/v2/health/ready":
+            _require_get(method, path)
+            if not self.models:  # started from a registry that has not delivered yet
+                raise HTTPError(503, "no model loaded yet")
+            await send_response(send, 200, b'{"ready":true}', [_JSON])
             return
         route = self._routes.get(path)
         if route is None:
             raise HTTPError(404, f"no such endpoint: {path}")
         _require_get(method, path)
         body, content_type = route()
-        await _send(send, 200, body, [(b"content-type", content_type)])
+        await send_response(send, 200, body, [(b"content-type", content_type)])
 
     def _model_route(self, path: str) -> tuple[_Served, str]:
         """(model, action) of /v2/models/{name}[/versions/{v}][/ready|/infer]."""
@@ -193,13 +275,14 @@ class TierServer:
         action = rest[0] if len(rest) == 1 else ""
         if len(rest) > 1 or action not in ("", "ready", "infer") or not name:
             raise HTTPError(404, f"no such endpoint: {path}")
-        served = self.models.get(name)
-        if served is None:
+        versions = self.models.get(name)
+        if not versions:
             raise HTTPError(404, f"unknown model {name!r}; this server has "
                                  f"{sorted(self.models)}")
-        if version is not None and version != served.version:
+        served = versions.get(version if version is not None else self.default_version[name])
+        if served is None:
             raise HTTPError(404, f"model {name!r} has no version {version!r}; "
-                                 f"available: [{served.version!r}]")
+                                 f"available: {sorted(versions, key=_version_order)}")
         return served, action
 
     async def _infer(self, served: _Served, scope: Scope, receive: Receive, send: Send) -> None:
@@ -241,7 +324,7 @@ class TierServer:
         ]
         if HEADER_LENGTH in extra:
             headers.append((_HEADER_LENGTH_KEY, extra[HEADER_LENGTH].encode()))
-        await _send(send, 200, answer, headers)
+        await send_response(send, 200, answer, headers)
         metrics.observe_request(time.perf_counter() - started, timing.queue_ms, len(body),
                                 len(answer))
 
@@ -386,12 +469,16 @@ def _datatype_table() -> dict[str, str]:
 _DATATYPE_OF_DTYPE = _datatype_table()
 
 
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
+
+
 def _require_get(method: str, path: str) -> None:
     if method not in ("GET", "HEAD"):
         raise HTTPError(405, f"{path}: use GET, not {method}", [(b"allow", b"GET")])
 
 
-async def _send(send: Send, status: int, body: bytes,
+async def send_response(send: Send, status: int, body: bytes,
                 headers: list[tuple[bytes, bytes]]) -> None:
     headers.append((b"content-length", b"%d" % len(body)))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -406,7 +493,7 @@ def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]
     return TierServer(tier_name, tier, models)
 
 
-def _uvicorn_config(app: TierServer, **kwargs: Any) -> Any:
+def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
     return uvicorn.Config(
@@ -416,19 +503,27 @@ def _uvicorn_config(app: TierServer, **kwargs: Any) -> Any:
 
 
 def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: int,
-          threads: int = 1) -> None:
-    """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools)."""
-    import uvicorn
-
+          threads: int = 1, wrap: Callable[[TierServer], Any] | None = None) -> None:
+    """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools);
+    `wrap` puts another ASGI layer in front (the cloud's registry API)."""
     models = load_models(models_dir, threads=threads)
     if not models:
         raise FileNotFoundError(f"{models_dir}: no models to serve (expected "
                                 "<name>/model.onnx with metadata.json; `tierwise zoo train`)")
     app = create_app(tier_name, tier, models)
+    run(wrap(app) if wrap else app, host, port,
+        f"tierwise serve: tier {tier_name}, models {sorted(models)}")
+
+
+def run(app: Any, host: str, port: int, banner: str) -> None:
+    """Run the ASGI `app` on host:port until interrupted; print `banner` with the URL and the
+    tier's settings once bound."""
+    import uvicorn
+
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
-    print(f"tierwise serve: tier {tier_name} on http://{host}:{bound_port} "
-          f"models {sorted(models)} max_batch_size {tier.max_batch_size} "
+    tier: TierConfig = app.tier
+    print(f"{banner} on http://{host}:{bound_port} max_batch_size {tier.max_batch_size} "
           f"max_queue_delay_ms {tier.max_queue_delay_ms:g} compute_scale "
           f"{tier.compute_scale:g}", flush=True)
     uvicorn.Server(_uvicorn_config(app)).run(sockets=[sock])
@@ -444,7 +539,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: TierServer, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Run `app` under uvicorn in a background thread; yields its base URL, e.g. for tests."""
     import uvicorn
 

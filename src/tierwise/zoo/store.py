@@ -107,15 +107,17 @@ def bottleneck_bits(bottleneck: str) -> int:
     return int(suffix[:-3])
 
 
-def list_models(models_dir: Path) -> dict[str, tuple[ModelInfo, Path]]:
-    """name -> (metadata, path of model.onnx) for every complete model under `models_dir`."""
+def list_models(models_dir: Path, weights: bool = True) -> dict[str, tuple[ModelInfo, Path]]:
+    """name -> (metadata, path of model.onnx) for every complete model under `models_dir`;
+    with `weights=False` also those whose model.onnx is elsewhere (a device holds only the
+    metadata and profile of a model that runs on a server)."""
     found: dict[str, tuple[ModelInfo, Path]] = {}
     root = Path(models_dir)
     if not root.is_dir():
         return found
     for directory in sorted(root.iterdir()):
         onnx_file = directory / MODEL_FILE
-        if onnx_file.is_file() and (directory / METADATA_FILE).is_file():
+        if (onnx_file.is_file() or not weights) and (directory / METADATA_FILE).is_file():
             info = load_info(directory)
             found[info.name] = (info, onnx_file)
     return found

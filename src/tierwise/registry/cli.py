@@ -1,0 +1,121 @@
+"""`tierwise registry keygen | push | ls | show | promote | pause | rollback`: run at the cloud
+tier, on the registry's directory (`registry.root`, default <data_dir>/registry)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tierwise.config import load_config
+from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
+from tierwise.registry.store import CHANNELS, Registry, Rollout
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    registry = commands.add_parser("registry", help="signed model versions and their rollout")
+    steps = registry.add_subparsers(dest="registry_command", required=True)
+    keygen_parser = steps.add_parser("keygen", help="an Ed25519 signing key pair and API token")
+    keygen_parser.add_argument("--force", action="store_true", help="replace existing keys")
+    push = steps.add_parser("push", help="store models as new signed versions and roll them out")
+    push.add_argument("names", nargs="*", help="models (their heads and tails go with them)")
+    push.add_argument("--all", action="store_true", help="every model in --models")
+    push.add_argument("--models", help="models directory (default: <data_dir>/models)")
+    push.add_argument("--channel", choices=CHANNELS,
+                      help="default canary (a model's first version always goes to stable)")
+    push.add_argument("--share", type=float, help="canary share, 0..1 (default "
+                      "registry.canary_share)")
+    push.add_argument("--tiers", help="comma-separated tiers that run it (default: those whose "
+                      "tiers.*.models list it)")
+    steps.add_parser("ls", help="every model: stable, canary, share")
+    show = steps.add_parser("show", help="a model's versions, lineage, history and devices")
+    show.add_argument("model")
+    promote = steps.add_parser("promote", help="raise the canary's share, or make it stable")
+    promote.add_argument("model")
+    promote.add_argument("--share", type=float, help="the new share (default: all: stable)")
+    for name, text in (("pause", "hold the canary: no more devices get it"),
+                       ("rollback", "drop the canary, or return to the previous stable")):
+        steps.add_parser(name, help=text).add_argument("model")
+    for parser in steps.choices.values():
+        parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    registry = Registry(config.registry_dir)
+    console = Console()
+    command = args.registry_command
+    if command == "keygen":
+        private, public, token = keygen(registry.keys_dir, overwrite=args.force)
+        console.print(f"signing key {private} (keep it here), public key {public} (give it to "
+                      f"every edge server and device: registry.public_key), API token {token}")
+    elif command == "push":
+        models_dir = Path(args.models) if args.models else config.models_dir
+        names = list(args.names)
+        if args.all:
+            from tierwise.zoo.store import list_models
+
+            names += [name for name, (info, _) in list_models(models_dir).items()
+                      if info.role == "full" and name not in names]
+        if not names:
+            raise SystemExit("registry push: name the models to push, or pass --all")
+        key = load_private_key(registry.keys_dir / PRIVATE_KEY_FILE)
+        tiers = args.tiers.split(",") if args.tiers else None
+        for name in names:
+            result = registry.push(config, models_dir, name, key, channel=args.channel,
+                                   canary_share=args.share, tiers=tiers)
+            where = "stable" if result.channel == "stable" else \
+                f"canary at {result.canary_share:.0%}"
+            verb = "pushed" if result.new else "unchanged, already"
+            console.print(f"{name}: {verb} version {result.version} ({result.files} files, "
+                          f"{result.bytes / 1024:,.0f} KiB), {where}")
+    elif command == "ls":
+        console.print(_rollout_table(registry.rollouts()))
+    elif command == "show":
+        _show(console, registry, args.model)
+    else:
+        action = {"promote": lambda m: registry.promote(m, args.share),
+                  "pause": registry.pause, "rollback": registry.rollback}[command]
+        console.print(_rollout_table([action(args.model)]))
+    return 0
+
+
+def _rollout_table(rollouts: list[Rollout]) -> Table:
+    table = Table("model", "stable", "canary", "share", "state")
+    for r in rollouts:
+        state = "paused" if r.paused else ("rolling out" if r.canary else "")
+        table.add_row(r.model, str(r.stable or "-"), str(r.canary or "-"),
+                      f"{r.canary_share:.0%}" if r.canary else "-", state)
+    return table
+
+
+def _show(console: Console, registry: Registry, model: str) -> None:
+    rollout = registry.require(model)
+    console.print(_rollout_table([rollout]))
+    versions = Table("version", "created", "step", "from", "runs on", "files", "KiB",
+                     "test accuracy", title=f"{model}: versions")
+    for v in registry.versions(model):
+        lineage = v["lineage"]
+        origin = f"{lineage['parent']} v{lineage['parent_version']}" if lineage["parent"] \
+            else (f"v{lineage['previous_version']}" if lineage["previous_version"] else "-")
+        versions.add_row(v["version"], v["created_at"], lineage["step"], origin,
+                         ",".join(v["runs_on"]), str(v["files"]), f"{v['bytes'] / 1024:,.0f}",
+                         f"{v['test_accuracy']:.2%}")
+    console.print(versions)
+    history = Table("at", "action", "version", "detail", title="history")
+    for event in registry.events(model):
+        history.add_row(_time(event["at"]), event["action"], str(event["version"]),
+                        event["detail"])
+    console.print(history)
+    devices = Table("device", "channel", "version", "last poll", title="subscribers")
+    for device in registry.devices(model):
+        devices.add_row(device["device"], device["channel"], str(device["version"]),
+                        _time(device["seen_at"]))
+    console.print(devices)
+
+
+def _time(epoch_s: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch_s).strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,102 @@
+"""Tier servers and the registry: hosting it (the cloud) and serving from it (any tier)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from tierwise.config import Config, TierConfig
+from tierwise.registry.http import RegistryApp
+from tierwise.registry.store import Registry
+from tierwise.registry.subscriber import SubscriberState, registry_token, subscriber_for
+from tierwise.runtime.session import OnnxModel
+from tierwise.server.app import TierServer
+from tierwise.zoo.store import MODEL_FILE, load_info
+
+
+class ServerSync:
+    """Keeps a `TierServer` serving what its subscriber installed: every active version of the
+    models that run on its tier, the stable one answering unversioned requests. A version
+    that left the channel is served `retire_grace_s` longer, for devices that have not
+    polled since."""
+
+    def __init__(self, app: TierServer, tier: str, threads: int = 1,
+                 retire_grace_s: float = 30.0) -> None:
+        self.app = app
+        self.tier = tier
+        self.threads = threads
+        self.retire_grace_s = retire_grace_s
+        self._leaving: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, state: SubscriberState) -> None:
+        wanted: dict[tuple[str, str], Path] = {}
+        defaults: dict[str, str] = {}
+        for model, versions in state.active.items():
+            for version, installed in versions.items():
+                for member, path in installed.members.items():
+                    if self.tier in installed.runs_on.get(member, []) and \
+                            (path / MODEL_FILE).is_file():
+                        wanted[(member, version)] = path
+                        if version == state.stable.get(model):
+                            defaults[member] = version
+        with self._lock:
+            served = {(name, version) for name, versions in self.app.models.items()
+                      for version in versions}
+            install = [OnnxModel(path / MODEL_FILE, load_info(path), self.threads)
+                       for key, path in wanted.items() if key not in served]
+            for key in wanted:
+                self._leaving.pop(key, None)
+            now = time.monotonic()
+            for key in served - set(wanted):
+                self._leaving.setdefault(key, now + self.retire_grace_s)
+            retire = self._due(now)
+            self.app.update(install, retire, defaults)
+        if self._leaving:
+            timer = threading.Timer(self.retire_grace_s + 0.05, self._retire_due)
+            timer.daemon = True
+            timer.start()
+        if install or retire:
+            print(f"tier {self.tier} now serves {self.app.served_versions()}", flush=True)
+
+    def _due(self, now: float) -> list[tuple[str, str]]:
+        due = [key for key, deadline in self._leaving.items() if deadline <= now]
+        for key in due:
+            del self._leaving[key]
+        return due
+
+    def _retire_due(self) -> None:
+        with self._lock:
+            retire = self._due(time.monotonic())
+            if retire:
+                self.app.update([], retire)
+                print(f"tier {self.tier} retired {retire}", flush=True)
+
+
+def hosted(app: TierServer, config: Config) -> TierServer | RegistryApp:
+    """`app` with the registry API in front of it, when the registry exists (the cloud)."""
+    registry = Registry(config.registry_dir)
+    if not registry.index_path.is_file():
+        return app
+    return RegistryApp(registry, registry_token(config.registry.token, registry.root), app)
+
+
+def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: str, *,
+                        host: str, port: int, threads: int = 1, channel: str | None = None,
+                        device_id: str | None = None) -> None:
+    """Serve what the registry at `url` deploys to this tier, hot-swapping new versions, until
+    interrupted."""
+    from tierwise.server.app import run
+
+    app = TierServer(tier_name, tier, {})
+    subscriber = subscriber_for(config, tier_name, url, channel=channel,
+                                device_id=device_id or f"{tier_name}-{host}-{port}")
+    subscriber.on_change = ServerSync(app, tier_name, threads, config.registry.retire_grace_s)
+    subscriber.start()
+    try:
+        run(hosted(app, config) if tier_name == "cloud" else app, host, port,
+            f"tierwise serve: tier {tier_name}, models from the registry {url} channel "
+            f"{subscriber.channel} (device id {subscriber.device_id})")
+    finally:
+        subscriber.stop()

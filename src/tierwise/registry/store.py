@@ -1,0 +1,438 @@
+"""The registry at the cloud tier: content-addressed artifacts on the filesystem, an index in
+SQLite, and the rollout state of every model.
+
+A *version* of a model is a bundle: the model and every head and tail cut from it
+(`tierwise optimize split`, learned bottlenecks), each with its metadata and profile, so that a
+device's head and a server's tail always come from the same version. Its manifest lists every
+file with its sha256 and size, records the lineage (the version before it, the model and
+optimize step it came from), and is signed with Ed25519 (`registry.signing`).
+
+Rollout, per model: a `stable` version and at most one `canary` version with a share. A
+subscriber on the `stable` channel gets the canary when its device id hashes into the share
+(`in_canary_cohort`: a stable hash, so raising the share only adds devices), else the stable
+version; on the `canary` channel it always gets the canary. `pause` stops the canary from
+reaching devices that do not have it yet; `promote` raises the share or makes the canary
+stable; `rollback` drops the canary, or, with none, returns to the previous stable version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tierwise.config import Config
+from tierwise.profile.model_profile import PROFILE_FILE
+from tierwise.registry import RegistryError
+from tierwise.registry.signing import sign
+from tierwise.zoo.store import (
+    METADATA_FILE,
+    MODEL_FILE,
+    ModelInfo,
+    list_models,
+    load_info,
+    model_dir,
+    sha256_file,
+)
+
+MANIFEST_SCHEMA = 1
+CHANNELS = ("stable", "canary")
+DEVICE_TIER = "device"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL, version INTEGER NOT NULL, created_at REAL NOT NULL,
+    manifest BLOB NOT NULL, signature BLOB NOT NULL, content_key TEXT NOT NULL,
+    PRIMARY KEY (model, version));
+CREATE TABLE IF NOT EXISTS rollouts (
+    model TEXT PRIMARY KEY, stable INTEGER, canary INTEGER, canary_share REAL NOT NULL DEFAULT 0,
+    paused INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, model TEXT NOT NULL,
+    action TEXT NOT NULL, version INTEGER, detail TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT NOT NULL, model TEXT NOT NULL, channel TEXT NOT NULL, version INTEGER NOT NULL,
+    seen_at REAL NOT NULL, PRIMARY KEY (device, model));
+"""
+
+
+def in_canary_cohort(device_id: str, model: str, share: float) -> bool:
+    """Whether `device_id` is in `model`'s canary cohort at `share` (0..1).
+
+    A stable hash: the same device always lands at the same position, so raising the share
+    keeps every device already in the cohort. Salted with the model, so one model's canary
+    cohort is not every model's.
+    """
+    digest = hashlib.sha256(f"{model}\0{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+@dataclass
+class Rollout:
+    model: str
+    stable: int | None
+    canary: int | None
+    canary_share: float
+    paused: bool
+
+    def version_for(self, channel: str, device_id: str, current: int | None) -> int | None:
+        """The version a subscriber on `channel` gets; `current` is what it was last given."""
+        if self.canary is None:
+            return self.stable
+        if channel == "canary" or self.stable is None:
+            return self.canary
+        if self.paused:  # nobody new gets the canary; whoever has it keeps it
+            return self.canary if current == self.canary else self.stable
+        return self.canary if in_canary_cohort(device_id, self.model, self.canary_share) \
+            else self.stable
+
+    @property
+    def active(self) -> list[int]:
+        return sorted({v for v in (self.stable, self.canary) if v is not None})
+
+
+@dataclass
+class PushResult:
+    model: str
+    version: int
+    new: bool  # False: the same content was already this version
+    channel: str
+    canary_share: float
+    files: int
+    bytes: int
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+class Registry:
+    """The registry under `root`: blobs/sha256/<hash>, index.db, keys/."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.keys_dir = self.root / "keys"
+        self.index_path = self.root / "index.db"
+
+    # -- storage ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """One connection per operation: safe from any thread and any process (WAL)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.index_path, timeout=30)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+            with connection:
+                yield connection
+        finally:
+            connection.close()
+
+    def blob_path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise RegistryError(f"not a sha256 digest: {sha256!r}")
+        return self.blobs_dir / sha256[:2] / sha256
+
+    def _put_blob(self, source: Path) -> tuple[str, int]:
+        digest = sha256_file(source)
+        target = self.blob_path(digest)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with (tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as staging,
+                  open(source, "rb") as stream):
+                shutil.copyfileobj(stream, staging)
+            os.replace(staging.name, target)  # readers never see half a blob
+        return digest, target.stat().st_size
+
+    # -- push -----------------------------------------------------------------------------
+
+    def push(self, config: Config, models_dir: Path, model: str, private_key: Any, *,
+             channel: str | None = None, canary_share: float | None = None,
+             tiers: list[str] | None = None) -> PushResult:
+        """Store `model` (with its heads and tails) from `models_dir` as a new signed version
+        and put it on `channel`: stable, or canary at `canary_share` (default: the config's).
+        The first version of a model always goes to stable. Pushing content that is already
+        the latest version changes nothing."""
+        if channel is not None and channel not in CHANNELS:
+            raise RegistryError(f"channel: expected one of {CHANNELS}, got {channel!r}")
+        found = list_models(models_dir)
+        if model not in found:
+            raise RegistryError(f"{models_dir}: no model {model!r} to push; found "
+                                f"{sorted(found)}")
+        info = found[model][0]
+        if info.role != "full":
+            raise RegistryError(f"{model!r} is a {info.role} of {info.parent!r}: push "
+                                f"{info.parent!r}, whose versions carry its heads and tails")
+        runs_on = _runs_on(config, info, found, tiers)
+        members = [model, *sorted(name for name, (member, _) in found.items()
+                                  if member.parent == model and member.role != "full")]
+        # What makes two pushes the same version: every member's weights, as they are on disk.
+        content_key = hashlib.sha256("".join(
+            f"{name}={sha256_file(found[name][1])};" for name in members).encode()).hexdigest()
+        with self._db() as db:
+            latest = db.execute("SELECT version, content_key FROM versions WHERE model = ? "
+                                "ORDER BY version DESC LIMIT 1", (model,)).fetchone()
+            rollout = self._rollout(db, model)
+        if latest is not None and latest[1] == content_key:
+            manifest = self.manifest(model, latest[0])[0]
+            on = ("canary" if rollout and rollout.canary == latest[0] else "stable")
+            return PushResult(model, latest[0], False, on,
+                              rollout.canary_share if rollout and on == "canary" else 1.0,
+                              len(manifest["files"]), sum(f["size"] for f in manifest["files"]))
+        version = (latest[0] + 1) if latest else 1
+        files = []
+        with tempfile.TemporaryDirectory() as staging:
+            for name in members:
+                directory = model_dir(models_dir, name)
+                member_info = load_info(directory).model_copy(update={"version": str(version)})
+                metadata = Path(staging) / f"{name}.json"
+                metadata.write_text(member_info.model_dump_json(indent=2) + "\n")
+                sources = [(MODEL_FILE, directory / MODEL_FILE), (METADATA_FILE, metadata)]
+                if (directory / PROFILE_FILE).is_file():
+                    sources.append((PROFILE_FILE, directory / PROFILE_FILE))
+                for file_name, source in sources:
+                    digest, size = self._put_blob(source)
+                    files.append({"path": f"{name}/{file_name}", "sha256": digest, "size": size})
+        parent_version = None
+        if info.parent:
+            parent_rollout = self.rollout(info.parent)
+            parent_version = str(parent_rollout.stable) if parent_rollout and \
+                parent_rollout.stable else None
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "model": model,
+            "version": str(version),
+            "created_at": _now_iso(),
+            "runs_on": runs_on,
+            "lineage": {"previous_version": str(latest[0]) if latest else None,
+                        "parent": info.parent, "parent_version": parent_version,
+                        "step": info.variant or "train"},
+            "metadata": info.model_copy(update={"version": str(version)}).model_dump(),
+            "files": files,
+        }
+        signature = sign(manifest, private_key)
+        if rollout is None or rollout.stable is None:
+            channel = "stable"
+        channel = channel or "canary"
+        share = 1.0 if channel == "stable" else (canary_share if canary_share is not None
+                                                 else config.registry.canary_share)
+        if not 0 < share <= 1:
+            raise RegistryError(f"canary share: expected a number in (0, 1], got {share!r}")
+        with self._db() as db:
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                       (model, version, time.time(), orjson.dumps(manifest),
+                        orjson.dumps(signature), content_key))
+            self._event(db, model, "push", version, f"{len(files)} files")
+            if channel == "stable":
+                self._set(db, model, stable=version, canary=None, canary_share=0.0, paused=0)
+                self._event(db, model, "stable", version)
+            else:
+                self._set(db, model, canary=version, canary_share=share, paused=0)
+                self._event(db, model, "canary", version, f"share {share:g}")
+        return PushResult(model, version, True, channel, share, len(files),
+                          sum(f["size"] for f in files))
+
+    # -- rollout --------------------------------------------------------------------------
+
+    def promote(self, model: str, share: float | None = None) -> Rollout:
+        """Raise the canary's share to `share`, or (None or 1) make the canary stable. Also
+        resumes a paused canary."""
+        rollout = self._require_canary(model, "promote")
+        with self._db() as db:
+            if share is not None and not 0 < share <= 1:
+                raise RegistryError(f"share: expected a number in (0, 1], got {share!r}")
+            if share is None or share >= 1:
+                self._set(db, model, stable=rollout.canary, canary=None, canary_share=0.0,
+                          paused=0)
+                self._event(db, model, "stable", rollout.canary, "promoted from canary")
+            else:
+                self._set(db, model, canary_share=share, paused=0)
+                self._event(db, model, "canary", rollout.canary, f"share {share:g}")
+        return self.require(model)
+
+    def pause(self, model: str) -> Rollout:
+        """Hold the canary where it is: devices that have it keep it, no other device gets it."""
+        rollout = self._require_canary(model, "pause")
+        with self._db() as db:
+            self._set(db, model, paused=1)
+            self._event(db, model, "pause", rollout.canary)
+        return self.require(model)
+
+    def rollback(self, model: str) -> Rollout:
+        """Drop the canary (every device back on stable); with no canary, make the previous
+        stable version stable again."""
+        rollout = self.require(model)
+        with self._db() as db:
+            if rollout.canary is not None:
+                self._set(db, model, canary=None, canary_share=0.0, paused=0)
+                self._event(db, model, "rollback", rollout.canary, "canary dropped")
+            else:
+                history = [row[0] for row in db.execute(
+                    "SELECT version FROM events WHERE model = ? AND action = 'stable' "
+                    "ORDER BY id", (model,))]
+                previous = [v for v in history if v != rollout.stable]
+                if not previous:
+                    raise RegistryError(f"{model}: no canary and no earlier stable version to "
+                                        "roll back to")
+                self._set(db, model, stable=previous[-1])
+                self._event(db, model, "rollback", rollout.stable,
+                            f"stable back to {previous[-1]}")
+                self._event(db, model, "stable", previous[-1], "rollback")
+        return self.require(model)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def rollout(self, model: str) -> Rollout | None:
+        with self._db() as db:
+            return self._rollout(db, model)
+
+    def rollouts(self) -> list[Rollout]:
+        with self._db() as db:
+            rows = db.execute("SELECT model, stable, canary, canary_share, paused FROM rollouts "
+                              "ORDER BY model").fetchall()
+        return [Rollout(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows]
+
+    def manifest(self, model: str, version: int) -> tuple[dict[str, Any], dict[str, str]]:
+        """(manifest, signature) of one version."""
+        with self._db() as db:
+            row = db.execute("SELECT manifest, signature FROM versions WHERE model = ? AND "
+                             "version = ?", (model, version)).fetchone()
+        if row is None:
+            raise RegistryError(f"{model}: no version {version}")
+        return orjson.loads(row[0]), orjson.loads(row[1])
+
+    def versions(self, model: str) -> list[dict[str, Any]]:
+        """Every version of `model`, oldest first: manifest summaries."""
+        with self._db() as db:
+            rows = db.execute("SELECT manifest FROM versions WHERE model = ? ORDER BY version",
+                              (model,)).fetchall()
+        out = []
+        for (raw,) in rows:
+            manifest = orjson.loads(raw)
+            out.append({"version": manifest["version"], "created_at": manifest["created_at"],
+                        "lineage": manifest["lineage"], "runs_on": manifest["runs_on"][model],
+                        "files": len(manifest["files"]),
+                        "bytes": sum(f["size"] for f in manifest["files"]),
+                        "test_accuracy": manifest["metadata"]["test_accuracy"]})
+        return out
+
+    def events(self, model: str) -> list[dict[str, Any]]:
+        with self._db() as db:
+            rows = db.execute("SELECT at, action, version, detail FROM events WHERE model = ? "
+                              "ORDER BY id", (model,)).fetchall()
+        return [{"at": at, "action": action, "version": version, "detail": detail}
+                for at, action, version, detail in rows]
+
+    def devices(self, model: str) -> list[dict[str, Any]]:
+        """The subscribers of `model` and the version each was last given."""
+        with self._db() as db:
+            rows = db.execute("SELECT device, channel, version, seen_at FROM devices WHERE "
+                              "model = ? ORDER BY device", (model,)).fetchall()
+        return [{"device": d, "channel": c, "version": v, "seen_at": s} for d, c, v, s in rows]
+
+    def deployment(self, channel: str, device_id: str) -> dict[str, Any]:
+        """What a subscriber on `channel` should run now: per model, its version and every
+        active version's signed manifest (servers serve them all, so that every device's
+        version has a server). Records what each device was given."""
+        if channel not in CHANNELS:
+            raise RegistryError(f"channel: expected one of {CHANNELS}, got {channel!r}")
+        now = time.time()
+        models: dict[str, Any] = {}
+        with self._db() as db:
+            given = dict(db.execute("SELECT model, version FROM devices WHERE device = ?",
+                                    (device_id,)).fetchall())
+            for row in db.execute("SELECT model, stable, canary, canary_share, paused FROM "
+                                  "rollouts ORDER BY model").fetchall():
+                rollout = Rollout(row[0], row[1], row[2], row[3], bool(row[4]))
+                version = rollout.version_for(channel, device_id, given.get(rollout.model))
+                if version is None:
+                    continue
+                manifests = {}
+                for active in rollout.active:
+                    manifest, signature = db.execute(
+                        "SELECT manifest, signature FROM versions WHERE model = ? AND "
+                        "version = ?", (rollout.model, active)).fetchone()
+                    manifests[str(active)] = {"manifest": orjson.loads(manifest),
+                                              "signature": orjson.loads(signature)}
+                models[rollout.model] = {"version": str(version), "rollout": asdict(rollout),
+                                         "versions": manifests}
+                db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT (device, "
+                           "model) DO UPDATE SET channel = excluded.channel, version = "
+                           "excluded.version, seen_at = excluded.seen_at",
+                           (device_id, rollout.model, channel, version, now))
+        return {"channel": channel, "device": device_id, "models": models}
+
+    # -- internals ------------------------------------------------------------------------
+
+    @staticmethod
+    def _rollout(db: sqlite3.Connection, model: str) -> Rollout | None:
+        row = db.execute("SELECT model, stable, canary, canary_share, paused FROM rollouts "
+                         "WHERE model = ?", (model,)).fetchone()
+        return Rollout(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+    def require(self, model: str) -> Rollout:
+        rollout = self.rollout(model)
+        if rollout is None:
+            known = [r.model for r in self.rollouts()]
+            raise RegistryError(f"no model {model!r} in the registry; it has {known}")
+        return rollout
+
+    def _require_canary(self, model: str, action: str) -> Rollout:
+        rollout = self.require(model)
+        if rollout.canary is None:
+            raise RegistryError(f"{model}: no canary to {action} (stable is version "
+                                f"{rollout.stable}; `registry push --channel canary` first)")
+        return rollout
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, model: str, **values: Any) -> None:
+        db.execute("INSERT INTO rollouts (model, updated_at) VALUES (?, ?) ON CONFLICT (model) "
+                   "DO NOTHING", (model, time.time()))
+        assignments = ", ".join(f"{key} = ?" for key in values)
+        db.execute(f"UPDATE rollouts SET {assignments}, updated_at = ? WHERE model = ?",
+                   (*values.values(), time.time(), model))
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, model: str, action: str, version: int | None,
+               detail: str = "") -> None:
+        db.execute("INSERT INTO events (at, model, action, version, detail) VALUES "
+                   "(?, ?, ?, ?, ?)", (time.time(), model, action, version, detail))
+
+
+def _runs_on(config: Config, info: ModelInfo, found: dict[str, tuple[ModelInfo, Path]],
+             tiers: Iterable[str] | None) -> dict[str, list[str]]:
+    """Which tiers run each member of `info`'s bundle: the model where `tiers` (default: the
+    tiers whose `models` list it or, for a variant, its parent) say; its heads on the device;
+    its tails where the model runs remotely."""
+    if tiers:
+        where = list(tiers)
+        unknown = sorted(set(where) - set(config.tiers))
+        if unknown:
+            raise RegistryError(f"tiers: {unknown} are not configured tiers "
+                                f"({sorted(config.tiers)})")
+    else:
+        where = [tier for tier, settings in config.tiers.items()
+                 if info.name in settings.models
+                 or (info.parent in settings.models and settings.variants)]
+        if not where:
+            raise RegistryError(f"{info.name}: no tier runs it (tiers.*.models); pass --tiers")
+    runs_on = {info.name: where}
+    remote = [tier for tier in where if tier != DEVICE_TIER] or \
+        [tier for tier in config.tiers if tier != DEVICE_TIER]
+    for name, (member, _) in found.items():
+        if member.parent == info.name and member.role != "full":
+            runs_on[name] = [DEVICE_TIER] if member.role == "head" else remote
+    return runs_on
