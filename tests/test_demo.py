@@ -38,6 +38,12 @@ def test_demo_compares_the_strategies_and_writes_a_report(
     assert [row["strategy"] for row in saved["rows"]] == list(rows)
     assert any("emulated" in label for label in saved["emulated"])
     assert "Emulated" in (report / "table.md").read_text()
+    # every tier and device took its models from the registry, and the traces say which
+    registry = saved["registry"]
+    assert {r["model"] for r in registry["pushed"]} >= {"fmnist-device", "fmnist-edge",
+                                                        "fmnist-cloud"}
+    assert registry["versions_served"]["device-only"] == {"fmnist-device": "1"}
+    assert registry["versions_served"]["edge-only"] == {"fmnist-edge": "1"}
     for plot in ("latency_cdf.png", "accuracy_vs_cost.png"):
         assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = console.export_text()

@@ -356,6 +356,15 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(_explain(error, source)) from None
 
 
+def write_config(config: Config, path: Path) -> Path:
+    """`config` as a TOML file that `load_config` reads back to an equal config (e.g. for
+    the server processes a run starts)."""
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load `path`, else $TIERWISE_CONFIG, else ./tierwise.toml if present, else the defaults.
 

@@ -1,14 +1,17 @@
 """`tierwise demo`: the whole system on one machine.
 
-Trains (or loads) the zoo, starts the edge and cloud servers as real processes on loopback,
-runs the same test images through device-only, edge-only, cloud-only and the cascade, and
-prints and writes a table with plots. Links and any device compute scale are emulated, and
-every output says so.
+Trains (or loads) the zoo and publishes it to the model registry as signed versions. Starts
+the cloud server (which hosts the registry) and the edge server as real processes on loopback;
+both take their models from the registry, and so does every simulated device. Runs the same
+test images through device-only, edge-only, cloud-only, the cascade and the adaptive policy,
+and prints and writes a table with plots. Links and any device compute scale are emulated,
+and every output says so.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -19,14 +22,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tierwise.bench.processes import tier_server
+from tierwise.bench.processes import free_port, tier_server
 from tierwise.client import Client, Trace
 from tierwise.client.client import emulation_labels
-from tierwise.config import Config, TierConfig
+from tierwise.config import Config, TierConfig, write_config
 from tierwise.data import load_splits
 from tierwise.planner.plans import Cascade, Local, Plan, Remote
 from tierwise.profile.calibration import softmax
 from tierwise.profile.cascade import CascadeChoice, choose_threshold
+from tierwise.registry.cli import describe_push
+from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
+from tierwise.registry.store import PushResult, Registry
 from tierwise.runtime.session import load_models
 from tierwise.zoo.store import list_models, model_name
 
@@ -212,21 +218,35 @@ def run_demo(config: Config, report_dir: Path | None = None,
         # tierwise itself: the cheapest plan per request that meets the cascade's target
         "adaptive": None,
     }
+    pushed = publish(config, console)
     edge_tier, cloud_tier = config.tier("edge"), config.tier("cloud")
+    cloud_port = free_port()
+    cloud_url = f"http://127.0.0.1:{cloud_port}"
+    from_registry = ["--registry-url", cloud_url]
+    versions: dict[str, dict[str, str]] = {}
     with (
-        tier_server("edge", config.models_dir, extra_args=_server_args(edge_tier)) as edge_url,
-        tier_server("cloud", config.models_dir, extra_args=_server_args(cloud_tier)) as cloud_url,
+        tempfile.TemporaryDirectory() as scratch,
+        tier_server("cloud", config.models_dir, port=cloud_port,
+                    extra_args=[*_server_args(cloud_tier), *from_registry],
+                    config_path=str(write_config(config, Path(scratch) / "tierwise.toml"))),
+        tier_server("edge", config.models_dir, extra_args=[*_server_args(edge_tier),
+                                                             *from_registry],
+                    config_path=str(Path(scratch) / "tierwise.toml")) as edge_url,
     ):
-        console.print(f"edge server {edge_url}, cloud server {cloud_url} (real processes)")
+        console.print(f"cloud server {cloud_url} (hosts the registry), edge server {edge_url}: "
+                      "real processes, serving the registry's stable versions")
         results: dict[str, StrategyResult] = {}
         # Each strategy is its own device with its own links, so they run side by side.
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             def worker(name: str, plan: Plan | None) -> None:
-                with Client(config, tier_urls={"edge": edge_url, "cloud": cloud_url}) as client:
+                with Client(config, registry_url=cloud_url, device_id=f"demo-{name}",
+                            tier_urls={"edge": edge_url, "cloud": cloud_url}) as client:
                     client.infer(images[0], plan)  # warm the connection and the session
-                    results[name], _ = run_strategy(client, plan, images, labels, progress,
-                                                    name, min_accuracy=choice.target_accuracy)
+                    results[name], traces = run_strategy(
+                        client, plan, images, labels, progress, name,
+                        min_accuracy=choice.target_accuracy)
+                    versions[name] = _served_versions(traces)
 
             threads = [threading.Thread(target=worker, args=item) for item in strategies.items()]
             for thread in threads:
@@ -251,12 +271,18 @@ def run_demo(config: Config, report_dir: Path | None = None,
         "Cost: server compute-seconds x price per hour, bytes x link price per GB, device "
         "energy x electricity price (price book: `tierwise config show`).",
         "Absolute times are figures of this machine; compare strategies side by side.",
+        "Models: every tier and device took its models from the registry hosted by the cloud "
+        "server (signed, verified): "
+        + ", ".join(f"{r.model} v{r.version}" for r in pushed if r.model in (DEVICE, EDGE, CLOUD))
+        + ".",
     ]
     (report_dir / "results.json").write_text(json.dumps({
         "rows": [r.row() for r in ordered],
         "cascade": choice.__dict__,
         "emulated": emulated,
         "images": len(images),
+        "registry": {"url": cloud_url, "pushed": [r.__dict__ for r in pushed],
+                     "versions_served": versions},
         "models": {name: infos[name].model_dump() for name in (DEVICE, EDGE, CLOUD)},
     }, indent=2))
     (report_dir / "table.md").write_text(_markdown(ordered, emulated, notes))
@@ -265,6 +291,32 @@ def run_demo(config: Config, report_dir: Path | None = None,
                   + ", ".join(p.name for p in plots))
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return ordered
+
+
+def publish(config: Config, console: Console) -> list[PushResult]:
+    """Push every model in the models directory to the registry (a signing key is made on
+    first use); pushing what is already there changes nothing."""
+    registry = Registry(config.registry_dir)
+    key_path = registry.keys_dir / PRIVATE_KEY_FILE
+    if not key_path.is_file():
+        keygen(registry.keys_dir)
+        console.print(f"registry: new signing key and API token under {registry.keys_dir}")
+    results = registry.push_all(config, config.models_dir, load_private_key(key_path))
+    for result in results:
+        if result.new:
+            console.print(f"registry: {describe_push(result)}")
+    console.print(f"registry {registry.root}: {len(results)} models, "
+                  f"{sum(r.new for r in results)} new versions")
+    return results
+
+
+def _served_versions(traces: list[Trace]) -> dict[str, str]:
+    """model -> the versions that answered, from the traces."""
+    seen: dict[str, set[str]] = {}
+    for trace in traces:
+        for stage in trace.answered_stages:
+            seen.setdefault(stage.model, set()).add(stage.model_version)
+    return {model: ",".join(sorted(found)) for model, found in sorted(seen.items())}
 
 
 def _server_args(tier: TierConfig) -> list[str]:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tierwise.config import load_config
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
-from tierwise.registry.store import CHANNELS, Registry, Rollout
+from tierwise.registry.store import CHANNELS, PushResult, Registry, Rollout
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,24 +54,15 @@ def run(args: argparse.Namespace) -> int:
                       f"every edge server and device: registry.public_key), API token {token}")
     elif command == "push":
         models_dir = Path(args.models) if args.models else config.models_dir
-        names = list(args.names)
-        if args.all:
-            from tierwise.zoo.store import list_models
-
-            names += [name for name, (info, _) in list_models(models_dir).items()
-                      if info.role == "full" and name not in names]
-        if not names:
+        if not args.names and not args.all:
             raise SystemExit("registry push: name the models to push, or pass --all")
         key = load_private_key(registry.keys_dir / PRIVATE_KEY_FILE)
-        tiers = args.tiers.split(",") if args.tiers else None
-        for name in names:
-            result = registry.push(config, models_dir, name, key, channel=args.channel,
-                                   canary_share=args.share, tiers=tiers)
-            where = "stable" if result.channel == "stable" else \
-                f"canary at {result.canary_share:.0%}"
-            verb = "pushed" if result.new else "unchanged, already"
-            console.print(f"{name}: {verb} version {result.version} ({result.files} files, "
-                          f"{result.bytes / 1024:,.0f} KiB), {where}")
+        results = registry.push_all(
+            config, models_dir, key, names=None if args.all else list(args.names),
+            channel=args.channel, canary_share=args.share,
+            tiers=args.tiers.split(",") if args.tiers else None)
+        for result in results:
+            console.print(describe_push(result))
     elif command == "ls":
         console.print(_rollout_table(registry.rollouts()))
     elif command == "show":
@@ -81,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
                   "pause": registry.pause, "rollback": registry.rollback}[command]
         console.print(_rollout_table([action(args.model)]))
     return 0
+
+
+def describe_push(result: PushResult) -> str:
+    where = "stable" if result.channel == "stable" else f"canary at {result.canary_share:.0%}"
+    verb = "pushed" if result.new else "unchanged, already"
+    return (f"{result.model}: {verb} version {result.version} ({result.files} files, "
+            f"{result.bytes / 1024:,.0f} KiB), {where}")
 
 
 def _rollout_table(rollouts: list[Rollout]) -> Table:

@@ -245,6 +245,15 @@ class Registry:
         return PushResult(model, version, True, channel, share, len(files),
                           sum(f["size"] for f in files))
 
+    def push_all(self, config: Config, models_dir: Path, private_key: Any,
+                 names: list[str] | None = None, **kwargs: Any) -> list[PushResult]:
+        """`push` each of `names` (default: every whole model in `models_dir` that a tier
+        runs)."""
+        if names is None:
+            names = [name for name, (info, _) in list_models(models_dir).items()
+                     if info.role == "full" and _tiers_running(config, info)]
+        return [self.push(config, models_dir, name, private_key, **kwargs) for name in names]
+
     # -- rollout --------------------------------------------------------------------------
 
     def promote(self, model: str, share: float | None = None) -> Rollout:
@@ -424,9 +433,7 @@ def _runs_on(config: Config, info: ModelInfo, found: dict[str, tuple[ModelInfo, 
             raise RegistryError(f"tiers: {unknown} are not configured tiers "
                                 f"({sorted(config.tiers)})")
     else:
-        where = [tier for tier, settings in config.tiers.items()
-                 if info.name in settings.models
-                 or (info.parent in settings.models and settings.variants)]
+        where = _tiers_running(config, info)
         if not where:
             raise RegistryError(f"{info.name}: no tier runs it (tiers.*.models); pass --tiers")
     runs_on = {info.name: where}
@@ -436,3 +443,10 @@ def _runs_on(config: Config, info: ModelInfo, found: dict[str, tuple[ModelInfo, 
         if member.parent == info.name and member.role != "full":
             runs_on[name] = [DEVICE_TIER] if member.role == "head" else remote
     return runs_on
+
+
+def _tiers_running(config: Config, info: ModelInfo) -> list[str]:
+    """The tiers whose `models` list the model or, for a variant, its parent."""
+    return [tier for tier, settings in config.tiers.items()
+            if info.name in settings.models
+            or (info.parent in settings.models and settings.variants)]
