@@ -17,8 +17,10 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from rich.console import Console
 
 from tierwise.bench.processes import free_port, tier_server
+from tierwise.bench.rollout import rebuild, run_bench_rollout
 from tierwise.cli import main
 from tierwise.client import Client
 from tierwise.config import Config, write_config
@@ -29,7 +31,7 @@ from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token
 from tierwise.server.app import TierServer, serve_in_thread
-from tierwise.zoo.store import MODEL_FILE, list_models, load_info, save_info, sha256_file
+from tierwise.zoo.store import MODEL_FILE, load_info, save_info
 
 DEVICE, EDGE = "fmnist-device", "fmnist-edge"
 
@@ -58,22 +60,6 @@ def _push(config: Config, models_dir: Path, model: str, **kwargs: Any) -> int:
     registry = Registry(config.registry_dir)
     key = load_private_key(registry.keys_dir / PRIVATE_KEY_FILE)
     return registry.push(config, models_dir, model, key, **kwargs).version
-
-
-def _second_version(models_dir: Path, target: Path, models: list[str]) -> Path:
-    """A copy of `models_dir` where `models` (and their heads and tails) are new builds: the
-    same weights in a re-saved ONNX file, so the registry sees new content."""
-    import onnx
-
-    shutil.copytree(models_dir, target)
-    for name, (info, path) in list_models(target).items():
-        if name in models or info.parent in models:
-            proto = onnx.load(str(path))
-            proto.doc_string = f"{name}, rebuilt for the registry test"
-            onnx.save(proto, str(path))
-            save_info(target, info.model_copy(update={"sha256": sha256_file(path),
-                                                      "bytes": path.stat().st_size}))
-    return target
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
@@ -180,7 +166,7 @@ def test_canary_reaches_exactly_its_cohort_and_rolls_back_while_requests_stream(
                 assert stream.versions_since(0) == {DEVICE: {"1"}, EDGE: {"1"}}
 
             # v2 of the device and the edge model, to the canary at 50%
-            v2_dir = _second_version(models_dir, tmp_path / "v2", [DEVICE, EDGE])
+            v2_dir = rebuild(models_dir, tmp_path / "v2", [DEVICE, EDGE])
             pushed = time.monotonic()
             for model in (DEVICE, EDGE):
                 assert main(["--config", config_path, "registry", "push", model, "--models",
@@ -231,7 +217,7 @@ def test_a_flipped_byte_is_refused_and_the_running_version_keeps_serving(
     with Client(config, registry_url=hosted_registry, device_id="tamper-test",
                 plan=Local(DEVICE), probe=False) as client:
         assert client.infer(splits.test_x[0]).trace.stages[0].model_version == "1"
-        _push(config, _second_version(models_dir, tmp_path / "v2", [DEVICE]), DEVICE,
+        _push(config, rebuild(models_dir, tmp_path / "v2", [DEVICE]), DEVICE,
               channel="canary", canary_share=1.0)
         registry = Registry(config.registry_dir)
         manifest, _ = registry.manifest(DEVICE, 2)
@@ -380,7 +366,7 @@ def test_pause_promote_and_rollback(config: Config, models_dir: Path, tmp_path: 
     registry = Registry(config.registry_dir)
     assert _push(config, models_dir, DEVICE) == 1
     assert _push(config, models_dir, DEVICE) == 1  # same content: no new version
-    v2_dir = _second_version(models_dir, tmp_path / "v2", [DEVICE])
+    v2_dir = rebuild(models_dir, tmp_path / "v2", [DEVICE])
     assert _push(config, v2_dir, DEVICE, channel="canary", canary_share=1.0) == 2
 
     def given(device: str) -> str:
@@ -446,3 +432,20 @@ def test_a_client_starts_offline_from_what_it_installed_before(
         Client(config, registry_url=unreachable, device_id="never-online", probe=False,
                timeout_s=1.0)
 
+
+
+def test_bench_rollout_swaps_versions_under_load_without_errors(
+        small_config: Config, models_dir: Path, tmp_path: Path) -> None:
+    results = run_bench_rollout(small_config, tmp_path / "bench", duration_s=3.0,
+                                swap_every_s=1.0, poll_s=0.2, concurrency=2,
+                                console=Console(width=160))
+    steady, rolling = results["phases"]
+    assert steady["requests"] > 50 and rolling["requests"] > 50
+    assert steady["errors"] == 0 and rolling["errors"] == 0
+    assert len(rolling["versions"]) >= 2  # the version answering really changed
+    assert [c["action"] for c in results["changes"]][:2] == ["promote", "rollback"]
+    assert all(c["propagation_ms"] is not None for c in results["changes"])
+    sizes = results["download_bytes_per_tier"]
+    assert 0 < sizes["device"] < sizes["cloud"]  # a device takes heads, not server weights
+    assert (tmp_path / "bench" / "results.json").is_file()
+    assert (tmp_path / "bench" / "rollout.png").is_file()

@@ -181,6 +181,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_rollout(args: argparse.Namespace) -> int:
+    from tierwise.bench.rollout import run_bench_rollout
+
+    config = load_config(args.config)
+    run_bench_rollout(config, Path(args.out), duration_s=args.duration_s,
+                      swap_every_s=args.swap_every_s, poll_s=args.poll_s,
+                      concurrency=args.concurrency)
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from tierwise.bench.serve import run_bench_serve
 
@@ -342,6 +352,18 @@ def _parser() -> argparse.ArgumentParser:
     bandwidth.add_argument("--out", default="reports/bench-bandwidth")
     _add_slo_flags(bandwidth)
     bandwidth.set_defaults(run=_bench_bandwidth)
+
+    rollout = bench_commands.add_parser(
+        "rollout", help="edge-server latency while registry versions roll, beside steady")
+    rollout.add_argument("--duration-s", type=_positive(float), default=20.0,
+                         help="length of each phase (default 20)")
+    rollout.add_argument("--swap-every-s", type=_positive(float), default=2.0,
+                         help="a promote or rollback this often while rolling (default 2)")
+    rollout.add_argument("--poll-s", type=_positive(float), default=0.5,
+                         help="the subscribers' poll period (default 0.5)")
+    rollout.add_argument("--concurrency", type=_positive(int), default=4)
+    rollout.add_argument("--out", default="reports/bench-rollout")
+    rollout.set_defaults(run=_bench_rollout)
 
     trace = bench_commands.add_parser(
         "trace", help="replay a bandwidth trace (CSV) while streaming requests")
