@@ -26,7 +26,9 @@ from tierwise.client import Client
 from tierwise.config import Config, write_config
 from tierwise.data import Splits
 from tierwise.planner.plans import Local, Remote
+from tierwise.registry import RegistryError
 from tierwise.registry.http import RegistryApp
+from tierwise.registry.serving import hosted
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token
@@ -266,6 +268,7 @@ def _edit_version(config: Config, model: str, version: int,
     ("unsigned", "unsigned (no signature)"),
     ("altered", "the signature does not verify"),
     ("other-key", "not by the trusted key"),
+    ("garbage", "the signature block is a int"),
 ])
 def test_unsigned_altered_or_foreign_manifests_are_refused(
         config: Config, hosted_registry: str, tmp_path: Path, attack: str,
@@ -273,6 +276,9 @@ def test_unsigned_altered_or_foreign_manifests_are_refused(
     overrides: dict[str, Any] = {}
     if attack == "unsigned":
         _edit_version(config, DEVICE, 1, lambda m, s: s.clear())
+    elif attack == "garbage":
+        with sqlite3.connect(config.registry_dir / "index.db") as db:
+            db.execute("UPDATE versions SET signature = '123' WHERE model = ?", (DEVICE,))
     elif attack == "altered":
         _edit_version(config, DEVICE, 1,
                       lambda m, s: m["metadata"].update(test_accuracy=0.999))
@@ -347,6 +353,16 @@ def test_the_api_needs_the_token_answers_304_when_unchanged_and_refuses_bad_rang
         assert http.get("/v2/health/live").status_code == 200
 
 
+def test_a_cloud_without_a_registry_says_how_to_make_one(small_config: Config,
+                                                         tmp_path: Path) -> None:
+    config = small_config.model_copy(deep=True)
+    config.registry.root = str(tmp_path / "none-yet")
+    app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
+    with serve_in_thread(app) as url:
+        answer = httpx.get(f"{url}/registry/v1/models", trust_env=False)
+    assert answer.status_code == 503 and "registry keygen" in answer.json()["error"]
+
+
 # -- rollout rules ----------------------------------------------------------------------------
 
 
@@ -382,8 +398,16 @@ def test_pause_promote_and_rollback(config: Config, models_dir: Path, tmp_path: 
     registry.rollback(DEVICE)  # no canary: back to the previous stable
     assert given("late") == "1" and registry.require(DEVICE).stable == 1
     actions = [event["action"] for event in registry.events(DEVICE)]
-    assert actions == ["push", "stable", "push", "canary", "pause", "stable", "rollback",
-                       "stable"]
+    assert actions == ["push", "stable", "push", "canary", "pause", "stable", "rollback-stable"]
+    # rollbacks in a row keep going back: 1 -> 3 -> 4, then 3, then 1, then nothing earlier
+    for build in ("v3", "v4"):
+        _push(config, rebuild(models_dir, tmp_path / build, [DEVICE]), DEVICE,
+              channel="stable")
+    assert registry.require(DEVICE).stable == 4
+    assert registry.rollback(DEVICE).stable == 3
+    assert registry.rollback(DEVICE).stable == 1
+    with pytest.raises(RegistryError, match="no earlier stable version"):
+        registry.rollback(DEVICE)
 
     # lineage: a variant records the version of the model it came from
     variant_dir = tmp_path / "variant"

@@ -159,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
                             device_id=args.device_id)
         return 0
     wrap = None
-    if args.tier == "cloud":  # the cloud also hosts the registry, where there is one
+    if args.tier == "cloud":  # the cloud also hosts the registry (`registry.root`)
         from tierwise.registry.serving import hosted
 
         def wrap(app: object) -> object:

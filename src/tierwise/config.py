@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 CONFIG_ENV = "TIERWISE_CONFIG"
 DATA_ENV = "TIERWISE_DATA"
 DEFAULT_CONFIG_FILE = "tierwise.toml"
+DEVICE_TIER = "device"  # the tier inside the app; every other tier is a server
 
 _RATE_UNITS_BYTES = {
     "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,

@@ -25,7 +25,7 @@ import numpy as np
 from tierwise.client.prober import Prober
 from tierwise.client.trace import StageTrace, Trace
 from tierwise.codecs import RAW, encode_rows
-from tierwise.config import Config, load_config
+from tierwise.config import DEVICE_TIER, Config, load_config
 from tierwise.net.shaping import (
     ABORT_AT_EXTENSION,
     TRANSFER_EXTENSION,
@@ -64,7 +64,6 @@ from tierwise.registry.subscriber import (
 from tierwise.runtime.session import OnnxModel
 from tierwise.zoo.store import ModelInfo, list_models, model_name
 
-DEVICE_TIER = "device"
 log = logging.getLogger("tierwise.client")
 # Time kept in hand, beyond the device model's own, for the device fallback when a remote
 # stage is given a deadline: scheduling jitter on a busy device.
@@ -187,7 +186,7 @@ class Client:
         self._device_ratio: dict[str, Ewma] = {}
         self.down: set[str] = set()
         self._lock = threading.Lock()
-        self._sessions: dict[str, OnnxModel] = {}
+        self._sessions: dict[Path, OnnxModel] = {}  # by the resolved path of model.onnx
         self._http: dict[str, httpx.Client] = {}
         self._policy: Policy | None = None
         self._profiled_ms: dict[tuple[str, str], float] = {}
@@ -295,8 +294,11 @@ class Client:
     def _list_models(self) -> None:
         """Metadata of every model in `models_dir`; weights where this device has them."""
         found = list_models(self.models_dir, weights=False)
+        # Both dicts are replaced, never changed in place: a request holds the pair it
+        # started with. Paths are resolved, so a path names one version's file.
         self.models = {name: info for name, (info, _) in found.items()}
-        self._paths = {name: path for name, (_, path) in found.items() if path.is_file()}
+        self._paths = {name: path.resolve() for name, (_, path) in found.items()
+                       if path.is_file()}
 
     def _subscribe(self, url: str, channel: str | None, device_id: str | None,
                    timeout_s: float) -> tuple[Subscriber, Path]:
@@ -320,7 +322,10 @@ class Client:
             taken, waiting = self._servable(state, shown)
             shown.clear()
             shown.update(taken)
-            self._swap(view.update(SubscriberState(current=taken)))
+            with self._lock:
+                view.update(SubscriberState(current=taken))
+                self._swap()
+            self.session(self.device_model)
             return not waiting
 
         subscriber.on_change = swap
@@ -332,7 +337,7 @@ class Client:
         waiting). A new version of a model that runs on a server is taken once every such
         tier answers ready for it; until then the device keeps the version it `shown`, so
         its remote stages never ask a server for a version it does not have yet."""
-        taken: dict[str, InstalledVersion] = {}
+        taken = {model: kept for model, kept in shown.items() if model not in state.current}
         waiting = []
         for model, installed in state.current.items():
             previous = shown.get(model)
@@ -358,20 +363,15 @@ class Client:
                     return False
         return True
 
-    def _swap(self, changed: set[str]) -> None:
-        """New versions arrived (`changed` models): requests already running finish on the
-        sessions they hold; the next ones use the new versions and a policy re-planned from
-        their profiles."""
-        with self._lock:
-            self._list_models()
-            for name in changed:
-                self._sessions.pop(name, None)
-            self._policy = None
-        self.session(self.device_model)
-
-    def model_versions(self) -> dict[str, str]:
-        """The version of every model this client plans with."""
-        return {name: info.version for name, info in self.models.items()}
+    def _swap(self) -> None:
+        """New versions are in the models directory (called under the lock): requests
+        already running finish on the models and sessions they started with; the next ones
+        use the new versions and a policy re-planned from their profiles."""
+        self._list_models()
+        current = set(self._paths.values())
+        self._sessions = {path: session for path, session in self._sessions.items()
+                          if path in current}
+        self._policy = None
 
     # -- planning helpers ------------------------------------------------------------------
 
@@ -422,18 +422,22 @@ class Client:
 
     # -- stages ---------------------------------------------------------------------------
 
-    def session(self, model: str) -> OnnxModel:
-        session = self._sessions.get(model)
+    def session(self, model: str, paths: dict[str, Path] | None = None,
+                models: dict[str, ModelInfo] | None = None) -> OnnxModel:
+        """The loaded `model`, as this client has it now, or as in `paths` and `models` (what
+        a request started with)."""
+        paths = paths if paths is not None else self._paths
+        models = models if models is not None else self.models
+        path = paths.get(model)
+        if path is None:
+            raise FileNotFoundError(f"model {model!r} is not on this device ({self.models_dir})")
+        session = self._sessions.get(path)
         if session is None:
-            if model not in self._paths:
-                raise FileNotFoundError(
-                    f"model {model!r} is not on this device ({self.models_dir})"
-                )
             with self._lock:
-                session = self._sessions.get(model)
+                session = self._sessions.get(path)
                 if session is None:
-                    session = OnnxModel(self._paths[model], self.models[model], self.threads)
-                    self._sessions[model] = session
+                    session = OnnxModel(path, models[model], self.threads)
+                    self._sessions[path] = session
         return session
 
     def http(self, tier: str) -> httpx.Client:
@@ -547,13 +551,16 @@ class _Execution:
         self.client = client
         self.trace = trace
         self.abort_at = abort_at
-        # From a registry, remote stages ask for the versions this device was given when the
-        # request started, so a head and its tail always match across a swap.
-        self.versions = client.model_versions() if client.subscriber is not None else {}
+        # The models as the request started (a swap replaces the client's dicts, not these):
+        # its local stages run them and, from a registry, its remote stages ask for their
+        # versions, so a head and its tail always match across a swap.
+        self.models = client.models
+        self.paths = client._paths
+        self.pin_versions = client.subscriber is not None
 
     def run_local(self, model: str, tensor: np.ndarray) -> np.ndarray:
         client = self.client
-        session = client.session(model)
+        session = client.session(model, self.paths, self.models)
         started = time.perf_counter()
         output, compute_ms = session.run_timed(tensor)
         scale = client.config.tier(DEVICE_TIER).compute_scale
@@ -572,7 +579,7 @@ class _Execution:
     def run_remote(self, tier: str, model: str, tensor: np.ndarray, codec: str) -> np.ndarray:
         try:
             output, stage = call_tier(self.client, tier, model, tensor, codec, self.abort_at,
-                                      version=self.versions.get(model))
+                                      version=self._version(model))
         except RemoteStageError as error:
             self.trace.stages.append(StageTrace(
                 kind="remote", tier=tier, model=model, model_version="", total_ms=0.0,
@@ -582,6 +589,10 @@ class _Execution:
             raise
         self.trace.stages.append(stage)
         return output
+
+    def _version(self, model: str) -> str | None:
+        info = self.models.get(model)
+        return info.version if self.pin_versions and info is not None else None
 
     def outcome(self, model: str, logits: np.ndarray) -> StageOutcome:
         return StageOutcome(softmax(logits[0], self.client.temperature(model)))

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tierwise.codecs import RAW
-from tierwise.config import Config, PriceBook
+from tierwise.config import DEVICE_TIER, Config, PriceBook
 from tierwise.planner.cost import BYTES_PER_GB, JOULES_PER_KWH
 from tierwise.planner.estimators import LinkEstimate
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.profile.model_profile import CascadeCurve, ModelProfile
 from tierwise.zoo.store import variants_of
 
-DEVICE = "device"
+DEVICE = DEVICE_TIER
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe_push(result: PushResult) -> str:
-    where = "stable" if result.channel == "stable" else f"canary at {result.canary_share:.0%}"
+    where = {"stable": "stable", "canary": f"canary at {result.canary_share:.0%}"}.get(
+        result.channel, "on no channel (a dropped canary; --channel puts it on one)")
     verb = "pushed" if result.new else "unchanged, already"
     return (f"{result.model}: {verb} version {result.version} ({result.files} files, "
             f"{result.bytes / 1024:,.0f} KiB), {where}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -24,6 +25,7 @@ from tierwise.registry.store import CHANNELS, Registry, RegistryError
 from tierwise.server.app import HTTPError, Receive, Scope, Send, send_response
 
 PREFIX = "/registry/v1/"
+log = logging.getLogger("tierwise.registry")
 CHUNK_BYTES = 1 << 20
 _JSON = (b"content-type", b"application/json")
 
@@ -31,9 +33,9 @@ _JSON = (b"content-type", b"application/json")
 class RegistryApp:
     """ASGI: the registry API under /registry/v1/, everything else to `app`."""
 
-    def __init__(self, registry: Registry, token: str, app: Any) -> None:
+    def __init__(self, registry: Registry, token: str | None, app: Any) -> None:
         self.registry = registry
-        self._token = f"Bearer {token}".encode()
+        self._token = f"Bearer {token}".encode() if token else None
         self.app = app
 
     def __getattr__(self, name: str) -> Any:  # the wrapped tier server's API (install, ...)
@@ -50,9 +52,16 @@ class RegistryApp:
                                 [_JSON, *error.headers])
         except RegistryError as error:
             await send_response(send, 404, encode_error(str(error)), [_JSON])
+        except Exception as error:  # e.g. the index locked or damaged: say so, keep serving
+            log.exception("registry %s failed", scope["path"])
+            await send_response(send, 500, encode_error(
+                f"registry error: {type(error).__name__}: {error}"), [_JSON])
 
     async def _handle(self, scope: Scope, send: Send) -> None:
         headers = dict(scope["headers"])
+        if self._token is None or not self.registry.index_path.is_file():
+            raise HTTPError(503, f"no registry at {self.registry.root} yet: run `tierwise "
+                                 "registry keygen` and `tierwise registry push` there")
         if not hmac.compare_digest(headers.get(b"authorization", b""), self._token):
             raise HTTPError(401, "the registry needs Authorization: Bearer <token> (registry."
                                  "token)", [(b"www-authenticate", b'Bearer realm="tierwise"')])
@@ -63,7 +72,8 @@ class RegistryApp:
             raise HTTPError(404, f"no such endpoint: {path}")
         parts = path[len(PREFIX):].split("/")
         if parts == ["models"]:
-            body = orjson.dumps([r.__dict__ for r in self.registry.rollouts()])
+            rollouts = await asyncio.to_thread(self.registry.rollouts)
+            body = orjson.dumps([r.__dict__ for r in rollouts])
             await send_response(send, 200, body, [_JSON])
         elif len(parts) == 2 and parts[0] == "deployments":
             await self._deployment(parts[1], scope, headers, send)

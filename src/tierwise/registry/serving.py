@@ -30,7 +30,8 @@ class ServerSync:
         self._leaving: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, state: SubscriberState) -> None:
+    def __call__(self, state: SubscriberState) -> bool:
+        """Serve `state`; False (offer it again) when a model could not be loaded."""
         wanted: dict[tuple[str, str], Path] = {}
         defaults: dict[str, str] = {}
         for model, versions in state.active.items():
@@ -44,8 +45,14 @@ class ServerSync:
         with self._lock:
             served = {(name, version) for name, versions in self.app.models.items()
                       for version in versions}
-            install = [OnnxModel(path / MODEL_FILE, load_info(path), self.threads)
-                       for key, path in wanted.items() if key not in served]
+            install, failed = [], []
+            for key, path in wanted.items():
+                if key not in served:
+                    try:
+                        install.append(OnnxModel(path / MODEL_FILE, load_info(path),
+                                                 self.threads))
+                    except Exception as error:  # keep serving what loads; retry the rest
+                        failed.append(f"{key[0]} v{key[1]}: {type(error).__name__}: {error}")
             for key in wanted:
                 self._leaving.pop(key, None)
             now = time.monotonic()
@@ -53,12 +60,17 @@ class ServerSync:
                 self._leaving.setdefault(key, now + self.retire_grace_s)
             retire = self._due(now)
             self.app.update(install, retire, defaults)
+            serving = self.app.served_versions()
         if self._leaving:
             timer = threading.Timer(self.retire_grace_s + 0.05, self._retire_due)
             timer.daemon = True
             timer.start()
         if install or retire:
-            print(f"tier {self.tier} now serves {self.app.served_versions()}", flush=True)
+            print(f"tier {self.tier} now serves {serving}", flush=True)
+        for message in failed:
+            print(f"tier {self.tier} could not load {message}; trying again at the next poll",
+                  flush=True)
+        return not failed
 
     def _due(self, now: float) -> list[tuple[str, str]]:
         due = [key for key, deadline in self._leaving.items() if deadline <= now]
@@ -74,12 +86,15 @@ class ServerSync:
                 print(f"tier {self.tier} retired {retire}", flush=True)
 
 
-def hosted(app: TierServer, config: Config) -> TierServer | RegistryApp:
-    """`app` with the registry API in front of it, when the registry exists (the cloud)."""
+def hosted(app: TierServer, config: Config) -> RegistryApp:
+    """`app` with the registry API (`registry.root`) in front of it: the cloud. Until the
+    registry has keys, its endpoints answer 503 saying how to make them."""
     registry = Registry(config.registry_dir)
-    if not registry.index_path.is_file():
-        return app
-    return RegistryApp(registry, registry_token(config.registry.token, registry.root), app)
+    try:
+        token: str | None = registry_token(config.registry.token, registry.root)
+    except FileNotFoundError:
+        token = None
+    return RegistryApp(registry, token, app)
 
 
 def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: str, *,
@@ -93,7 +108,7 @@ def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: s
     subscriber = subscriber_for(config, tier_name, url, channel=channel,
                                 device_id=device_id or f"{tier_name}-{host}-{port}")
     subscriber.on_change = ServerSync(app, tier_name, threads, config.registry.retire_grace_s)
-    subscriber.start()
+    app.on_startup.append(subscriber.start)
     try:
         run(hosted(app, config) if tier_name == "cloud" else app, host, port,
             f"tierwise serve: tier {tier_name}, models from the registry {url} channel "

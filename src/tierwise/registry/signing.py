@@ -60,6 +60,7 @@ def keygen(keys_dir: Path, overwrite: bool = False) -> tuple[Path, Path, Path]:
 
 def _write_private(path: Path, data: bytes) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # also when the file existed with looser permissions
     with os.fdopen(descriptor, "wb") as stream:
         stream.write(data)
 
@@ -96,7 +97,12 @@ def sign(manifest: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, 
 def verify(manifest: dict[str, Any], signature: dict[str, str] | None,
            trusted: Ed25519PublicKey) -> None:
     """Raise VerificationError unless `signature` is `trusted`'s signature of `manifest`."""
+    if not isinstance(manifest, dict):
+        raise VerificationError(f"the manifest is a {type(manifest).__name__}, not an object")
     what = f"manifest {manifest.get('model')!r} version {manifest.get('version')!r}"
+    if signature is not None and not isinstance(signature, dict):
+        raise VerificationError(f"{what}: the signature block is a {type(signature).__name__}, "
+                                "not an object")
     if not signature or not signature.get("signature"):
         raise VerificationError(f"{what}: unsigned (no signature)")
     if signature.get("algorithm") != "ed25519":
@@ -109,7 +115,7 @@ def verify(manifest: dict[str, Any], signature: dict[str, str] | None,
     try:
         raw = base64.b64decode(signature["signature"], validate=True)
         trusted.verify(raw, canonical_json(manifest))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, TypeError):
         raise VerificationError(f"{what}: the signature does not verify with key "
                                 f"{expected_id!r} (the manifest was altered, or signed by "
                                 "another key)") from None

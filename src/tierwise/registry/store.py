@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from tierwise.config import Config
+from tierwise.config import DEVICE_TIER, Config
 from tierwise.profile.model_profile import PROFILE_FILE
 from tierwise.registry import RegistryError
 from tierwise.registry.signing import sign
@@ -44,11 +44,11 @@ from tierwise.zoo.store import (
     load_info,
     model_dir,
     sha256_file,
+    variants_of,
 )
 
 MANIFEST_SCHEMA = 1
 CHANNELS = ("stable", "canary")
-DEVICE_TIER = "device"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL, model TEXT NOT NULL, channel TEXT NOT NULL, version INTEGER NOT NULL,
     seen_at REAL NOT NULL, PRIMARY KEY (device, model));
 """
+
+
+_ROLLOUT_COLUMNS = "model, stable, canary, canary_share, paused"
+DEVICE_SEEN_RESOLUTION_S = 60.0
+
+
+def _rollout_of(row: tuple[Any, ...]) -> Rollout:
+    return Rollout(row[0], row[1], row[2], row[3], bool(row[4]))
 
 
 def in_canary_cohort(device_id: str, model: str, share: float) -> bool:
@@ -130,14 +138,21 @@ class Registry:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        """One connection per operation: safe from any thread and any process (WAL)."""
+        """One connection, one transaction per operation: safe from any thread and any
+        process (WAL). `BEGIN IMMEDIATE` takes the write lock up front, so an operation that
+        reads the state and then changes it cannot interleave with another one."""
         self.root.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.index_path, timeout=30)
+        connection = sqlite3.connect(self.index_path, timeout=30, isolation_level=None)
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
-            with connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
                 yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
         finally:
             connection.close()
 
@@ -149,7 +164,7 @@ class Registry:
     def _put_blob(self, source: Path) -> tuple[str, int]:
         digest = sha256_file(source)
         target = self.blob_path(digest)
-        if not target.exists():
+        if not target.exists() or sha256_file(target) != digest:  # absent, or damaged: (re)write
             target.parent.mkdir(parents=True, exist_ok=True)
             with (tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as staging,
                   open(source, "rb") as stream):
@@ -179,51 +194,67 @@ class Registry:
         runs_on = _runs_on(config, info, found, tiers)
         members = [model, *sorted(name for name, (member, _) in found.items()
                                   if member.parent == model and member.role != "full")]
-        # What makes two pushes the same version: every member's weights, as they are on disk.
-        content_key = hashlib.sha256("".join(
-            f"{name}={sha256_file(found[name][1])};" for name in members).encode()).hexdigest()
-        with self._db() as db:
-            latest = db.execute("SELECT version, content_key FROM versions WHERE model = ? "
-                                "ORDER BY version DESC LIMIT 1", (model,)).fetchone()
-            rollout = self._rollout(db, model)
-        if latest is not None and latest[1] == content_key:
-            manifest = self.manifest(model, latest[0])[0]
-            on = ("canary" if rollout and rollout.canary == latest[0] else "stable")
-            return PushResult(model, latest[0], False, on,
-                              rollout.canary_share if rollout and on == "canary" else 1.0,
-                              len(manifest["files"]), sum(f["size"] for f in manifest["files"]))
-        version = (latest[0] + 1) if latest else 1
-        files = []
+        files, sources = [], []
         with tempfile.TemporaryDirectory() as staging:
             for name in members:
                 directory = model_dir(models_dir, name)
-                member_info = load_info(directory).model_copy(update={"version": str(version)})
-                metadata = Path(staging) / f"{name}.json"
-                metadata.write_text(member_info.model_dump_json(indent=2) + "\n")
-                sources = [(MODEL_FILE, directory / MODEL_FILE), (METADATA_FILE, metadata)]
+                metadata = Path(staging) / f"{name}.json"  # its version is set below
+                sources.append((name, METADATA_FILE, directory / METADATA_FILE))
+                member_files = [(MODEL_FILE, directory / MODEL_FILE), (METADATA_FILE, metadata)]
                 if (directory / PROFILE_FILE).is_file():
-                    sources.append((PROFILE_FILE, directory / PROFILE_FILE))
-                for file_name, source in sources:
-                    digest, size = self._put_blob(source)
-                    files.append({"path": f"{name}/{file_name}", "sha256": digest, "size": size})
-        parent_version = None
-        if info.parent:
-            parent_rollout = self.rollout(info.parent)
-            parent_version = str(parent_rollout.stable) if parent_rollout and \
-                parent_rollout.stable else None
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "model": model,
-            "version": str(version),
-            "created_at": _now_iso(),
-            "runs_on": runs_on,
-            "lineage": {"previous_version": str(latest[0]) if latest else None,
-                        "parent": info.parent, "parent_version": parent_version,
-                        "step": info.variant or "train"},
-            "metadata": info.model_copy(update={"version": str(version)}).model_dump(),
-            "files": files,
-        }
-        signature = sign(manifest, private_key)
+                    member_files.append((PROFILE_FILE, directory / PROFILE_FILE))
+                    sources.append((name, PROFILE_FILE, directory / PROFILE_FILE))
+                sources.append((name, MODEL_FILE, directory / MODEL_FILE))
+                files.append((name, member_files, metadata, directory))
+            # What makes two pushes the same version: every file as it is on disk.
+            content_key = hashlib.sha256("".join(
+                f"{name}/{file_name}={sha256_file(path)};"
+                for name, file_name, path in sources).encode()).hexdigest()
+            with self._db() as db:
+                latest = db.execute("SELECT version, content_key FROM versions WHERE model = ? "
+                                    "ORDER BY version DESC LIMIT 1", (model,)).fetchone()
+                rollout = self._rollout(db, model)
+                if latest is not None and latest[1] == content_key:
+                    return self._unchanged(db, model, latest[0], rollout, channel, canary_share,
+                                           config)
+                version = (latest[0] + 1) if latest else 1
+                entries = []
+                for name, member_files, metadata, directory in files:
+                    member_info = load_info(directory).model_copy(
+                        update={"version": str(version)})
+                    metadata.write_text(member_info.model_dump_json(indent=2) + "\n")
+                    for file_name, source in member_files:
+                        digest, size = self._put_blob(source)
+                        entries.append({"path": f"{name}/{file_name}", "sha256": digest,
+                                        "size": size})
+                parent = self._rollout(db, info.parent) if info.parent else None
+                manifest = {
+                    "schema": MANIFEST_SCHEMA,
+                    "model": model,
+                    "version": str(version),
+                    "created_at": _now_iso(),
+                    "runs_on": runs_on,
+                    "lineage": {"previous_version": str(latest[0]) if latest else None,
+                                "parent": info.parent,
+                                "parent_version": str(parent.stable) if parent and parent.stable
+                                else None,
+                                "step": info.variant or "train"},
+                    "metadata": info.model_copy(update={"version": str(version)}).model_dump(),
+                    "files": entries,
+                }
+                db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                           (model, version, time.time(), orjson.dumps(manifest),
+                            orjson.dumps(sign(manifest, private_key)), content_key))
+                self._event(db, model, "push", version, f"{len(entries)} files")
+                channel, share = self._publish(db, model, version, rollout, channel,
+                                               canary_share, config)
+        return PushResult(model, version, True, channel, share, len(entries),
+                          sum(f["size"] for f in entries))
+
+    def _publish(self, db: sqlite3.Connection, model: str, version: int,
+                 rollout: Rollout | None, channel: str | None, canary_share: float | None,
+                 config: Config) -> tuple[str, float]:
+        """Put `version` on `channel` (default canary; stable when the model has none)."""
         if rollout is None or rollout.stable is None:
             channel = "stable"
         channel = channel or "canary"
@@ -231,19 +262,30 @@ class Registry:
                                                  else config.registry.canary_share)
         if not 0 < share <= 1:
             raise RegistryError(f"canary share: expected a number in (0, 1], got {share!r}")
-        with self._db() as db:
-            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                       (model, version, time.time(), orjson.dumps(manifest),
-                        orjson.dumps(signature), content_key))
-            self._event(db, model, "push", version, f"{len(files)} files")
-            if channel == "stable":
-                self._set(db, model, stable=version, canary=None, canary_share=0.0, paused=0)
-                self._event(db, model, "stable", version)
-            else:
-                self._set(db, model, canary=version, canary_share=share, paused=0)
-                self._event(db, model, "canary", version, f"share {share:g}")
-        return PushResult(model, version, True, channel, share, len(files),
-                          sum(f["size"] for f in files))
+        if channel == "stable":
+            self._set(db, model, stable=version, canary=None, canary_share=0.0, paused=0)
+            self._event(db, model, "stable", version)
+        else:
+            self._set(db, model, canary=version, canary_share=share, paused=0)
+            self._event(db, model, "canary", version, f"share {share:g}")
+        return channel, share
+
+    def _unchanged(self, db: sqlite3.Connection, model: str, version: int,
+                   rollout: Rollout | None, channel: str | None, canary_share: float | None,
+                   config: Config) -> PushResult:
+        """A push of what is already `version`: nothing new is stored. It goes on `channel`
+        when one is named and it is not there yet."""
+        on = "stable" if rollout and rollout.stable == version else \
+            "canary" if rollout and rollout.canary == version else None
+        share = 1.0 if on == "stable" else rollout.canary_share if on and rollout else 0.0
+        if channel is not None and channel != on:
+            on, share = self._publish(db, model, version, rollout, channel, canary_share,
+                                      config)
+        manifest = orjson.loads(db.execute(
+            "SELECT manifest FROM versions WHERE model = ? AND version = ?",
+            (model, version)).fetchone()[0])
+        return PushResult(model, version, False, on or "none", share, len(manifest["files"]),
+                          sum(f["size"] for f in manifest["files"]))
 
     def push_all(self, config: Config, models_dir: Path, private_key: Any,
                  names: list[str] | None = None, **kwargs: Any) -> list[PushResult]:
@@ -259,10 +301,10 @@ class Registry:
     def promote(self, model: str, share: float | None = None) -> Rollout:
         """Raise the canary's share to `share`, or (None or 1) make the canary stable. Also
         resumes a paused canary."""
-        rollout = self._require_canary(model, "promote")
+        if share is not None and not 0 < share <= 1:
+            raise RegistryError(f"share: expected a number in (0, 1], got {share!r}")
         with self._db() as db:
-            if share is not None and not 0 < share <= 1:
-                raise RegistryError(f"share: expected a number in (0, 1], got {share!r}")
+            rollout = self._canary_of(db, model, "promote")
             if share is None or share >= 1:
                 self._set(db, model, stable=rollout.canary, canary=None, canary_share=0.0,
                           paused=0)
@@ -270,37 +312,48 @@ class Registry:
             else:
                 self._set(db, model, canary_share=share, paused=0)
                 self._event(db, model, "canary", rollout.canary, f"share {share:g}")
-        return self.require(model)
+            return self._required(db, model)
 
     def pause(self, model: str) -> Rollout:
         """Hold the canary where it is: devices that have it keep it, no other device gets it."""
-        rollout = self._require_canary(model, "pause")
         with self._db() as db:
+            rollout = self._canary_of(db, model, "pause")
             self._set(db, model, paused=1)
             self._event(db, model, "pause", rollout.canary)
-        return self.require(model)
+            return self._required(db, model)
 
     def rollback(self, model: str) -> Rollout:
-        """Drop the canary (every device back on stable); with no canary, make the previous
-        stable version stable again."""
-        rollout = self.require(model)
+        """Drop the canary (every device back on stable); with no canary, make the stable
+        version before the current one stable again (repeatable: each rollback goes one
+        further back)."""
         with self._db() as db:
+            rollout = self._required(db, model)
             if rollout.canary is not None:
                 self._set(db, model, canary=None, canary_share=0.0, paused=0)
                 self._event(db, model, "rollback", rollout.canary, "canary dropped")
             else:
-                history = [row[0] for row in db.execute(
-                    "SELECT version FROM events WHERE model = ? AND action = 'stable' "
-                    "ORDER BY id", (model,))]
-                previous = [v for v in history if v != rollout.stable]
-                if not previous:
+                stack = self._stable_stack(db, model)
+                if len(stack) < 2:
                     raise RegistryError(f"{model}: no canary and no earlier stable version to "
                                         "roll back to")
-                self._set(db, model, stable=previous[-1])
-                self._event(db, model, "rollback", rollout.stable,
-                            f"stable back to {previous[-1]}")
-                self._event(db, model, "stable", previous[-1], "rollback")
-        return self.require(model)
+                self._set(db, model, stable=stack[-2])
+                self._event(db, model, "rollback-stable", rollout.stable,
+                            f"stable back to {stack[-2]}")
+            return self._required(db, model)
+
+    @staticmethod
+    def _stable_stack(db: sqlite3.Connection, model: str) -> list[int]:
+        """The stable versions in the order they became stable, each rollback popping one:
+        the last is the current stable version, the one before it what a rollback restores."""
+        stack: list[int] = []
+        for action, version in db.execute("SELECT action, version FROM events WHERE model = ? "
+                                          "AND action IN ('stable', 'rollback-stable') "
+                                          "ORDER BY id", (model,)):
+            if action == "stable":
+                stack.append(version)
+            elif stack:
+                stack.pop()
+        return stack
 
     # -- reading --------------------------------------------------------------------------
 
@@ -308,17 +361,26 @@ class Registry:
         with self._db() as db:
             return self._rollout(db, model)
 
+    def require(self, model: str) -> Rollout:
+        """The rollout of `model`; RegistryError naming the models there are if it has none."""
+        with self._db() as db:
+            return self._required(db, model)
+
     def rollouts(self) -> list[Rollout]:
         with self._db() as db:
-            rows = db.execute("SELECT model, stable, canary, canary_share, paused FROM rollouts "
-                              "ORDER BY model").fetchall()
-        return [Rollout(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows]
+            return [_rollout_of(row) for row in db.execute(
+                f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY model")]
 
     def manifest(self, model: str, version: int) -> tuple[dict[str, Any], dict[str, str]]:
         """(manifest, signature) of one version."""
         with self._db() as db:
-            row = db.execute("SELECT manifest, signature FROM versions WHERE model = ? AND "
-                             "version = ?", (model, version)).fetchone()
+            return self._signed(db, model, version)
+
+    @staticmethod
+    def _signed(db: sqlite3.Connection, model: str, version: int
+                ) -> tuple[dict[str, Any], dict[str, str]]:
+        row = db.execute("SELECT manifest, signature FROM versions WHERE model = ? AND "
+                         "version = ?", (model, version)).fetchone()
         if row is None:
             raise RegistryError(f"{model}: no version {version}")
         return orjson.loads(row[0]), orjson.loads(row[1])
@@ -361,46 +423,46 @@ class Registry:
         now = time.time()
         models: dict[str, Any] = {}
         with self._db() as db:
-            given = dict(db.execute("SELECT model, version FROM devices WHERE device = ?",
-                                    (device_id,)).fetchall())
-            for row in db.execute("SELECT model, stable, canary, canary_share, paused FROM "
-                                  "rollouts ORDER BY model").fetchall():
-                rollout = Rollout(row[0], row[1], row[2], row[3], bool(row[4]))
-                version = rollout.version_for(channel, device_id, given.get(rollout.model))
+            given = {model: (version, seen) for model, version, seen in db.execute(
+                "SELECT model, version, seen_at FROM devices WHERE device = ?", (device_id,))}
+            for row in db.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY model"
+                                  ).fetchall():
+                rollout = _rollout_of(row)
+                before, seen_at = given.get(rollout.model, (None, 0.0))
+                version = rollout.version_for(channel, device_id, before)
                 if version is None:
                     continue
                 manifests = {}
                 for active in rollout.active:
-                    manifest, signature = db.execute(
-                        "SELECT manifest, signature FROM versions WHERE model = ? AND "
-                        "version = ?", (rollout.model, active)).fetchone()
-                    manifests[str(active)] = {"manifest": orjson.loads(manifest),
-                                              "signature": orjson.loads(signature)}
+                    manifest, signature = self._signed(db, rollout.model, active)
+                    manifests[str(active)] = {"manifest": manifest, "signature": signature}
                 models[rollout.model] = {"version": str(version), "rollout": asdict(rollout),
                                          "versions": manifests}
-                db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT (device, "
-                           "model) DO UPDATE SET channel = excluded.channel, version = "
-                           "excluded.version, seen_at = excluded.seen_at",
-                           (device_id, rollout.model, channel, version, now))
+                # what each device was given (pause needs it); its last poll, to a minute
+                if version != before or now - seen_at > DEVICE_SEEN_RESOLUTION_S:
+                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT "
+                               "(device, model) DO UPDATE SET channel = excluded.channel, "
+                               "version = excluded.version, seen_at = excluded.seen_at",
+                               (device_id, rollout.model, channel, version, now))
         return {"channel": channel, "device": device_id, "models": models}
 
     # -- internals ------------------------------------------------------------------------
 
     @staticmethod
     def _rollout(db: sqlite3.Connection, model: str) -> Rollout | None:
-        row = db.execute("SELECT model, stable, canary, canary_share, paused FROM rollouts "
-                         "WHERE model = ?", (model,)).fetchone()
-        return Rollout(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+        row = db.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE model = ?",
+                         (model,)).fetchone()
+        return _rollout_of(row) if row else None
 
-    def require(self, model: str) -> Rollout:
-        rollout = self.rollout(model)
+    def _required(self, db: sqlite3.Connection, model: str) -> Rollout:
+        rollout = self._rollout(db, model)
         if rollout is None:
-            known = [r.model for r in self.rollouts()]
+            known = [row[0] for row in db.execute("SELECT model FROM rollouts ORDER BY model")]
             raise RegistryError(f"no model {model!r} in the registry; it has {known}")
         return rollout
 
-    def _require_canary(self, model: str, action: str) -> Rollout:
-        rollout = self.require(model)
+    def _canary_of(self, db: sqlite3.Connection, model: str, action: str) -> Rollout:
+        rollout = self._required(db, model)
         if rollout.canary is None:
             raise RegistryError(f"{model}: no canary to {action} (stable is version "
                                 f"{rollout.stable}; `registry push --channel canary` first)")
@@ -447,6 +509,7 @@ def _runs_on(config: Config, info: ModelInfo, found: dict[str, tuple[ModelInfo, 
 
 def _tiers_running(config: Config, info: ModelInfo) -> list[str]:
     """The tiers whose `models` list the model or, for a variant, its parent."""
+    parents = {info.name: info.parent} if info.parent else {}
     return [tier for tier, settings in config.tiers.items()
-            if info.name in settings.models
-            or (info.parent in settings.models and settings.variants)]
+            if info.name in (variants_of(settings.models, parents) if settings.variants
+                             else settings.models)]

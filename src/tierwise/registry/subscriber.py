@@ -19,8 +19,10 @@ models that run on its tier, so that every device finds the version it was given
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -33,11 +35,12 @@ from typing import Any
 
 import httpx
 
-from tierwise.config import Config
+from tierwise.config import DEVICE_TIER, Config
 from tierwise.registry.signing import (
     PUBLIC_KEY_FILE,
     TOKEN_FILE,
     VerificationError,
+    canonical_json,
     load_public_key,
     verify,
 )
@@ -45,8 +48,9 @@ from tierwise.zoo.store import MODEL_FILE, sha256_file
 
 log = logging.getLogger("tierwise.registry")
 
-DEVICE_TIER = "device"
 TOKEN_ENV = "TIERWISE_REGISTRY_TOKEN"
+_NAME = re.compile(r"^[A-Za-z0-9@._-]+$")  # model, version, device id and file names
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 CHUNK_BYTES = 1 << 16
 
 
@@ -132,6 +136,9 @@ class Subscriber:
                  public_key: Path, cache_dir: Path,
                  on_change: Callable[[SubscriberState], bool | None] | None = None,
                  poll_s: float = 5.0, timeout_s: float = 30.0) -> None:
+        if not _plain(device_id):
+            raise ValueError(f"device_id: expected letters, digits, '.', '_' or '-', got "
+                             f"{device_id!r}")
         self.url = url.rstrip("/")
         self.tier = tier
         self.channel = channel
@@ -149,7 +156,7 @@ class Subscriber:
                                   headers={"authorization": f"Bearer {token}"})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # -- running ------------------------------------------------------------------------
 
@@ -168,7 +175,11 @@ class Subscriber:
 
     def _loop(self) -> None:
         while True:
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception as error:  # a bug must not end the updates: say it, go on
+                self.last_error = f"poll failed: {type(error).__name__}: {error}"
+                log.exception("registry poll failed")
             # until something is installed (the registry may be starting too), retry sooner
             waiting = not (self.state.current or self.state.active)
             if self._stop.wait(min(self.poll_s, 0.5) if waiting else self.poll_s):
@@ -181,10 +192,10 @@ class Subscriber:
 
         `on_change` may answer False (not taken yet: a device waiting for its servers to serve
         a new version); it is then offered the same state again at every poll."""
-        with self._lock:
+        with self._lock:  # one poll at a time, its state offered before the next one
             try:
                 deployment = self._fetch_deployment()
-            except (httpx.HTTPError, RegistryUnavailableError) as error:
+            except (httpx.HTTPError, ValueError, RegistryUnavailableError) as error:
                 self.last_error = f"registry {self.url}: {error}"
                 log.warning("%s", self.last_error)
                 deployment = None
@@ -194,11 +205,8 @@ class Subscriber:
                 changed = (_versions(state.current) != _versions(self.state.current)
                            or _active_versions(state) != _active_versions(self.state))
                 self.state = state
-            offer = (changed or not self._taken) and self.on_change is not None
-            state = self.state
-        if offer:
-            assert self.on_change is not None
-            self._taken = self.on_change(state) is not False
+            if (changed or not self._taken) and self.on_change is not None:
+                self._taken = self.on_change(self.state) is not False
         return changed
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> SubscriberState:
@@ -229,7 +237,9 @@ class Subscriber:
             raise RegistryUnavailableError(f"{response.status_code}: {response.text[:200]}")
         self._etag = response.headers.get("etag")
         self.last_error = None
-        document: dict[str, Any] = response.json()
+        document = response.json()  # ValueError when it is not JSON
+        if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
+            raise RegistryUnavailableError("the deployment is not an object with 'models'")
         return document
 
     def _apply(self, deployment: dict[str, Any]) -> SubscriberState:
@@ -246,13 +256,16 @@ class Subscriber:
                     continue  # a server skips models it never serves
                 try:
                     installed = self._install(model, version, signed)
-                except (VerificationError, httpx.HTTPError, OSError) as error:
+                except Exception as error:  # whatever the check, this version is refused
                     message = f"{model} version {version} refused: {error}"
                     state.errors[model] = message
                     log.error("%s", message)
-                    # keep running what ran before
-                    for kept in self.state.active.get(model, {}).values():
-                        state.active.setdefault(model, {}).setdefault(kept.version, kept)
+                    # keep running what ran before, where the channel still has it (or
+                    # everything, when it has nothing else that works)
+                    before = self.state.active.get(model, {})
+                    kept = {v: i for v, i in before.items() if v in entry["versions"]} or before
+                    for kept_version, kept_install in kept.items():
+                        state.active.setdefault(model, {}).setdefault(kept_version, kept_install)
                     if is_current and model in self.state.current:
                         state.current[model] = self.state.current[model]
                     continue
@@ -269,7 +282,13 @@ class Subscriber:
             raise VerificationError(f"the manifest is for {manifest.get('model')!r} version "
                                     f"{manifest.get('version')!r}, served as {model!r} "
                                     f"version {version!r}")
-        target = self.cache_dir / "installs" / model / version
+        for name in (model, version, *manifest["runs_on"]):
+            if not isinstance(name, str) or not _plain(name):
+                raise VerificationError(f"manifest names {name!r}: not a plain file name")
+        # keyed by what was signed: a registry made again from scratch, whose "version 1" is
+        # other content, never reuses this one's install
+        digest = hashlib.sha256(canonical_json(manifest)).hexdigest()[:16]
+        target = self.cache_dir / "installs" / model / f"{version}-{digest}"
         members = {name: target / name for name in manifest["runs_on"]}
         installed = InstalledVersion(model, version, members, manifest["runs_on"], manifest)
         if target.is_dir():
@@ -285,7 +304,7 @@ class Subscriber:
                 blob = self._blob(entry["sha256"], entry["size"])
                 destination = staging / relative
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(blob, destination)
+                _link_or_copy(blob, destination)
                 # the cache is on this device's disk: check the copy, not only the download
                 if sha256_file(destination) != entry["sha256"]:
                     raise VerificationError(f"file {entry['path']}: sha256 of the installed "
@@ -300,9 +319,13 @@ class Subscriber:
     def _blob(self, digest: str, size: int) -> Path:
         """The verified blob `digest` in the cache, downloading what is missing; a partial
         download left by an earlier attempt resumes where it stopped."""
+        if not _DIGEST.match(digest):
+            raise VerificationError(f"blob digest {digest!r}: not a sha256 digest")
         path = _ensure(self.cache_dir / "blobs") / digest
-        if path.is_file() and path.stat().st_size == size:
-            return path
+        if path.is_file():
+            if path.stat().st_size == size and sha256_file(path) == digest:
+                return path
+            path.unlink()  # damaged on this disk: fetch it again
         partial = _ensure(self.cache_dir / "partial") / digest
         have = partial.stat().st_size if partial.is_file() else 0
         if have > size:
@@ -315,9 +338,18 @@ class Subscriber:
                 if response.status_code not in (200, 206):
                     raise VerificationError(f"blob sha256:{digest}: the registry answered "
                                             f"{response.status_code}")
-                mode = "ab" if response.status_code == 206 else "wb"
-                with open(partial, mode) as stream:
+                resumed = response.status_code == 206
+                if resumed and not response.headers.get("content-range", "").startswith(
+                        f"bytes {have}-"):
+                    raise VerificationError(f"blob sha256:{digest}: asked for bytes {have}-, "
+                                            f"got {response.headers.get('content-range')!r}")
+                written = have if resumed else 0
+                with open(partial, "ab" if resumed else "wb") as stream:
                     for chunk in response.iter_bytes(CHUNK_BYTES):
+                        written += len(chunk)
+                        if written > size:  # never store more than the manifest promises
+                            raise VerificationError(f"blob sha256:{digest}: more than the "
+                                                    f"{size} bytes the manifest says")
                         stream.write(chunk)
                         self.bytes_downloaded += len(chunk)
         got_size = partial.stat().st_size
@@ -351,9 +383,22 @@ def _active_versions(state: SubscriberState) -> dict[str, list[str]]:
 
 def _safe_relative(path: str) -> Path:
     relative = Path(path)
-    if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 2:
+    if len(relative.parts) != 2 or not all(_plain(part) for part in relative.parts):
         raise VerificationError(f"manifest file path {path!r}: expected <model>/<file>")
     return relative
+
+
+def _plain(name: str) -> bool:
+    """A name that is one path component, never `.` or `..`."""
+    return bool(_NAME.match(name)) and name not in (".", "..")
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link to the verified blob where the filesystem allows, else a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
 
 
 def _ensure(directory: Path) -> Path:
@@ -385,8 +430,12 @@ class DeviceView:
             staging.symlink_to(target.resolve(), target_is_directory=True)
             os.replace(staging, link)
             changed.add(name)
+        # Drop only the parts a model's new version no longer has: a model missing from the
+        # state (its update refused, say) keeps what it ran.
+        models = set(state.current)
         for link in self.directory.iterdir():
-            if link.is_symlink() and link.name not in wanted and not link.name.startswith("."):
+            if link.is_symlink() and link.name not in wanted and not link.name.startswith(".") \
+                    and Path(os.readlink(link)).parent.parent.name in models:
                 link.unlink()
                 changed.add(link.name)
         return changed

@@ -116,6 +116,9 @@ class TierServer:
         self.models: dict[str, dict[str, _Served]] = {}
         self.default_version: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # called once the event loop runs (a registry subscriber starts there, so that its
+        # first update already lands on the loop)
+        self.on_startup: list[Callable[[], None]] = []
         for model in models.values():
             self._install(model)
         self.server_metadata = orjson.dumps(
@@ -217,6 +220,8 @@ class TierServer:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._loop = asyncio.get_running_loop()
+                for hook in self.on_startup:
+                    hook()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.close()
