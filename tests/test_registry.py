@@ -23,12 +23,12 @@ from tierwise.bench.processes import free_port, tier_server
 from tierwise.bench.rollout import rebuild, run_bench_rollout
 from tierwise.cli import main
 from tierwise.client import Client
+from tierwise.cloud import hosted
 from tierwise.config import Config, write_config
 from tierwise.data import Splits
 from tierwise.planner.plans import Local, Remote
 from tierwise.registry import RegistryError
 from tierwise.registry.http import RegistryApp
-from tierwise.registry.serving import hosted
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token

@@ -159,8 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
                             device_id=args.device_id)
         return 0
     wrap = None
-    if args.tier == "cloud":  # the cloud also hosts the registry (`registry.root`)
-        from tierwise.registry.serving import hosted
+    if args.tier == "cloud":  # the cloud also hosts the registry and the collector
+        from tierwise.cloud import hosted
 
         def wrap(app: object) -> object:
             return hosted(app, config)  # type: ignore[arg-type]

@@ -277,6 +277,21 @@ class RegistryConfig(_Section):
         return Path(self.root) if self.root else Path(data_dir) / "registry"
 
 
+class TelemetryConfig(_Section):
+    """Traces from devices to the collector on the cloud server (`tierwise.monitor`)."""
+
+    url: str = Field("", description="the collector (the cloud server); empty: "
+                     "registry.url, else no telemetry")
+    flush_s: float = Field(0.5, gt=0, le=3600, description="how often a device sends")
+    batch_size: int = Field(500, ge=1, le=100_000, description="most traces per request")
+    collector_db: str = Field("", description="the collector's SQLite file at the cloud; "
+                              "empty: <data_dir>/telemetry/collector.db")
+
+    def collector_path(self, data_dir: str) -> Path:
+        return Path(self.collector_db) if self.collector_db else \
+            Path(data_dir) / "telemetry" / "collector.db"
+
+
 class Config(_Section):
     data_dir: str = Field("data", description="models, caches and stores live here")
     data: DataConfig = DataConfig()
@@ -299,6 +314,7 @@ class Config(_Section):
     demo: DemoConfig = DemoConfig()
     optimize: OptimizeConfig = OptimizeConfig()
     registry: RegistryConfig = RegistryConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:

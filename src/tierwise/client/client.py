@@ -26,6 +26,7 @@ from tierwise.client.prober import Prober
 from tierwise.client.trace import StageTrace, Trace
 from tierwise.codecs import RAW, encode_rows
 from tierwise.config import DEVICE_TIER, Config, load_config
+from tierwise.monitor.telemetry import Telemetry
 from tierwise.net.shaping import (
     ABORT_AT_EXTENSION,
     TRANSFER_EXTENSION,
@@ -59,6 +60,9 @@ from tierwise.registry.subscriber import (
     RegistryUnavailableError,
     Subscriber,
     SubscriberState,
+    check_device_id,
+    default_device_id,
+    registry_token,
     subscriber_for,
 )
 from tierwise.runtime.session import OnnxModel
@@ -134,8 +138,12 @@ class Client:
             `models_dir`: verified, kept current by polling, swapped in while requests run;
             default `registry.url` unless `models_dir` is given. Remote stages then ask for
             the version this device was given, and every trace records it.
-        channel, device_id: the registry channel and this device's id (its canary cohort);
-            default `registry.channel`, `registry.device_id` (else the host name).
+        channel, device_id: the registry channel and this device's id (its canary cohort,
+            the name its telemetry goes by); default `registry.channel`,
+            `registry.device_id` (else the host name).
+        collector_url: send every trace to this collector (the cloud server), stored and
+            forwarded: nothing is lost across outages; default `telemetry.url`, else
+            `registry.url`, else no telemetry.
     """
 
     def __init__(
@@ -154,8 +162,12 @@ class Client:
         registry_url: str | None = None,
         channel: str | None = None,
         device_id: str | None = None,
+        collector_url: str | None = None,
     ) -> None:
         self.config = config or load_config()
+        self.device_id = check_device_id(
+            device_id or self.config.registry.device_id or default_device_id())
+        device_id = self.device_id
         url = registry_url if registry_url is not None else \
             ("" if models_dir else self.config.registry.url)
         self.subscriber: Subscriber | None = None
@@ -193,6 +205,9 @@ class Client:
         self._emulated = tuple(emulation_labels(self.config, links))
         self.session(device_model)  # load eagerly: the fallback must always be ready
         self.prober = Prober(self) if probe else None
+        collector_url = collector_url if collector_url is not None else \
+            (self.config.telemetry.url or self.config.registry.url)
+        self.telemetry = self._telemetry(collector_url) if collector_url else None
         if self.subscriber is not None:
             self.subscriber.start()
 
@@ -240,7 +255,11 @@ class Client:
             trace.fallback = outcome.fallback
         trace.total_ms = (time.perf_counter() - started) * 1e3
         probabilities = outcome.probabilities
-        return InferenceResult(int(probabilities.argmax()), probabilities, trace)
+        trace.label = int(probabilities.argmax())
+        trace.confidence = float(probabilities.max())
+        if self.telemetry is not None:
+            self.telemetry.record(trace, batch)
+        return InferenceResult(trace.label, probabilities, trace)
 
     def decide(self, slo: SLO, exclude: set[str] | None = None) -> Decision:
         """What the policy would run now for `slo` (no request is made)."""
@@ -277,6 +296,8 @@ class Client:
     def close(self) -> None:
         if self.subscriber is not None:
             self.subscriber.stop()
+        if self.telemetry is not None:
+            self.telemetry.close()
         if self.prober is not None:
             self.prober.stop()
         for http in self._http.values():
@@ -288,6 +309,14 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _telemetry(self, url: str) -> Telemetry:
+        settings = self.config.telemetry
+        return Telemetry(
+            url, device_id=self.device_id,
+            token=registry_token(self.config.registry.token, self.config.registry_dir),
+            outbox_path=Path(self.config.data_dir) / "telemetry" / f"outbox-{self.device_id}.db",
+            flush_s=settings.flush_s, batch_size=settings.batch_size)
 
     # -- models: from a directory, or kept current from a registry --------------------------
 

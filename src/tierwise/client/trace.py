@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,10 +28,18 @@ class StageTrace:
     error: str | None = None
 
 
+def _trace_id() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass
 class Trace:
     plan: str
     stages: list[StageTrace] = field(default_factory=list)
+    id: str = field(default_factory=_trace_id)  # unique: the collector stores each id once
+    started_at: float = field(default_factory=time.time)  # epoch seconds
+    label: int | None = None        # the answer, and how sure of it (calibrated)
+    confidence: float | None = None
     total_ms: float = 0.0
     fallback: str | None = None  # why the plan did not run as chosen, if it did not
     attempts: list[str] = field(default_factory=list)  # plans tried after the first failed

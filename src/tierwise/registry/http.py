@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 from typing import Any
 from urllib.parse import parse_qs
@@ -22,7 +21,7 @@ import orjson
 
 from tierwise.protocol.oip import encode_error
 from tierwise.registry.store import CHANNELS, Registry, RegistryError
-from tierwise.server.app import HTTPError, Receive, Scope, Send, send_response
+from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
 
 PREFIX = "/registry/v1/"
 log = logging.getLogger("tierwise.registry")
@@ -62,9 +61,7 @@ class RegistryApp:
         if self._token is None or not self.registry.index_path.is_file():
             raise HTTPError(503, f"no registry at {self.registry.root} yet: run `tierwise "
                                  "registry keygen` and `tierwise registry push` there")
-        if not hmac.compare_digest(headers.get(b"authorization", b""), self._token):
-            raise HTTPError(401, "the registry needs Authorization: Bearer <token> (registry."
-                                 "token)", [(b"www-authenticate", b'Bearer realm="tierwise"')])
+        require_bearer(scope, self._token)
         if scope["method"] not in ("GET", "HEAD"):
             raise HTTPError(405, f"{scope['path']}: use GET", [(b"allow", b"GET")])
         path = scope["path"]

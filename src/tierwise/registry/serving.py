@@ -7,9 +7,7 @@ import time
 from pathlib import Path
 
 from tierwise.config import Config, TierConfig
-from tierwise.registry.http import RegistryApp
-from tierwise.registry.store import Registry
-from tierwise.registry.subscriber import SubscriberState, registry_token, subscriber_for
+from tierwise.registry.subscriber import SubscriberState, subscriber_for
 from tierwise.runtime.session import OnnxModel
 from tierwise.server.app import TierServer
 from tierwise.zoo.store import MODEL_FILE, load_info
@@ -86,22 +84,12 @@ class ServerSync:
                 print(f"tier {self.tier} retired {retire}", flush=True)
 
 
-def hosted(app: TierServer, config: Config) -> RegistryApp:
-    """`app` with the registry API (`registry.root`) in front of it: the cloud. Until the
-    registry has keys, its endpoints answer 503 saying how to make them."""
-    registry = Registry(config.registry_dir)
-    try:
-        token: str | None = registry_token(config.registry.token, registry.root)
-    except FileNotFoundError:
-        token = None
-    return RegistryApp(registry, token, app)
-
-
 def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: str, *,
                         host: str, port: int, threads: int = 1, channel: str | None = None,
                         device_id: str | None = None) -> None:
     """Serve what the registry at `url` deploys to this tier, hot-swapping new versions, until
     interrupted."""
+    from tierwise.cloud import hosted
     from tierwise.server.app import run
 
     app = TierServer(tier_name, tier, {})

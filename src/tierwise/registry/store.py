@@ -25,7 +25,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from tierwise.config import DEVICE_TIER, Config
 from tierwise.profile.model_profile import PROFILE_FILE
 from tierwise.registry import RegistryError
 from tierwise.registry.signing import sign
+from tierwise.sqlite import transaction
 from tierwise.zoo.store import (
     METADATA_FILE,
     MODEL_FILE,
@@ -136,25 +137,9 @@ class Registry:
 
     # -- storage ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """One connection, one transaction per operation: safe from any thread and any
-        process (WAL). `BEGIN IMMEDIATE` takes the write lock up front, so an operation that
-        reads the state and then changes it cannot interleave with another one."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.index_path, timeout=30, isolation_level=None)
-        try:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.executescript(_SCHEMA)
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One connection, one immediate transaction per operation."""
+        return transaction(self.index_path, _SCHEMA)
 
     def blob_path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):

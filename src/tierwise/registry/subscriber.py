@@ -136,9 +136,7 @@ class Subscriber:
                  public_key: Path, cache_dir: Path,
                  on_change: Callable[[SubscriberState], bool | None] | None = None,
                  poll_s: float = 5.0, timeout_s: float = 30.0) -> None:
-        if not _plain(device_id):
-            raise ValueError(f"device_id: expected letters, digits, '.', '_' or '-', got "
-                             f"{device_id!r}")
+        check_device_id(device_id)
         self.url = url.rstrip("/")
         self.tier = tier
         self.channel = channel
@@ -386,6 +384,14 @@ def _safe_relative(path: str) -> Path:
     if len(relative.parts) != 2 or not all(_plain(part) for part in relative.parts):
         raise VerificationError(f"manifest file path {path!r}: expected <model>/<file>")
     return relative
+
+
+def check_device_id(device_id: str) -> str:
+    """`device_id`, when it can name files (caches, outboxes); else ValueError."""
+    if not _plain(device_id):
+        raise ValueError(f"device_id: expected letters, digits, '.', '_', '@' or '-', got "
+                         f"{device_id!r}")
+    return device_id
 
 
 def _plain(name: str) -> bool:

@@ -1,0 +1,166 @@
+"""The telemetry collector at the cloud: traces from every device, each stored once.
+
+`Collector` is the store (SQLite by default): one row per trace, keyed by the trace id, so a
+batch a device sends again is not stored twice. `TelemetryApp` is its HTTP side, mounted in
+front of the cloud tier server:
+
+  POST /telemetry/v1/traces   {"device": id, "traces": [trace, ...]}  -> {"accepted", "duplicates"}
+  GET  /telemetry/v1/summary  request count, devices, the last trace's time
+
+Both need the cloud API's bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tierwise.protocol.oip import encode_error
+from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
+from tierwise.sqlite import transaction
+
+PREFIX = "/telemetry/v1/"
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+_JSON = (b"content-type", b"application/json")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS traces (
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, received_at REAL NOT NULL,
+    started_at REAL NOT NULL, plan TEXT NOT NULL, tier TEXT NOT NULL, model TEXT NOT NULL,
+    model_version TEXT NOT NULL, total_ms REAL NOT NULL, bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL, cost_usd REAL NOT NULL, escalated INTEGER NOT NULL,
+    fallback INTEGER NOT NULL, deadline_missed INTEGER NOT NULL, label INTEGER,
+    confidence REAL, input_mean REAL, input_std REAL, record BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS traces_started ON traces (started_at);
+"""
+
+
+class Collector:
+    """The trace store at `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path, _SCHEMA)
+
+    def ingest(self, device: str, traces: list[dict[str, Any]]) -> tuple[int, int]:
+        """Store `traces` from `device`: (stored, already there). ValueError naming the
+        first trace that is not one."""
+        rows = [_row(device, index, trace) for index, trace in enumerate(traces)]
+        with self._db() as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO traces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                           "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            stored = db.total_changes - before
+        return stored, len(rows) - stored
+
+    def count(self) -> int:
+        with self._db() as db:
+            return int(db.execute("SELECT COUNT(*) FROM traces").fetchone()[0])
+
+    def summary(self) -> dict[str, Any]:
+        with self._db() as db:
+            count, devices, last = db.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT device), MAX(started_at) FROM traces"
+            ).fetchone()
+        return {"requests": count, "devices": devices, "last_started_at": last}
+
+    def records(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """The stored traces started after `since` (epoch s), oldest first, as columns."""
+        with self._db() as db:
+            cursor = db.execute("SELECT * FROM traces WHERE started_at > ? ORDER BY started_at",
+                                (since,))
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _row(device: str, index: int, trace: Any) -> tuple[Any, ...]:
+    if not isinstance(trace, dict):
+        raise ValueError(f"traces[{index}]: expected an object, got {type(trace).__name__}")
+    try:
+        stages = [stage for stage in trace["stages"] if stage.get("error") is None]
+        answered = stages[-1] if stages else {"tier": "", "model": "", "model_version": ""}
+        slo = trace.get("slo") or {}
+        return (
+            str(trace["id"]), device, time.time(), float(trace["started_at"]),
+            str(trace["plan"]), str(answered["tier"]), str(answered["model"]),
+            str(answered["model_version"]), float(trace["total_ms"]), int(trace["bytes_up"]),
+            int(trace["bytes_down"]), float(trace["cost_usd"]), int(bool(trace["escalated"])),
+            int(trace.get("fallback") is not None),
+            int(bool(slo) and float(trace["total_ms"]) > float(slo.get("deadline_ms", 0))),
+            trace.get("label"), trace.get("confidence"), trace.get("input_mean"),
+            trace.get("input_std"), orjson.dumps(trace))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"traces[{index}]: not a trace ({type(error).__name__}: "
+                         f"{error})") from None
+
+
+class TelemetryApp:
+    """ASGI: the collector's API under /telemetry/v1/, everything else to `app`."""
+
+    def __init__(self, collector: Collector, token: str | None, app: Any) -> None:
+        self.collector = collector
+        self._token = f"Bearer {token}".encode() if token else None
+        self.app = app
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped server's API (tier, update, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._handle(scope, receive, send)
+        except HTTPError as error:
+            await send_response(send, error.status, encode_error(error.message),
+                                [_JSON, *error.headers])
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._token is None:
+            raise HTTPError(503, "the collector has no API token yet: run `tierwise registry "
+                                 "keygen` at the cloud")
+        require_bearer(scope, self._token)
+        path, method = scope["path"], scope["method"]
+        if path == PREFIX + "traces":
+            if method != "POST":
+                raise HTTPError(405, f"{path}: use POST", [(b"allow", b"POST")])
+            body = await _read(receive)
+            try:
+                batch = orjson.loads(body)
+                device, traces = batch["device"], batch["traces"]
+                if not isinstance(device, str) or not isinstance(traces, list):
+                    raise TypeError("device must be a string and traces a list")
+                stored, duplicates = await asyncio.to_thread(self.collector.ingest, device,
+                                                             traces)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise HTTPError(400, f"not a trace batch: {error}") from None
+            answer = orjson.dumps({"accepted": stored, "duplicates": duplicates})
+            await send_response(send, 200, answer, [_JSON])
+        elif path == PREFIX + "summary":
+            summary = await asyncio.to_thread(self.collector.summary)
+            await send_response(send, 200, orjson.dumps(summary), [_JSON])
+        else:
+            raise HTTPError(404, f"no such endpoint: {path}")
+
+
+async def _read(receive: Receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise HTTPError(400, "the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BATCH_BYTES:
+            raise HTTPError(413, f"a trace batch is at most {MAX_BATCH_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)

@@ -1,0 +1,161 @@
+"""Telemetry from the device: every trace reaches the collector exactly once, eventually.
+
+`Telemetry.record` (on the request path) only appends the trace to a list in memory. A
+background thread moves what was recorded into an outbox, a SQLite file on the device, and
+sends the outbox in batches to the collector (`POST /telemetry/v1/traces` on the cloud
+server). A batch leaves the outbox only once the collector answered 2xx, so a link outage or
+a collector that restarts loses nothing: the batch is sent again, with backoff, until it is
+taken. The collector stores each trace id once, so a batch sent twice (its answer lost) is
+not stored twice. What the device sends is the trace and two statistics of the input (mean
+and standard deviation of its pixels), never the input itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import numpy as np
+import orjson
+
+from tierwise.sqlite import transaction
+
+if TYPE_CHECKING:  # the client imports this module
+    from tierwise.client.trace import Trace
+
+log = logging.getLogger("tierwise.telemetry")
+
+TRACES_PATH = "/telemetry/v1/traces"
+_OUTBOX_SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, record BLOB NOT NULL);"""
+
+
+def telemetry_record(trace: Trace, image: np.ndarray | None = None) -> dict[str, Any]:
+    """What the collector gets for one inference: the trace and, from the input, only its
+    pixel mean and standard deviation (0..1), for drift detection."""
+    record = trace.to_dict()
+    if image is not None:
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        record["input_mean"] = float(pixels.mean())
+        record["input_std"] = float(pixels.std())
+    return record
+
+
+class Telemetry:
+    """Store-and-forward of traces from one device to the collector at `url`.
+
+    Args:
+        url: the collector (the cloud server), e.g. http://127.0.0.1:8001.
+        device_id: whose traces these are.
+        token: the cloud API's bearer token.
+        outbox_path: the SQLite file that holds what is not yet taken.
+        flush_s: how often the thread moves records to the outbox and sends (default 0.5).
+        batch_size: most traces per request (default 500).
+    """
+
+    def __init__(self, url: str, *, device_id: str, token: str, outbox_path: Path,
+                 flush_s: float = 0.5, batch_size: int = 500, timeout_s: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.device_id = device_id
+        self.outbox_path = Path(outbox_path)
+        self.flush_s = flush_s
+        self.batch_size = batch_size
+        self.sent = 0  # traces the collector has taken
+        self.last_error: str | None = None
+        self._pending: list[bytes] = []
+        self._pending_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
+                                  headers={"authorization": f"Bearer {token}",
+                                           "content-type": "application/json"})
+        with self._db():
+            pass  # create the outbox now: a bad path fails here, not in the thread
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tierwise-telemetry",
+                                        daemon=True)
+        self._thread.start()
+
+    def record(self, trace: Trace, image: np.ndarray | None = None) -> None:
+        """Queue one inference's trace (cheap: the thread does the rest)."""
+        encoded = orjson.dumps({"id": trace.id, **telemetry_record(trace, image)})
+        with self._pending_lock:
+            self._pending.append(encoded)
+
+    def backlog(self) -> int:
+        """Traces recorded and not yet taken by the collector."""
+        with self._pending_lock:
+            pending = len(self._pending)
+        with self._db() as db:
+            return pending + db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def flush(self) -> bool:
+        """Move what was recorded to the outbox and send all of it now; True when the
+        collector took everything."""
+        self._spool()
+        with self._send_lock:
+            while True:
+                with self._db() as db:
+                    rows = db.execute("SELECT seq, record FROM outbox ORDER BY seq LIMIT ?",
+                                      (self.batch_size,)).fetchall()
+                if not rows:
+                    return True
+                if not self._send([record for _, record in rows]):
+                    return False
+                with self._db() as db:
+                    db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
+                self.sent += len(rows)
+
+    def close(self) -> None:
+        """Stop the thread after one last attempt to send; what is not sent stays in the
+        outbox for the next run."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._spool()
+        self._http.close()
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff_s = self.flush_s
+        while not self._stop.wait(backoff_s):
+            try:
+                taken = self.flush()
+            except Exception as error:  # never let telemetry end: say why, try again
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("telemetry flush failed")
+                taken = False
+            backoff_s = self.flush_s if taken else min(backoff_s * 2, 10.0)
+        try:
+            self.flush()
+        except Exception:  # a last try only
+            log.debug("final telemetry flush failed", exc_info=True)
+
+    def _spool(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            with self._db() as db:
+                db.executemany("INSERT OR IGNORE INTO outbox (id, record) VALUES (?, ?)",
+                               [(orjson.loads(record)["id"], record) for record in pending])
+
+    def _send(self, records: list[bytes]) -> bool:
+        body = b'{"device":' + orjson.dumps(self.device_id) + b',"traces":[' + \
+            b",".join(records) + b"]}"
+        try:
+            answer = self._http.post(TRACES_PATH, content=body)
+        except httpx.HTTPError as error:
+            self.last_error = f"collector {self.url}: {type(error).__name__}: {error}"
+            return False
+        if answer.status_code // 100 != 2:
+            self.last_error = f"collector answered {answer.status_code}: {answer.text[:200]}"
+            return False
+        self.last_error = None
+        return True
+
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.outbox_path, _OUTBOX_SCHEMA)

@@ -1,0 +1,101 @@
+"""Telemetry: traces stored and forwarded from the device to the collector on the cloud
+server, across a collector that is killed and restarted; each trace stored exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tierwise.bench.processes import free_port, tier_server
+from tierwise.client import Client
+from tierwise.config import Config, write_config
+from tierwise.data import Splits
+from tierwise.monitor.collector import Collector
+from tierwise.planner.plans import Local
+from tierwise.registry.signing import keygen
+from tierwise.registry.subscriber import registry_token
+
+DEVICE = "fmnist-device"
+
+
+@pytest.fixture
+def config(small_config: Config, tmp_path: Path) -> Config:
+    config = small_config.model_copy(deep=True)
+    config.data_dir = str(tmp_path / "data")
+    config.registry.root = str(tmp_path / "registry")
+    config.telemetry.flush_s = 0.1
+    keygen(config.registry_dir / "keys")
+    return config
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_store_and_forward_loses_nothing_across_a_killed_collector(
+        config: Config, models_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    config_path = str(write_config(config, tmp_path / "tierwise.toml"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    produced: list[str] = []
+    with Client(config, models_dir=models_dir, collector_url=url, device_id="sf-device",
+                plan=Local(DEVICE), probe=False) as client:
+        assert client.telemetry is not None
+        with tier_server("cloud", models_dir, port=port, config_path=config_path):
+            for image in splits.test_x[:100]:
+                produced.append(client.infer(image).trace.id)
+            _wait_for(lambda: client.telemetry.backlog() == 0, what="the first 100 sent")
+        # the collector is gone (its process terminated): the device keeps answering and
+        # keeps every trace
+        for image in splits.test_x[100:250]:
+            produced.append(client.infer(image).trace.id)
+        time.sleep(1.0)  # several failed sends
+        assert client.telemetry.backlog() == 150
+        assert client.telemetry.last_error is not None
+        with tier_server("cloud", models_dir, port=port, config_path=config_path):
+            _wait_for(lambda: client.telemetry.backlog() == 0, what="the backlog sent")
+            token = registry_token("", config.registry_dir)
+            summary = httpx.get(f"{url}/telemetry/v1/summary", trust_env=False,
+                                headers={"authorization": f"Bearer {token}"}).json()
+            assert summary["requests"] == 250 and summary["devices"] == 1
+    stored = Collector(config.telemetry.collector_path(config.data_dir)).records()
+    assert sorted(row["id"] for row in stored) == sorted(produced)  # count in = count stored
+    assert {row["model"] for row in stored} == {DEVICE}
+    assert all(0.0 <= row["input_mean"] <= 1.0 for row in stored)  # statistics, not pixels
+
+
+def test_a_batch_sent_twice_is_stored_once_and_bad_batches_are_refused(
+        config: Config, models_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    from tierwise.cloud import hosted
+    from tierwise.monitor.telemetry import telemetry_record
+    from tierwise.server.app import TierServer, serve_in_thread
+
+    with Client(config, models_dir=models_dir, plan=Local(DEVICE), probe=False,
+                collector_url="") as client:
+        traces = [{"id": result.trace.id, **telemetry_record(result.trace)}
+                  for result in (client.infer(image) for image in splits.test_x[:5])]
+    token = registry_token("", config.registry_dir)
+    auth = {"authorization": f"Bearer {token}"}
+    batch = orjson.dumps({"device": "d", "traces": traces})
+    app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, trust_env=False) as http:
+        first = http.post("/telemetry/v1/traces", content=batch, headers=auth).json()
+        again = http.post("/telemetry/v1/traces", content=batch, headers=auth).json()
+        assert first == {"accepted": 5, "duplicates": 0}
+        assert again == {"accepted": 0, "duplicates": 5}  # its answer was lost: sent again
+        assert http.post("/telemetry/v1/traces", content=batch).status_code == 401
+        bad = http.post("/telemetry/v1/traces", headers=auth,
+                        content=orjson.dumps({"device": "d", "traces": [{"id": "x"}]}))
+        assert bad.status_code == 400 and "traces[0]: not a trace" in bad.json()["error"]
+        assert http.post("/telemetry/v1/traces", headers=auth,
+                         content=b"{").status_code == 400
+        assert http.get("/telemetry/v1/traces", headers=auth).status_code == 405
