@@ -1,0 +1,116 @@
+"""The cost ledger: what the traffic cost, per tier and per link, and what it saved.
+
+Each trace's stages are priced from the price book (`planner.cost`, the same functions the
+planner scores plans with): a server's compute time × its hourly price (a batch's compute
+shared by its rows), bytes each way × the link's price per GB, and the device's compute ×
+its rated power × the electricity price. The savings compare with running every request in
+the cloud: the cloud model's profiled compute plus the raw input up and the answer down on
+the cloud link (`AllCloudBaseline`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tierwise.config import DEVICE_TIER, PriceBook
+from tierwise.planner.cost import compute_cost_usd, device_energy_cost_usd, transfer_cost_usd
+
+CLOUD_TIER = "cloud"
+
+
+@dataclass(frozen=True)
+class AllCloudBaseline:
+    """One request as cloud-only would run it: the cloud model's compute (its profile, batch
+    1), the input sent raw and the answer received, in bytes on the wire."""
+
+    compute_ms: float
+    bytes_up: int
+    bytes_down: int
+
+    def cost_usd(self, prices: PriceBook) -> float:
+        return compute_cost_usd(prices, CLOUD_TIER, self.compute_ms) + \
+            transfer_cost_usd(prices, CLOUD_TIER, self.bytes_up, self.bytes_down)
+
+
+@dataclass
+class Ledger:
+    """Costs summed from traces (`add`), in USD."""
+
+    prices: PriceBook
+    baseline: AllCloudBaseline
+    requests: int = 0
+    compute_usd: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    link_usd: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    link_bytes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    device_energy_usd: float = 0.0
+
+    def add(self, trace: dict[str, Any]) -> float:
+        """Price one trace (a `Trace.to_dict()` or a collector record); its cost."""
+        self.requests += 1
+        total = 0.0
+        for stage in trace["stages"]:
+            tier = stage["tier"]
+            if tier == DEVICE_TIER:
+                cost = device_energy_cost_usd(self.prices, stage["compute_ms"])
+                self.device_energy_usd += cost
+                total += cost
+                continue
+            billed_ms = stage["compute_ms"] / max(int(stage.get("batch_size") or 1), 1)
+            compute = compute_cost_usd(self.prices, tier, billed_ms)
+            link = transfer_cost_usd(self.prices, tier, stage["bytes_up"], stage["bytes_down"])
+            self.compute_usd[tier] += compute
+            self.link_usd[tier] += link
+            self.link_bytes[tier][0] += stage["bytes_up"]
+            self.link_bytes[tier][1] += stage["bytes_down"]
+            total += compute + link
+        return total
+
+    @property
+    def total_usd(self) -> float:
+        return sum(self.compute_usd.values()) + sum(self.link_usd.values()) + \
+            self.device_energy_usd
+
+    @property
+    def all_cloud_usd(self) -> float:
+        return self.requests * self.baseline.cost_usd(self.prices)
+
+    def summary(self) -> dict[str, Any]:
+        all_cloud = self.all_cloud_usd
+        return {
+            "requests": self.requests,
+            "compute_usd": dict(self.compute_usd),
+            "link_usd": dict(self.link_usd),
+            "link_bytes": {tier: {"up": up, "down": down}
+                           for tier, (up, down) in self.link_bytes.items()},
+            "device_energy_usd": self.device_energy_usd,
+            "total_usd": self.total_usd,
+            "all_cloud_usd": all_cloud,
+            "savings_usd": all_cloud - self.total_usd,
+            "savings_share": (all_cloud - self.total_usd) / all_cloud if all_cloud else 0.0,
+        }
+
+
+def all_cloud_baseline(models_dir: Path, model: str = "fmnist-cloud") -> AllCloudBaseline:
+    """The all-cloud request for `model`: its profiled cloud compute (batch 1), and the bytes
+    of a binary OIP request carrying one raw input and of its answer, encoded by the same
+    encoder the client and server use."""
+    import numpy as np
+
+    from tierwise.client.client import HTTP_HEADER_BYTES
+    from tierwise.profile.model_profile import load_profile
+    from tierwise.protocol.oip import encode_infer_request, encode_infer_response
+    from tierwise.zoo.store import load_info, model_dir
+
+    info = load_info(model_dir(models_dir, model))
+    image = np.zeros([1, *info.inputs[0].shape[1:]], dtype=np.uint8)
+    request, _ = encode_infer_request({info.inputs[0].name: image}, binary=True,
+                                      binary_outputs=True)
+    logits = np.zeros([1, *info.outputs[0].shape[1:]], dtype=np.float32)
+    answer, _ = encode_infer_response({info.outputs[0].name: logits}, model_name=model,
+                                      model_version=info.version, binary_outputs=True)
+    return AllCloudBaseline(compute_ms=load_profile(models_dir, model).compute_ms[CLOUD_TIER],
+                            bytes_up=len(request) + HTTP_HEADER_BYTES,
+                            bytes_down=len(answer) + HTTP_HEADER_BYTES)
