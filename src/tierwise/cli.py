@@ -191,6 +191,17 @@ def _bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_drift(args: argparse.Namespace) -> int:
+    from tierwise.bench.drift import run_bench_drift
+    from tierwise.zoo.build import ensure_zoo
+
+    config = load_config(args.config)
+    ensure_zoo(config, ("device",))
+    run_bench_drift(config, Path(args.out), clean=args.clean, shifted=args.shifted,
+                    window=args.window, step=args.step)
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from tierwise.bench.serve import run_bench_serve
 
@@ -352,6 +363,16 @@ def _parser() -> argparse.ArgumentParser:
     bandwidth.add_argument("--out", default="reports/bench-bandwidth")
     _add_slo_flags(bandwidth)
     bandwidth.set_defaults(run=_bench_bandwidth)
+
+    drift = bench_commands.add_parser(
+        "drift", help="detection delay and false alarms of each drift detector per shift")
+    drift.add_argument("--clean", type=_positive(int), default=1000,
+                       help="clean images before the shift (false alarms are counted here)")
+    drift.add_argument("--shifted", type=_positive(int), default=1000)
+    drift.add_argument("--window", type=_positive(int), default=200)
+    drift.add_argument("--step", type=_positive(int), default=25)
+    drift.add_argument("--out", default="reports/bench-drift")
+    drift.set_defaults(run=_bench_drift)
 
     rollout = bench_commands.add_parser(
         "rollout", help="edge-server latency while registry versions roll, beside steady")
