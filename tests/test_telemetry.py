@@ -76,13 +76,11 @@ def test_store_and_forward_loses_nothing_across_a_killed_collector(
 def test_a_batch_sent_twice_is_stored_once_and_bad_batches_are_refused(
         config: Config, models_dir: Path, splits: Splits, tmp_path: Path) -> None:
     from tierwise.cloud import hosted
-    from tierwise.monitor.telemetry import telemetry_record
     from tierwise.server.app import TierServer, serve_in_thread
 
     with Client(config, models_dir=models_dir, plan=Local(DEVICE), probe=False,
                 collector_url="") as client:
-        traces = [{"id": result.trace.id, **telemetry_record(result.trace)}
-                  for result in (client.infer(image) for image in splits.test_x[:5])]
+        traces = [client.infer(image).trace.to_dict() for image in splits.test_x[:5]]
     token = registry_token("", config.registry_dir)
     auth = {"authorization": f"Bearer {token}"}
     batch = orjson.dumps({"device": "d", "traces": traces})
@@ -99,3 +97,24 @@ def test_a_batch_sent_twice_is_stored_once_and_bad_batches_are_refused(
         assert http.post("/telemetry/v1/traces", headers=auth,
                          content=b"{").status_code == 400
         assert http.get("/telemetry/v1/traces", headers=auth).status_code == 405
+
+
+def test_client_metrics_count_where_requests_ran_and_what_drifted(
+        config: Config, models_dir: Path, splits: Splits) -> None:
+    from tierwise.bench.processes import free_port as port_for_metrics
+    from tierwise.monitor.drift import DriftMonitor
+
+    port = port_for_metrics()
+    drift = DriftMonitor(reference_size=100, window_size=50, step=10)
+    with Client(config, models_dir=models_dir, plan=Local(DEVICE), probe=False,
+                collector_url="", drift=drift, metrics_port=port) as client:
+        for image in splits.test_x[:150]:
+            trace = client.infer(image).trace
+            assert trace.input_mean is not None and 0 <= trace.input_mean <= 1
+        dimmed = (splits.test_x[150:300] * 0.3).astype(splits.test_x.dtype)  # a shift
+        alerted = [client.infer(image).trace.drift_alerts for image in dimmed]
+        exposed = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+    assert any(alerted) and drift.alerts
+    assert 'tierwise_client_requests_total{plan="local",tier="device"} 300.0' in exposed
+    assert "tierwise_client_latency_seconds_count{plan=\"local\"} 300.0" in exposed
+    assert 'tierwise_client_drift_alerts_total{detector="psi",statistic="input_mean"}' in exposed

@@ -26,6 +26,8 @@ from tierwise.client.prober import Prober
 from tierwise.client.trace import StageTrace, Trace
 from tierwise.codecs import RAW, encode_rows
 from tierwise.config import DEVICE_TIER, Config, load_config
+from tierwise.monitor.drift import DriftMonitor
+from tierwise.monitor.metrics import ClientMetrics
 from tierwise.monitor.telemetry import Telemetry
 from tierwise.net.shaping import (
     ABORT_AT_EXTENSION,
@@ -144,6 +146,11 @@ class Client:
         collector_url: send every trace to this collector (the cloud server), stored and
             forwarded: nothing is lost across outages; default `telemetry.url`, else
             `registry.url`, else no telemetry.
+        drift: watch the inputs, confidences and answers for drift (PSI and KS against the
+            first 500 inferences; a `DriftMonitor` of your own, or False); alerts go into the
+            trace, the metrics and the telemetry.
+        metrics_port: serve this client's Prometheus metrics at http://127.0.0.1:<port>/metrics
+            (`client.metrics.exposition()` has them either way).
     """
 
     def __init__(
@@ -163,6 +170,8 @@ class Client:
         channel: str | None = None,
         device_id: str | None = None,
         collector_url: str | None = None,
+        drift: DriftMonitor | bool = True,
+        metrics_port: int | None = None,
     ) -> None:
         self.config = config or load_config()
         self.device_id = check_device_id(
@@ -208,6 +217,10 @@ class Client:
         collector_url = collector_url if collector_url is not None else \
             (self.config.telemetry.url or self.config.registry.url)
         self.telemetry = self._telemetry(collector_url) if collector_url else None
+        self.drift = DriftMonitor() if drift is True else (drift or None)
+        self.metrics = ClientMetrics()
+        if metrics_port is not None:
+            self.metrics.serve(metrics_port)
         if self.subscriber is not None:
             self.subscriber.start()
 
@@ -257,8 +270,7 @@ class Client:
         probabilities = outcome.probabilities
         trace.label = int(probabilities.argmax())
         trace.confidence = float(probabilities.max())
-        if self.telemetry is not None:
-            self.telemetry.record(trace, batch)
+        self._monitor(trace, batch)
         return InferenceResult(trace.label, probabilities, trace)
 
     def decide(self, slo: SLO, exclude: set[str] | None = None) -> Decision:
@@ -309,6 +321,24 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _monitor(self, trace: Trace, batch: np.ndarray) -> None:
+        """Drift statistics, metrics and telemetry of one answered inference."""
+        pixels = batch.astype(np.float32) * (1 / 255)
+        trace.input_mean = float(pixels.mean())
+        trace.input_std = float(pixels.std())
+        alerts = []
+        if self.drift is not None:
+            with self._lock:
+                alerts = self.drift.update({"input_mean": trace.input_mean,
+                                            "input_std": trace.input_std,
+                                            "confidence": trace.confidence,
+                                            "label": trace.label})
+            trace.drift_alerts = [alert.__dict__ for alert in alerts]
+        if self.metrics is not None:
+            self.metrics.observe(trace, alerts)
+        if self.telemetry is not None:
+            self.telemetry.record(trace)
 
     def _telemetry(self, url: str) -> Telemetry:
         settings = self.config.telemetry

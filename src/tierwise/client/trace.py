@@ -40,6 +40,9 @@ class Trace:
     started_at: float = field(default_factory=time.time)  # epoch seconds
     label: int | None = None        # the answer, and how sure of it (calibrated)
     confidence: float | None = None
+    input_mean: float | None = None  # of the input's pixels, 0..1: drift statistics (the
+    input_std: float | None = None   # input itself never leaves the device)
+    drift_alerts: list[dict[str, Any]] = field(default_factory=list)  # raised by this one
     total_ms: float = 0.0
     fallback: str | None = None  # why the plan did not run as chosen, if it did not
     attempts: list[str] = field(default_factory=list)  # plans tried after the first failed

@@ -9,6 +9,7 @@ collector.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -151,7 +152,8 @@ STATISTICS = {"input_mean": False, "input_std": False, "confidence": False, "lab
 
 @dataclass
 class DriftMonitor:
-    """PSI and KS on every statistic in `STATISTICS` (KS only on continuous ones)."""
+    """PSI and KS on every statistic in `STATISTICS` (KS only on continuous ones, and only
+    where scipy is installed)."""
 
     window_size: int = 200
     reference_size: int = 500
@@ -164,10 +166,12 @@ class DriftMonitor:
         if not self.detectors:
             window = {"window_size": self.window_size, "reference_size": self.reference_size,
                       "step": self.step}
+            # a device may run without scipy (the `monitor` extra): PSI alone then
+            with_ks = importlib.util.find_spec("scipy") is not None
             for statistic, categorical in STATISTICS.items():
                 self.detectors.append(PopulationStabilityIndex(
                     statistic, categorical=categorical, **window))
-                if not categorical:
+                if not categorical and with_ks:
                     self.detectors.append(KolmogorovSmirnov(statistic, **window))
 
     def update(self, statistics: Mapping[str, float | None]) -> list[DriftScore]:

@@ -6,7 +6,7 @@ sends the outbox in batches to the collector (`POST /telemetry/v1/traces` on the
 server). A batch leaves the outbox only once the collector answered 2xx, so a link outage or
 a collector that restarts loses nothing: the batch is sent again, with backoff, until it is
 taken. The collector stores each trace id once, so a batch sent twice (its answer lost) is
-not stored twice. What the device sends is the trace and two statistics of the input (mean
+not stored twice. What the device sends is the trace, with two statistics of the input (mean
 and standard deviation of its pixels), never the input itself.
 """
 
@@ -17,10 +17,9 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
-import numpy as np
 import orjson
 
 from tierwise.sqlite import transaction
@@ -33,17 +32,6 @@ log = logging.getLogger("tierwise.telemetry")
 TRACES_PATH = "/telemetry/v1/traces"
 _OUTBOX_SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, record BLOB NOT NULL);"""
-
-
-def telemetry_record(trace: Trace, image: np.ndarray | None = None) -> dict[str, Any]:
-    """What the collector gets for one inference: the trace and, from the input, only its
-    pixel mean and standard deviation (0..1), for drift detection."""
-    record = trace.to_dict()
-    if image is not None:
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
-        record["input_mean"] = float(pixels.mean())
-        record["input_std"] = float(pixels.std())
-    return record
 
 
 class Telemetry:
@@ -80,9 +68,9 @@ class Telemetry:
                                         daemon=True)
         self._thread.start()
 
-    def record(self, trace: Trace, image: np.ndarray | None = None) -> None:
+    def record(self, trace: Trace) -> None:
         """Queue one inference's trace (cheap: the thread does the rest)."""
-        encoded = orjson.dumps({"id": trace.id, **telemetry_record(trace, image)})
+        encoded = orjson.dumps(trace.to_dict())
         with self._pending_lock:
             self._pending.append(encoded)
 

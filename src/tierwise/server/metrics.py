@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Inference on this tier takes from ~100 µs to seconds (emulated slow tiers).
-_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 UNKNOWN_MODEL = "(unknown)"  # a label for requests naming no served model: bounded cardinality
@@ -55,14 +55,14 @@ class ServerMetrics:
         self.request_seconds = Histogram(
             "tierwise_request_duration_seconds",
             "Inference request time in the server, from the request reaching the app to the answer",
-            ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry)
+            ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self.queue_seconds = Histogram(
             "tierwise_queue_duration_seconds", "Time a request waited for its batch to start",
-            ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry)
+            ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self.compute_seconds = Histogram(
             "tierwise_compute_duration_seconds",
             "Compute time of each batch (stretched by compute_scale when emulated)",
-            ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry)
+            ["model"], buckets=SECONDS_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(
             "tierwise_batch_size", "Rows per ONNX Runtime call", ["model"],
             buckets=_BATCH_BUCKETS, registry=self.registry)
