@@ -44,6 +44,10 @@ def test_demo_compares_the_strategies_and_writes_a_report(
                                                         "fmnist-cloud"}
     assert registry["versions_served"]["device-only"] == {"fmnist-device": "1"}
     assert registry["versions_served"]["edge-only"] == {"fmnist-edge": "1"}
+    # every device's traces reached the collector, and the demo ends with the report
+    page = (report / "report.html").read_text()
+    assert "<td id='requests'>" + f"{5 * (config.demo.images + 1):,}" in page
+    assert page.count("data:image/png;base64,") == 4
     for plot in ("latency_cdf.png", "accuracy_vs_cost.png"):
         assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = console.export_text()

@@ -202,6 +202,19 @@ def _bench_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from tierwise.monitor.report import views_for, write_report
+
+    config = load_config(args.config)
+    since = time.time() - args.last_s if args.last_s else 0.0
+    views = views_for(config, since)
+    path = write_report(views, Path(args.out))
+    print(f"report of {len(views.records):,} requests: {path}")
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from tierwise.bench.serve import run_bench_serve
 
@@ -327,6 +340,12 @@ def _parser() -> argparse.ArgumentParser:
     from tierwise.registry.cli import add_commands as add_registry_commands
 
     add_registry_commands(commands)
+
+    report = commands.add_parser("report", help="one HTML file with plots of what the "
+                                 "telemetry collector stored (latency, tier mix, cost, drift)")
+    report.add_argument("--out", default="reports/report.html")
+    report.add_argument("--last-s", type=_positive(float), help="only the last N seconds")
+    report.set_defaults(run=_report)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--images", type=int, help="test images per strategy (default 2000)")

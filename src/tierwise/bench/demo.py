@@ -180,6 +180,7 @@ def run_demo(config: Config, report_dir: Path | None = None,
              console: Console | None = None) -> list[StrategyResult]:
     console = console or Console()
     started = time.perf_counter()
+    started_at = time.time()
     report_dir = Path(report_dir or config.demo.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
 
@@ -240,7 +241,8 @@ def run_demo(config: Config, report_dir: Path | None = None,
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             def worker(name: str, plan: Plan | None) -> None:
-                with Client(config, registry_url=cloud_url, device_id=f"demo-{name}",
+                with Client(config, registry_url=cloud_url, collector_url=cloud_url,
+                            device_id=f"demo-{name}",
                             tier_urls={"edge": edge_url, "cloud": cloud_url}) as client:
                     client.infer(images[0], plan)  # warm the connection and the session
                     results[name], traces = run_strategy(
@@ -287,6 +289,13 @@ def run_demo(config: Config, report_dir: Path | None = None,
     }, indent=2))
     (report_dir / "table.md").write_text(_markdown(ordered, emulated, notes))
     plots = _plots(ordered, report_dir, emulated)
+    from tierwise.monitor.report import views_for, write_report
+
+    views = views_for(config, since=started_at)
+    report = write_report(views, report_dir / "report.html", "tierwise demo: what the "
+                          "collector saw")
+    console.print(f"telemetry: the collector stored {len(views.records):,} traces from "
+                  f"{len({r['device'] for r in views.records})} devices; report {report}")
     console.print(f"report: {report_dir}/table.md, results.json, "
                   + ", ".join(p.name for p in plots))
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
