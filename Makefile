@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test dataset lint bench-serve clean
+.PHONY: demo test dataset browser lint bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,20 @@ dataset: $(STAMP)
 	       $(BIN)/tierwise data check; \
 	     fi; }
 
+# Headless Chromium for the dashboard's browser test (skipped, with the reason, without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 \
+	|| { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	       echo "installing chromium (Debian package) for the dashboard test"; \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	     else \
+	       echo "no chromium: the dashboard browser test will be skipped (apt-get install chromium)"; \
+	     fi; }
+
 demo: dataset
 	$(BIN)/tierwise demo
 
-test: dataset
+test: dataset browser
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -q
 

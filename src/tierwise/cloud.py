@@ -1,12 +1,16 @@
-"""The cloud tier's extras, in front of its tier server: the registry API and the telemetry
-collector. Both need the cloud API token (`registry.token`, else the registry's keys/token)."""
+"""The cloud tier's extras, in front of its tier server: the registry API, the telemetry
+collector and the dashboard. All need the cloud API token (`registry.token`, else the
+registry's keys/token)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tierwise.config import Config
 from tierwise.monitor.collector import Collector, TelemetryApp
+from tierwise.monitor.dashboard import DashboardApp
+from tierwise.monitor.report import Views, views_for
 from tierwise.registry.http import RegistryApp
 from tierwise.registry.store import Registry
 from tierwise.registry.subscriber import registry_token
@@ -22,9 +26,14 @@ def cloud_token(config: Config) -> str | None:
 
 
 def hosted(app: TierServer, config: Config) -> Any:
-    """`app` with the registry API and the telemetry collector in front of it. Until there is
-    a token, their endpoints answer 503 saying how to make one."""
+    """`app` with the registry API, the telemetry collector and the live dashboard in front
+    of it. Until there is a token, their endpoints answer 503 saying how to make one."""
     token = cloud_token(config)
     collector = Collector(config.telemetry.collector_path(config.data_dir))
+    window_s = config.telemetry.dashboard_window_s
+
+    def views() -> Views:
+        return views_for(config, since=time.time() - window_s)
+
     return RegistryApp(Registry(config.registry_dir), token,
-                       TelemetryApp(collector, token, app))
+                       TelemetryApp(collector, token, DashboardApp(views, token, app)))

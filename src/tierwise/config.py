@@ -286,6 +286,8 @@ class TelemetryConfig(_Section):
     batch_size: int = Field(500, ge=1, le=100_000, description="most traces per request")
     collector_db: str = Field("", description="the collector's SQLite file at the cloud; "
                               "empty: <data_dir>/telemetry/collector.db")
+    dashboard_window_s: float = Field(3600.0, gt=0, description="the dashboard shows the "
+                                      "traces of the last this many seconds")
 
     def collector_path(self, data_dir: str) -> Path:
         return Path(self.collector_db) if self.collector_db else \

@@ -244,12 +244,12 @@ def summary_html(summary: dict[str, Any], emulated: list[str]) -> str:
                                          for m, n in summary["model_versions"].items()))]
     cost = summary.get("cost")
     if cost:
-        rows += [("cost", f"${cost['total_usd']:.6f} (compute "
-                  + ", ".join(f"{t} ${v:.6f}" for t, v in cost["compute_usd"].items())
-                  + "; links " + ", ".join(f"{t} ${v:.6f}" for t, v in cost["link_usd"].items())
-                  + f"; device energy ${cost['device_energy_usd']:.6f})"),
-                 ("all in the cloud", f"${cost['all_cloud_usd']:.6f}: saved "
-                  f"${cost['savings_usd']:.6f} ({cost['savings_share']:.0%})")]
+        parts = [f"{tier} compute ${usd:.3g}" for tier, usd in cost["compute_usd"].items()]
+        parts += [f"{tier} link ${usd:.3g}" for tier, usd in cost["link_usd"].items()]
+        parts.append(f"device energy ${cost['device_energy_usd']:.3g}")
+        rows += [("cost", f"${cost['total_usd']:.3g}: " + ", ".join(parts)),
+                 ("all in the cloud", f"${cost['all_cloud_usd']:.3g}: saved "
+                  f"${cost['savings_usd']:.3g} ({cost['savings_share']:.0%})")]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td id='{html.escape(k.split()[0])}'>"
                    f"{html.escape(v)}</td></tr>" for k, v in rows)
     notes = "".join(f"<li>{html.escape(e)}</li>" for e in emulated)
