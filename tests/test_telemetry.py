@@ -97,6 +97,9 @@ def test_a_batch_sent_twice_is_stored_once_and_bad_batches_are_refused(
         assert http.post("/telemetry/v1/traces", headers=auth,
                          content=b"{").status_code == 400
         assert http.get("/telemetry/v1/traces", headers=auth).status_code == 405
+        exposed = http.get("/metrics").text  # the cloud server's own Prometheus metrics
+        assert "tierwise_collector_traces_total 5.0" in exposed
+        assert "tierwise_collector_duplicates_total 5.0" in exposed
 
 
 def test_client_metrics_count_where_requests_ran_and_what_drifted(

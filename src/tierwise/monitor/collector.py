@@ -15,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry, Counter
 
+from tierwise.monitor.drift import STATISTICS, DriftMonitor
 from tierwise.protocol.oip import encode_error
 from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
 from tierwise.sqlite import transaction
@@ -109,6 +112,18 @@ class TelemetryApp:
         self.collector = collector
         self._token = f"Bearer {token}".encode() if token else None
         self.app = app
+        # drift over all the traffic, as it arrives; alerts counted in the server's metrics
+        self.drift = DriftMonitor()
+        self._drift_lock = threading.Lock()
+        registry = getattr(getattr(app, "metrics", None), "registry", None) or \
+            CollectorRegistry()
+        self._traces = Counter("tierwise_collector_traces", "Traces stored by the collector",
+                               registry=registry)
+        self._duplicates = Counter("tierwise_collector_duplicates", "Traces sent again and "
+                                   "not stored twice", registry=registry)
+        self._alerts = Counter("tierwise_collector_drift_alerts", "Drift alerts at the "
+                               "collector by detector and statistic",
+                               ["detector", "statistic"], registry=registry)
 
     def __getattr__(self, name: str) -> Any:  # the wrapped server's API (tier, update, ...)
         return getattr(self.app, name)
@@ -140,15 +155,27 @@ class TelemetryApp:
                     raise TypeError("device must be a string and traces a list")
                 stored, duplicates = await asyncio.to_thread(self.collector.ingest, device,
                                                              traces)
+                if stored:
+                    await asyncio.to_thread(self._watch, traces)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise HTTPError(400, f"not a trace batch: {error}") from None
+            self._duplicates.inc(duplicates)
             answer = orjson.dumps({"accepted": stored, "duplicates": duplicates})
             await send_response(send, 200, answer, [_JSON])
         elif path == PREFIX + "summary":
             summary = await asyncio.to_thread(self.collector.summary)
+            summary["drift_alerts"] = [alert.__dict__ for alert in self.drift.alerts[-20:]]
             await send_response(send, 200, orjson.dumps(summary), [_JSON])
         else:
             raise HTTPError(404, f"no such endpoint: {path}")
+
+
+    def _watch(self, traces: list[dict[str, Any]]) -> None:
+        self._traces.inc(len(traces))
+        with self._drift_lock:
+            for trace in sorted(traces, key=lambda t: t["started_at"]):
+                for alert in self.drift.update({key: trace.get(key) for key in STATISTICS}):
+                    self._alerts.labels(alert.detector, alert.statistic).inc()
 
 
 async def _read(receive: Receive) -> bytes:
