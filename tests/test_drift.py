@@ -39,6 +39,19 @@ def test_a_detector_stays_quiet_without_a_shift_and_alerts_soon_after_one(make) 
     assert alerts[0] - 1500 <= 200  # within one window of the shift
 
 
+def test_ks_agrees_with_scipy() -> None:
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(3)
+    detector = KolmogorovSmirnov("x", reference_size=500, window_size=200, step=100)
+    reference, window = rng.normal(0, 1, 500), rng.normal(0.2, 1.1, 200)
+    score = [detector.update(v) for v in np.concatenate([reference, window])][-1]
+    expected = ks_2samp(reference, window, method="asymp")
+    assert score is not None
+    assert score.score == pytest.approx(expected.statistic)
+    assert detector.p_value == pytest.approx(expected.pvalue)
+
+
 def test_psi_on_classes_sees_a_change_in_class_mix() -> None:
     rng = np.random.default_rng(1)
     detector = PopulationStabilityIndex("label", categorical=True, reference_size=500,

@@ -115,7 +115,9 @@ def test_client_metrics_count_where_requests_ran_and_what_drifted(
             trace = client.infer(image).trace
             assert trace.input_mean is not None and 0 <= trace.input_mean <= 1
         dimmed = (splits.test_x[150:300] * 0.3).astype(splits.test_x.dtype)  # a shift
-        alerted = [client.infer(image).trace.drift_alerts for image in dimmed]
+        traces = [client.infer(image).trace for image in dimmed]
+        client.monitor_drain()  # drift, metrics and telemetry run off the request path
+        alerted = [trace.drift_alerts for trace in traces]
         exposed = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
     assert any(alerted) and drift.alerts
     assert 'tierwise_client_requests_total{plan="local",tier="device"} 300.0' in exposed
