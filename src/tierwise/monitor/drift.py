@@ -118,11 +118,11 @@ class PopulationStabilityIndex(_Windowed):
 class KolmogorovSmirnov(_Windowed):
     """The two-sample Kolmogorov–Smirnov test between the reference and the current window:
     the score is the KS statistic D (the largest gap between the two empirical CDFs), and it
-    alerts when the asymptotic p-value (scipy.special.kolmogorov, what
+    alerts when the p-value (scipy.stats.kstwo at the effective sample size, what
     `scipy.stats.ks_2samp(method="asymp")` computes) is below `alpha` (default 0.001: the
     test runs every `step` values, so a loose alpha would raise false alarms on unchanged
-    data). D is computed here with numpy against the sorted reference: ~40× faster than
-    calling ks_2samp, which matters on a device checking every 25 inferences."""
+    data). D is computed here with numpy against the sorted reference: several times cheaper
+    than calling ks_2samp, which matters on a device checking every 25 inferences."""
 
     name = "ks"
 
@@ -137,7 +137,7 @@ class KolmogorovSmirnov(_Windowed):
 
     def _score(self, window: np.ndarray) -> float:
         try:
-            from scipy.special import kolmogorov
+            from scipy.stats import kstwo
         except ImportError:
             raise ImportError("the KS drift detector needs scipy: pip install "
                               "'tierwise[monitor]'") from None
@@ -147,7 +147,7 @@ class KolmogorovSmirnov(_Windowed):
                      - np.searchsorted(current, values, side="right") / len(current))
         statistic = float(gap.max())
         effective_n = len(reference) * len(current) / (len(reference) + len(current))
-        self.p_value = float(kolmogorov(np.sqrt(effective_n) * statistic))
+        self.p_value = float(kstwo.sf(statistic, round(effective_n)))
         return statistic
 
     def _alert(self, score: float) -> bool:
