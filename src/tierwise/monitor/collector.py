@@ -156,7 +156,7 @@ class TelemetryApp:
                 stored, duplicates = await asyncio.to_thread(self.collector.ingest, device,
                                                              traces)
                 if stored:
-                    await asyncio.to_thread(self._watch, traces)
+                    await asyncio.to_thread(self._watch, traces, stored)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise HTTPError(400, f"not a trace batch: {error}") from None
             self._duplicates.inc(duplicates)
@@ -170,8 +170,8 @@ class TelemetryApp:
             raise HTTPError(404, f"no such endpoint: {path}")
 
 
-    def _watch(self, traces: list[dict[str, Any]]) -> None:
-        self._traces.inc(len(traces))
+    def _watch(self, traces: list[dict[str, Any]], stored: int) -> None:
+        self._traces.inc(stored)
         with self._drift_lock:
             for trace in sorted(traces, key=lambda t: t["started_at"]):
                 for alert in self.drift.update({key: trace.get(key) for key in STATISTICS}):
