@@ -53,11 +53,13 @@ def test_store_and_forward_loses_nothing_across_a_killed_collector(
         with tier_server("cloud", models_dir, port=port, config_path=config_path):
             for image in splits.test_x[:100]:
                 produced.append(client.infer(image).trace.id)
+            client.monitor_drain()  # telemetry is recorded off the request path
             _wait_for(lambda: client.telemetry.backlog() == 0, what="the first 100 sent")
         # the collector is gone (its process terminated): the device keeps answering and
         # keeps every trace
         for image in splits.test_x[100:250]:
             produced.append(client.infer(image).trace.id)
+        client.monitor_drain()
         time.sleep(1.0)  # several failed sends
         assert client.telemetry.backlog() == 150
         assert client.telemetry.last_error is not None
