@@ -260,7 +260,7 @@ def test_a_request_that_would_miss_its_deadline_falls_back_in_time(
     first = results[0].trace
     assert first.decision is not None and first.decision["feasible"]
     assert first.fallback is not None and first.answered_by.tier == "device"
-    assert all(r.trace.total_ms < 150 for r in results)
+    assert all(r.trace.total_ms < 150 for r in results), [r.trace.total_ms for r in results]
     # after the timeout the estimate dropped: later requests get another plan (the device, or
     # one whose payload fits 2 KB/s, such as a cascade escalating a 230-byte WebP)
     assert results[-1].trace.plan != first.plan
