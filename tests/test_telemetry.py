@@ -125,3 +125,27 @@ def test_client_metrics_count_where_requests_ran_and_what_drifted(
     assert 'tierwise_client_requests_total{plan="local",tier="device"} 300.0' in exposed
     assert "tierwise_client_latency_seconds_count{plan=\"local\"} 300.0" in exposed
     assert 'tierwise_client_drift_alerts_total{detector="psi",statistic="input_mean"}' in exposed
+
+
+def test_a_batch_the_collector_refuses_is_set_aside_and_later_traces_still_arrive(
+        config: Config, models_dir: Path, splits: Splits, tmp_path: Path) -> None:
+    from tierwise.cloud import hosted
+    from tierwise.monitor.telemetry import Telemetry
+    from tierwise.server.app import TierServer, serve_in_thread
+
+    with Client(config, models_dir=models_dir, plan=Local(DEVICE), probe=False,
+                collector_url="") as client:
+        traces = [client.infer(image).trace for image in splits.test_x[:3]]
+    traces[0].total_ms = float("nan")  # travels as null: the collector refuses it for good
+    app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
+    with serve_in_thread(app) as url:
+        token = registry_token("", config.registry_dir)
+        telemetry = Telemetry(url, device_id="refusal", token=token, flush_s=0.05,
+                              outbox_path=tmp_path / "outbox.db", batch_size=1)
+        for trace in traces:
+            telemetry.record(trace)
+        _wait_for(lambda: telemetry.backlog() == 0, what="the outbox emptied")
+        telemetry.close()
+        assert telemetry.sent == 2  # the refused one is in the outbox's `refused` table
+    stored = Collector(config.telemetry.collector_path(config.data_dir)).records()
+    assert sorted(row["id"] for row in stored) == sorted(t.id for t in traces[1:])

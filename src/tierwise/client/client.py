@@ -316,6 +316,7 @@ class Client:
     def close(self) -> None:
         self._monitor_stop.set()
         self._monitor_thread.join(timeout=30)
+        self._monitor_batch()  # what an infer racing with close added
         if self.subscriber is not None:
             self.subscriber.stop()
         if self.telemetry is not None:
@@ -353,8 +354,8 @@ class Client:
         with self._monitor_lock:
             while self._monitored:
                 trace = self._monitored.popleft()
-                try:
-                    alerts = []
+                alerts = []
+                try:  # monitoring must never take the client down, nor one step the next
                     if self.drift is not None:
                         alerts = self.drift.update({"input_mean": trace.input_mean,
                                                     "input_std": trace.input_std,
@@ -362,10 +363,10 @@ class Client:
                                                     "label": trace.label})
                         trace.drift_alerts = [alert.__dict__ for alert in alerts]
                     self.metrics.observe(trace, alerts)
-                    if self.telemetry is not None:
-                        self.telemetry.record(trace)
-                except Exception:  # monitoring must never take the client down
-                    log.exception("monitoring an inference failed")
+                except Exception:
+                    log.exception("drift or metrics of an inference failed")
+                if self.telemetry is not None:
+                    self.telemetry.record(trace)
 
     def monitor_drain(self) -> None:
         """Run drift, metrics and telemetry over every inference answered so far, now."""

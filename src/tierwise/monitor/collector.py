@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import threading
 import time
@@ -84,25 +85,48 @@ class Collector:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def _number(value: Any, what: str, optional: bool = False) -> float | None:
+    """`value` as a finite float (None where optional); ValueError naming `what`."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 def _row(device: str, index: int, trace: Any) -> tuple[Any, ...]:
+    where = f"traces[{index}]"
     if not isinstance(trace, dict):
-        raise ValueError(f"traces[{index}]: expected an object, got {type(trace).__name__}")
+        raise ValueError(f"{where}: expected an object, got {type(trace).__name__}")
     try:
+        for number, stage in enumerate(trace["stages"]):
+            for key in ("compute_ms", "bytes_up", "bytes_down"):
+                _number(stage[key], f"{where}.stages[{number}].{key}")
         stages = [stage for stage in trace["stages"] if stage.get("error") is None]
         answered = stages[-1] if stages else {"tier": "", "model": "", "model_version": ""}
-        slo = trace.get("slo") or {}
+        total_ms = _number(trace["total_ms"], f"{where}.total_ms")
+        # a deadline of infinity travels as null: no deadline
+        deadline = (trace.get("slo") or {}).get("deadline_ms")
+        label = _number(trace.get("label"), f"{where}.label", optional=True)
         return (
-            str(trace["id"]), device, time.time(), float(trace["started_at"]),
+            str(trace["id"]), device, time.time(), _number(trace["started_at"],
+                                                           f"{where}.started_at"),
             str(trace["plan"]), str(answered["tier"]), str(answered["model"]),
-            str(answered["model_version"]), float(trace["total_ms"]), int(trace["bytes_up"]),
-            int(trace["bytes_down"]), float(trace["cost_usd"]), int(bool(trace["escalated"])),
+            str(answered["model_version"]), total_ms,
+            int(_number(trace["bytes_up"], f"{where}.bytes_up") or 0),
+            int(_number(trace["bytes_down"], f"{where}.bytes_down") or 0),
+            _number(trace["cost_usd"], f"{where}.cost_usd"), int(bool(trace["escalated"])),
             int(trace.get("fallback") is not None),
-            int(bool(slo) and float(trace["total_ms"]) > float(slo.get("deadline_ms", 0))),
-            trace.get("label"), trace.get("confidence"), trace.get("input_mean"),
-            trace.get("input_std"), orjson.dumps(trace))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise ValueError(f"traces[{index}]: not a trace ({type(error).__name__}: "
-                         f"{error})") from None
+            int(isinstance(deadline, int | float) and total_ms is not None
+                and total_ms > deadline),
+            None if label is None else int(label),
+            _number(trace.get("confidence"), f"{where}.confidence", optional=True),
+            _number(trace.get("input_mean"), f"{where}.input_mean", optional=True),
+            _number(trace.get("input_std"), f"{where}.input_std", optional=True),
+            orjson.dumps(trace))
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{where}: not a trace ({type(error).__name__}: {error})") from None
 
 
 class TelemetryApp:

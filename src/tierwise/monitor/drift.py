@@ -97,7 +97,7 @@ class PopulationStabilityIndex(_Windowed):
         reference = np.asarray(self.reference, dtype=np.float64)
         if self.categorical:
             values = np.unique(reference)
-            self.edges = values[:-1] + 0.5  # one bin per class
+            self.edges = (values[:-1] + values[1:]) / 2  # one bin per class
         else:
             self.edges = np.unique(np.quantile(reference, np.linspace(0, 1, self.bins + 1)[1:-1]))
         self.expected = self._shares(reference)
@@ -166,6 +166,7 @@ class DriftMonitor:
     window_size: int = 200
     reference_size: int = 500
     step: int = 25
+    history: int = 20_000  # scores and alerts kept, the newest
     detectors: list[DriftDetector] = field(default_factory=list)
     alerts: list[DriftScore] = field(default_factory=list)
     scores: list[DriftScore] = field(default_factory=list)
@@ -191,8 +192,15 @@ class DriftMonitor:
                 continue
             score = detector.update(float(value))
             if score is not None:
-                self.scores.append(score)
+                _keep(self.scores, score, self.history)
                 if score.alert:
-                    self.alerts.append(score)
+                    _keep(self.alerts, score, self.history)
                     raised.append(score)
         return raised
+
+
+def _keep(history: list[DriftScore], score: DriftScore, most: int) -> None:
+    """Append, dropping the oldest beyond `most`: a monitor runs for the life of a device."""
+    history.append(score)
+    if len(history) > most:
+        del history[:len(history) - most]

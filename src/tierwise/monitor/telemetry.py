@@ -31,7 +31,9 @@ log = logging.getLogger("tierwise.telemetry")
 
 TRACES_PATH = "/telemetry/v1/traces"
 _OUTBOX_SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, record BLOB NOT NULL);"""
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS refused (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, record BLOB NOT NULL);"""
 
 
 class Telemetry:
@@ -55,7 +57,7 @@ class Telemetry:
         self.batch_size = batch_size
         self.sent = 0  # traces the collector has taken
         self.last_error: str | None = None
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[str, bytes]] = []  # (trace id, encoded trace)
         self._pending_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
@@ -72,7 +74,7 @@ class Telemetry:
         """Queue one inference's trace (cheap: the thread does the rest)."""
         encoded = orjson.dumps(trace.to_dict())
         with self._pending_lock:
-            self._pending.append(encoded)
+            self._pending.append((trace.id, encoded))
 
     def backlog(self) -> int:
         """Traces recorded and not yet taken by the collector."""
@@ -92,7 +94,16 @@ class Telemetry:
                                       (self.batch_size,)).fetchall()
                 if not rows:
                     return True
-                if not self._send([record for _, record in rows]):
+                taken = self._send([record for _, record in rows])
+                if taken is None:  # refused for good: set aside, so later traces still go
+                    with self._db() as db:
+                        db.execute("INSERT INTO refused SELECT * FROM outbox WHERE seq <= ?",
+                                   (rows[-1][0],))
+                        db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
+                    log.error("collector refused %d traces, kept in the outbox's `refused` "
+                              "table: %s", len(rows), self.last_error)
+                    continue
+                if not taken:
                     return False
                 with self._db() as db:
                     db.execute("DELETE FROM outbox WHERE seq <= ?", (rows[-1][0],))
@@ -126,12 +137,20 @@ class Telemetry:
     def _spool(self) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, []
-        if pending:
+        if not pending:
+            return
+        try:
             with self._db() as db:
                 db.executemany("INSERT OR IGNORE INTO outbox (id, record) VALUES (?, ?)",
-                               [(orjson.loads(record)["id"], record) for record in pending])
+                               pending)
+        except BaseException:  # the outbox could not take them: keep them in memory
+            with self._pending_lock:
+                self._pending[:0] = pending
+            raise
 
-    def _send(self, records: list[bytes]) -> bool:
+    def _send(self, records: list[bytes]) -> bool | None:
+        """True: taken; False: try again later; None: refused for good (a 4xx that sending
+        again cannot change)."""
         body = b'{"device":' + orjson.dumps(self.device_id) + b',"traces":[' + \
             b",".join(records) + b"]}"
         try:
@@ -141,6 +160,9 @@ class Telemetry:
             return False
         if answer.status_code // 100 != 2:
             self.last_error = f"collector answered {answer.status_code}: {answer.text[:200]}"
+            if 400 <= answer.status_code < 500 and answer.status_code not in (401, 403, 408,
+                                                                                429):
+                return None
             return False
         self.last_error = None
         return True
