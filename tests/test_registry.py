@@ -34,6 +34,7 @@ from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token
 from tierwise.server.app import TierServer, serve_in_thread
 from tierwise.zoo.store import MODEL_FILE, load_info, save_info
+from waiting import wait_for
 
 DEVICE, EDGE = "fmnist-device", "fmnist-edge"
 
@@ -62,14 +63,6 @@ def _push(config: Config, models_dir: Path, model: str, **kwargs: Any) -> int:
     registry = Registry(config.registry_dir)
     key = load_private_key(registry.keys_dir / PRIVATE_KEY_FILE)
     return registry.push(config, models_dir, model, key, **kwargs).version
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -162,7 +155,7 @@ def test_canary_reaches_exactly_its_cohort_and_rolls_back_while_requests_stream(
                    for device, client in clients.items()}
         try:
             # v1 everywhere
-            _wait_for(lambda: all(len(s.records) > 20 for s in streams.values()),
+            wait_for(lambda: all(len(s.records) > 20 for s in streams.values()),
                       what="requests from both clients")
             for stream in streams.values():
                 assert stream.versions_since(0) == {DEVICE: {"1"}, EDGE: {"1"}}
@@ -173,7 +166,7 @@ def test_canary_reaches_exactly_its_cohort_and_rolls_back_while_requests_stream(
             for model in (DEVICE, EDGE):
                 assert main(["--config", config_path, "registry", "push", model, "--models",
                              str(v2_dir), "--channel", "canary", "--share", "0.5"]) == 0
-            _wait_for(lambda: streams[inside].versions_since(time.monotonic() - 0.5)
+            wait_for(lambda: streams[inside].versions_since(time.monotonic() - 0.5)
                       == {DEVICE: {"2"}, EDGE: {"2"}}, what="the canary cohort on v2")
             settled = time.monotonic()
             time.sleep(1.0)
@@ -189,13 +182,13 @@ def test_canary_reaches_exactly_its_cohort_and_rolls_back_while_requests_stream(
             # rollback: everyone on v1 again, and the edge server lets v2 go
             for model in (DEVICE, EDGE):
                 assert main(["--config", config_path, "registry", "rollback", model]) == 0
-            _wait_for(lambda: streams[inside].versions_since(time.monotonic() - 0.5)
+            wait_for(lambda: streams[inside].versions_since(time.monotonic() - 0.5)
                       == {DEVICE: {"1"}, EDGE: {"1"}}, what="the cohort back on v1")
             settled = time.monotonic()
             time.sleep(1.0)
             for stream in streams.values():
                 assert stream.versions_since(settled) == {DEVICE: {"1"}, EDGE: {"1"}}
-            _wait_for(lambda: httpx.get(f"{edge_url}/v2/models/{EDGE}", trust_env=False)
+            wait_for(lambda: httpx.get(f"{edge_url}/v2/models/{EDGE}", trust_env=False)
                       .json()["versions"] == ["1"], what="the edge server retiring v2")
         finally:
             for stream in streams.values():

@@ -4,7 +4,6 @@ server, across a collector that is killed and restarted; each trace stored exact
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ from tierwise.monitor.collector import Collector
 from tierwise.planner.plans import Local
 from tierwise.registry.signing import keygen
 from tierwise.registry.subscriber import registry_token
+from waiting import wait_for
 
 DEVICE = "fmnist-device"
 
@@ -31,14 +31,6 @@ def config(small_config: Config, tmp_path: Path) -> Config:
     config.telemetry.flush_s = 0.1
     keygen(config.registry_dir / "keys")
     return config
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_store_and_forward_loses_nothing_across_a_killed_collector(
@@ -54,7 +46,7 @@ def test_store_and_forward_loses_nothing_across_a_killed_collector(
             for image in splits.test_x[:100]:
                 produced.append(client.infer(image).trace.id)
             client.monitor_drain()  # telemetry is recorded off the request path
-            _wait_for(lambda: client.telemetry.backlog() == 0, what="the first 100 sent")
+            wait_for(lambda: client.telemetry.backlog() == 0, what="the first 100 sent")
         # the collector is gone (its process terminated): the device keeps answering and
         # keeps every trace
         for image in splits.test_x[100:250]:
@@ -64,7 +56,7 @@ def test_store_and_forward_loses_nothing_across_a_killed_collector(
         assert client.telemetry.backlog() == 150
         assert client.telemetry.last_error is not None
         with tier_server("cloud", models_dir, port=port, config_path=config_path):
-            _wait_for(lambda: client.telemetry.backlog() == 0, what="the backlog sent")
+            wait_for(lambda: client.telemetry.backlog() == 0, what="the backlog sent")
             token = registry_token("", config.registry_dir)
             summary = httpx.get(f"{url}/telemetry/v1/summary", trust_env=False,
                                 headers={"authorization": f"Bearer {token}"}).json()
@@ -144,7 +136,7 @@ def test_a_batch_the_collector_refuses_is_set_aside_and_later_traces_still_arriv
                               outbox_path=tmp_path / "outbox.db", batch_size=1)
         for trace in traces:
             telemetry.record(trace)
-        _wait_for(lambda: telemetry.backlog() == 0, what="the outbox emptied")
+        wait_for(lambda: telemetry.backlog() == 0, what="the outbox emptied")
         telemetry.close()
         assert telemetry.sent == 2  # the refused one is in the outbox's `refused` table
     stored = Collector(config.telemetry.collector_path(config.data_dir)).records()
