@@ -294,6 +294,56 @@ class TelemetryConfig(_Section):
             Path(data_dir) / "telemetry" / "collector.db"
 
 
+class FederatedConfig(_Section):
+    """Federated learning on Flower (`tierwise fl run`): the clients, their data and links,
+    and the rounds. Links and compute scales are emulated (a shaping TCP proxy per client
+    between its SuperNode and the SuperLink; a sleep that stretches measured training time)."""
+
+    clients: int = Field(10, ge=1, le=100, description="SuperNodes, one per simulated device")
+    rounds: int = Field(15, ge=1, le=1000)
+    partition: str = Field("dirichlet", pattern="^(iid|dirichlet|labels)$",
+                           description="how the training set is split across clients")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
+    labels_per_client: int = Field(2, ge=1, le=10, description="partition=labels")
+    seed: int = 0
+    strategy: str = Field("fedavg", pattern="^(fedavg|fedprox)$")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx's proximal term")
+    compressor: str = Field("none", pattern=r"^(none|q8|q4|topk:(0?\.[0-9]+|1(\.0*)?)(\+q[48])?)$",
+                            description="update compression: none, q8, q4, "
+                            "topk:F (fraction kept), topk:F+q8, topk:F+q4")
+    downlink: str = Field("none", pattern="^(none|q8)$", description="the global model "
+                          "as sent to clients: float32, or 8-bit stochastic quantization")
+    local_steps: int = Field(20, ge=1, description="SGD steps per client per round")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    uplink: Rate = Field(250_000.0, description="each client's emulated uplink")
+    downlink_rate: Rate = Field(500_000.0, description="each client's emulated downlink")
+    rtt_ms: float = Field(20.0, ge=0, description="each client's emulated round-trip time")
+    compute_scales: list[float] = Field(
+        default_factory=lambda: [1.0], description="per-client compute_scale, cycled over the "
+        "clients (2.0: a client trains at half the host's speed)")
+    round_deadline_s: float = Field(120.0, gt=0, description="a round closes with the clients "
+                                    "that answered by then")
+    min_fraction: float = Field(0.5, gt=0, le=1, description="fewest clients (share of those "
+                                "sampled) whose updates make a round; fewer: the model stays")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of connected clients "
+                                  "sampled each round")
+    eval_images: int = Field(2000, ge=100, le=10000, description="test images the server "
+                             "scores the global model on after each round (all 10,000 at the end)")
+    report_dir: str = "reports/fl"
+
+    @field_validator("compute_scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if not value or any(not scale >= 1.0 for scale in value):
+            raise ValueError("expected a non-empty list of scales >= 1 (1: the host's speed)")
+        return value
+
+    def compute_scale(self, client: int) -> float:
+        return self.compute_scales[client % len(self.compute_scales)]
+
+
 class Config(_Section):
     data_dir: str = Field("data", description="models, caches and stores live here")
     data: DataConfig = DataConfig()
@@ -317,6 +367,7 @@ class Config(_Section):
     optimize: OptimizeConfig = OptimizeConfig()
     registry: RegistryConfig = RegistryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    fl: FederatedConfig = FederatedConfig()
 
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:

@@ -1,0 +1,1 @@
+"""Federated learning: client updates, their compression, partitions and aggregation."""

@@ -1,0 +1,390 @@
+"""`tierwise fl run`: a Flower federation as real processes on loopback, on shaped links.
+
+What runs (all real processes, all on 127.0.0.1, random free ports):
+
+    flower-superlink ──────────── flwr-serverapp (our ServerApp, started by the SuperLink)
+         ▲ Fleet API (HTTP)
+         │  ShapingProxy per client (tierwise.net.proxy): up / down rate, RTT, bytes counted
+         │
+    flower-supernode  ×N  (--isolation process; node config: partition-id, compute-scale)
+         ▲ Runtime API
+    tierwise.learn.executor ×N  (a warm SuperExec: each ClientApp task is a fork)
+
+The run is submitted the way a Flower user does it, with `flwr run <app> <superlink>`; the
+app is a Flower app directory (pyproject.toml) whose components are
+`tierwise.learn.flower_app:server_app` / `:client_app`. The ServerApp appends each round to a
+progress file; this process follows it, snapshots each proxy's byte counters at each round's
+end, kills or starts clients on schedule (dropouts, late joins), and at the end exports the
+global model as an ONNX device model and, where a registry exists, pushes it as a version.
+
+Links and device speed are emulated and every result says so (`emulated`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tierwise.bench.processes import free_port
+from tierwise.config import Config, format_rate
+from tierwise.net.proxy import ShapingProxy
+
+APP_NAME = "tierwise-fl"
+MODEL_NAME = "fmnist-fl"
+STARTUP_TIMEOUT_S = 60.0
+
+
+class FederationError(RuntimeError):
+    """The federation could not start or failed; the message says where to look."""
+
+
+def _bin(name: str) -> str:
+    """A Flower console script of this interpreter's environment."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise FederationError(f"{name} not found: install the fl extra "
+                              f"(pip install 'tierwise[fl]')")
+    return found
+
+
+def _wait_port(port: int, process: subprocess.Popen[Any], log: Path, what: str,
+               timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(f"{what} exited ({process.returncode}); see {log}:\n"
+                                  f"{_tail(log)}")
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise FederationError(f"{what} did not listen on {port} in {timeout_s:.0f} s; see {log}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[Any]:
+    handle: IO[bytes] = log.open("ab")
+    try:
+        # a session of its own: a client is killed as a whole (SuperNode, SuperExec, tasks)
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    finally:
+        handle.close()
+
+
+def _killpg(process: subprocess.Popen[Any] | None, sig: int = signal.SIGKILL) -> None:
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@dataclass
+class Client:
+    """One simulated device: its link (proxy), SuperNode and warm SuperExec."""
+
+    index: int
+    compute_scale: float
+    proxy: ShapingProxy
+    supernode: subprocess.Popen[Any] | None = None
+    executor: subprocess.Popen[Any] | None = None
+    killed_at_round: int | None = None
+    joined_at_round: int | None = None
+
+    def kill(self) -> None:
+        """As a device that loses power: no goodbye to the SuperLink."""
+        _killpg(self.executor)
+        _killpg(self.supernode)
+
+    @property
+    def alive(self) -> bool:
+        return self.supernode is not None and self.supernode.poll() is None
+
+
+def app_directory(where: Path) -> Path:
+    """A Flower app directory: what `flwr run` packages into a FAB and sends to the SuperLink."""
+    app = where / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(f'''[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "tierwise federated learning: Fashion-MNIST, compressed updates, shaped links"
+license = "Apache-2.0"
+dependencies = ["tierwise[fl]"]
+
+[tool.flwr.app]
+publisher = "tierwise"
+
+[tool.flwr.app.components]
+serverapp = "tierwise.learn.flower_app:server_app"
+clientapp = "tierwise.learn.flower_app:client_app"
+
+[tool.flwr.app.config]
+spec = ""
+''')
+    return app
+
+
+@dataclass
+class Schedule:
+    """Dropouts and late joins: client index -> the round during which it is killed / before
+    which it is started (1-based)."""
+
+    kill: dict[int, int] = field(default_factory=dict)
+    join: dict[int, int] = field(default_factory=dict)
+    kill_delay_s: float = 1.0  # into the round: mid-transfer or mid-training
+
+
+class Federation:
+    """Start, follow and stop one federated run. Use as a context manager."""
+
+    def __init__(self, config: Config, work_dir: Path, schedule: Schedule | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config, self.fl = config, config.fl
+        self.work = work_dir
+        self.schedule = schedule or Schedule()
+        self.on_round = on_round
+        self.superlink: subprocess.Popen[Any] | None = None
+        self.clients: list[Client] = []
+        self.port = 0
+        # Flower's processes start one another by console-script name: put ours first
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1",
+                    "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
+    # ------------------------------------------------------------------ processes
+    def __enter__(self) -> Federation:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        (self.work / "logs").mkdir(parents=True)
+        try:
+            self._start_superlink()
+            for index in range(self.fl.clients):
+                self.clients.append(self._client(index))
+                if index not in self.schedule.join:
+                    self._start_client(self.clients[index])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start_superlink(self) -> None:
+        self.port = free_port()
+        home = self.work / "superlink"
+        home.mkdir()
+        log = self.work / "logs" / "superlink.log"
+        self.superlink = _start(
+            [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+             str(self.port), "--disable-runtime-dependency-installation",
+             "--database", str(home / "state.db")], log, {**self.env, "FLWR_HOME": str(home)})
+        _wait_port(self.port, self.superlink, log, "flower-superlink")
+
+    def _client(self, index: int) -> Client:
+        proxy = ShapingProxy(("127.0.0.1", self.port), self.fl.uplink, self.fl.downlink_rate,
+                             rtt_ms=self.fl.rtt_ms, name=f"client-{index}").start()
+        return Client(index, self.fl.compute_scale(index), proxy)
+
+    def _start_client(self, client: Client) -> None:
+        home = self.work / f"client-{client.index}"
+        home.mkdir(exist_ok=True)
+        env = {**self.env, "FLWR_HOME": str(home)}
+        runtime_port = free_port()
+        log = self.work / "logs" / f"client-{client.index}.log"
+        host, port = client.proxy.address
+        node_config = (f'partition-id={client.index} num-partitions={self.fl.clients} '
+                       f'compute-scale={client.compute_scale} '
+                       f'data-dir="{self.config.data.path or ""}"')
+        client.supernode = _start(
+            [_bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
+             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+             "--node-config", node_config], log, env)
+        _wait_port(runtime_port, client.supernode, log, f"client {client.index}'s SuperNode")
+        command = [sys.executable, "-m", "tierwise.learn.executor",
+                   "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+        if self.config.data.path:
+            command += ["--data-dir", self.config.data.path]
+        client.executor = _start(command, log, env)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.kill()
+            client.proxy.close()
+        _killpg(self.superlink, signal.SIGTERM)
+
+    # ------------------------------------------------------------------ the run
+    def submit(self, spec: dict[str, Any]) -> str:
+        """`flwr run` the app with `spec` (a JSON file the ServerApp reads); the run id."""
+        spec_path = self.work / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        cli_home = self.work / "cli"
+        cli_home.mkdir(exist_ok=True)
+        (cli_home / "config.toml").write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        done = subprocess.run(
+            [_bin("flwr"), "run", str(app_directory(self.work)), "local", "--format", "json",
+             "--run-config", f'spec="{spec_path}"'],
+            capture_output=True, text=True, env={**self.env, "FLWR_HOME": str(cli_home)},
+            timeout=120, check=False)
+        try:
+            answer = json.loads(done.stdout[done.stdout.index("{"):])
+            return str(answer["run-id"])
+        except (ValueError, KeyError):
+            raise FederationError(f"flwr run failed ({done.returncode}):\n{done.stdout}\n"
+                                  f"{done.stderr}") from None
+
+    def follow(self, progress: Path, rounds: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Follow the ServerApp's progress file until it is done; apply the schedule."""
+        events: list[dict[str, Any]] = []
+        seen = 0
+        deadline = time.monotonic() + timeout_s
+        kill_at: dict[int, float] = {}
+        while time.monotonic() < deadline:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise FederationError(f"the SuperLink exited; see {self.work / 'logs'}")
+            lines = progress.read_text().splitlines() if progress.exists() else []
+            for line in lines[seen:]:
+                event = json.loads(line)
+                events.append(event)
+                if event["event"] == "error":
+                    raise FederationError(f"the ServerApp failed: {event['message']}")
+                if event["event"] in ("start", "round"):
+                    event["wire"] = {c.index: c.proxy.counters() for c in self.clients}
+                    done_round = event.get("round", 0)
+                    self._joins(done_round + 1)
+                    for index, kill_round in self.schedule.kill.items():
+                        if kill_round == done_round + 1:
+                            kill_at[index] = time.monotonic() + self.schedule.kill_delay_s
+                    if self.on_round and event["event"] == "round":
+                        self.on_round(event)
+                if event["event"] == "done":
+                    return events
+            seen = len(lines)
+            for index, when in list(kill_at.items()):
+                if time.monotonic() >= when:
+                    client = self.clients[index]
+                    client.kill()
+                    client.killed_at_round = self.schedule.kill[index]
+                    del kill_at[index]
+            time.sleep(0.05)
+        raise FederationError(f"no result in {timeout_s:.0f} s; see {self.work / 'logs'}")
+
+    def _joins(self, next_round: int) -> None:
+        for index, join_round in self.schedule.join.items():
+            client = self.clients[index]
+            if join_round == next_round and client.supernode is None:
+                self._start_client(client)
+                client.joined_at_round = join_round
+
+
+def run_spec(config: Config, work: Path) -> dict[str, Any]:
+    fl = config.fl
+    return {
+        "clients": fl.clients, "rounds": fl.rounds, "partition": fl.partition,
+        "alpha": fl.alpha, "labels_per_client": fl.labels_per_client, "seed": fl.seed,
+        "strategy": fl.strategy, "proximal_mu": fl.proximal_mu, "compressor": fl.compressor,
+        "downlink": fl.downlink, "local_steps": fl.local_steps, "batch_size": fl.batch_size,
+        "learning_rate": fl.learning_rate, "momentum": fl.momentum,
+        "round_deadline_s": fl.round_deadline_s, "min_fraction": fl.min_fraction,
+        "fraction_train": fl.fraction_train, "eval_images": fl.eval_images,
+        "data_dir": config.data.path or "",
+        "progress": str(work / "progress.jsonl"), "weights": str(work / "global.npz"),
+    }
+
+
+def emulation(config: Config) -> dict[str, Any]:
+    """What was emulated, for every output that depends on it."""
+    fl = config.fl
+    return {"emulated": True,
+            "links": f"per client: up {format_rate(fl.uplink)}, down "
+                     f"{format_rate(fl.downlink_rate)}, RTT {fl.rtt_ms:g} ms (shaping TCP proxy "
+                     f"between SuperNode and SuperLink)",
+            "compute_scales": [fl.compute_scale(i) for i in range(fl.clients)]}
+
+
+def summarize(config: Config, events: list[dict[str, Any]], federation: Federation,
+              partition_report: dict[str, Any]) -> dict[str, Any]:
+    """Per-round accuracy, wall time and wire bytes (deltas of the proxies' counters)."""
+    start = next(e for e in events if e["event"] == "start")
+    previous = start["wire"]
+    rounds, wall = [], 0.0
+    total_up = total_down = 0
+    for event in (e for e in events if e["event"] == "round"):
+        up = sum(w["bytes_up"] - previous[k]["bytes_up"] for k, w in event["wire"].items())
+        down = sum(w["bytes_down"] - previous[k]["bytes_down"] for k, w in event["wire"].items())
+        previous = event["wire"]
+        wall += event["round_s"]
+        total_up, total_down = total_up + up, total_down + down
+        rounds.append({
+            "round": event["round"], "accuracy": event["accuracy"], "loss": event["loss"],
+            "round_s": event["round_s"], "wall_s": wall, "bytes_up": up, "bytes_down": down,
+            "cumulative_bytes_up": total_up, "cumulative_bytes_down": total_down,
+            "sent": len(event["sent"]), "answered": len(event["answered"]),
+            "aggregated": event["aggregated"], "failed": event["failed"], "late": event["late"],
+            "missed": event["missed"],
+        })
+    done = next(e for e in events if e["event"] == "done")
+    return {
+        "config": config.fl.model_dump(), **emulation(config),
+        "partition": partition_report, "rounds": rounds,
+        "final_accuracy": done["accuracy"], "final_loss": done["loss"],
+        "wall_s": wall, "bytes_up": total_up, "bytes_down": total_down,
+        "clients": [{"client": c.index, "compute_scale": c.compute_scale,
+                     "killed_at_round": c.killed_at_round,
+                     "joined_at_round": c.joined_at_round, **c.proxy.counters()}
+                    for c in federation.clients],
+        "weights": done["weights"],
+    }
+
+
+def run_federation(config: Config, work: Path, schedule: Schedule | None = None,
+                   on_round: Callable[[dict[str, Any]], None] | None = None,
+                   timeout_s: float | None = None) -> dict[str, Any]:
+    """One federated run, start to finish; the summary (see `summarize`)."""
+    from tierwise.data.fashion_mnist import load_fashion_mnist
+    from tierwise.learn.partition import partition
+
+    fl = config.fl
+    _, labels = load_fashion_mnist(config.data.path, "train")  # fails with the hint
+    report = partition(labels, fl.clients, fl.partition, seed=fl.seed, alpha=fl.alpha,
+                       labels_per_client=fl.labels_per_client).report(labels)
+    limit = timeout_s or (fl.rounds + 2) * (fl.round_deadline_s + 30) + STARTUP_TIMEOUT_S
+    with Federation(config, work, schedule, on_round) as federation:
+        spec = run_spec(config, work)
+        federation.submit(spec)
+        events = federation.follow(Path(spec["progress"]), fl.rounds, limit)
+        return summarize(config, events, federation, report)

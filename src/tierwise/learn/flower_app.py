@@ -1,0 +1,305 @@
+"""The Flower app of `tierwise fl run`: a ServerApp and a ClientApp, plus our compression.
+
+What Flower gives us and we use as is: the SuperLink / SuperNode deployment engine, the
+Message API, and its FedAvg and FedProx strategies (sampling, weighted averaging, FedProx's
+`proximal-mu`). What we add, as small pieces that plug into Flower's own extension points:
+
+- `CompressionMod`, a ClientApp mod: it decodes a compressed global model on the way in, and
+  on the way out replaces the trained weights with the compressed *update* (new - global),
+  keeping the error-feedback residual in the node's `Context.state`, which Flower keeps on
+  the device across rounds. The server tells it which compressor to use (message config).
+- `CompressedStrategy`, a wrapper around any Flower `Strategy`: it adds the compressor to
+  each round's config, optionally sends the global model 8-bit quantized, and decodes every
+  reply (global + update) before the wrapped strategy aggregates, so FedAvg and FedProx
+  aggregate plain weights.
+- The round loop in `main`: Flower's `Strategy.start` waits for all sampled nodes up to one
+  timeout and blocks while too few nodes are connected; edge clients vanish and straggle, so
+  ours closes a round at its deadline with whoever answered (if at least `min_fraction` did),
+  does not send new work to a node still busy with an old round, and takes in nodes that
+  join late. Each round is appended to a JSON-lines progress file the orchestrator follows.
+
+Raw samples never leave a client: a reply carries only the (compressed) update and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from tierwise.learn.compression import SPEC_KEY, make_compressor, payload_spec
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+POLL_S = 0.1
+
+
+# ---------------------------------------------------------------- compression, both ends
+def to_record(payload: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in payload.items()})
+
+
+def is_compressed(record: ArrayRecord) -> bool:
+    return SPEC_KEY in record  # a compressor's payload names its compressor
+
+
+def from_record(record: ArrayRecord) -> list[np.ndarray]:
+    """The float32 arrays a record stands for, compressed or not."""
+    if not is_compressed(record):
+        return record.to_numpy_ndarrays()
+    payload = {k: v.numpy() for k, v in record.items()}
+    return make_compressor(payload_spec(payload)).decode(payload)
+
+
+class CompressionMod:
+    """ClientApp mod: compressed model in, compressed update out (see the module docstring)."""
+
+    RESIDUAL = "tierwise.residual"
+
+    def __call__(self, msg: Message, context: Context, call_next: Any) -> Message:
+        if msg.metadata.message_type != "train" or not msg.has_content():
+            return call_next(msg, context)
+        config = msg.content[CONFIG]
+        spec = str(config.get("compressor", "none"))
+        compressor = make_compressor(spec)
+        global_weights = from_record(msg.content[ARRAYS])
+        msg.content[ARRAYS] = ArrayRecord([w.copy() for w in global_weights])
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        new_weights = reply.content[ARRAYS].to_numpy_ndarrays()
+        update = [n - g for n, g in zip(new_weights, global_weights, strict=True)]
+        residual = None
+        if compressor.error_feedback and self.RESIDUAL in context.state:
+            residual = context.state[self.RESIDUAL].to_numpy_ndarrays()
+        seed = int(config.get("seed", 0)) * 1_000_003 + int(config.get("server-round", 0))
+        payload, residual = compressor.encode(update, residual,
+                                              np.random.default_rng([seed, msg.metadata.dst_node_id]))
+        if residual is not None:
+            context.state[self.RESIDUAL] = ArrayRecord(residual)
+        reply.content[ARRAYS] = to_record(payload)
+        return reply
+
+
+class CompressedStrategy(Strategy):
+    """Wraps a Flower strategy: compressor in the config, decode before aggregating."""
+
+    def __init__(self, base: Strategy, compressor: str = "none", downlink: str = "none",
+                 seed: int = 0) -> None:
+        make_compressor(compressor)  # fail early on a bad spec
+        self.base, self.compressor, self.downlink, self.seed = base, compressor, downlink, seed
+        self._global: list[np.ndarray] | None = None
+
+    def summary(self) -> None:
+        self.base.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = arrays.to_numpy_ndarrays()
+        config["compressor"] = self.compressor
+        config["seed"] = self.seed
+        if self.downlink != "none":
+            payload, _ = make_compressor(self.downlink).encode(
+                self._global, None, np.random.default_rng([self.seed, server_round]))
+            arrays = to_record(payload)
+        return self.base.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global is None:
+            raise RuntimeError("aggregate_train before configure_train")
+        decoded = []
+        for reply in replies:
+            if not reply.has_error() and ARRAYS in reply.content:
+                update = from_record(reply.content[ARRAYS])
+                reply.content[ARRAYS] = ArrayRecord(
+                    [g + u for g, u in zip(self._global, update, strict=True)])
+            decoded.append(reply)
+        return self.base.aggregate_train(server_round, decoded)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return None
+
+
+# ---------------------------------------------------------------- the ClientApp
+client_app = ClientApp(mods=[CompressionMod()])
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from tierwise.data.fashion_mnist import load_fashion_mnist
+    from tierwise.learn.model import get_weights, local_train, model_from
+    from tierwise.learn.partition import partition
+
+    received = time.time()
+    torch.set_num_threads(1)
+    config = msg.content[CONFIG]
+    node = context.node_config
+    client = int(node["partition-id"])
+    images, labels = load_fashion_mnist(str(node["data-dir"]) or None, "train")
+    parts = partition(labels, int(config["num-partitions"]), str(config["partition"]),
+                      seed=int(config["seed"]), alpha=float(config["alpha"]),
+                      labels_per_client=int(config["labels-per-client"]))
+    mine = parts.parts[client]
+    model = model_from(msg.content[ARRAYS].to_numpy_ndarrays())
+    server_round = int(config["server-round"])
+    stats = local_train(
+        model, images[mine], labels[mine], steps=int(config["local-steps"]),
+        batch_size=int(config["batch-size"]), learning_rate=float(config["lr"]),
+        momentum=float(config["momentum"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=int(config["seed"]) * 7919 + client * 104729 + server_round)
+    # emulated device speed: stretch the measured training time by the node's compute_scale
+    scale = float(node.get("compute-scale", 1.0))
+    if scale > 1.0:
+        time.sleep(stats["train_s"] * (scale - 1.0))
+    metrics = MetricRecord({"num-examples": len(mine), "train-loss": stats["train_loss"],
+                            "train-s": stats["train_s"], "compute-scale": scale,
+                            "partition-id": client, "received-at": received,
+                            "trained-at": time.time()})
+    return Message(RecordDict({ARRAYS: ArrayRecord(get_weights(model)), METRICS: metrics}),
+                   reply_to=msg)
+
+
+# ---------------------------------------------------------------- the ServerApp
+server_app = ServerApp()
+
+
+class Progress:
+    """The JSON-lines file the orchestrator follows: one object per event, flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **fields: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"event": kind, "t": time.time(), **fields}) + "\n")
+
+
+def make_strategy(spec: dict[str, Any]) -> CompressedStrategy:
+    common = {"fraction_train": spec["fraction_train"], "fraction_evaluate": 0.0,
+              "min_train_nodes": 1, "min_evaluate_nodes": 0, "min_available_nodes": 1}
+    if spec["strategy"] == "fedprox":
+        base: Strategy = FedProx(proximal_mu=spec["proximal_mu"], **common)
+    elif spec["strategy"] == "fedavg":
+        base = FedAvg(**common)
+    else:
+        raise ValueError(f"strategy {spec['strategy']!r}: expected fedavg or fedprox")
+    return CompressedStrategy(base, spec["compressor"], spec["downlink"], spec["seed"])
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    spec = json.loads(Path(str(context.run_config["spec"])).read_text())
+    progress = Progress(Path(spec["progress"]))
+    try:
+        run_rounds(grid, spec, progress)
+    except Exception as error:
+        progress.write("error", message=f"{type(error).__name__}: {error}")
+        raise
+
+
+def run_rounds(grid: Grid, spec: dict[str, Any], progress: Progress) -> None:
+    import torch
+
+    from tierwise.data.fashion_mnist import load_fashion_mnist
+    from tierwise.learn.model import evaluate, initial_weights, model_from
+
+    torch.set_num_threads(spec.get("eval_threads", 2))
+    test_x, test_y = load_fashion_mnist(spec["data_dir"] or None, "test")
+    probe = np.random.default_rng(spec["seed"]).permutation(len(test_x))[:spec["eval_images"]]
+    strategy = make_strategy(spec)
+    weights = initial_weights(spec["seed"])
+    train_config = {
+        "num-partitions": spec["clients"], "partition": spec["partition"],
+        "alpha": spec["alpha"], "labels-per-client": spec["labels_per_client"],
+        "local-steps": spec["local_steps"], "batch-size": spec["batch_size"],
+        "lr": spec["learning_rate"], "momentum": spec["momentum"],
+    }
+    # the first round waits (up to one deadline) for the expected clients to connect
+    waited = time.monotonic() + spec["round_deadline_s"]
+    while len(list(grid.get_node_ids())) < spec["clients"] and time.monotonic() < waited:
+        time.sleep(0.2)
+    progress.write("start", nodes=sorted(grid.get_node_ids()))
+    busy: dict[str, tuple[int, int]] = {}  # message id -> (node, round) of work not answered
+    for server_round in range(1, spec["rounds"] + 1):
+        started = time.time()
+        arrays = ArrayRecord(weights)
+        messages = [m for m in strategy.configure_train(
+            server_round, arrays, ConfigRecord(dict(train_config)), grid)
+            if m.metadata.dst_node_id not in {node for node, _ in busy.values()}]
+        sent = {mid: m.metadata.dst_node_id for mid, m in
+                zip(grid.push_messages(messages), messages, strict=True)}
+        replies, failed, late = _collect(grid, sent, busy, started + spec["round_deadline_s"])
+        needed = max(1, math.ceil(spec["min_fraction"] * len(sent)))
+        answered = [r for r in replies if not r.has_error()]
+        closed = time.time()
+        if len(answered) >= needed:
+            new, _ = strategy.aggregate_train(server_round, answered)
+            if new is not None:
+                weights = new.to_numpy_ndarrays()
+        metrics = evaluate(model_from(weights), test_x[probe], test_y[probe])
+        progress.write(
+            "round", round=server_round, started=started, closed=closed,
+            round_s=closed - started, sent=sorted(sent.values()),
+            answered=sorted(r.metadata.src_node_id for r in answered),
+            failed=failed, late=late, aggregated=len(answered) >= needed, needed=needed,
+            missed=sorted(node for node, _ in busy.values()),
+            accuracy=metrics["accuracy"], loss=metrics["loss"],
+            clients={str(r.metadata.src_node_id): {
+                k: float(v) for k, v in r.content[METRICS].items()
+                if isinstance(v, int | float)} for r in answered})
+    final = evaluate(model_from(weights), test_x, test_y)
+    out = Path(spec["weights"])
+    np.savez(out, *weights)
+    progress.write("done", accuracy=final["accuracy"], loss=final["loss"], weights=str(out))
+
+
+def _collect(grid: Grid, sent: dict[str, int], busy: dict[str, tuple[int, int]],
+             deadline: float) -> tuple[list[Message], list[dict], list[dict]]:
+    """Pull replies until every sent message is answered or the deadline passes.
+
+    Messages not answered by then move to `busy`: their node gets no new work until it
+    answers (its late reply is pulled and dropped), so a straggler is not queued behind
+    itself and a dead node costs one deadline, not one per round.
+    """
+    pending = dict(sent)
+    replies: list[Message] = []
+    failed: list[dict] = []
+    late: list[dict] = []
+    while True:
+        ids = list(pending) + list(busy)
+        for reply in grid.pull_messages(ids) if ids else []:
+            mid = reply.metadata.reply_to_message_id
+            if mid in pending:
+                del pending[mid]
+                if reply.has_error():
+                    failed.append({"node": reply.metadata.src_node_id,
+                                   "reason": reply.error.reason})
+                replies.append(reply)
+            elif mid in busy:
+                node, old_round = busy.pop(mid)
+                late.append({"node": node, "round": old_round})
+        if not pending or time.time() >= deadline:
+            break
+        time.sleep(POLL_S)
+    for mid, node in pending.items():
+        busy[mid] = (node, -1)
+    return replies, failed, late
