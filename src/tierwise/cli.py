@@ -341,6 +341,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_registry_commands(commands)
 
+    from tierwise.bench.fl import add_command as add_fl_bench
+    from tierwise.learn.cli import add_commands as add_fl_commands
+
+    add_fl_bench(add_fl_commands(commands))
+
     report = commands.add_parser("report", help="one HTML file with plots of what the "
                                  "telemetry collector stored (latency, tier mix, cost, drift)")
     report.add_argument("--out", default="reports/report.html")

@@ -60,17 +60,15 @@ class ForkExecutor(SubprocessExecutor):
                 self.children.discard(pid)
 
 
-def warm_up(data_dir: str | None) -> None:
+def warm_up(data_dir: str | None, validation_size: int, seed: int) -> None:
     """Import what every task needs and load the dataset, so forks start with them."""
     import torch
 
-    import tierwise.learn.flower_app  # noqa: F401  (the app module the task loads)
-    from tierwise.data.fashion_mnist import load_fashion_mnist
-
+    from tierwise.learn.flower_app import client_data  # the app module each task loads
     from tierwise.learn.model import fedavg_cnn, local_train
 
     torch.set_num_threads(1)
-    images, labels = load_fashion_mnist(data_dir, "train")
+    images, labels = client_data(data_dir or "", validation_size, seed)
     # one tiny step, so torch's lazy set-up (kernels, allocator) is done before any fork
     local_train(fedavg_cnn(), images[:8], labels[:8], steps=1, batch_size=4, learning_rate=0.01)
 
@@ -79,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--validation-size", type=int, default=5000)
+    parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", POLL_INTERVAL_S)
-    warm_up(args.data_dir)
+    warm_up(args.data_dir, args.validation_size, args.data_seed)
     executor = ForkExecutor()
     # Flower's loop, with our executor in place of the one `get_executor` would build
     superexec_module.get_executor = lambda *a, **k: executor

@@ -22,6 +22,7 @@ Links and device speed are emulated and every result says so (`emulated`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,10 +95,8 @@ def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pop
 def _killpg(process: subprocess.Popen[Any] | None, sig: int = signal.SIGKILL) -> None:
     if process is None or process.poll() is not None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -233,8 +232,10 @@ class Federation:
              "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
              "--node-config", node_config], log, env)
         _wait_port(runtime_port, client.supernode, log, f"client {client.index}'s SuperNode")
+        data = self.config.data
         command = [sys.executable, "-m", "tierwise.learn.executor",
-                   "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
+                   "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                   "--validation-size", str(data.validation_size), "--data-seed", str(data.seed)]
         if self.config.data.path:
             command += ["--data-dir", self.config.data.path]
         client.executor = _start(command, log, env)
@@ -321,7 +322,8 @@ def run_spec(config: Config, work: Path) -> dict[str, Any]:
         "learning_rate": fl.learning_rate, "momentum": fl.momentum,
         "round_deadline_s": fl.round_deadline_s, "min_fraction": fl.min_fraction,
         "fraction_train": fl.fraction_train, "eval_images": fl.eval_images,
-        "data_dir": config.data.path or "",
+        "data_dir": config.data.path or "", "validation_size": config.data.validation_size,
+        "data_seed": config.data.seed,
         "progress": str(work / "progress.jsonl"), "weights": str(work / "global.npz"),
     }
 
@@ -360,7 +362,7 @@ def summarize(config: Config, events: list[dict[str, Any]], federation: Federati
     done = next(e for e in events if e["event"] == "done")
     return {
         "config": config.fl.model_dump(), **emulation(config),
-        "partition": partition_report, "rounds": rounds,
+        "partition": partition_report, "initial_accuracy": start["accuracy"], "rounds": rounds,
         "final_accuracy": done["accuracy"], "final_loss": done["loss"],
         "wall_s": wall, "bytes_up": total_up, "bytes_down": total_down,
         "clients": [{"client": c.index, "compute_scale": c.compute_scale,
@@ -375,11 +377,12 @@ def run_federation(config: Config, work: Path, schedule: Schedule | None = None,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
                    timeout_s: float | None = None) -> dict[str, Any]:
     """One federated run, start to finish; the summary (see `summarize`)."""
-    from tierwise.data.fashion_mnist import load_fashion_mnist
+    from tierwise.learn.flower_app import client_data
     from tierwise.learn.partition import partition
 
     fl = config.fl
-    _, labels = load_fashion_mnist(config.data.path, "train")  # fails with the hint
+    _, labels = client_data(config.data.path or "", config.data.validation_size,
+                            config.data.seed)  # a missing dataset fails here, with the hint
     report = partition(labels, fl.clients, fl.partition, seed=fl.seed, alpha=fl.alpha,
                        labels_per_client=fl.labels_per_client).report(labels)
     limit = timeout_s or (fl.rounds + 2) * (fl.round_deadline_s + 30) + STARTUP_TIMEOUT_S
