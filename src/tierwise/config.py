@@ -315,7 +315,7 @@ class FederatedConfig(_Section):
                           "as sent to clients: float32, or 8-bit stochastic quantization")
     local_steps: int = Field(20, ge=1, description="SGD steps per client per round")
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(0.05, gt=0)
+    learning_rate: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     uplink: Rate = Field(250_000.0, description="each client's emulated uplink")
     downlink_rate: Rate = Field(500_000.0, description="each client's emulated downlink")

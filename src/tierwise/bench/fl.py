@@ -37,7 +37,8 @@ def add_command(fl_commands: argparse._SubParsersAction) -> None:  # type: ignor
         "shaped links: JSON and plots (accuracy vs round, bytes, wall time)")
     bench.add_argument("--compressors", default=",".join(DEFAULT_COMPRESSORS),
                        help="comma-separated; 'none' is the uncompressed FedAvg baseline")
-    bench.add_argument("--rounds", type=int, help="default: fl.rounds")
+    bench.add_argument("--rounds", type=int, default=10,
+                       help="rounds per run (default 10: the bench stays under 30 min here)")
     bench.add_argument("--clients", type=int, default=10)
     bench.add_argument("--alpha", type=float, default=0.5)
     bench.add_argument("--downlink", choices=("none", "q8"), default="q8",
@@ -84,9 +85,10 @@ def table(rows: list[dict[str, Any]]) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tierwise.learn.cli import federated_run, with_fl
+    from tierwise.learn.cli import exit_on_sigterm, federated_run, with_fl
     from tierwise.learn.report import plot_runs
 
+    exit_on_sigterm()
     base_config = load_config(args.config)
     compressors = [c.strip() for c in args.compressors.split(",") if c.strip()]
     if BASELINE not in compressors:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,14 @@ def partition_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the federation's processes are stopped on the way out."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def round_progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                     TextColumn("{task.completed}/{task.total} rounds"),
@@ -144,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from tierwise.learn.publish import export_global, push_global
     from tierwise.learn.report import plot_runs
 
+    exit_on_sigterm()
     config = configured(args)
     out = Path(args.out) if args.out else Path(config.fl.report_dir) / "run"
     console = Console()

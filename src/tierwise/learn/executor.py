@@ -24,7 +24,7 @@ from flwr.supercore.superexec import run_superexec as superexec_module
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
-POLL_INTERVAL_S = "0.2"  # Flower's default is 1 s between task polls
+POLL_INTERVAL_S = "0.5"  # Flower's default is 1 s between task polls
 
 
 class ForkExecutor(SubprocessExecutor):

@@ -82,12 +82,33 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up here: the child must not import or load anything
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the orchestrator dies, however it dies, so
+    no SuperLink or SuperNode outlives its run (Linux prctl PR_SET_PDEATHSIG = 1)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)
+
+
 def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[Any]:
     handle: IO[bytes] = log.open("ab")
     try:
         # a session of its own: a client is killed as a whole (SuperNode, SuperExec, tasks)
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True,
+                                # only a prctl call (no locks, no imports): safe with threads
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509
     finally:
         handle.close()
 
@@ -168,10 +189,18 @@ class Federation:
     """Start, follow and stop one federated run. Use as a context manager."""
 
     def __init__(self, config: Config, work_dir: Path, schedule: Schedule | None = None,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 taps: dict[int, Callable[[str, bytes], None]] | None = None) -> None:
         self.config, self.fl = config, config.fl
+        self.taps = taps or {}
         self.work = work_dir
         self.schedule = schedule or Schedule()
+        for what, plan in (("kill", self.schedule.kill), ("join", self.schedule.join)):
+            for index, at in plan.items():
+                if not 0 <= index < self.fl.clients or not 1 <= at <= self.fl.rounds:
+                    raise FederationError(
+                        f"{what} {index}@{at}: expected a client 0..{self.fl.clients - 1} and "
+                        f"a round 1..{self.fl.rounds}")
         self.on_round = on_round
         self.superlink: subprocess.Popen[Any] | None = None
         self.clients: list[Client] = []
@@ -180,7 +209,7 @@ class Federation:
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1",
                     "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5"}
 
     # ------------------------------------------------------------------ processes
     def __enter__(self) -> Federation:
@@ -189,10 +218,8 @@ class Federation:
         (self.work / "logs").mkdir(parents=True)
         try:
             self._start_superlink()
-            for index in range(self.fl.clients):
-                self.clients.append(self._client(index))
-                if index not in self.schedule.join:
-                    self._start_client(self.clients[index])
+            self.clients = [self._client(index) for index in range(self.fl.clients)]
+            self._start_clients([c for c in self.clients if c.index not in self.schedule.join])
         except BaseException:
             self.close()
             raise
@@ -208,37 +235,49 @@ class Federation:
         log = self.work / "logs" / "superlink.log"
         self.superlink = _start(
             [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-             str(self.port), "--disable-runtime-dependency-installation",
-             "--database", str(home / "state.db")], log, {**self.env, "FLWR_HOME": str(home)})
+             str(self.port), "--disable-runtime-dependency-installation"],
+            log, {**self.env, "FLWR_HOME": str(home)})  # state in memory: no SQLite per poll
         _wait_port(self.port, self.superlink, log, "flower-superlink")
 
     def _client(self, index: int) -> Client:
         proxy = ShapingProxy(("127.0.0.1", self.port), self.fl.uplink, self.fl.downlink_rate,
-                             rtt_ms=self.fl.rtt_ms, name=f"client-{index}").start()
+                             rtt_ms=self.fl.rtt_ms, name=f"client-{index}",
+                             tap=self.taps.get(index)).start()
         return Client(index, self.fl.compute_scale(index), proxy)
 
-    def _start_client(self, client: Client) -> None:
-        home = self.work / f"client-{client.index}"
-        home.mkdir(exist_ok=True)
-        env = {**self.env, "FLWR_HOME": str(home)}
-        runtime_port = free_port()
-        log = self.work / "logs" / f"client-{client.index}.log"
-        host, port = client.proxy.address
-        node_config = (f'partition-id={client.index} num-partitions={self.fl.clients} '
-                       f'compute-scale={client.compute_scale} '
-                       f'data-dir="{self.config.data.path or ""}"')
-        client.supernode = _start(
-            [_bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
-             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-             "--node-config", node_config], log, env)
-        _wait_port(runtime_port, client.supernode, log, f"client {client.index}'s SuperNode")
+    def _start_clients(self, clients: list[Client]) -> None:
+        """Start SuperNodes, then (once each listens) their SuperExecs; all in parallel."""
+        ports = {}
+        for client in clients:
+            home = self.work / f"client-{client.index}"
+            home.mkdir(exist_ok=True)
+            ports[client.index] = runtime_port = free_port()
+            host, port = client.proxy.address
+            node_config = (f'partition-id={client.index} num-partitions={self.fl.clients} '
+                           f'compute-scale={client.compute_scale} '
+                           f'data-dir="{self.config.data.path or ""}"')
+            client.supernode = _start(
+                [_bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
+                 "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+                 "--node-config", node_config], self._log(client), self._client_env(client))
         data = self.config.data
-        command = [sys.executable, "-m", "tierwise.learn.executor",
-                   "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-                   "--validation-size", str(data.validation_size), "--data-seed", str(data.seed)]
-        if self.config.data.path:
-            command += ["--data-dir", self.config.data.path]
-        client.executor = _start(command, log, env)
+        for client in clients:
+            assert client.supernode is not None
+            _wait_port(ports[client.index], client.supernode, self._log(client),
+                       f"client {client.index}'s SuperNode")
+            command = [sys.executable, "-m", "tierwise.learn.executor",
+                       "--runtime-api-address", f"127.0.0.1:{ports[client.index]}",
+                       "--validation-size", str(data.validation_size),
+                       "--data-seed", str(data.seed)]
+            if data.path:
+                command += ["--data-dir", data.path]
+            client.executor = _start(command, self._log(client), self._client_env(client))
+
+    def _log(self, client: Client) -> Path:
+        return self.work / "logs" / f"client-{client.index}.log"
+
+    def _client_env(self, client: Client) -> dict[str, str]:
+        return {**self.env, "FLWR_HOME": str(self.work / f"client-{client.index}")}
 
     def close(self) -> None:
         for client in self.clients:
@@ -308,7 +347,7 @@ class Federation:
         for index, join_round in self.schedule.join.items():
             client = self.clients[index]
             if join_round == next_round and client.supernode is None:
-                self._start_client(client)
+                self._start_clients([client])
                 client.joined_at_round = join_round
 
 
@@ -356,6 +395,7 @@ def summarize(config: Config, events: list[dict[str, Any]], federation: Federati
             "round_s": event["round_s"], "wall_s": wall, "bytes_up": up, "bytes_down": down,
             "cumulative_bytes_up": total_up, "cumulative_bytes_down": total_down,
             "sent": len(event["sent"]), "answered": len(event["answered"]),
+            "answered_clients": sorted(int(c["partition-id"]) for c in event["clients"].values()),
             "aggregated": event["aggregated"], "failed": event["failed"], "late": event["late"],
             "missed": event["missed"],
         })
@@ -375,7 +415,9 @@ def summarize(config: Config, events: list[dict[str, Any]], federation: Federati
 
 def run_federation(config: Config, work: Path, schedule: Schedule | None = None,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
-                   timeout_s: float | None = None) -> dict[str, Any]:
+                   timeout_s: float | None = None,
+                   taps: dict[int, Callable[[str, bytes], None]] | None = None
+                   ) -> dict[str, Any]:
     """One federated run, start to finish; the summary (see `summarize`)."""
     from tierwise.learn.flower_app import client_data
     from tierwise.learn.partition import partition
@@ -386,7 +428,7 @@ def run_federation(config: Config, work: Path, schedule: Schedule | None = None,
     report = partition(labels, fl.clients, fl.partition, seed=fl.seed, alpha=fl.alpha,
                        labels_per_client=fl.labels_per_client).report(labels)
     limit = timeout_s or (fl.rounds + 2) * (fl.round_deadline_s + 30) + STARTUP_TIMEOUT_S
-    with Federation(config, work, schedule, on_round) as federation:
+    with Federation(config, work, schedule, on_round, taps) as federation:
         spec = run_spec(config, work)
         federation.submit(spec)
         events = federation.follow(Path(spec["progress"]), fl.rounds, limit)

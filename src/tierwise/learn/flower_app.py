@@ -46,7 +46,7 @@ from tierwise.learn.partition import partition
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
-POLL_S = 0.1
+POLL_S = 0.5  # each outstanding reply is polled this often (every poll costs the SuperLink)
 
 
 # ---------------------------------------------------------------- compression, both ends

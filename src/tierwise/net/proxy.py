@@ -21,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from tierwise.net.shaping import LinkDirection
@@ -54,6 +55,8 @@ class ShapingProxy:
     rtt_ms: round-trip propagation delay; half is added to each direction (default 0).
     listen: where to listen (default 127.0.0.1 on a port the OS picks; see `address`).
     name: a label for logs and `counters()`.
+    tap: called with ("up" | "down", bytes) for every chunk delivered: what really crossed the
+    link, for tests that inspect it (called on the proxy's thread; keep it quick).
 
     `start()` serves from an asyncio loop in a background thread; `close()` stops it. A
     connection whose target cannot be reached is closed (and logged); others go on.
@@ -61,7 +64,8 @@ class ShapingProxy:
 
     def __init__(self, target: tuple[str, int], up_bytes_per_s: float | None,
                  down_bytes_per_s: float | None, rtt_ms: float = 0.0,
-                 listen: tuple[str, int] = ("127.0.0.1", 0), name: str = "") -> None:
+                 listen: tuple[str, int] = ("127.0.0.1", 0), name: str = "",
+                 tap: Callable[[str, bytes], None] | None = None) -> None:
         for argument, rate in (("up_bytes_per_s", up_bytes_per_s),
                                ("down_bytes_per_s", down_bytes_per_s)):
             if rate is not None and not rate > 0:
@@ -74,6 +78,7 @@ class ShapingProxy:
         self.rtt_ms = rtt_ms
         self.listen = listen
         self.name = name
+        self.tap = tap  # sees every chunk as it is delivered: ("up" | "down", bytes)
         self._up = LinkDirection(up_bytes_per_s) if up_bytes_per_s is not None else None
         self._down = LinkDirection(down_bytes_per_s) if down_bytes_per_s is not None else None
         self._one_way_delay_s = rtt_ms / 2e3
@@ -209,6 +214,8 @@ class ShapingProxy:
                     self._bytes_up += len(data)
                 else:
                     self._bytes_down += len(data)
+            if self.tap is not None:
+                self.tap(direction, data)
             writer.write(data)
             await writer.drain()
 
