@@ -351,10 +351,11 @@ class Federation:
                 client.joined_at_round = join_round
 
 
-def run_spec(config: Config, work: Path) -> dict[str, Any]:
+def run_spec(config: Config, work: Path, late: int = 0) -> dict[str, Any]:
     fl = config.fl
     return {
-        "clients": fl.clients, "rounds": fl.rounds, "partition": fl.partition,
+        "clients": fl.clients, "clients_at_start": fl.clients - late, "rounds": fl.rounds,
+        "partition": fl.partition,
         "alpha": fl.alpha, "labels_per_client": fl.labels_per_client, "seed": fl.seed,
         "strategy": fl.strategy, "proximal_mu": fl.proximal_mu, "compressor": fl.compressor,
         "downlink": fl.downlink, "local_steps": fl.local_steps, "batch_size": fl.batch_size,
@@ -429,7 +430,7 @@ def run_federation(config: Config, work: Path, schedule: Schedule | None = None,
                        labels_per_client=fl.labels_per_client).report(labels)
     limit = timeout_s or (fl.rounds + 2) * (fl.round_deadline_s + 30) + STARTUP_TIMEOUT_S
     with Federation(config, work, schedule, on_round, taps) as federation:
-        spec = run_spec(config, work)
+        spec = run_spec(config, work, late=len(federation.schedule.join))
         federation.submit(spec)
         events = federation.follow(Path(spec["progress"]), fl.rounds, limit)
         return summarize(config, events, federation, report)

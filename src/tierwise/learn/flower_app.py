@@ -246,9 +246,10 @@ def run_rounds(grid: Grid, spec: dict[str, Any], progress: Progress) -> None:
         "local-steps": spec["local_steps"], "batch-size": spec["batch_size"],
         "lr": spec["learning_rate"], "momentum": spec["momentum"],
     }
-    # the first round waits (up to one deadline) for the expected clients to connect
+    # the first round waits (up to one deadline) for the clients started with the run
+    expected = spec.get("clients_at_start", spec["clients"])
     waited = time.monotonic() + spec["round_deadline_s"]
-    while len(list(grid.get_node_ids())) < spec["clients"] and time.monotonic() < waited:
+    while len(list(grid.get_node_ids())) < expected and time.monotonic() < waited:
         time.sleep(0.2)
     initial = evaluate(model_from(weights), test_x[probe], test_y[probe])
     progress.write("start", nodes=sorted(grid.get_node_ids()), accuracy=initial["accuracy"])
