@@ -18,7 +18,7 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
-from tierwise.learn.compression import TopK, payload_bytes
+from tierwise.learn.compression import TopK, make_compressor, payload_bytes
 from tierwise.learn.flower_app import (
     ARRAYS,
     CONFIG,
@@ -27,6 +27,7 @@ from tierwise.learn.flower_app import (
     CompressionMod,
     from_record,
     is_compressed,
+    to_record,
 )
 
 SHAPES = [(64, 32), (32,), (32, 10), (10,)]
@@ -50,9 +51,6 @@ def _train_message(strategy: CompressedStrategy, weights: list[np.ndarray], node
     record = ArrayRecord([w.copy() for w in weights])
     config = ConfigRecord({"server-round": 1, "compressor": strategy.compressor, "seed": 0})
     if strategy.downlink != "none":
-        from tierwise.learn.compression import make_compressor
-        from tierwise.learn.flower_app import to_record
-
         payload, _ = make_compressor(strategy.downlink).encode(
             weights, None, np.random.default_rng(0))
         record = to_record(payload)
@@ -163,3 +161,26 @@ def test_topk_with_error_feedback_through_mod_and_wrapper():
     assert error_with < 0.3 * np.linalg.norm(total_true)
     assert error_with < 0.35 * error_without
     assert "tierwise.residual" in context.state
+
+
+def test_a_malformed_update_is_dropped_not_the_round():
+    rng = np.random.default_rng(3)
+    global_weights = _weights(rng)
+    strategy = CompressedStrategy(FedAvg(), "q8")
+    strategy._global = global_weights
+    good_new = _weights(rng)
+    good, _ = _client_reply(_train_message(strategy, global_weights, 1), _context(1), good_new,
+                            50)
+    # a client (not running our mod) whose update claims other shapes: a bug, or an attempt
+    # at making the server allocate at will
+    payload, _ = make_compressor("q8").encode([np.zeros((4096, 4096), np.float32)], None,
+                                              np.random.default_rng(0))
+    bad = Message(RecordDict({ARRAYS: to_record(payload),
+                              METRICS: MetricRecord({"num-examples": 50})}),
+                  reply_to=_train_message(strategy, global_weights, 2))
+    aggregate, _ = strategy.aggregate_train(1, [good, bad])
+    assert [r["node"] for r in strategy.rejected] == [bad.metadata.src_node_id]
+    assert "expected tensors of shapes" in strategy.rejected[0]["reason"]
+    step = max((w.max() - w.min()) for w in good_new) / 255 + 1e-5
+    for got, want in zip(aggregate.to_numpy_ndarrays(), good_new, strict=True):
+        assert np.abs(got - want).max() <= 2 * step  # only the good client's weights

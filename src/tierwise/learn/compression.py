@@ -107,6 +107,12 @@ def _shapes(payload: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
         if ndims.size else []
 
 
+def payload_shapes(payload: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
+    """The tensor shapes a payload claims, read before anything is allocated: a receiver
+    checks them against what it expects, so a bad payload cannot make it allocate at will."""
+    return _shapes(payload)
+
+
 def _split(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
     sizes = [math.prod(shape) for shape in shapes]
     pieces = np.split(flat, np.cumsum(sizes)[:-1]) if shapes else []

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from tierwise.data.fashion_mnist import load_fashion_mnist, load_splits
-from tierwise.learn.compression import SPEC_KEY, make_compressor, payload_spec
+from tierwise.learn.compression import SPEC_KEY, make_compressor, payload_shapes, payload_spec
 from tierwise.learn.partition import partition
 
 ARRAYS = "arrays"
@@ -58,11 +58,20 @@ def is_compressed(record: ArrayRecord) -> bool:
     return SPEC_KEY in record  # a compressor's payload names its compressor
 
 
-def from_record(record: ArrayRecord) -> list[np.ndarray]:
-    """The float32 arrays a record stands for, compressed or not."""
+def from_record(record: ArrayRecord, shapes: list[tuple[int, ...]] | None = None
+                ) -> list[np.ndarray]:
+    """The float32 arrays a record stands for, compressed or not; with `shapes`, a record of
+    other shapes raises ValueError before anything is decoded."""
     if not is_compressed(record):
-        return record.to_numpy_ndarrays()
-    payload = {k: v.numpy() for k, v in record.items()}
+        arrays = record.to_numpy_ndarrays()
+        claimed = [a.shape for a in arrays]
+    else:
+        payload = {k: v.numpy() for k, v in record.items()}
+        claimed = payload_shapes(payload)
+    if shapes is not None and claimed != shapes:
+        raise ValueError(f"expected tensors of shapes {shapes}, got {claimed}")
+    if not is_compressed(record):
+        return arrays
     return make_compressor(payload_spec(payload)).decode(payload)
 
 
@@ -104,6 +113,7 @@ class CompressedStrategy(Strategy):
         make_compressor(compressor)  # fail early on a bad spec
         self.base, self.compressor, self.downlink, self.seed = base, compressor, downlink, seed
         self._global: list[np.ndarray] | None = None
+        self.rejected: list[dict[str, Any]] = []  # replies of the last round that did not decode
 
     def summary(self) -> None:
         self.base.summary()
@@ -123,10 +133,16 @@ class CompressedStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._global is None:
             raise RuntimeError("aggregate_train before configure_train")
-        decoded = []
+        shapes = [g.shape for g in self._global]
+        decoded, self.rejected = [], []
         for reply in replies:
-            if not reply.has_error() and ARRAYS in reply.content:
-                update = from_record(reply.content[ARRAYS])
+            if not reply.has_error():
+                try:  # one client's bad update is dropped, never the round
+                    update = from_record(reply.content[ARRAYS], shapes)
+                except (KeyError, ValueError) as error:
+                    self.rejected.append({"node": reply.metadata.src_node_id,
+                                          "reason": f"{type(error).__name__}: {error}"})
+                    continue
                 reply.content[ARRAYS] = ArrayRecord(
                     [g + u for g, u in zip(self._global, update, strict=True)])
             decoded.append(reply)
@@ -285,10 +301,12 @@ def _rounds(grid: Grid, spec: dict[str, Any], progress: Progress, strategy: Comp
         needed = max(1, math.ceil(spec["min_fraction"] * len(sent)))
         answered = [r for r in replies if not r.has_error()]
         closed = time.time()
+        strategy.rejected = []
         if len(answered) >= needed:
             new, _ = strategy.aggregate_train(server_round, answered)
             if new is not None:
                 weights = new.to_numpy_ndarrays()
+        failed += strategy.rejected
         metrics = evaluate(model_from(weights), probe_x, probe_y)
         progress.write(
             "round", round=server_round, started=started, closed=closed,
