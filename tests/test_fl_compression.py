@@ -23,7 +23,7 @@ from tierwise.learn.compression import (
 # a numpy warning (0/0 on a constant chunk, an overflowing cast) is a bug here, not noise
 pytestmark = pytest.mark.filterwarnings("error")
 
-SPECS = (*COMPRESSORS, "topk:0.05", "topk:0.05+q4")
+SPECS = (*COMPRESSORS, "topk:0.01", "topk:0.01+q8", "topk:0.05+q4")
 # a small CNN's worth of tensors, including a scalar and a one-element tensor
 SHAPES = [(8, 1, 3, 3), (8,), (200, 8), (200,), (10, 200), (10,), (1,), ()]
 # ~400k parameters: a 800x500 dense layer, its bias, a 500x10 classifier and its bias

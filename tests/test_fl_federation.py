@@ -13,7 +13,13 @@ import pytest
 
 from tierwise.config import DEVICE_TIER, Config, config_from_dict
 from tierwise.data.fashion_mnist import load_fashion_mnist
-from tierwise.learn.federation import MODEL_NAME, FederationError, Schedule, run_federation
+from tierwise.learn.federation import (
+    MODEL_NAME,
+    Federation,
+    FederationError,
+    Schedule,
+    run_federation,
+)
 from tierwise.learn.flower_app import client_data
 from tierwise.learn.model import fedavg_cnn
 from tierwise.learn.partition import partition
@@ -108,3 +114,11 @@ def test_a_schedule_naming_a_client_that_does_not_exist_is_refused(tmp_path):
     with pytest.raises(FederationError, match="kill 7@1"):
         run_federation(_config(tmp_path, clients=3, rounds=1), tmp_path / "run",
                        Schedule(kill={7: 1}))
+
+
+def test_a_server_app_that_dies_before_writing_is_reported_not_waited_on(tmp_path):
+    config = _config(tmp_path, clients=2, rounds=1)
+    with Federation(config, tmp_path / "run") as federation:
+        federation.submit({"no": "progress file named"})  # main() fails on its first line
+        with pytest.raises(FederationError, match="ended without a result"):
+            federation.follow(tmp_path / "run" / "progress.jsonl", 1, timeout_s=180)

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from tierwise.config import Config, load_config
+from tierwise.learn.compression import COMPRESSORS
 
 NIID_BENCH_REFERENCE = 0.881
 BASELINE = "none"
-DEFAULT_COMPRESSORS = ("none", "q8", "q4", "topk:0.01", "topk:0.01+q8")
 TARGETS = {"accuracy_within": 0.01, "bytes_up_ratio": 10.0, "wall_ratio": 3.0}
 
 
@@ -35,7 +34,7 @@ def add_command(fl_commands: argparse._SubParsersAction) -> None:  # type: ignor
     bench = fl_commands.add_parser(
         "bench", help="FedAvg uncompressed vs each compressor, 10 clients, Dirichlet 0.5, "
         "shaped links: JSON and plots (accuracy vs round, bytes, wall time)")
-    bench.add_argument("--compressors", default=",".join(DEFAULT_COMPRESSORS),
+    bench.add_argument("--compressors", default=",".join(COMPRESSORS),
                        help="comma-separated; 'none' is the uncompressed FedAvg baseline")
     bench.add_argument("--rounds", type=int, default=10,
                        help="rounds per run (default 10: the bench stays under 30 min here)")
@@ -85,7 +84,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tierwise.learn.cli import exit_on_sigterm, federated_run, with_fl
+    from tierwise.learn.cli import exit_on_sigterm, federated_run, wide_console, with_fl
     from tierwise.learn.report import plot_runs
 
     exit_on_sigterm()
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if BASELINE not in compressors:
         compressors.insert(0, BASELINE)
     out = Path(args.out)
-    console = Console()
+    console = wide_console()
     started = time.monotonic()
     runs: dict[str, dict[str, Any]] = {}
     for compressor in compressors:

@@ -109,8 +109,14 @@ def partition_command(args: argparse.Namespace) -> int:
                             config.data.seed)
     report = partition(labels, fl.clients, fl.partition, seed=fl.seed, alpha=fl.alpha,
                        labels_per_client=fl.labels_per_client).report(labels)
-    Console().print(partition_table(report))
+    wide_console().print(partition_table(report))
     return 0
+
+
+def wide_console() -> Console:
+    """A console whose tables fit when the output is a file or a pipe (default 80 columns)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
 
 
 def exit_on_sigterm() -> None:
@@ -156,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     exit_on_sigterm()
     config = configured(args)
     out = Path(args.out) if args.out else Path(config.fl.report_dir) / "run"
-    console = Console()
+    console = wide_console()
     fl = config.fl
     console.print(f"[bold]tierwise fl run[/]: {fl.clients} clients, {fl.rounds} rounds, "
                   f"{fl.strategy}, compressor {fl.compressor}, downlink {fl.downlink}; "

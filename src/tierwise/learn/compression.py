@@ -46,7 +46,7 @@ NDIMS_KEY = "ndims"
 DIMS_KEY = "dims"
 
 # The default specs the federated benchmark compares.
-COMPRESSORS: tuple[str, ...] = ("none", "q8", "q4", "topk:0.01", "topk:0.01+q8")
+COMPRESSORS: tuple[str, ...] = ("none", "q8", "q4", "topk:0.05", "topk:0.05+q8")
 
 # Quantization chunk: 1024 consecutive values of the flattened update share one (low, scale).
 # Small enough that an outlier widens the step of 1024 values only, not of a whole 400k layer;

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,7 @@ from tierwise.net.proxy import ShapingProxy
 APP_NAME = "tierwise-fl"
 MODEL_NAME = "fmnist-fl"
 STARTUP_TIMEOUT_S = 60.0
+STATUS_CHECK_S = 20.0  # no progress for this long: ask Flower how the run is doing
 
 
 class FederationError(RuntimeError):
@@ -205,6 +207,7 @@ class Federation:
         self.superlink: subprocess.Popen[Any] | None = None
         self.clients: list[Client] = []
         self.port = 0
+        self.run_id = ""
         # Flower's processes start one another by console-script name: put ours first
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         self.env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1",
@@ -302,10 +305,20 @@ class Federation:
             timeout=120, check=False)
         try:
             answer = json.loads(done.stdout[done.stdout.index("{"):])
-            return str(answer["run-id"])
+            self.run_id = str(answer["run-id"])
         except (ValueError, KeyError):
             raise FederationError(f"flwr run failed ({done.returncode}):\n{done.stdout}\n"
                                   f"{done.stderr}") from None
+        return self.run_id
+
+    def run_status(self) -> str:
+        """The run's status as `flwr ls` reports it (e.g. 'running', 'finished:failed')."""
+        done = subprocess.run(
+            [_bin("flwr"), "ls", "local", "--run-id", self.run_id, "--format", "json"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**self.env, "FLWR_HOME": str(self.work / "cli")})
+        found = re.findall(r'"status(?:-text)?"\s*:\s*"([^"]+)"', done.stdout)
+        return found[0] if found else f"unknown ({done.stdout.strip()[:200]})"
 
     def follow(self, progress: Path, rounds: int, timeout_s: float) -> list[dict[str, Any]]:
         """Follow the ServerApp's progress file until it is done; apply the schedule."""
@@ -313,10 +326,23 @@ class Federation:
         seen = 0
         deadline = time.monotonic() + timeout_s
         kill_at: dict[int, float] = {}
+        quiet_since = time.monotonic()
         while time.monotonic() < deadline:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FederationError(f"the SuperLink exited; see {self.work / 'logs'}")
-            lines = progress.read_text().splitlines() if progress.exists() else []
+            # complete lines only: the ServerApp may be writing the last one
+            lines = progress.read_text().split("\n")[:-1] if progress.exists() else []
+            if len(lines) > seen:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > STATUS_CHECK_S:
+                # a ServerApp that died before it could write (an import error, OOM) says so
+                # only through Flower's run status
+                status = self.run_status()
+                if status.startswith("finished") and not (
+                        progress.exists() and '"event": "done"' in progress.read_text()):
+                    raise FederationError(f"the run ended without a result ({status}); see "
+                                          f"{self.work / 'logs'}")
+                quiet_since = time.monotonic()
             for line in lines[seen:]:
                 event = json.loads(line)
                 events.append(event)

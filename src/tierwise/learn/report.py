@@ -23,14 +23,16 @@ def plot_runs(runs: dict[str, dict[str, Any]], path: Path, title: str,
     fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.4), sharey=True)
     for ax, (key, label, scale) in zip(axes, PANELS, strict=True):
         for name, run in runs.items():
-            xs = [0.0] + [r[key] * scale for r in run["rounds"]]
-            ys = [run["initial_accuracy"]] + [r["accuracy"] for r in run["rounds"]]
+            xs = [r[key] * scale for r in run["rounds"]]
+            ys = [r["accuracy"] for r in run["rounds"]]
+            if key != "cumulative_bytes_up":  # the untrained model, at 0 (not on a log axis)
+                xs, ys = [0.0, *xs], [run["initial_accuracy"], *ys]
             ax.plot(xs, ys, marker=".", label=name)
         if reference is not None:
             ax.axhline(reference, color="grey", linestyle=":", linewidth=1,
                        label=f"NIID-Bench reference {reference:.1%}")
         if key == "cumulative_bytes_up":
-            ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (global model)")
