@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierwise.config import ConfigError, load_config
+from tierwise.learn.federation import FederationError
 from tierwise.registry import RegistryError
 
 
@@ -429,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, RegistryError, FileNotFoundError, FileExistsError) as error:
-        # bad config, traces or registry input; DatasetMissingError; RegistryError
+    except (ConfigError, RegistryError, FederationError, FileNotFoundError,
+            FileExistsError) as error:
+        # bad config, traces or registry input; DatasetMissingError; a federation that
+        # could not start or failed (its message says which log to read)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     exit_on_sigterm()
     config = configured(args)
+    kill, join = _schedule(args.kill, "kill"), _schedule(args.join, "join")
     out = Path(args.out) if args.out else Path(config.fl.report_dir) / "run"
     console = wide_console()
     fl = config.fl
@@ -168,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{fl.strategy}, compressor {fl.compressor}, downlink {fl.downlink}; "
                   f"EMULATED {emulation(config)['links']}")
     started = time.monotonic()
-    summary = federated_run(config, out, console, f"{fl.strategy}+{fl.compressor}",
-                            _schedule(args.kill, "kill"), _schedule(args.join, "join"))
+    summary = federated_run(config, out, console, f"{fl.strategy}+{fl.compressor}", kill, join)
     console.print(partition_table(summary["partition"]))
     console.print(rounds_table(summary))
     plot = plot_runs({f"{fl.strategy} {fl.compressor}": summary}, out / "accuracy.png",
