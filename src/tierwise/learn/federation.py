@@ -144,10 +144,6 @@ class Client:
         _killpg(self.executor)
         _killpg(self.supernode)
 
-    @property
-    def alive(self) -> bool:
-        return self.supernode is not None and self.supernode.poll() is None
-
 
 def app_directory(where: Path) -> Path:
     """A Flower app directory: what `flwr run` packages into a FAB and sends to the SuperLink."""
@@ -320,7 +316,7 @@ class Federation:
         found = re.findall(r'"status(?:-text)?"\s*:\s*"([^"]+)"', done.stdout)
         return found[0] if found else f"unknown ({done.stdout.strip()[:200]})"
 
-    def follow(self, progress: Path, rounds: int, timeout_s: float) -> list[dict[str, Any]]:
+    def follow(self, progress: Path, timeout_s: float) -> list[dict[str, Any]]:
         """Follow the ServerApp's progress file until it is done; apply the schedule."""
         events: list[dict[str, Any]] = []
         seen = 0
@@ -458,5 +454,5 @@ def run_federation(config: Config, work: Path, schedule: Schedule | None = None,
     with Federation(config, work, schedule, on_round, taps) as federation:
         spec = run_spec(config, work, late=len(federation.schedule.join))
         federation.submit(spec)
-        events = federation.follow(Path(spec["progress"]), fl.rounds, limit)
+        events = federation.follow(Path(spec["progress"]), limit)
         return summarize(config, events, federation, report)

@@ -301,12 +301,11 @@ def _rounds(grid: Grid, spec: dict[str, Any], progress: Progress, strategy: Comp
         needed = max(1, math.ceil(spec["min_fraction"] * len(sent)))
         answered = [r for r in replies if not r.has_error()]
         closed = time.time()
-        strategy.rejected = []
         if len(answered) >= needed:
             new, _ = strategy.aggregate_train(server_round, answered)
+            failed += strategy.rejected  # replies that did not decode: dropped, reported
             if new is not None:
                 weights = new.to_numpy_ndarrays()
-        failed += strategy.rejected
         metrics = evaluate(model_from(weights), probe_x, probe_y)
         progress.write(
             "round", round=server_round, started=started, closed=closed,
