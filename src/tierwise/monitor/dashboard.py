@@ -5,7 +5,8 @@
   GET /dashboard/plot/<view>.png?token=T   latency, tier_mix, cost, drift
 
 The token is the cloud API token, in the query because a browser's <img> cannot send a
-header. Views are computed at most every `refresh_s` and shared by the requests in between.
+header. Views are computed at most every `refresh_s` and shared by the requests in between
+(a page load fires five at once), so a trace stored `refresh_s` ago is always on the page.
 """
 
 from __future__ import annotations
