@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,media,dev]'
 	@touch $(STAMP)
 
 dataset: $(STAMP)

@@ -73,7 +73,11 @@ def test_device_compute_scale_is_emulated(small_config: Config, splits: Splits) 
 
 def test_bad_image_is_refused_clearly(small_config: Config) -> None:
     with Client(small_config) as client:
-        with pytest.raises(TypeError, match="expected uint8"):
+        with pytest.raises(TypeError, match="expected dtype uint8"):
             client.infer(np.zeros((28, 28), dtype=np.float32))
-        with pytest.raises(ValueError, match="expected one image"):
+        with pytest.raises(ValueError, match=r"expected one sample of image: UINT8 \[\?, 1, "
+                                             r"28, 28\]"):
             client.infer(np.zeros((2, 1, 28, 28), dtype=np.uint8))
+        # a 29x28 image: refused before anything runs, not deep inside ONNX Runtime
+        with pytest.raises(ValueError, match=r"got shape \[29, 28\]"):
+            client.infer(np.zeros((29, 28), dtype=np.uint8))

@@ -77,7 +77,7 @@ def test_three_clients_two_rounds_over_real_processes_then_a_registry_version(tm
     logits = session.run(None, {"image": test_x})[0]
     onnx_accuracy = float((logits.argmax(1) == test_y).mean())
     assert abs(onnx_accuracy - summary["final_accuracy"]) < 0.002
-    assert info.test_accuracy == pytest.approx(onnx_accuracy, abs=0.002)
+    assert info.training_record().test_accuracy == pytest.approx(onnx_accuracy, abs=0.002)
 
     assert push_global(config, config.models_dir, MODEL_NAME) is None  # no registry yet
     keygen(config.registry_dir / "keys")

@@ -24,6 +24,7 @@ from tierwise.config import (
     config_from_dict,
 )
 from tierwise.data import Splits
+from tierwise.models.store import list_models
 from tierwise.net.shaping import EmulatedLink
 from tierwise.optimize.bottleneck import train_bottlenecks
 from tierwise.optimize.distill import distill
@@ -36,7 +37,6 @@ from tierwise.planner.policy import SLO, PlanningState, Policy, candidates_from_
 from tierwise.profile.model_profile import load_tier_profiles
 from tierwise.profile.profiler import ensure_profiles
 from tierwise.runtime.session import load_models
-from tierwise.zoo.store import list_models
 
 QUICK = TrainConfig(epochs=1, learning_rate=0.005, train_subset=3000)
 
@@ -117,7 +117,8 @@ def test_distillation_registers_the_student_beside_a_label_only_twin(
     # both learned (chance is 10%): this budget is far too small to rank them
     assert result.label_only_test_accuracy > 0.3 and result.distilled.test_accuracy > 0.3
     info = list_models(config.models_dir)["fmnist-device.distilled"][0]
-    assert info.parent == "fmnist-device" and info.training["alpha"] == settings.alpha
+    assert info.parent == "fmnist-device"
+    assert info.training_record().record["alpha"] == settings.alpha
 
 
 def test_learned_bottleneck_round_trips_what_it_claims(

@@ -14,9 +14,9 @@ from tierwise.cli import main
 from tierwise.codecs import codec_names
 from tierwise.config import Config
 from tierwise.data import Splits
+from tierwise.models.store import ModelInfo, list_models
 from tierwise.optimize.split import export_split, head_name, tail_name
 from tierwise.profile.model_profile import ModelProfile, load_profile, profile_path
-from tierwise.zoo.store import ModelInfo, list_models
 
 WHOLE = ("fmnist-device", "fmnist-edge", "fmnist-cloud")
 SERVED = ("fmnist-edge", "fmnist-cloud")  # the models edge and cloud run: split and measured
@@ -80,7 +80,7 @@ def test_compute_time_is_measured_for_every_tier_and_scaled(small_config: Config
                                                                 rel=0.25)
         # this config's scales are all 1: every tier is charged the same
         assert len(set(profile.compute_ms.values())) == 1
-        blocks = len(_info(models_dir, name).blocks) if name in SERVED else 1
+        blocks = len(_info(models_dir, name).cuts) + 1 if name in SERVED else 1
         assert len(profile.block_ms["device"]) == blocks
 
 
@@ -88,14 +88,16 @@ def test_served_models_have_every_split_point_and_feature_codec(models_dir: Path
     for name in SERVED:
         profile = load_profile(models_dir, name)
         info = _info(models_dir, name)
-        assert [s.split_point for s in profile.splits] == list(range(1, len(info.blocks)))
+        assert [s.split_point for s in profile.splits] == info.split_points
         for split in profile.splits:
             k = split.split_point
             assert (split.head, split.tail) == (head_name(name, k), tail_name(name, k))
             assert profile.split(k) is split
             head, tail = _info(models_dir, split.head), _info(models_dir, split.tail)
             assert (head.role, tail.role) == ("head", "tail")
-            assert head.blocks + tail.blocks == info.blocks
+            assert head.parent == tail.parent == name
+            assert head.split_point == tail.split_point == k
+            assert head.inputs == info.inputs and tail.outputs == info.outputs
             assert head.outputs[0].shape == [-1, *split.features_shape]
             assert set(split.codecs) == FEATURE_CODECS
             raw = split.codecs["raw"]
@@ -108,7 +110,7 @@ def test_served_models_have_every_split_point_and_feature_codec(models_dir: Path
                 assert measured.bytes_mean <= measured.bytes_p95
                 assert abs(measured.accuracy - profile.accuracy) < 0.02
         with pytest.raises(KeyError, match="no profiled split"):
-            profile.split(len(info.blocks))
+            profile.split(len(info.cuts) + 1)
     # the device's model runs on the device only: nothing to split
     assert load_profile(models_dir, "fmnist-device").splits == []
 
@@ -137,9 +139,9 @@ def test_the_device_model_has_cascade_curves_to_edge_and_cloud(models_dir: Path)
 @pytest.mark.parametrize("name", SERVED)
 def test_export_split_refuses_a_cut_that_is_not_inside_the_model(name: str, models_dir: Path,
                                                                   splits: Splits) -> None:
-    blocks = len(_info(models_dir, name).blocks)
-    for bad in (0, blocks, -1, blocks + 3):
-        with pytest.raises(ValueError, match=rf"1\.\.{blocks - 1}, got {bad}"):
+    cuts = len(_info(models_dir, name).cuts)
+    for bad in (0, cuts + 1, -1, cuts + 3):
+        with pytest.raises(ValueError, match=rf"1\.\.{cuts}, got {bad}"):
             export_split(models_dir, name, bad, splits.test_x[:4])
     with pytest.raises(FileNotFoundError, match="no model 'fmnist-nope'"):
         export_split(models_dir, "fmnist-nope", 1, splits.test_x[:4])
@@ -150,7 +152,7 @@ def test_head_then_tail_reproduces_the_model_at_every_cut(name: str, models_dir:
                                                           splits: Splits) -> None:
     images = splits.test_x[:64]
     whole = _run(_session(models_dir, name), images)
-    for k in range(1, len(_info(models_dir, name).blocks)):
+    for k in _info(models_dir, name).split_points:
         features = _run(_session(models_dir, head_name(name, k)), images)
         assert features.dtype == np.float32 and features.shape[0] == len(images)
         logits = _run(_session(models_dir, tail_name(name, k)), features)

@@ -26,6 +26,7 @@ from tierwise.client import Client
 from tierwise.cloud import hosted
 from tierwise.config import Config, write_config
 from tierwise.data import Splits
+from tierwise.models.store import MODEL_FILE, load_info, save_info
 from tierwise.planner.plans import Local, Remote
 from tierwise.registry import RegistryError
 from tierwise.registry.http import RegistryApp
@@ -33,7 +34,6 @@ from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token
 from tierwise.server.app import TierServer, serve_in_thread
-from tierwise.zoo.store import MODEL_FILE, load_info, save_info
 from waiting import wait_for
 
 DEVICE, EDGE = "fmnist-device", "fmnist-edge"
@@ -274,7 +274,7 @@ def test_unsigned_altered_or_foreign_manifests_are_refused(
             db.execute("UPDATE versions SET signature = '123' WHERE model = ?", (DEVICE,))
     elif attack == "altered":
         _edit_version(config, DEVICE, 1,
-                      lambda m, s: m["metadata"].update(test_accuracy=0.999))
+                      lambda m, s: m["metadata"]["trained"].update(test_accuracy=0.999))
     else:
         _, public, _ = keygen(tmp_path / "other-keys")
         overrides["public_key"] = public

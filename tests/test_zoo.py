@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 
 from tierwise.data import Splits
+from tierwise.models.store import METADATA_FILE, list_models, sha256_file
 from tierwise.runtime.session import load_models
-from tierwise.zoo.store import METADATA_FILE, list_models, sha256_file
 
 
 def test_zoo_has_three_calibrated_block_models(models_dir: Path) -> None:
@@ -18,13 +18,20 @@ def test_zoo_has_three_calibrated_block_models(models_dir: Path) -> None:
     device, edge, cloud = (found[f"fmnist-{a}"][0] for a in ("device", "edge", "cloud"))
     assert device.parameters <= 100_000 < edge.parameters < cloud.parameters
     for info, path in found.values():
-        assert len(info.blocks) >= 4 and info.blocks[0] == "stem"
+        assert info.trained is not None
+        blocks = info.trained.blocks
+        assert len(blocks) >= 4 and blocks[0] == "stem"
+        # imported like any model: the block boundaries are the split candidates, each a cut
+        # point the graph analysis finds, and the task and labels are set
+        assert len(info.cuts) == len(blocks) - 1
+        assert info.task == "classification" and len(info.labels) == 10
+        assert info.runs_on == [info.name.removeprefix("fmnist-")]
         assert info.inputs[0].datatype == "UINT8" and info.inputs[0].shape == [-1, 1, 28, 28]
         assert info.bytes == path.stat().st_size and info.sha256 == sha256_file(path)
         assert 0.05 < info.temperature < 20
-        assert 0.5 < info.test_accuracy <= 1.0  # trained on 4k images: well above chance
+        assert 0.5 < info.trained.test_accuracy <= 1.0  # 4k images: well above chance
         metadata = json.loads((path.parent / METADATA_FILE).read_text())
-        assert metadata["temperature"] == info.temperature
+        assert metadata["calibration"]["temperature"] == info.temperature
 
 
 def test_onnx_files_are_self_contained_with_dynamic_batch(models_dir: Path, splits: Splits) -> None:

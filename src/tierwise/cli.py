@@ -338,8 +338,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device-id", help="this server's id for canary cohorts")
     serve.set_defaults(run=_serve)
 
+    from tierwise.models.cli import add_commands as add_models_commands
     from tierwise.registry.cli import add_commands as add_registry_commands
 
+    add_models_commands(commands)
     add_registry_commands(commands)
 
     from tierwise.bench.fl import add_command as add_fl_bench

@@ -76,9 +76,59 @@ class Zstd:
         return np.frombuffer(_decompress(payload, size, self.name), dtype).reshape(shape)
 
 
+def _channels_first(shape: tuple[int, ...]) -> bool:
+    return shape[0] in (1, 3) and shape[2] not in (1, 3)
+
+
+def _height_width(shape: tuple[int, ...]) -> list[int]:
+    return list(shape[1:]) if _channels_first(shape) else list(shape[:2])
+
+
+def image_mode(shape: tuple[int, ...]) -> str | None:
+    """How a uint8 tensor of `shape` is an image: "L" for greyscale [1, H, W] (channels first)
+    or [H, W, 1], "RGB" for [H, W, 3] (NHWC, as frames are decoded) or [3, H, W]; None when it
+    is not an image."""
+    if len(shape) != 3:
+        return None
+    if _channels_first(shape):
+        return "L" if shape[0] == 1 else "RGB"
+    if shape[2] in (1, 3):
+        return "L" if shape[2] == 1 else "RGB"
+    return None
+
+
+def _as_pixels(array: np.ndarray) -> np.ndarray:
+    """[H, W] or [H, W, 3] for Pillow, from any layout `image_mode` accepts."""
+    if _channels_first(array.shape):
+        array = np.moveaxis(array, 0, 2)
+    return np.ascontiguousarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
+def _from_pixels(pixels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `_as_pixels`, back to `shape`."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if _channels_first(shape):
+        pixels = np.moveaxis(pixels, 2, 0)
+    return np.ascontiguousarray(pixels.reshape(shape))
+
+
+def codec_fits(name: str, row: np.ndarray) -> bool:
+    """Whether codec `name` can pack one row like `row`: image codecs take uint8 images,
+    feature codecs float tensors; raw and zstd take anything."""
+    if name in (RAW, "zstd"):
+        return True
+    codec = get_codec(name)
+    if isinstance(codec, _PillowImage):
+        return row.dtype == np.uint8 and image_mode(row.shape) is not None
+    if codec.kind == "feature":
+        return row.dtype.kind == "f"
+    return True
+
+
 class _PillowImage:
-    """A uint8 image [1, H, W] (channels first, one channel) as one grayscale image file
-    written by Pillow; subclasses pick the format and its save options."""
+    """A uint8 image — greyscale [1, H, W] or [H, W, 1], colour [H, W, 3] or [3, H, W] — as
+    one image file written by Pillow; subclasses pick the format and its save options."""
 
     name: str
     kind = "input"
@@ -89,11 +139,12 @@ class _PillowImage:
     def encode(self, array: np.ndarray) -> bytes:
         from PIL import Image
 
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[0] != 1:
-            raise CodecError(f"{self.name}: expects a uint8 [1, H, W] image, got {array.dtype} "
-                             f"{list(array.shape)}")
+        mode = image_mode(array.shape)
+        if array.dtype != np.uint8 or mode is None:
+            raise CodecError(f"{self.name}: expects a uint8 image ([1, H, W], [H, W, 1], "
+                             f"[H, W, 3] or [3, H, W]), got {array.dtype} {list(array.shape)}")
         out = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array[0]), mode="L").save(
+        Image.fromarray(_as_pixels(array), mode=mode).save(
             out, self.image_format, **self.save_options)
         return out.getvalue()
 
@@ -104,17 +155,19 @@ class _PillowImage:
             # only this codec's format: a payload is not a licence to run every Pillow decoder
             with Image.open(io.BytesIO(payload), formats=(self.image_format,)) as image:
                 size = [image.height, image.width]
+                mode = image_mode(tuple(shape))
                 # the header is checked before the pixels are decoded: a huge one costs nothing
-                fits = (1, *size) == tuple(shape) and np.dtype(dtype) == np.uint8
+                fits = mode is not None and size == _height_width(tuple(shape)) and \
+                    np.dtype(dtype) == np.uint8
                 # WebP has no grayscale mode: Pillow writes and reads it as RGB
-                pixels = np.asarray(image.convert("L"), dtype=np.uint8) if fits else None
+                pixels = np.asarray(image.convert(mode), dtype=np.uint8) if fits else None
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise CodecError(f"{self.name}: payload is not a {self.image_format} image: "
                              f"{error}") from None
         if pixels is None:
             raise CodecError(f"{self.name}: image is {size}, the model expects {list(shape)} "
                              f"{np.dtype(dtype)}")
-        return pixels[None]
+        return _from_pixels(pixels, tuple(shape))
 
 
 class Png(_PillowImage):

@@ -84,8 +84,9 @@ class TierConfig(_Section):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     models: list[str] = Field(
         default_factory=list,
-        description="the models this tier runs for the planner (split heads/tails included "
-        "implicitly); the server itself serves every model in its models directory")
+        description="the models this tier runs for the planner, besides those whose metadata "
+        "names the tier (`tierwise models add --runs-on`); split heads/tails go with their "
+        "model; the server itself serves every model in its models directory")
     variants: bool = Field(
         True, description="also plan with the registered variants of these models "
         "(`tierwise optimize`: int8, pruned, distilled)")
@@ -350,9 +351,9 @@ class Config(_Section):
     zoo: ZooConfig = ZooConfig()
     tiers: dict[str, TierConfig] = Field(
         default_factory=lambda: {
-            "device": TierConfig(compute_scale=1.0, models=["fmnist-device"]),
-            "edge": TierConfig(max_batch_size=32, models=["fmnist-edge"]),
-            "cloud": TierConfig(max_batch_size=64, models=["fmnist-cloud"]),
+            "device": TierConfig(compute_scale=1.0),
+            "edge": TierConfig(max_batch_size=32),
+            "cloud": TierConfig(max_batch_size=64),
         }
     )
     links: dict[str, LinkConfig] = Field(

@@ -27,6 +27,7 @@ from tierwise.client import Client, Trace
 from tierwise.client.client import emulation_labels
 from tierwise.config import Config, TierConfig, write_config
 from tierwise.data import load_splits
+from tierwise.models.store import list_models
 from tierwise.planner.plans import Cascade, Local, Plan, Remote
 from tierwise.profile.calibration import softmax
 from tierwise.profile.cascade import CascadeChoice, choose_threshold
@@ -34,7 +35,7 @@ from tierwise.registry.cli import describe_push
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import PushResult, Registry
 from tierwise.runtime.session import load_models
-from tierwise.zoo.store import list_models, model_name
+from tierwise.zoo.names import model_name
 
 DEVICE, EDGE, CLOUD = model_name("device"), model_name("edge"), model_name("cloud")
 
@@ -198,7 +199,7 @@ def run_demo(config: Config, report_dir: Path | None = None,
     infos = {name: info for name, (info, _) in list_models(config.models_dir).items()}
     for name in (DEVICE, EDGE, CLOUD):
         info = infos[name]
-        console.print(f"{name}: test accuracy {info.test_accuracy:.2%}, "
+        console.print(f"{name}: test accuracy {info.training_record().test_accuracy:.2%}, "
                       f"{info.parameters:,} parameters, {info.bytes / 1024:.0f} KiB")
 
     choice = choose_cascade(config, CLOUD)

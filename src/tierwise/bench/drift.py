@@ -27,7 +27,7 @@ from tierwise.data import load_splits
 from tierwise.monitor.drift import DriftMonitor, DriftScore
 from tierwise.profile.calibration import softmax
 from tierwise.runtime.session import load_models
-from tierwise.zoo.store import model_name
+from tierwise.zoo.names import model_name
 
 DEVICE = model_name("device")
 

@@ -27,6 +27,7 @@ import numpy as np
 from tierwise.bench.processes import tier_server
 from tierwise.client import Client, InferenceResult
 from tierwise.config import Config, LinkConfig
+from tierwise.models.store import tier_models
 from tierwise.net.shaping import EmulatedLink
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.planner.policy import (
@@ -118,8 +119,8 @@ def warm_servers(urls: dict[str, str], models_dir: Path) -> None:
     first run (ONNX Runtime allocates on it) in its measurements."""
     import httpx
 
+    from tierwise.models.store import list_models
     from tierwise.protocol.oip import encode_infer_request, infer_path, numpy_dtype
-    from tierwise.zoo.store import list_models
 
     for url in urls.values():
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
@@ -135,7 +136,8 @@ def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
     from tierwise.planner.estimators import LinkEstimator
 
     profiles = load_tier_profiles(config, config.models_dir)
-    device, edge, cloud = (config.tier(t).models[0] for t in ("device", "edge", "cloud"))
+    placed = tier_models(config, profiles)
+    device, edge, cloud = (placed[t][0] for t in ("device", "edge", "cloud"))
     candidates = candidates_from_profiles(config, profiles)
     # the cascade to the cloud model, at the threshold that meets the floor
     curve = next(c.curve for c in candidates if isinstance(c.plan, Cascade)

@@ -39,11 +39,12 @@ from rich.table import Table
 from tierwise.bench.processes import free_port, tier_server
 from tierwise.config import Config, write_config
 from tierwise.data import load_splits
+from tierwise.models.store import list_models, save_info, sha256_file
 from tierwise.protocol.oip import encode_infer_request, infer_path
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import Registry
 from tierwise.registry.subscriber import Subscriber, registry_token
-from tierwise.zoo.store import list_models, model_name, save_info, sha256_file
+from tierwise.zoo.names import model_name
 
 EDGE = model_name("edge")
 

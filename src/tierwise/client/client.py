@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,6 +28,8 @@ from tierwise.client.prober import Prober
 from tierwise.client.trace import StageTrace, Trace
 from tierwise.codecs import RAW, encode_rows
 from tierwise.config import DEVICE_TIER, Config, load_config
+from tierwise.models.inputs import as_batch
+from tierwise.models.store import ModelInfo, list_models, tier_models
 from tierwise.monitor.drift import DriftMonitor
 from tierwise.monitor.metrics import ClientMetrics
 from tierwise.monitor.telemetry import Telemetry
@@ -47,7 +50,6 @@ from tierwise.planner.policy import (
     Policy,
     candidates_from_profiles,
 )
-from tierwise.profile.calibration import softmax
 from tierwise.profile.model_profile import ModelProfile, load_tier_profiles
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
@@ -69,7 +71,7 @@ from tierwise.registry.subscriber import (
     subscriber_for,
 )
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import ModelInfo, list_models, model_name
+from tierwise.tasks import ClassificationResult, Task, task_for
 
 log = logging.getLogger("tierwise.client")
 # Time kept in hand, beyond the device model's own, for the device fallback when a remote
@@ -85,13 +87,28 @@ __all__ = ["Client", "InferenceResult", "RemoteStageError", "emulation_labels"]
 
 @dataclass
 class InferenceResult:
-    label: int
-    probabilities: np.ndarray  # calibrated, [classes]
+    """One answer: the task's `result` (`tierwise.tasks`: a ClassificationResult,
+    DetectionResult, embedding vector, or generic outputs) and its `trace`. For a
+    classification, `label`, `probabilities` (calibrated, float64 [classes]) and
+    `confidence` read through to the result."""
+
+    result: Any
     trace: Trace
+    confidence: float | None = None
 
     @property
-    def confidence(self) -> float:
-        return float(self.probabilities.max())
+    def label(self) -> int:
+        return int(self._classification().label)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self._classification().probabilities
+
+    def _classification(self) -> ClassificationResult:
+        if not isinstance(self.result, ClassificationResult):
+            raise AttributeError(f"a {type(self.result).__name__} has no label or class "
+                                 "probabilities; read `result`")
+        return self.result
 
 
 def compute_labels(config: Config) -> list[str]:
@@ -111,18 +128,6 @@ def emulation_labels(config: Config, links: dict[str, EmulatedLink | None] | Non
     return labels
 
 
-def _as_batch(image: np.ndarray) -> np.ndarray:
-    """One image as a batch of one: [28, 28] or [1, 28, 28] -> [1, 1, 28, 28], uint8."""
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"image: expected uint8 pixels, got dtype {array.dtype}")
-    while array.ndim < 4:
-        array = array[None]
-    if array.shape[0] != 1:
-        raise ValueError(f"image: expected one image, got shape {np.asarray(image).shape}")
-    return np.ascontiguousarray(array)
-
-
 class Client:
     """The device side of tierwise.
 
@@ -131,7 +136,8 @@ class Client:
         models_dir: where the device's models and the metadata and profiles of remote models
             live; default `<config.data_dir>/models`.
         tier_urls: base URL per remote tier; default `http://{host}:{port}` from the config.
-        device_model: the model every fallback ends at; default `fmnist-device`.
+        device_model: the model every fallback ends at; default the first model the device
+            tier runs (`tiers.device.models`, else a model imported `--runs-on device`).
         plan: a fixed plan for every request; default None: the policy places each request.
         slo: this client's default SLO; default the config's `slo` (deadline, accuracy floor).
         links: the link per tier (default: emulated from `config.links`); pass your own to
@@ -161,7 +167,7 @@ class Client:
         *,
         models_dir: str | Path | None = None,
         tier_urls: dict[str, str] | None = None,
-        device_model: str = model_name("device"),
+        device_model: str | None = None,
         plan: Plan | None = None,
         slo: SLO | None = None,
         links: dict[str, EmulatedLink | None] | None = None,
@@ -188,10 +194,18 @@ class Client:
         self.models: dict[str, ModelInfo] = {}
         self._paths: dict[str, Path] = {}
         self._list_models()
+        if device_model is None:
+            on_device = tier_models(self.config, self.models).get(DEVICE_TIER, [])
+            if not on_device:
+                raise FileNotFoundError(
+                    f"device_model: no model under {self.models_dir} runs on the device "
+                    f"(found {sorted(self.models)}); import one with `tierwise models add "
+                    "NAME FILE --runs-on device` or list it in tiers.device.models")
+            device_model = on_device[0]
         if device_model not in self.models:
             raise FileNotFoundError(
                 f"device_model: {device_model!r} not found under {self.models_dir} "
-                f"(found {sorted(self.models)}); run `tierwise zoo train` first"
+                f"(found {sorted(self.models)}); import it with `tierwise models add`"
             )
         self.device_model = device_model
         self.plan = plan
@@ -213,6 +227,7 @@ class Client:
         self._http: dict[str, httpx.Client] = {}
         self._policy: Policy | None = None
         self._profiled_ms: dict[tuple[str, str], float] = {}
+        self._tasks: dict[tuple[str, str, str], Task[Any]] = {}
         self._emulated = tuple(emulation_labels(self.config, links))
         self.session(device_model)  # load eagerly: the fallback must always be ready
         self.prober = Prober(self) if probe else None
@@ -235,18 +250,26 @@ class Client:
     # -- the public API --------------------------------------------------------------------
 
     def infer(self, image: np.ndarray, plan: Plan | None = None, *,
-              deadline_ms: float | None = None, min_accuracy: float | None = None,
-              keep_input_on_device: bool = False) -> InferenceResult:
-        """Classify one uint8 image.
+              deadline_ms: float | None = None, min_quality: float | None = None,
+              keep_input_on_device: bool = False,
+              min_accuracy: float | None = None) -> InferenceResult:
+        """Answer one input (an image of any size for a model with an image preprocessing,
+        else one sample of the device model's input spec) with the task's result.
+
+        Raises InputError, naming the expected shape and dtype, for an input the device
+        model cannot take, before anything runs.
 
         With a `plan` (or the client's), that plan runs, and a failed remote stage falls back
         to the device model. Without one, the policy picks the cheapest plan meeting the SLO:
-        `deadline_ms` and `min_accuracy` (default: the client's `slo`), and
+        `deadline_ms` and `min_quality` (the quality floor in the task's metric as the
+        profiles measured it: accuracy, mAP@0.5 or fidelity to a reference model;
+        `min_accuracy` is its older name; default: the client's `slo`), and
         `keep_input_on_device` (only local and split plans qualify).
         """
-        batch = _as_batch(image)
+        batch = as_batch(self.models[self.device_model], image)
         slo = SLO(deadline_ms if deadline_ms is not None else self.slo.deadline_ms,
-                  min_accuracy if min_accuracy is not None else self.slo.min_accuracy,
+                  next((floor for floor in (min_quality, min_accuracy) if floor is not None),
+                       self.slo.min_accuracy),
                   keep_input_on_device or self.slo.keep_input_on_device)
         started = time.perf_counter()
         plan = plan or self.plan
@@ -265,7 +288,7 @@ class Client:
         while True:
             execution = _Execution(self, trace, self._abort_at(started, slo, decision))
             try:
-                outcome = plan.execute(execution, batch)
+                outcome = plan.execute(execution, np.asarray(image))
                 break
             except RemoteStageError as error:
                 excluded.add(error.tier)
@@ -275,11 +298,11 @@ class Client:
         if outcome.fallback:
             trace.fallback = outcome.fallback
         trace.total_ms = (time.perf_counter() - started) * 1e3
-        probabilities = outcome.probabilities
-        trace.label = int(probabilities.argmax())
-        trace.confidence = float(probabilities.max())
+        result = outcome.result
+        trace.label = int(result.label) if isinstance(result, ClassificationResult) else None
+        trace.confidence = outcome.confidence
         self._monitor(trace, batch)
-        return InferenceResult(trace.label, probabilities, trace)
+        return InferenceResult(result, trace, outcome.confidence)
 
     def decide(self, slo: SLO, exclude: set[str] | None = None) -> Decision:
         """What the policy would run now for `slo` (no request is made)."""
@@ -548,9 +571,17 @@ class Client:
                     self._http[tier] = client
         return client
 
-    def temperature(self, model: str) -> float:
-        info = self.models.get(model)
-        return info.temperature if info else 1.0
+    def task(self, model: str, models: dict[str, ModelInfo] | None = None) -> Task[Any]:
+        """The task that reads `model`'s outputs (by its metadata; cached per version)."""
+        info = (models if models is not None else self.models).get(model)
+        if info is None:
+            raise FileNotFoundError(f"model {model!r}: no metadata on this device "
+                                    f"({self.models_dir})")
+        key = (info.name, info.version, info.sha256)
+        task = self._tasks.get(key)
+        if task is None:
+            task = self._tasks[key] = task_for(info)
+        return task
 
     def mark(self, tier: str, up: bool) -> None:
         with self._lock:
@@ -569,9 +600,9 @@ class Client:
 
 def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: str,
               abort_at: float, learn: bool = True, version: str | None = None
-              ) -> tuple[np.ndarray, StageTrace]:
-    """One OIP v2 inference on `tier` (of `version`, else the server's default): (first
-    output, its stage trace). Learns from the transfer unless `learn` is False (a probe,
+              ) -> tuple[dict[str, np.ndarray], StageTrace]:
+    """One OIP v2 inference on `tier` (of `version`, else the server's default): (its
+    outputs by name, its stage trace). Learns from the transfer unless `learn` is False (a probe,
     whose caller learns from it its own way); raises RemoteStageError when there is no
     usable answer."""
     info = client.models.get(model)
@@ -632,7 +663,7 @@ def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: 
         bytes_up=transfer.bytes_up, bytes_down=transfer.bytes_down, batch_size=batch_size,
         codec=codec, cost_usd=compute_cost_usd(prices, tier, billed_ms)
         + transfer_cost_usd(prices, tier, transfer.bytes_up, transfer.bytes_down))
-    return next(iter(decoded.outputs.values())), stage
+    return decoded.outputs, stage
 
 
 class _Execution:
@@ -649,11 +680,20 @@ class _Execution:
         self.paths = client._paths
         self.pin_versions = client.subscriber is not None
 
-    def run_local(self, model: str, tensor: np.ndarray) -> np.ndarray:
+    def prepared(self, model: str, tensor: np.ndarray) -> np.ndarray:
+        """The request's input as `model` takes it (resized where it takes images); a
+        tail's features as they are."""
+        info = self.models.get(model)
+        if info is None or info.role == "tail":
+            return tensor
+        return as_batch(info, tensor)
+
+    def run_local(self, model: str, tensor: np.ndarray) -> dict[str, np.ndarray]:
         client = self.client
         session = client.session(model, self.paths, self.models)
+        tensor = self.prepared(model, tensor)
         started = time.perf_counter()
-        output, compute_ms = session.run_timed(tensor)
+        output, compute_ms = session.run_all_timed(tensor)
         scale = client.config.tier(DEVICE_TIER).compute_scale
         if scale > 1.0:  # emulate a slower device: stretch the measured compute time
             time.sleep(compute_ms * (scale - 1.0) / 1e3)
@@ -667,7 +707,9 @@ class _Execution:
         ))
         return output
 
-    def run_remote(self, tier: str, model: str, tensor: np.ndarray, codec: str) -> np.ndarray:
+    def run_remote(self, tier: str, model: str, tensor: np.ndarray,
+                   codec: str) -> dict[str, np.ndarray]:
+        tensor = self.prepared(model, tensor)
         try:
             output, stage = call_tier(self.client, tier, model, tensor, codec, self.abort_at,
                                       version=self._version(model))
@@ -685,5 +727,7 @@ class _Execution:
         info = self.models.get(model)
         return info.version if self.pin_versions and info is not None else None
 
-    def outcome(self, model: str, logits: np.ndarray) -> StageOutcome:
-        return StageOutcome(softmax(logits[0], self.client.temperature(model)))
+    def outcome(self, model: str, outputs: dict[str, np.ndarray]) -> StageOutcome:
+        task = self.client.task(model, self.models)
+        result = task.decode(outputs)[0]
+        return StageOutcome(result, task.confidence(result))

@@ -23,8 +23,11 @@ import httpx
 import numpy as np
 
 from tierwise.codecs import RAW
+from tierwise.models.inputs import image_size
+from tierwise.models.store import tier_models
 from tierwise.net.shaping import TRANSFER_EXTENSION
 from tierwise.planner.plans import RemoteStageError
+from tierwise.protocol.oip import numpy_dtype
 
 if TYPE_CHECKING:
     from tierwise.client.client import Client
@@ -107,11 +110,14 @@ class Prober:
         from tierwise.client.client import call_tier
 
         client = self.client
-        models = client.config.tier(tier).models
+        models = tier_models(client.config, client.models).get(tier, [])
         if not models or models[0] not in client.models:
             return None
         info = client.models[models[0]]
-        blank = np.zeros([PROBE_IMAGES, *info.inputs[0].shape[1:]], dtype=np.uint8)
+        spec, size = info.inputs[0], image_size(info)
+        row = [*size, spec.shape[-1]] if size else [max(dim, 1) for dim in spec.shape[1:]]
+        blank = np.zeros([PROBE_IMAGES if info.batched else 1, *row],
+                         dtype=numpy_dtype(spec.datatype))
         estimate_ms = client.link_estimators[tier].snapshot().transfer_ms(blank.nbytes)
         abort_at = time.perf_counter() + max(5.0, 4 * estimate_ms / 1e3)
         try:

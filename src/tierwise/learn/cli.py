@@ -179,11 +179,12 @@ def run(args: argparse.Namespace) -> int:
                              {"rounds": float(fl.rounds), "clients": float(fl.clients),
                               "bytes_up": float(summary["bytes_up"]),
                               "bytes_down": float(summary["bytes_down"])})
-        summary["exported"] = {"model": info.name, "test_accuracy": info.test_accuracy,
+        test_accuracy = info.training_record().test_accuracy
+        summary["exported"] = {"model": info.name, "test_accuracy": test_accuracy,
                                "path": str(config.models_dir / info.name)}
         summary["registry"] = push_global(config, config.models_dir, MODEL_NAME)
         (out / "results.json").write_text(json.dumps(summary, indent=2))
-        console.print(f"exported {info.name} (test accuracy {info.test_accuracy:.2%}) to "
+        console.print(f"exported {info.name} (test accuracy {test_accuracy:.2%}) to "
                       f"{config.models_dir / info.name}; registry: "
                       + (f"version {summary['registry']['version']}" if summary["registry"]
                          else "none here (tierwise registry keygen makes one)"))

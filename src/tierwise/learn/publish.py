@@ -15,15 +15,7 @@ import numpy as np
 
 from tierwise.config import DEVICE_TIER, Config
 from tierwise.data import load_splits
-from tierwise.profile.calibration import expected_calibration_error, fit_temperature, softmax
-from tierwise.zoo.store import (
-    MODEL_FILE,
-    ModelInfo,
-    TensorSpec,
-    model_dir,
-    save_info,
-    sha256_file,
-)
+from tierwise.models.store import ModelInfo
 
 ARCHITECTURE = "fedavg-cnn"
 
@@ -36,35 +28,14 @@ def load_weights(path: Path) -> list[np.ndarray]:
 
 def export_global(config: Config, weights_file: Path, models_dir: Path, name: str,
                   training: dict[str, float]) -> ModelInfo:
+    """Import the global model (the weights `np.savez` wrote) as the device model `name`,
+    through the zoo's path (`register_trained`): calibrated, exported, checked."""
     from tierwise.learn.model import model_from
-    from tierwise.zoo.architectures import parameter_count
-    from tierwise.zoo.export import INPUT_NAME, OUTPUT_NAME, export_onnx
-    from tierwise.zoo.train import predict_logits
+    from tierwise.zoo.build import register_trained
 
-    model = model_from(load_weights(weights_file))
-    model.eval()
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
-    val_logits = predict_logits(model, splits.val_x)
-    test_logits = predict_logits(model, splits.test_x)
-    temperature = fit_temperature(val_logits, splits.val_y)
-    onnx_path = model_dir(models_dir, name) / MODEL_FILE
-    export_onnx(model, onnx_path, splits.test_x[:64])
-    info = ModelInfo(
-        name=name, architecture=ARCHITECTURE,
-        blocks=[block for block, _ in model.named_children()],
-        inputs=[TensorSpec(name=INPUT_NAME, datatype="UINT8", shape=[-1, 1, 28, 28])],
-        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, 10])],
-        parameters=parameter_count(model), bytes=onnx_path.stat().st_size,
-        sha256=sha256_file(onnx_path),
-        test_accuracy=float((test_logits.argmax(1) == splits.test_y).mean()),
-        validation_accuracy=float((val_logits.argmax(1) == splits.val_y).mean()),
-        temperature=temperature,
-        expected_calibration_error=expected_calibration_error(
-            softmax(val_logits, temperature), splits.val_y),
-        training=training,
-    )
-    save_info(models_dir, info)
-    return info
+    return register_trained(model_from(load_weights(weights_file)), name, ARCHITECTURE,
+                            splits, models_dir, training, runs_on=[DEVICE_TIER])
 
 
 def push_global(config: Config, models_dir: Path, name: str) -> dict[str, Any] | None:

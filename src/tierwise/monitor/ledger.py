@@ -100,9 +100,9 @@ def all_cloud_baseline(models_dir: Path, model: str = "fmnist-cloud") -> AllClou
     import numpy as np
 
     from tierwise.client.client import HTTP_HEADER_BYTES
+    from tierwise.models.store import load_info, model_dir
     from tierwise.profile.model_profile import load_profile
     from tierwise.protocol.oip import encode_infer_request, encode_infer_response
-    from tierwise.zoo.store import load_info, model_dir
 
     info = load_info(model_dir(models_dir, model))
     image = np.zeros([1, *info.inputs[0].shape[1:]], dtype=np.uint8)

@@ -41,6 +41,7 @@ from torch import nn
 from tierwise.codecs import LearnedBottleneck, bottleneck_dir
 from tierwise.config import BottleneckConfig
 from tierwise.data import Splits
+from tierwise.models.store import ModelInfo, TensorSpec, list_models, save_info, sha256_file
 from tierwise.optimize.distill import SoftTargets
 from tierwise.optimize.split import (
     bottleneck_name,
@@ -53,7 +54,6 @@ from tierwise.optimize.variants import onnx_parameters, parent_info
 from tierwise.runtime.session import OnnxModel
 from tierwise.zoo.build import load_trained
 from tierwise.zoo.export import export_onnx
-from tierwise.zoo.store import ModelInfo, TensorSpec, list_models, save_info, sha256_file
 from tierwise.zoo.train import train_model
 
 CODES = "codes"
@@ -145,7 +145,8 @@ def _train_at(models_dir: Path, parent: ModelInfo, point: int, settings: Bottlen
             teacher = SoftTargets(uncompressed_tail, settings.temperature, settings.alpha)
             started = time.perf_counter()
             # Features are fixed inputs here: no flips (the frozen head already saw them).
-            result = train_model(parent.architecture, train_features, splits.train_y,
+            architecture = parent.training_record().architecture
+            result = train_model(architecture, train_features, splits.train_y,
                                  settings.train, seed=seed, progress=progress, model=stack,
                                  description=f"bottleneck w{width} {bits}-bit @{point}",
                                  augment=False, objective=teacher)
@@ -230,13 +231,13 @@ def _export(models_dir: Path, parent: ModelInfo, point: int, name: str, stack: n
         fused_tail = onnx.load(str(tail_path))
     codes_shape = [-1, *sample_codes.shape[1:]]
     codes = TensorSpec(name="bottleneck/" + CODES, datatype="UINT8", shape=codes_shape)
-    common = {"version": parent.version, "architecture": parent.architecture,
-              "test_accuracy": parent.test_accuracy, "validation_accuracy": val_accuracy,
-              "temperature": parent.temperature, "parent": parent.name, "split_point": point,
+    common = {"version": parent.version, "calibration": parent.calibration,
+              "parent": parent.name, "split_point": point, "batched": parent.batched,
               "bottleneck": full_name, "bytes": 0, "sha256": ""}
-    head_info = ModelInfo(name=fused_head_name, role="head", blocks=parent.blocks[:point],
+    head_info = ModelInfo(name=fused_head_name, role="head", task="generic",
                           inputs=parent.inputs, outputs=[codes], parameters=0, **common)
-    tail_info = ModelInfo(name=fused_tail_name, role="tail", blocks=parent.blocks[point:],
+    tail_info = ModelInfo(name=fused_tail_name, role="tail", task=parent.task,
+                          labels=parent.labels,
                           inputs=[codes.model_copy(update={"name": CODES})],
                           outputs=parent.outputs, parameters=0, **common)
     for model, info in ((fused_head, head_info), (fused_tail, tail_info)):

@@ -23,9 +23,10 @@ from torch.nn import functional
 
 from tierwise.config import DistillConfig
 from tierwise.data import Splits
+from tierwise.models.store import list_models
 from tierwise.optimize.variants import VariantOutcome, parent_info, register_module
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import list_models, model_name
+from tierwise.zoo.names import model_name
 from tierwise.zoo.train import LabelLoss, predict_logits, train_model
 
 
@@ -105,5 +106,6 @@ def distill(models_dir: Path, settings: DistillConfig, splits: Splits, *,
         distilled=outcome,
         label_only_test_accuracy=float((test_logits.argmax(1) == splits.test_y).mean()),
         label_only_validation_accuracy=float((val_logits.argmax(1) == splits.val_y).mean()),
-        teacher=settings.teacher, teacher_test_accuracy=teacher_info.test_accuracy,
+        teacher=settings.teacher,
+        teacher_test_accuracy=teacher_info.training_record().test_accuracy,
         seconds={"label_only": label_only.seconds, "distilled": taught.seconds})

@@ -60,7 +60,8 @@ def prune_model(
               "macs": multiply_accumulates(network, example), "widths": conv_widths(network)}
     prune_channels(network, example, ratio)
     variant = f"pruned-{round(ratio * 100)}"
-    result = train_model(parent.architecture, splits.train_x, splits.train_y, finetune,
+    result = train_model(parent.training_record().architecture, splits.train_x,
+                         splits.train_y, finetune,
                          seed=seed, progress=progress, model=network,
                          description=f"fine-tune {model}.{variant}")
     outcome = register_module(

@@ -33,8 +33,8 @@ from onnxruntime.quantization import (
 )
 
 from tierwise.data import Splits
+from tierwise.models.store import list_models
 from tierwise.optimize.variants import VariantOutcome, parent_info, register_variant
-from tierwise.zoo.store import list_models
 
 KINDS = ("int8-dynamic", "int8-static")
 CALIBRATION_BATCH = 64

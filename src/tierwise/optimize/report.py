@@ -24,12 +24,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tierwise.codecs import codec_names
-from tierwise.config import Config
+from tierwise.config import DEVICE_TIER, Config
 from tierwise.data import load_splits
+from tierwise.models.store import list_models, tier_models
 from tierwise.profile.model_profile import load_profile
 from tierwise.profile.profiler import batch1_ms, codec_profile
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import list_models
 
 RAW_IMAGE_BYTES = 784
 BATCH_64 = 64
@@ -66,8 +66,9 @@ def build_report(config: Config, out_dir: Path, *, test_images: int = 10000,
     def accuracy_with(name: str) -> Callable[[np.ndarray], float]:
         return lambda inputs: float((model(name).run_batched(inputs).argmax(1) == labels).mean())
 
-    remote = [m for tier, settings in config.tiers.items() if tier != "device"
-              for m in settings.models if m in found]
+    placed = tier_models(config, {name: info for name, (info, _) in found.items()})
+    remote = [m for tier, names in placed.items() if tier != DEVICE_TIER
+              for m in names if m in found and not found[m][0].variant]
     whole = [name for name, (info, _) in found.items() if info.role == "full"]
     rows_rate: list[dict[str, object]] = []
     rows_models: list[dict[str, object]] = []

@@ -20,16 +20,17 @@ import numpy as np
 import onnx
 
 from tierwise.data import Splits
-from tierwise.profile.calibration import expected_calibration_error, fit_temperature, softmax
-from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import (
+from tierwise.models.store import (
     MODEL_FILE,
+    Calibration,
     ModelInfo,
     list_models,
     model_dir,
     save_info,
     sha256_file,
 )
+from tierwise.profile.calibration import expected_calibration_error, fit_temperature, softmax
+from tierwise.runtime.session import OnnxModel
 
 if TYPE_CHECKING:  # torch only where a trained module is registered: quantize needs none
     from torch import nn
@@ -85,12 +86,13 @@ def register_variant(
     test_logits = model.run_batched(splits.test_x)
     val_accuracy = float((val_logits.argmax(1) == splits.val_y).mean())
     test_accuracy = float((test_logits.argmax(1) == splits.test_y).mean())
-    drop = parent.validation_accuracy - val_accuracy
+    parent_accuracy = parent.training_record().validation_accuracy
+    drop = parent_accuracy - val_accuracy
     outcome = VariantOutcome(
         name=name, parent=parent.name, variant=variant, kept=drop <= accuracy_budget,
         bytes=onnx_path.stat().st_size,
         parameters=parameters if parameters is not None else onnx_parameters(onnx_path),
-        validation_accuracy=val_accuracy, parent_validation_accuracy=parent.validation_accuracy,
+        validation_accuracy=val_accuracy, parent_validation_accuracy=parent_accuracy,
         test_accuracy=test_accuracy)
     directory = model_dir(models_dir, name)
     if not outcome.kept:
@@ -106,11 +108,15 @@ def register_variant(
     save_info(models_dir, parent.model_copy(update={
         "name": name, "version": "1", "parent": parent.name, "variant": variant,
         "bytes": stored.stat().st_size, "sha256": sha256_file(stored),
-        "parameters": outcome.parameters, "test_accuracy": test_accuracy,
-        "validation_accuracy": val_accuracy, "temperature": temperature,
-        "expected_calibration_error": expected_calibration_error(
-            softmax(val_logits, temperature), splits.val_y),
-        "training": training or {}, "role": "full", "split_point": None, "bottleneck": None}))
+        "parameters": outcome.parameters,
+        "trained": parent.training_record().model_copy(update={
+            "test_accuracy": test_accuracy, "validation_accuracy": val_accuracy,
+            "record": training or {}}),
+        "calibration": Calibration(
+            temperature=temperature, fitted_on="Fashion-MNIST validation split",
+            expected_calibration_error=expected_calibration_error(
+                softmax(val_logits, temperature), splits.val_y)),
+        "role": "full", "split_point": None, "bottleneck": None}))
     return outcome
 
 

@@ -9,7 +9,7 @@ class; the policy (`tierwise.planner.policy`) scores plans from their `Legs`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,25 +28,31 @@ class RemoteStageError(RuntimeError):
 
 @dataclass
 class StageOutcome:
-    """One stage's answer: calibrated class probabilities for the input."""
+    """One stage's answer: the task's result for the input (`tierwise.tasks`: a
+    ClassificationResult, DetectionResult, ...) and how sure it is (None where the task has no
+    confidence: such a result is never escalated)."""
 
-    probabilities: np.ndarray  # [classes], float64, sums to 1
+    result: Any
+    confidence: float | None
     fallback: str | None = None  # set when the plan answered other than it was meant to
 
 
 class StageRunner(Protocol):
     """What a plan needs from whoever executes it (the device client)."""
 
-    def run_local(self, model: str, tensor: np.ndarray) -> np.ndarray:
-        """The model's first output on the device."""
+    def run_local(self, model: str, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's outputs on the device (output name -> batch). A whole model or a head
+        takes the request's input (prepared for it: resized where it takes images); a tail
+        takes the features its head made."""
         ...
 
-    def run_remote(self, tier: str, model: str, tensor: np.ndarray, codec: str) -> np.ndarray:
-        """The model's first output on `tier`, the input sent encoded with `codec`."""
+    def run_remote(self, tier: str, model: str, tensor: np.ndarray,
+                   codec: str) -> dict[str, np.ndarray]:
+        """The model's outputs on `tier`, the input sent encoded with `codec`."""
         ...
 
-    def outcome(self, model: str, logits: np.ndarray) -> StageOutcome:
-        """Calibrated probabilities of `model`'s logits."""
+    def outcome(self, model: str, outputs: dict[str, np.ndarray]) -> StageOutcome:
+        """`model`'s outputs read by its task: the result and its confidence."""
         ...
 
 
@@ -102,8 +108,8 @@ class Remote:
         return f"remote({self.tier}:{self.model}{codec})"
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
-        logits = runner.run_remote(self.tier, self.model, image, self.input_codec)
-        return runner.outcome(self.model, logits)
+        outputs = runner.run_remote(self.tier, self.model, image, self.input_codec)
+        return runner.outcome(self.model, outputs)
 
     @property
     def tiers(self) -> frozenset[str]:
@@ -144,9 +150,9 @@ class Split:
         return f"split({self.model}@{self.split_point} -> {self.tier}, {codec})"
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
-        features = runner.run_local(self.head, image)
-        logits = runner.run_remote(self.tier, self.tail, features, self.feature_codec)
-        return runner.outcome(self.model, logits)
+        (features,) = runner.run_local(self.head, image).values()
+        outputs = runner.run_remote(self.tier, self.tail, features, self.feature_codec)
+        return runner.outcome(self.model, outputs)
 
     @property
     def tiers(self) -> frozenset[str]:
@@ -159,9 +165,9 @@ class Split:
 
 @dataclass(frozen=True)
 class Cascade:
-    """Run `first`; escalate to `then` only when its calibrated confidence is below
-    `threshold` (BranchyNet, Teerapittayanon et al. 2016; the joint inference of KubeEdge
-    Sedna; FrugalGPT's cascade). The threshold comes from the first model's cascade curve.
+    """Run `first`; escalate to `then` only when its task's confidence is below `threshold`
+    (BranchyNet, Teerapittayanon et al. 2016; the joint inference of KubeEdge Sedna;
+    FrugalGPT's cascade). The threshold comes from the first model's cascade curve.
 
     If the escalation fails, the first stage's answer stands: it is already in hand."""
 
@@ -174,7 +180,7 @@ class Cascade:
 
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
         outcome = self.first.execute(runner, image)
-        if float(outcome.probabilities.max()) >= self.threshold:
+        if outcome.confidence is None or outcome.confidence >= self.threshold:
             return outcome
         try:
             return self.then.execute(runner, image)

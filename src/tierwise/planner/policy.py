@@ -29,11 +29,11 @@ import numpy as np
 
 from tierwise.codecs import RAW
 from tierwise.config import DEVICE_TIER, Config, PriceBook
+from tierwise.models.store import tier_models
 from tierwise.planner.cost import BYTES_PER_GB, JOULES_PER_KWH
 from tierwise.planner.estimators import LinkEstimate
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.profile.model_profile import CascadeCurve, ModelProfile
-from tierwise.zoo.store import variants_of
 
 DEVICE = DEVICE_TIER
 
@@ -103,12 +103,10 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
                              ) -> list[Candidate]:
     """Every plan the profiles support, for the models each tier runs (`tiers.*.models`, and
     their variants where `tiers.*.variants` is on)."""
-    parents = {name: profile.parent for name, profile in profiles.items() if profile.variant}
+    placed = tier_models(config, profiles)
 
     def runs_on(tier: str) -> list[str]:
-        settings = config.tier(tier)
-        listed = variants_of(settings.models, parents) if settings.variants else settings.models
-        return [model for model in listed if model in profiles]
+        return [model for model in placed.get(tier, []) if model in profiles]
 
     device_models = runs_on(DEVICE)
     remote: list[Candidate] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tierwise.config import Config
-from tierwise.zoo.store import list_models, model_dir, variants_of
+from tierwise.models.store import list_models, model_dir, tier_models
 
 PROFILE_FILE = "profile.json"
 
@@ -56,13 +56,18 @@ class CascadeCurve(_Record):
 class ModelProfile(_Record):
     model: str
     parent: str | None = Field(None, description="the model this one is a variant of")
+    runs_on: list[str] = Field(default_factory=list, description="as its metadata says")
     variant: str | None = None
     version: str
     sha256: str = Field(description="of the model.onnx profiled: a different file is stale")
     measured_at: str
     host: str
     validation_images: int
-    accuracy: float = Field(description="validation accuracy, raw input")
+    quality_metric: str = Field(
+        "accuracy", description="what `accuracy` and every codec's `accuracy` measure: the "
+        "task's metric and against what (labels, or fidelity to a reference model)")
+    accuracy: float = Field(description="quality on the evaluation data, raw input (the "
+                            "task's metric: accuracy, mAP@0.5, fidelity...)")
     compute_ms: dict[str, float] = Field(
         description="tier -> whole-model time at batch 1: host median × the tier's compute_scale")
     block_ms: dict[str, list[float]] = Field(
@@ -100,12 +105,9 @@ def load_profile(models_dir: Path, model: str) -> ModelProfile:
 
 
 def load_tier_profiles(config: Config, models_dir: Path) -> dict[str, ModelProfile]:
-    """The profiles of every model the tiers run: those `tiers.*.models` lists and, where
-    `tiers.*.variants` is on, their registered variants. What the planner plans with."""
+    """The profiles of every model the tiers run (`tier_models`). What the planner plans
+    with."""
     found = list_models(models_dir, weights=False)
-    parents = {name: info.parent for name, (info, _) in found.items()
-               if info.variant and info.role == "full"}
-    names = {name for settings in config.tiers.values()
-             for name in (variants_of(settings.models, parents) if settings.variants
-                          else settings.models)}
+    placed = tier_models(config, {name: info for name, (info, _) in found.items()})
+    names = {name for models in placed.values() for name in models}
     return {name: load_profile(models_dir, name) for name in sorted(names) if name in found}

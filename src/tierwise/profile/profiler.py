@@ -19,11 +19,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from tierwise.codecs import RAW, codec_names, get_codec, packed_codec_name
-from tierwise.config import Config
-from tierwise.data import Splits, load_splits
-from tierwise.profile.calibration import softmax
+from tierwise.codecs import RAW, codec_fits, codec_names, get_codec, packed_codec_name
+from tierwise.config import DEVICE_TIER, Config
+from tierwise.data import load_splits
+from tierwise.models.store import ModelInfo, bottleneck_bits, list_models, tier_models
 from tierwise.profile.cascade import cascade_curve
+from tierwise.profile.evaluation import EvalSet, Judge, eval_set_from_files
 from tierwise.profile.model_profile import (
     CascadeCurve,
     CodecProfile,
@@ -33,7 +34,6 @@ from tierwise.profile.model_profile import (
     save_profile,
 )
 from tierwise.runtime.session import OnnxModel
-from tierwise.zoo.store import ModelInfo, bottleneck_bits, list_models, variants_of
 
 TIMING_RUNS = 300
 WARMUP_RUNS = 30
@@ -90,18 +90,18 @@ def thin_curve(then: str, confidence: np.ndarray, first_correct: np.ndarray,
 
 
 class _Profiler:
-    """Measures the models of one models directory against one config."""
+    """Measures the models of one models directory against one config, each on its own
+    evaluation data (`tierwise.profile.evaluation`)."""
 
-    def __init__(self, config: Config, models_dir: Path, splits: Splits,
-                 progress: Progress) -> None:
+    def __init__(self, config: Config, models_dir: Path, progress: Progress) -> None:
         self.config = config
         self.models_dir = models_dir
-        self.splits = splits
         self.progress = progress
         self.scales = {tier: settings.compute_scale for tier, settings in config.tiers.items()}
         self.found = list_models(models_dir)
         self.loaded: dict[str, OnnxModel] = {}
-        self.correct: dict[str, np.ndarray] = {}
+        self.judges: dict[str, Judge] = {}
+        self._default: EvalSet | None = None
 
     def model(self, name: str) -> OnnxModel:
         if name not in self.loaded:
@@ -109,16 +109,24 @@ class _Profiler:
             self.loaded[name] = OnnxModel(path, info)
         return self.loaded[name]
 
-    def correctness(self, name: str) -> np.ndarray:
-        """Per validation image, whether `name` is right (cached: cascades reuse it)."""
-        if name not in self.correct:
-            logits = self.model(name).run_batched(self.splits.val_x)
-            self.correct[name] = logits.argmax(1) == self.splits.val_y
-        return self.correct[name]
-
-    def accuracy_with(self, name: str) -> Callable[[np.ndarray], float]:
-        model, labels = self.model(name), self.splits.val_y
-        return lambda inputs: float((model.run_batched(inputs).argmax(1) == labels).mean())
+    def judge(self, name: str) -> Judge:
+        """The judge of the data `name` is measured on: its `eval_data`, else the config's
+        dataset. Models that share data share a judge (and cached outputs)."""
+        info, _ = self.found[name]
+        if info.eval_data:
+            key = f"{info.eval_data}|{info.reference or ''}"
+            if key not in self.judges:
+                self.judges[key] = Judge(eval_set_from_files(
+                    info.eval_data, reference=info.reference), self.model)
+            return self.judges[key]
+        if "" not in self.judges:
+            data = self.config.data
+            splits = load_splits(data.path, data.validation_size, data.seed)
+            self.judges[""] = Judge(EvalSet(
+                samples=splits.val_x, targets=splits.val_y,
+                source=f"Fashion-MNIST validation split ({len(splits.val_x)} images)"),
+                self.model)
+        return self.judges[""]
 
     def per_tier(self, host_ms: float) -> dict[str, float]:
         return {tier: host_ms * scale for tier, scale in self.scales.items()}
@@ -128,27 +136,29 @@ class _Profiler:
         from tierwise.optimize.split import export_split, split_points
 
         info, _ = self.found[name]
-        val_x = self.splits.val_x
+        judge = self.judge(name)
+        inputs = judge.inputs(name)
         task = self.progress.add_task(f"profiling {name}", total=None)
         model = self.model(name)
-        full_ms = batch1_ms(model.run, val_x)
-        input_codecs = {codec: codec_profile(codec, val_x, self.accuracy_with(name))
-                        for codec in codec_names("input")}
+        full_ms = batch1_ms(model.run, inputs)
+        quality = judge.quality(name, judge.results(name))
+        input_codecs = {codec: codec_profile(codec, inputs, judge.quality_of(name))
+                        for codec in codec_names("input") if codec_fits(codec, inputs[0])}
         splits: list[SplitProfile] = []
         head_ms = [0.0]
         if split:
             for point in split_points(info):
                 self.progress.update(task, description=f"profiling {name} split @{point}")
-                head_info, tail_info = export_split(self.models_dir, name, point, val_x[:32])
+                head_info, tail_info = export_split(self.models_dir, name, point, inputs[:32])
                 self.found = list_models(self.models_dir)
                 head = self.model(head_info.name)
-                head_ms.append(batch1_ms(head.run, val_x))
-                features = head.run_batched(val_x)
+                head_ms.append(batch1_ms(head.run, inputs))
+                features = head.run_batched(inputs)
                 splits.append(SplitProfile(
                     split_point=point, head=head_info.name, tail=tail_info.name,
                     features_shape=list(features.shape[1:]),
                     codecs={codec: codec_profile(codec, features,
-                                                 self.accuracy_with(tail_info.name))
+                                                 judge.quality_of(name, tail_info.name))
                             for codec in codec_names("feature")}))
             splits += self.bottleneck_splits(name)
         head_ms.append(full_ms)
@@ -157,23 +167,25 @@ class _Profiler:
         # that at 0 must not change the whole: rescale so the blocks add up to the model
         blocks *= full_ms / max(float(blocks.sum()), 1e-12)
         cascades = []
+        first_correct = judge.correct(name) if judge.task(name).has_confidence else None
         for then in cascade_to:
-            confidence = softmax(model.run_batched(val_x), info.temperature).max(1)
-            cascades.append(thin_curve(then, confidence, self.correctness(name),
-                                       self.correctness(then)))
+            then_correct = judge.correct(then) if self.judge(then) is judge else None
+            if first_correct is None or then_correct is None:
+                continue  # a cascade pairs models of one task measured on the same samples
+            cascades.append(thin_curve(then, judge.confidence(name), first_correct,
+                                       then_correct))
         self.progress.update(task, total=1, completed=1, description=f"profiled {name}")
         return ModelProfile(
             model=name, parent=info.parent, variant=info.variant, version=info.version,
             sha256=info.sha256,
             measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
             host=f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-            validation_images=len(val_x),
-            accuracy=float(self.correctness(name).mean()),
+            validation_images=len(inputs), quality_metric=judge.quality_name(name),
+            accuracy=quality, runs_on=info.runs_on,
             compute_ms=self.per_tier(full_ms),
             block_ms={tier: (blocks * scale).tolist() for tier, scale in self.scales.items()},
             compute_scales=self.scales, emulated=emulation_labels(self.config),
             input_codecs=input_codecs, splits=splits, cascades=cascades)
-
 
     def bottleneck_splits(self, name: str) -> list[SplitProfile]:
         """The learned-bottleneck splits of `name` (`tierwise optimize bottleneck`): their fused
@@ -181,14 +193,16 @@ class _Profiler:
         out = []
         for head_info, tail_info in bottleneck_parts(self.found, name):
             head, tail = self.model(head_info.name), self.model(tail_info.name)
-            codes = head.run_batched(self.splits.val_x)
+            inputs = self.judge(name).inputs(name)
+            codes = head.run_batched(inputs)
             codec = packed_codec_name(bottleneck_bits(head_info.bottleneck or ""))
             out.append(SplitProfile(
                 split_point=head_info.split_point or 0, head=head_info.name,
                 tail=tail_info.name, features_shape=list(codes.shape[1:]),
-                codecs={codec: codec_profile(codec, codes, self.accuracy_with(tail_info.name))},
+                codecs={codec: codec_profile(codec, codes, self.judge(name).quality_of(
+                    name, tail_info.name))},
                 bottleneck=head_info.bottleneck,
-                head_ms=self.per_tier(batch1_ms(head.run, self.splits.val_x)),
+                head_ms=self.per_tier(batch1_ms(head.run, inputs)),
                 tail_ms=self.per_tier(batch1_ms(tail.run, codes))))
         return out
 
@@ -226,25 +240,23 @@ def ensure_profiles(config: Config, models_dir: Path | None = None, *,
     models_dir = Path(models_dir or config.models_dir)
     found = list_models(models_dir)
     whole = [name for name, (info, _) in found.items() if info.role == "full"]
-    parents = {name: info.parent for name, (info, _) in found.items() if info.variant}
-    device_models = set(variants_of(config.tier("device").models, parents))
-    # splits are cut from the models the tiers list; their variants run whole
-    remote_models = [m for tier, settings in config.tiers.items() if tier != "device"
-                     for m in settings.models if m in found]
-    cascade_targets = [m for tier, settings in config.tiers.items() if tier != "device"
-                       for m in variants_of(settings.models, parents) if m in found]
+    placed = tier_models(config, {name: info for name, (info, _) in found.items()})
+    device_models = set(placed.get(DEVICE_TIER, []))
+    # splits are cut from the models the tiers run; their variants run whole
+    cascade_targets = [m for tier, names in placed.items() if tier != DEVICE_TIER
+                       for m in names if m in found]
+    remote_models = [m for m in cascade_targets if not found[m][0].variant]
     todo = [name for name in whole if (only is None or name in only)
             and (force or not _is_current(models_dir, found[name][0], found))]
     if not todo:
         return []
-    splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
     with Progress(console=console, transient=True) as progress:
-        profiler = _Profiler(config, models_dir, splits, progress)
+        profiler = _Profiler(config, models_dir, progress)
         for name in todo:
             cascade_to = cascade_targets if name in device_models else []
             profile = profiler.profile(name, split=name in remote_models, cascade_to=cascade_to)
             save_profile(models_dir, profile)
-            console.print(f"[green]profiled[/] {name}: validation accuracy "
+            console.print(f"[green]profiled[/] {name}: {profile.quality_metric} "
                           f"{profile.accuracy:.2%}, {profile.compute_ms['device']:.3f} ms "
                           f"on the device, {len(profile.splits)} split points")
     return todo

@@ -16,7 +16,9 @@ the tier server and the device client share it.
 
 BYTES tensors carry encoded payloads (`tierwise.codecs`): numpy object arrays of `bytes`,
 sent as binary tensor data only, each element a 4-byte little-endian length and its bytes
-(the binary layout of BYTES in Triton's extension). Text BYTES tensors are not served.
+(the binary layout of BYTES in Triton's extension). Text BYTES tensors are not served; only
+a BYTES output of UTF-8 text (the classification extension's "<value>:<index>:<label>") may
+also go as JSON strings, and is read back as bytes elements.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class InferRequest:
 
     `outputs` maps each requested output to its `binary_data` flag (None: not given, so the
     request's `binary_data_output` parameter decides); empty means "all outputs".
+    `output_parameters` holds the `parameters` of the requested outputs that have any (e.g.
+    {"scores": {"classification": 3}}: the classification extension).
     """
 
     inputs: dict[str, np.ndarray]
@@ -122,6 +126,7 @@ class InferRequest:
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     input_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def output_binary(self, name: str) -> bool:
         """Whether output `name` should be answered as binary data."""
@@ -155,13 +160,34 @@ def _bytes_elements(name: str, array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def _text_elements(name: str, array: np.ndarray) -> list[str]:
+    """A BYTES tensor as JSON `data`: its elements as strings (the classification
+    extension's "<value>:<index>:<label>"); binary payloads must go as binary tensor data."""
+    texts = []
+    for element in array.reshape(-1):
+        try:
+            texts.append(element.decode())
+        except (AttributeError, UnicodeDecodeError):
+            raise ProtocolError(f"tensor {name!r}: BYTES payloads that are not UTF-8 text go "
+                                "as binary tensor data") from None
+    return texts
+
+
 def _tensor_header(name: str, array: np.ndarray, binary: bool, chunks: list[Any],
-                   parameters: Mapping[str, Any] | None = None
+                   parameters: Mapping[str, Any] | None = None, text_bytes: bool = False
                    ) -> tuple[dict[str, Any], np.ndarray]:
+    """A tensor's JSON header (its bytes appended to `chunks` when `binary`); `text_bytes`:
+    a BYTES tensor may go as JSON strings (outputs only)."""
     datatype = datatype_of(array)
     if datatype == BYTES:
         if not binary:
-            raise ProtocolError(f"tensor {name!r}: BYTES payloads go as binary tensor data")
+            if not text_bytes:
+                raise ProtocolError(f"tensor {name!r}: BYTES payloads go as binary tensor data")
+            text: dict[str, Any] = {"name": name, "datatype": BYTES, "shape": list(array.shape),
+                                    "data": _text_elements(name, array)}
+            if parameters:
+                text["parameters"] = dict(parameters)
+            return text, array
         data = _bytes_elements(name, array)
         chunks.append(data)
         return {"name": name, "datatype": BYTES, "shape": list(array.shape),
@@ -247,7 +273,7 @@ def encode_infer_response(
     response["outputs"] = [
         _tensor_header(name, array,
                        binary_outputs if isinstance(binary_outputs, bool)
-                       else name in binary_outputs, chunks)[0]
+                       else name in binary_outputs, chunks, text_bytes=True)[0]
         for name, array in outputs.items()
     ]
     return _body(response, chunks)
@@ -345,6 +371,8 @@ def _decode_tensor(tensor: Any, kind: str, binary: memoryview,
     parameters = tensor.get("parameters")
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if datatype == BYTES:
+        if kind == "output" and size is None and "data" in tensor:
+            return name, _text_tensor(where, tensor["data"], shape, count), offset
         return name, _decode_bytes(where, shape, size, binary, offset), offset + (size or 0)
     if size is None:
         if "data" not in tensor:
@@ -364,6 +392,17 @@ def _decode_tensor(tensor: Any, kind: str, binary: memoryview,
                             f"({len(binary) - offset} bytes of binary data left)")
     array = np.frombuffer(binary, dtype, count, offset).reshape(shape)
     return name, array, offset + size
+
+
+def _text_tensor(where: str, data: Any, shape: list[int], count: int) -> np.ndarray:
+    """A BYTES output sent as JSON strings (classification results), as bytes elements."""
+    if not isinstance(data, list) or not all(isinstance(element, str) for element in data):
+        raise ProtocolError(f"{where}: a BYTES tensor's 'data' must be a list of strings")
+    if len(data) != count:
+        raise ProtocolError(f"{where}: 'data' has {len(data)} values but the shape needs {count}")
+    elements = np.empty(count, dtype=object)
+    elements[:] = [element.encode() for element in data]
+    return elements.reshape(shape)
 
 
 def _decode_bytes(where: str, shape: list[int], size: Any, binary: memoryview,
@@ -434,6 +473,7 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         input_parameters[name] = _parameters(tensor.get("parameters"), f"input {name!r}: ")
     _check_binary_consumed(binary, offset)
     outputs: dict[str, bool | None] = {}
+    requested_parameters: dict[str, dict[str, Any]] = {}
     requested = header.get("outputs")
     if requested is not None:
         if not isinstance(requested, list):
@@ -442,14 +482,18 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
             name = output.get("name") if isinstance(output, dict) else None
             if not isinstance(name, str):
                 raise ProtocolError(f"each requested output needs a 'name', got {output!r}")
-            flag = _parameters(output.get("parameters"), f"output {name!r}: ").get("binary_data")
+            output_parameters = _parameters(output.get("parameters"), f"output {name!r}: ")
+            flag = output_parameters.get("binary_data")
             if flag is not None and not isinstance(flag, bool):
                 raise ProtocolError(f"output {name!r}: binary_data must be true or false, "
                                     f"got {flag!r}")
             outputs[name] = flag
+            if output_parameters:
+                requested_parameters[name] = output_parameters
     return InferRequest(inputs=inputs, outputs=outputs, id=_optional_str(header, "id"),
                         parameters=_parameters(header.get("parameters"), ""),
-                        input_parameters=input_parameters)
+                        input_parameters=input_parameters,
+                        output_parameters=requested_parameters)
 
 
 def decode_infer_response(body: bytes, header_length: int | None) -> InferResponse:

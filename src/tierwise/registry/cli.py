@@ -102,7 +102,7 @@ def _show(console: Console, registry: Registry, model: str) -> None:
             else (f"v{lineage['previous_version']}" if lineage["previous_version"] else "-")
         versions.add_row(v["version"], v["created_at"], lineage["step"], origin,
                          ",".join(v["runs_on"]), str(v["files"]), f"{v['bytes'] / 1024:,.0f}",
-                         f"{v['test_accuracy']:.2%}")
+                         "-" if v["test_accuracy"] is None else f"{v['test_accuracy']:.2%}")
     console.print(versions)
     history = Table("at", "action", "version", "detail", title="history")
     for event in registry.events(model):

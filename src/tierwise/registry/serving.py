@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from tierwise.config import Config, TierConfig
+from tierwise.models.store import MODEL_FILE, load_info
 from tierwise.registry.subscriber import SubscriberState, subscriber_for
 from tierwise.runtime.session import OnnxModel
 from tierwise.server.app import TierServer
-from tierwise.zoo.store import MODEL_FILE, load_info
 
 
 class ServerSync:

@@ -33,11 +33,7 @@ from typing import Any
 import orjson
 
 from tierwise.config import DEVICE_TIER, Config
-from tierwise.profile.model_profile import PROFILE_FILE
-from tierwise.registry import RegistryError
-from tierwise.registry.signing import sign
-from tierwise.sqlite import transaction
-from tierwise.zoo.store import (
+from tierwise.models.store import (
     METADATA_FILE,
     MODEL_FILE,
     ModelInfo,
@@ -45,8 +41,12 @@ from tierwise.zoo.store import (
     load_info,
     model_dir,
     sha256_file,
-    variants_of,
+    tier_models,
 )
+from tierwise.profile.model_profile import PROFILE_FILE
+from tierwise.registry import RegistryError
+from tierwise.registry.signing import sign
+from tierwise.sqlite import transaction
 
 MANIFEST_SCHEMA = 1
 CHANNELS = ("stable", "canary")
@@ -378,11 +378,12 @@ class Registry:
         out = []
         for (raw,) in rows:
             manifest = orjson.loads(raw)
+            trained = ModelInfo.model_validate(manifest["metadata"]).trained
             out.append({"version": manifest["version"], "created_at": manifest["created_at"],
                         "lineage": manifest["lineage"], "runs_on": manifest["runs_on"][model],
                         "files": len(manifest["files"]),
                         "bytes": sum(f["size"] for f in manifest["files"]),
-                        "test_accuracy": manifest["metadata"]["test_accuracy"]})
+                        "test_accuracy": trained.test_accuracy if trained else None})
         return out
 
     def events(self, model: str) -> list[dict[str, Any]]:
@@ -493,8 +494,11 @@ def _runs_on(config: Config, info: ModelInfo, found: dict[str, tuple[ModelInfo, 
 
 
 def _tiers_running(config: Config, info: ModelInfo) -> list[str]:
-    """The tiers whose `models` list the model or, for a variant, its parent."""
-    parents = {info.name: info.parent} if info.parent else {}
-    return [tier for tier, settings in config.tiers.items()
-            if info.name in (variants_of(settings.models, parents) if settings.variants
-                             else settings.models)]
+    """The tiers that run the model (`tier_models`): the tiers whose `models` list it or
+    that its metadata names; for a variant, those of its parent."""
+    models: dict[str, ModelInfo] = {info.name: info}
+    if info.parent and info.variant:
+        models[info.parent] = info.model_copy(update={
+            "name": info.parent, "parent": None, "variant": None})
+    placed = tier_models(config, models)
+    return [tier for tier, names in placed.items() if info.name in names]

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 from tierwise.config import DEVICE_TIER, Config
+from tierwise.models.store import MODEL_FILE, sha256_file
 from tierwise.registry.signing import (
     PUBLIC_KEY_FILE,
     TOKEN_FILE,
@@ -44,7 +45,6 @@ from tierwise.registry.signing import (
     load_public_key,
     verify,
 )
-from tierwise.zoo.store import MODEL_FILE, sha256_file
 
 log = logging.getLogger("tierwise.registry")
 

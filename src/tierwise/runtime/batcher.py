@@ -12,6 +12,11 @@ loop keeps parsing and answering requests while a batch computes. One exception:
 single-row request on an idle model whose single rows compute in under `inline_max_ms` runs
 on the event loop itself, because handing it to the worker and back costs two thread
 wake-ups, about as long as such a compute (~0.15 ms each way on a 2-core VM).
+
+A model that is not batched (`ModelInfo.batched` False: a fixed batch of 1, as many exporters
+write them) runs one request at a time: its batches hold exactly one request, counted as one
+row, and its outputs go back as the model returned them (the server refuses such a request
+with more than one row before it gets here).
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ class BatchTiming:
 class _Queued:
     __slots__ = ("arrived", "future", "inputs", "rows", "shape_key")
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], future: asyncio.Future[Any]) -> None:
+    def __init__(self, inputs: Mapping[str, np.ndarray], future: asyncio.Future[Any],
+                 batched: bool = True) -> None:
         self.inputs = inputs
         first = next(iter(inputs.values()))
-        self.rows = first.shape[0]
+        self.rows = first.shape[0] if batched else 1
         # Only requests whose non-batch dimensions agree can be concatenated.
         self.shape_key = tuple(array.shape[1:] for array in inputs.values())
         self.future = future
@@ -57,7 +63,7 @@ class DynamicBatcher:
 
     model: the loaded model; every output is computed, all inputs are concatenated on axis 0.
     max_batch_size: most rows per ONNX Runtime call (default 32). A single request with more
-        rows runs alone rather than being refused.
+        rows runs alone rather than being refused. 1 for a model that is not batched.
     max_queue_delay_ms: how long a batch that is not full may wait for more requests
         (default 0: batch only what is already queued).
     compute_scale: emulates a slower machine. After each batch the worker sleeps
@@ -82,7 +88,8 @@ class DynamicBatcher:
         inline_max_ms: float = 0.5,
     ) -> None:
         self.model = model
-        self.max_batch_size = max_batch_size
+        self.batched = model.info.batched
+        self.max_batch_size = max_batch_size if self.batched else 1
         self.max_queue_delay_ms = max_queue_delay_ms
         self.compute_scale = compute_scale
         self.on_batch = on_batch
@@ -103,7 +110,7 @@ class DynamicBatcher:
         if self._loop is None:
             self._start()
         assert self._loop is not None
-        queued = _Queued(inputs, self._loop.create_future())
+        queued = _Queued(inputs, self._loop.create_future(), self.batched)
         self._pending.append(queued)
         self._pending_rows += queued.rows
         if not self._busy:
@@ -209,10 +216,13 @@ class DynamicBatcher:
             for queued in batch:
                 end = offset + queued.rows
                 if not queued.future.done():
-                    sliced = {name: output[offset:end]
-                              for name, output in zip(names, outputs, strict=True)}
+                    # A lone request takes the outputs whole: nothing to split, and an
+                    # unbatched model's outputs may have no batch dimension to split on.
+                    own = dict(zip(names, outputs, strict=True)) if len(batch) == 1 else \
+                        {name: output[offset:end]
+                         for name, output in zip(names, outputs, strict=True)}
                     timing = BatchTiming((started - queued.arrived) * 1e3, compute_ms, size)
-                    queued.future.set_result((sliced, timing))
+                    queued.future.set_result((own, timing))
                 offset = end
             if self.on_batch is not None:
                 self.on_batch(size, compute_ms)

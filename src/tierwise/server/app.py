@@ -1,12 +1,23 @@
 """The tier server: Open Inference Protocol v2 over HTTP/REST, as a plain ASGI app.
 
 Endpoints (KServe v2 / Triton REST):
-  GET  /v2/health/live, /v2/health/ready        200 when live / every model loaded
-  GET  /v2                                      server metadata (extensions: binary_tensor_data)
+  GET  /v2/health/live, /v2/health/ready        200 when live / once the models are loaded
+  GET  /v2                                      server metadata (extensions: binary_tensor_data,
+                                                classification, model_repository)
   GET  /v2/models/{name}[/versions/{v}]         model metadata
   GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can infer
   POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
+  POST /v2/repository/index                     every model version known: READY, or
+                                                UNAVAILABLE with the reason (a file that did
+                                                not load); `{"ready": true}`: the READY ones
   GET  /metrics                                 Prometheus exposition
+
+Triton's extensions, as its docs/protocol/ describe them: a requested output with
+`parameters: {"classification": k}` comes back as BYTES [batch, k] strings
+"<value>:<index>[:<label>]", its k highest values first (extension_classification.md); the
+repository index answers `[{"name", "version", "state", "reason"}]`
+(extension_model_repository.md; load and unload are not offered: the registry installs
+models). A model that is not batched (a fixed batch of 1) takes one row per request.
 
 Infer answers carry the server's own timing in headers, so a client can tell link time from
 server time: `tierwise-compute-ms` (the batch's compute, stretched when emulated),
@@ -28,10 +39,11 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from tierwise import __version__
@@ -48,9 +60,10 @@ from tierwise.protocol.oip import (
     parse_header_length,
 )
 from tierwise.runtime.batcher import DynamicBatcher
-from tierwise.runtime.session import OnnxModel, load_models
+from tierwise.runtime.session import LoadFailure, OnnxModel, load_repository
 from tierwise.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tierwise.server.metrics import UNKNOWN_MODEL, ServerMetrics
+from tierwise.tasks import TaskError, classification_strings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -58,8 +71,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 SERVER_NAME = "tierwise"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 PLATFORM = "onnxruntime_onnx"
+REPOSITORY_INDEX = "/v2/repository/index"
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"  # model states, as Triton names them
+# what the classification extension ranks: per-class scores [batch, classes]
+CLASSIFIABLE_DATATYPES = ("FP16", "FP32", "FP64")
 
 log = logging.getLogger("tierwise.server")
 
@@ -89,7 +106,9 @@ class _Served:
         self.batcher = batcher
         self.metrics = metrics
         self.version = info.version
+        self.batched = info.batched
         self.inputs = {spec.name: spec for spec in info.inputs}
+        self.outputs = {spec.name: spec for spec in info.outputs}
         self.output_names = [spec.name for spec in info.outputs]
         self.version_header = info.version.encode()
         self.in_flight = 0  # infer requests holding it; a retired version closes at 0
@@ -107,15 +126,20 @@ class _Served:
 
 
 class TierServer:
-    """The ASGI app of one tier. Constructing it loads nothing; it serves `models`."""
+    """The ASGI app of one tier. Constructing it loads nothing; it serves `models`, and lists
+    `unavailable` (files that did not load) in its repository index."""
 
-    def __init__(self, tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]) -> None:
+    def __init__(self, tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel],
+                 unavailable: Sequence[LoadFailure] = ()) -> None:
         self.tier_name = tier_name
         self.tier = tier
         self.metrics = ServerMetrics(tier_name, tier.compute_scale)
         # name -> version -> served; `default_version[name]` answers unversioned requests
         self.models: dict[str, dict[str, _Served]] = {}
         self.default_version: dict[str, str] = {}
+        # (name, version) -> why it is not served
+        self.unavailable: dict[tuple[str, str], str] = {
+            (failure.name, failure.version): failure.reason for failure in unavailable}
         self._loop: asyncio.AbstractEventLoop | None = None
         # called once the event loop runs (a registry subscriber starts there, so that its
         # first update already lands on the loop)
@@ -184,6 +208,7 @@ class TierServer:
         versions = self.models.setdefault(name, {})
         replaced = versions.get(version)
         versions[version] = _Served(model, batcher, model_metrics)
+        self.unavailable.pop((name, version), None)
         self.default_version.setdefault(name, version)
         if replaced is not None:
             replaced.retired = True
@@ -195,6 +220,19 @@ class TierServer:
         return {name: sorted(versions, key=lambda v: (v != self.default_version[name],
                                                        _version_order(v)))
                 for name, versions in self.models.items()}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: every (name, version) served, READY, and unless
+        `ready_only` every one that did not load, UNAVAILABLE with the reason; by name, then
+        version."""
+        entries = [{"name": name, "version": version, "state": READY, "reason": ""}
+                   for name, versions in self.models.items() for version in versions]
+        if not ready_only:
+            entries += [{"name": name, "version": version, "state": UNAVAILABLE,
+                         "reason": reason}
+                        for (name, version), reason in self.unavailable.items()]
+        return sorted(entries, key=lambda entry: (entry["name"],
+                                                  _version_order(entry["version"])))
 
     def close(self) -> None:
         for versions in self.models.values():
@@ -258,6 +296,13 @@ class TierServer:
                 versions = self.served_versions().get(served.info.name, [served.version])
                 await send_response(send, 200, served.metadata(versions), [_JSON])
             return
+        if path == REPOSITORY_INDEX:
+            if method != "POST":
+                raise HTTPError(405, f"{path}: use POST, not {method}", [(b"allow", b"POST")])
+            body, _ = await self._read_body(scope, receive)
+            index = self.repository_index(ready_only=_index_ready_only(body))
+            await send_response(send, 200, orjson.dumps(index), [_JSON])
+            return
         if path == "/v2/health/ready":
             _require_get(method, path)
             if not self.models:  # started from a registry that has not delivered yet
@@ -283,6 +328,9 @@ class TierServer:
             raise HTTPError(404, f"no such endpoint: {path}")
         versions = self.models.get(name)
         if not versions:
+            reasons = [reason for (known, _), reason in self.unavailable.items() if known == name]
+            if reasons:
+                raise HTTPError(503, f"model {name!r} is unavailable: {reasons[0]}")
             raise HTTPError(404, f"unknown model {name!r}; this server has "
                                  f"{sorted(self.models)}")
         served = versions.get(version if version is not None else self.default_version[name])
@@ -300,12 +348,16 @@ class TierServer:
             request = decode_infer_request(body, header_length)
             inputs = _checked_inputs(served, _decoded_inputs(served, request))
             wanted = _checked_outputs(served, request.outputs)
+            classify = _checked_classifications(served, request.output_parameters) \
+                if request.output_parameters else None
             try:
                 outputs, timing = await served.batcher.infer(inputs)
             except Exception as error:
                 log.exception("inference failed on %s", served.info.name)
                 raise HTTPError(500, f"inference failed: {type(error).__name__}: {error}") \
                     from None
+            if classify:
+                outputs = _classified(served, outputs, classify)
         except ProtocolError as error:
             metrics.observe_error(error.status, len(body))
             raise HTTPError(error.status, error.message) from None
@@ -441,6 +493,11 @@ def _checked_inputs(served: _Served, inputs: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError(f"input {name!r}: expected datatype {spec.datatype}, got "
                                 f"{datatype}")
         shape = array.shape
+        if not served.batched and spec.shape[:1] == [1] and shape[:1] != (1,) and \
+                len(shape) == len(spec.shape):
+            raise ProtocolError(f"input {name!r}: model {served.info.name!r} takes one row per "
+                                f"request (it is not batched: its batch is fixed at 1); got "
+                                f"{shape[0]} rows")
         if len(shape) != len(spec.shape) or any(
                 want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
             raise ProtocolError(f"input {name!r}: expected shape {spec.shape} (-1: any), got "
@@ -464,6 +521,62 @@ def _checked_outputs(served: _Served, requested: dict[str, bool | None]) -> list
             raise ProtocolError(f"model {served.info.name!r} has no output {name!r}; its "
                                 f"outputs are {served.output_names}")
     return list(requested)
+
+
+def _checked_classifications(served: _Served,
+                             output_parameters: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """output name -> k, for the requested outputs whose `parameters.classification` asks
+    for their top k classes (Triton's classification extension)."""
+    classify = {}
+    for name, parameters in output_parameters.items():
+        count = parameters.get("classification")
+        if count is None:
+            continue
+        if type(count) is not int or count < 1:
+            raise ProtocolError(f"output {name!r}: parameters.classification must be a class "
+                                f"count of at least 1, got {count!r}")
+        spec = served.outputs[name]  # _checked_outputs has checked the name
+        if len(spec.shape) != 2 or spec.datatype not in CLASSIFIABLE_DATATYPES:
+            raise ProtocolError(f"output {name!r}: classification ranks class scores "
+                                f"[batch, classes] of {'/'.join(CLASSIFIABLE_DATATYPES)}; "
+                                f"this output is {spec.datatype} {spec.shape}")
+        classify[name] = count
+    return classify
+
+
+def _classified(served: _Served, outputs: dict[str, np.ndarray],
+                classify: dict[str, int]) -> dict[str, np.ndarray]:
+    """`outputs` with each output in `classify` replaced by its top-k classes, BYTES
+    [batch, min(k, classes)] "<value>:<index>[:<label>]" (labels: the model's, when they
+    name this output's classes)."""
+    classified = dict(outputs)
+    labels = served.info.labels
+    for name, count in classify.items():
+        scores = outputs[name]
+        own_labels = labels if scores.ndim == 2 and len(labels) == scores.shape[1] else ()
+        try:
+            rows = classification_strings(scores, count, own_labels)
+        except TaskError as error:  # the model broke its own declared shape
+            raise HTTPError(500, f"output {name!r}: {error}") from None
+        classified[name] = np.array([[text.encode() for text in row] for row in rows],
+                                    dtype=object)
+    return classified
+
+
+def _index_ready_only(body: bytes) -> bool:
+    """The `ready` flag of a repository index request (the body may be empty)."""
+    if not body.strip():
+        return False
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise HTTPError(400, f"repository index: the body is not valid JSON: {error}") \
+            from None
+    ready = request.get("ready", False) if isinstance(request, dict) else None
+    if not isinstance(ready, bool):
+        raise HTTPError(400, 'repository index: expected an empty body or {"ready": true|false},'
+                             f" got {body[:80]!r}")
+    return ready
 
 
 def _datatype_table() -> dict[str, str]:
@@ -504,9 +617,11 @@ async def send_response(send: Send, status: int, body: bytes,
 # -- running it -----------------------------------------------------------------------------
 
 
-def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]) -> TierServer:
-    """The ASGI app serving `models` as tier `tier_name`."""
-    return TierServer(tier_name, tier, models)
+def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel],
+               unavailable: Sequence[LoadFailure] = ()) -> TierServer:
+    """The ASGI app serving `models` as tier `tier_name`; `unavailable`: files that did not
+    load, listed by its repository index."""
+    return TierServer(tier_name, tier, models, unavailable)
 
 
 def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
@@ -521,12 +636,14 @@ def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
 def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: int,
           threads: int = 1, wrap: Callable[[TierServer], Any] | None = None) -> None:
     """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools);
-    `wrap` puts another ASGI layer in front (the cloud's registry API)."""
-    models = load_models(models_dir, threads=threads)
-    if not models:
+    `wrap` puts another ASGI layer in front (the cloud's registry API). A model file that
+    does not load is logged and listed UNAVAILABLE; the others are served."""
+    models, unavailable = load_repository(models_dir, threads=threads)
+    if not models and not unavailable:
         raise FileNotFoundError(f"{models_dir}: no models to serve (expected "
-                                "<name>/model.onnx with metadata.json; `tierwise zoo train`)")
-    app = create_app(tier_name, tier, models)
+                                "<name>/model.onnx, with or without metadata.json, or "
+                                "<name>.onnx; `tierwise models add`, `tierwise zoo train`)")
+    app = create_app(tier_name, tier, models, unavailable)
     run(wrap(app) if wrap else app, host, port,
         f"tierwise serve: tier {tier_name}, models {sorted(models)}")
 

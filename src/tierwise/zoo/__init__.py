@@ -1,5 +1,5 @@
 """The model zoo: architectures, training and export (torch), and the on-disk store (no torch).
 
-`tierwise.zoo.store` is importable without torch; `architectures`, `train`, `export` and
+`tierwise.models.store` is importable without torch; `architectures`, `train`, `export` and
 `build` need the `train` extra.
 """

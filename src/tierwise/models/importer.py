@@ -1,0 +1,336 @@
+"""Importing a model: any ONNX file becomes a model in the store, the same way for a user's
+model and for the zoo's (`tierwise models add`, `add_model`).
+
+What import does, in order, before anything is written:
+1. load the file and check it (onnx.checker): not ONNX, no inputs, no outputs -> ImportError;
+2. prepend the declared preprocessing (`tierwise.models.preprocess`);
+3. make a fixed batch of 1 dynamic where the graph allows it (else: served unbatched);
+4. infer shapes and find the cut points (`tierwise.models.graph`);
+5. load it in ONNX Runtime and run one sample (operators it cannot run -> ImportError);
+6. check the task fits the outputs and the labels fit the classes (`tierwise.tasks`).
+Then the model is written to a temporary directory beside its final place and renamed into
+it: a failed import leaves nothing half-written in the models directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierwise import __version__
+from tierwise.models.store import (
+    METADATA_FILE,
+    MODEL_FILE,
+    TASKS,
+    Calibration,
+    ModelInfo,
+    Provenance,
+    TrainingRecord,
+    list_models,
+    model_dir,
+    sha256_file,
+)
+
+PLAIN_NAME = "a plain name: letters, digits, '.', '_', '-', '@' (no '/' or spaces)"
+
+
+class ModelImportError(ValueError):
+    """A model that cannot be imported: the message names the file and what was expected."""
+
+
+def check_name(name: str) -> str:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
+    if not name or name in (".", "..") or name.startswith(".") or set(name) - allowed:
+        raise ModelImportError(f"name: expected {PLAIN_NAME}, got {name!r}")
+    return name
+
+
+def read_labels(path: Path) -> list[str]:
+    """One class name per line (blank lines at the end ignored); ImportError if unreadable."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelImportError(f"--labels {path}: cannot read it ({error})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ModelImportError(f"--labels {path}: no labels in it (one class name per line)")
+    return [line.strip() for line in lines]
+
+
+def sample_input(spec_shape: list[int], datatype: str, batch: int = 1,
+                 dynamic_size: int = 32) -> np.ndarray:
+    """A random input of a spec's shape (dynamic dimensions: `batch` first, else
+    `dynamic_size`), of its datatype."""
+    from tierwise.protocol.oip import numpy_dtype
+
+    shape = [batch if index == 0 and dim < 0 else (dim if dim >= 0 else dynamic_size)
+             for index, dim in enumerate(spec_shape)]
+    dtype = numpy_dtype(datatype)
+    rng = np.random.default_rng(0)
+    if dtype.kind in "ui":
+        high = 255 if dtype.itemsize == 1 else 10
+        return rng.integers(0, high, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    return rng.random(size=shape, dtype=np.float64).astype(dtype)
+
+
+def add_model(
+    models_dir: str | Path,
+    name: str,
+    source: str | Path | Any,
+    *,
+    task: str = "classification",
+    labels: list[str] | str | Path | None = None,
+    preprocess: Any = None,
+    runs_on: list[str] | None = None,
+    calibration: Calibration | None = None,
+    trained: TrainingRecord | None = None,
+    provenance: Provenance | None = None,
+    cuts: list[str] | None = None,
+    eval_data: str | Path | None = None,
+    reference: str | None = None,
+    version: str = "1",
+    replace: bool = False,
+) -> ModelInfo:
+    """Import the ONNX model `source` (a path, or an `onnx.ModelProto`) as `name` into
+    `models_dir`; return its metadata.
+
+    Args:
+        task: one of classification, detection, embedding, generic.
+        labels: class names (a list, or a file with one per line); their count must match
+            the classes of the first output.
+        preprocess: a `Preprocessing` or its spec string (`resize=256x256,crop=224x224,...`):
+            prepended to the graph, which then takes uint8 NHWC images.
+        runs_on: the tiers that may run it (device, edge, cloud); empty: as the config says.
+        calibration, trained, provenance: metadata a caller already has (the zoo's training).
+        cuts: restrict the split candidates to these tensors (each must be a cut point of the
+            graph); default every cut point the graph has.
+        eval_data: what `tierwise profile` measures it on (an ImageFolder, images or a
+            video); checked to be readable now; default: the config's dataset.
+        reference: the model whose results stand in for labels where `eval_data` has none.
+        replace: overwrite a model of that name; otherwise an existing one is an error.
+
+    Raises:
+        ModelImportError: naming the file and what was expected; nothing is written.
+    """
+
+    from tierwise.models import graph
+    from tierwise.models.preprocess import PreprocessError, Preprocessing, parse_preprocessing
+
+    models_dir = Path(models_dir)
+    check_name(name)
+    where = f"{source}" if isinstance(source, (str, Path)) else f"model {name!r}"
+    if task not in TASKS:
+        raise ModelImportError(f"--task: expected one of {', '.join(TASKS)}, got {task!r}")
+    final = model_dir(models_dir, name)
+    if final.exists() and not replace:
+        raise ModelImportError(f"{final}: a model named {name!r} exists; pass --replace "
+                               "(replace=True) or pick another name")
+    model = _load(source, where)
+    source_sha256 = sha256_file(Path(source)) if isinstance(source, (str, Path)) else None
+    try:
+        inputs, outputs = graph.specs(model)
+    except graph.GraphError as error:
+        raise ModelImportError(f"{where}: {error}") from None
+    pre: Preprocessing | None = None
+    prepended = 0  # nodes of the preprocessing, first in the graph
+    if preprocess is not None:
+        try:
+            pre = preprocess if isinstance(preprocess, Preprocessing) else \
+                parse_preprocessing(str(preprocess))
+            from tierwise.models.preprocess import prepend
+
+            nodes = len(model.graph.node)
+            model = prepend(model, pre)
+            prepended = len(model.graph.node) - nodes
+        except PreprocessError as error:
+            raise ModelImportError(f"{where}: {error}") from None
+    try:
+        model = graph.infer_shapes(model)
+        inputs, _ = graph.specs(model)
+        sample = {spec.name: sample_input(spec.shape, spec.datatype) for spec in inputs}
+        model, batched = graph.make_batch_dynamic(model, sample)
+        model = graph.infer_shapes(model)
+        inputs, outputs = graph.specs(model)
+        # a cut inside the preprocessing would send a float image: never better than the
+        # uint8 image itself (a Remote plan), so the candidates start after it
+        found_cuts = [cut for cut in graph.cut_points(model) if cut.node >= prepended]
+    except graph.GraphError as error:
+        raise ModelImportError(f"{where}: {error}") from None
+    if cuts is not None:
+        by_tensor = {cut.tensor: cut for cut in found_cuts}
+        missing = [tensor for tensor in cuts if tensor not in by_tensor]
+        if missing:
+            raise ModelImportError(f"{where}: cuts {missing} are not cut points of the graph "
+                                   f"(found {[cut.tensor for cut in found_cuts]})")
+        found_cuts = [by_tensor[tensor] for tensor in cuts]
+    _check_runs(model, inputs, where)
+    label_names = read_labels(Path(labels)) if isinstance(labels, (str, Path)) else \
+        list(labels or [])
+    info = ModelInfo(
+        name=name, version=version, task=task, inputs=inputs, outputs=outputs, batched=batched,
+        parameters=graph.parameter_count(model), bytes=0, sha256="", labels=label_names,
+        preprocessing=pre.model_dump(mode="json") if pre else None,
+        calibration=calibration or Calibration(),
+        provenance=provenance or Provenance(
+            source=f"imported from {source}" if isinstance(source, (str, Path))
+            else "imported from an in-memory ONNX model", source_sha256=source_sha256),
+        cuts=found_cuts, runs_on=list(runs_on or []), trained=trained,
+        eval_data=_check_eval_data(eval_data, reference), reference=reference)
+    info.provenance = (info.provenance or Provenance(source="")).model_copy(update={
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tool": f"tierwise {__version__}"})
+    _check_task(info, where)
+    if calibration is None and info.task == "classification" and info.eval_data:
+        info.calibration = _calibrate(model, info)
+    return _write(models_dir, info, model, replace)
+
+
+def _check_eval_data(eval_data: str | Path | None, reference: str | None) -> str | None:
+    """The evaluation data's absolute path, after reading one sample of it (an unreadable or
+    empty folder fails now, not at profile time)."""
+    if eval_data is None:
+        return None
+    from tierwise.data.images import EvalDataError, load_frames
+
+    try:
+        frames = load_frames(eval_data, limit=1)
+    except EvalDataError as error:
+        raise ModelImportError(f"--eval: {error}") from None
+    if frames.labels is None and reference is None:
+        raise ModelImportError(f"--eval {eval_data}: unlabelled ({frames.source}); pass "
+                               "--reference MODEL, whose results stand in for labels")
+    return str(Path(eval_data).resolve())
+
+
+def _calibrate(model: Any, info: ModelInfo) -> Calibration:
+    """A classifier's temperature fitted on its labelled evaluation data (Guo et al., ICML
+    2017: the T minimising the NLL of softmax(logits / T)); T = 1 where the data has no
+    labels (a reference model's answers are not ground truth to calibrate against)."""
+    import onnxruntime as ort
+
+    from tierwise.data.images import load_frames
+    from tierwise.models.inputs import as_batch
+    from tierwise.profile.calibration import expected_calibration_error, fit_temperature
+    from tierwise.profile.calibration import softmax as calibrated
+    from tierwise.profile.evaluation import EVAL_LIMIT
+    from tierwise.tasks import Classification
+
+    frames = load_frames(info.eval_data or "", limit=EVAL_LIMIT)
+    if frames.labels is None:
+        return Calibration()
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    scores = np.concatenate([
+        session.run([info.outputs[0].name], {info.inputs[0].name: as_batch(info, image)})[0]
+        for image in frames.images]).astype(np.float64)
+    task = Classification.from_info(info)
+    logits = np.log(np.clip(scores, 1e-12, None)) if task.are_probabilities(scores) else scores
+    temperature = fit_temperature(logits, frames.labels)
+    return Calibration(temperature=temperature, fitted_on=f"{frames.source} "
+                       f"({len(frames)} images)", expected_calibration_error=
+                       expected_calibration_error(calibrated(logits, temperature),
+                                                  frames.labels))
+
+
+def _load(source: Any, where: str) -> Any:
+    import onnx
+
+    if isinstance(source, onnx.ModelProto):
+        model = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ModelImportError(f"{path}: no such file (expected an ONNX model)")
+        try:
+            model = onnx.load(str(path))
+        except Exception as error:
+            raise ModelImportError(f"{path}: not an ONNX model ({type(error).__name__}: "
+                                   f"{error})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelImportError(f"{where}: not an ONNX model (an empty graph)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ModelImportError(f"{where}: not a valid ONNX model ({first})") from None
+    return model
+
+
+def _check_runs(model: Any, inputs: list[Any], where: str) -> None:
+    """ONNX Runtime loads the model and runs it once on a random sample."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {spec.name: sample_input(spec.shape, spec.datatype)
+                           for spec in inputs})
+    except Exception as error:
+        message = str(error).strip().splitlines()[0][:400]
+        raise ModelImportError(f"{where}: ONNX Runtime cannot run it: {message}") from None
+
+
+def _check_task(info: ModelInfo, where: str) -> None:
+    from tierwise.tasks import TaskError, task_for
+
+    try:
+        task_for(info).check_outputs(info.outputs)
+    except TaskError as error:
+        raise ModelImportError(f"{where}: --task {info.task}: {error}") from None
+
+
+def _write(models_dir: Path, info: ModelInfo, model: Any, replace: bool) -> ModelInfo:
+    """Write into a temporary directory, then rename it into place."""
+    import onnx
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".importing-{info.name}-"))
+    try:
+        path = staging / MODEL_FILE
+        onnx.save(model, str(path))
+        info = info.model_copy(update={"bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        (staging / METADATA_FILE).write_text(info.model_dump_json(indent=2) + "\n")
+        final = model_dir(models_dir, info.name)
+        if final.exists():
+            if not replace:
+                raise ModelImportError(f"{final}: a model named {info.name!r} appeared "
+                                       "meanwhile")
+            retired = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".replaced-{info.name}-"))
+            os.replace(final, retired / "old")
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
+
+
+def remove_model(models_dir: str | Path, name: str) -> list[str]:
+    """Remove `name` and the heads, tails and variants made from it; return what was
+    removed. Raises ModelImportError when there is no such model."""
+    models_dir = Path(models_dir)
+    found = list_models(models_dir, weights=False)
+    if name not in found:
+        raise ModelImportError(f"{models_dir}: no model {name!r}; found {sorted(found)}")
+    doomed = [name, *sorted(other for other, (info, _) in found.items()
+                             if info.parent == name)]
+    for model in doomed:
+        shutil.rmtree(model_dir(models_dir, model), ignore_errors=True)
+    return doomed
+
+
+__all__ = ["ModelImportError", "add_model", "check_name", "read_labels", "remove_model",
+           "sample_input"]

@@ -1,0 +1,312 @@
+"""Bringing your own model: import any ONNX file (specs from the graph, batch made dynamic,
+cut points found, preprocessing prepended), list, show and remove it; bad input is a clear
+error that names the file and leaves nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnx_builders import BLOCK_BOUNDARIES, RESIDUAL_INTERIORS, pinned_batch_net, residual_net
+from tierwise.cli import main
+from tierwise.models import graph
+from tierwise.models.importer import ModelImportError, add_model, remove_model
+from tierwise.models.preprocess import (
+    PreprocessError,
+    parse_preprocessing,
+    prepend,
+    reference,
+)
+from tierwise.models.store import METADATA_FILE, MODEL_FILE, ModelInfo, list_models
+from tierwise.optimize.split import export_split
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), np.uint8)
+
+
+def test_cut_points_skip_residual_interiors_and_keep_block_boundaries() -> None:
+    model = graph.infer_shapes(residual_net())
+    cuts = graph.cut_points(model)
+    names = [cut.tensor for cut in cuts]
+    for interior in RESIDUAL_INTERIORS:
+        assert interior not in names
+    for boundary in BLOCK_BOUNDARIES:
+        assert boundary in names
+    assert names == sorted(names, key=lambda name: next(
+        index for index, node in enumerate(model.graph.node) if name in node.output))
+    assert "pixels" not in names and "logits" not in names
+    stem = cuts[names.index("stem_relu")]
+    assert stem.datatype == "FP32" and stem.shape == [1, 8, 8, 8]
+    assert stem.sample_bytes == 4 * 8 * 8 * 8
+
+
+def test_a_chain_cuts_everywhere_and_a_skip_from_the_input_nowhere_before_it() -> None:
+    from onnx import TensorProto, helper
+
+    chain = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+         helper.make_node("Abs", ["b"], ["y"])], "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+    assert [cut.tensor for cut in graph.cut_points(graph.infer_shapes(chain))] == ["a", "b"]
+    skip = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+         helper.make_node("Add", ["b", "x"], ["c"]), helper.make_node("Abs", ["c"], ["y"])],
+        "skip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+    assert [cut.tensor for cut in graph.cut_points(graph.infer_shapes(skip))] == ["c"]
+
+
+def test_import_makes_a_fixed_batch_of_one_dynamic_and_finds_the_cuts(tmp_path: Path) -> None:
+    source = tmp_path / "resnet.onnx"
+    onnx.save(residual_net(batch=1), str(source))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\nfish\nfrog\n")
+    info = add_model(tmp_path / "models", "resnet", source, labels=labels,
+                     runs_on=["edge", "cloud"])
+    assert info.batched and info.inputs[0].shape == [-1, 3, 16, 16]
+    assert info.outputs[0].shape == [-1, 5] and info.labels[1] == "dog"
+    assert info.runs_on == ["edge", "cloud"] and info.task == "classification"
+    assert info.provenance is not None and info.provenance.source_sha256
+    assert {cut.tensor for cut in info.cuts} >= set(BLOCK_BOUNDARIES)
+    assert not {cut.tensor for cut in info.cuts} & set(RESIDUAL_INTERIORS)
+    stored = tmp_path / "models" / "resnet"
+    assert sorted(path.name for path in stored.iterdir()) == [METADATA_FILE, MODEL_FILE]
+    x = np.random.default_rng(1).random((5, 3, 16, 16), dtype=np.float32)
+    batched = _session(stored / MODEL_FILE).run(None, {"pixels": x})[0]
+    one_by_one = np.concatenate([_session(source).run(None, {"pixels": x[i:i + 1]})[0]
+                                 for i in range(5)])
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
+    # every cut splits into a head and tail that reproduce the model
+    for point in info.split_points:
+        head, tail = export_split(tmp_path / "models", "resnet", point, x)
+        assert head.outputs[0].shape[0] == -1 and tail.outputs == info.outputs
+    assert set(list_models(tmp_path / "models")) == {
+        "resnet", *(f"resnet.{side}@{k}" for k in info.split_points for side in ("head", "tail"))}
+    assert remove_model(tmp_path / "models", "resnet")[0] == "resnet"
+    assert list_models(tmp_path / "models") == {}
+
+
+def test_a_batch_pinned_by_the_graph_is_served_unbatched(tmp_path: Path) -> None:
+    info = add_model(tmp_path, "pinned", pinned_batch_net(), task="generic")
+    assert not info.batched and info.inputs[0].shape == [1, 3, 2, 2]
+
+
+def test_preprocessing_in_the_graph_matches_numpy_and_pillow(tmp_path: Path) -> None:
+    spec = parse_preprocessing("resize=20x24,crop=16x16,bgr,scale=1/255,"
+                               "mean=0.485:0.456:0.406,std=0.229:0.224:0.225")
+    info = add_model(tmp_path, "pre", residual_net(batch="N", opset=18), preprocess=spec)
+    assert info.inputs[0].datatype == "UINT8" and info.inputs[0].shape == [-1, -1, -1, 3]
+    assert info.preprocessing is not None and info.preprocessing["crop"] == [16, 16]
+    # the preprocessing alone, as a model that returns what it feeds the network
+    network = residual_net(batch="N", opset=18)
+    network.graph.output.insert(0, onnx.helper.make_tensor_value_info(
+        "pixels", onnx.TensorProto.FLOAT, ["N", 3, 16, 16]))
+    probe = ort.InferenceSession(prepend(network, spec).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    for height, width in ((20, 24), (41, 53), (300, 200)):  # as sent, larger, other aspect
+        images = _images(3, height, width)
+        got = probe.run(["pixels"], {"image": images})[0]
+        error = float(np.abs(got - reference(spec, images)).max())
+        bound = 1e-5 if (height, width) == (20, 24) else spec.tolerance()
+        print(f"{height}x{width}: max |graph - Pillow| = {error:.2e} (bound {bound:.2e})")
+        assert got.shape == (3, 3, 16, 16) and error <= bound
+    logits = _session(tmp_path / "pre" / MODEL_FILE).run(None, {"image": _images(2, 20, 24)})[0]
+    assert logits.shape == (2, 5)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("resize=32x32", "model input .* has height 16"),
+    ("crop=8x8,resize=4x4", "larger than resize"),
+    ("layout=nhwc", "channels"),
+    ("mean=1:2", "2 values for 3 channels"),
+    ("size=3", "unknown key 'size'"),
+    ("std=0", "std"),
+])
+def test_a_preprocessing_that_does_not_fit_names_what(spec: str, message: str,
+                                                      tmp_path: Path) -> None:
+    with pytest.raises((ModelImportError, PreprocessError), match=message):
+        add_model(tmp_path, "bad", residual_net(), preprocess=spec)
+    assert not any(tmp_path.iterdir())
+
+
+def _not_onnx(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.onnx"
+    path.write_bytes(b"this is not a protobuf \xff\xfe")
+    return path
+
+
+def _no_inputs(tmp_path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["y"], value=helper.make_tensor(
+            "c", TensorProto.FLOAT, [1], [1.0]))], "constant", [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    path = tmp_path / "constant.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _unknown_operator(tmp_path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")], "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("make", "kwargs", "message"), [
+    (_not_onnx, {}, r"notes\.onnx: not an ONNX model"),
+    (_no_inputs, {}, r"constant\.onnx: .*no inputs"),
+    (_unknown_operator, {"task": "generic"}, r"custom\.onnx: ONNX Runtime cannot run it"),
+    (lambda p: p / "missing.onnx", {}, r"missing\.onnx: no such file"),
+    (lambda p: _saved(p, residual_net()), {"labels": ["a", "b"]},
+     r"model-in\.onnx: .*labels: 2 names for the 5 classes of output logits"),
+    (lambda p: _saved(p, residual_net()), {"task": "detection"}, r"--task detection"),
+    (lambda p: _saved(p, residual_net()), {"task": "segmentation"}, r"--task: expected one of"),
+])
+def test_bad_models_are_refused_with_the_file_named_and_nothing_written(
+        make, kwargs, message: str, tmp_path: Path) -> None:
+    source = make(tmp_path)
+    models_dir = tmp_path / "models"
+    with pytest.raises(ModelImportError, match=message):
+        add_model(models_dir, "bad", source, **kwargs)
+    assert not models_dir.exists() or not any(models_dir.iterdir())
+
+
+def _saved(directory: Path, model: onnx.ModelProto) -> Path:
+    path = directory / "model-in.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_existing_model_is_replaced_only_when_asked(tmp_path: Path) -> None:
+    add_model(tmp_path, "net", residual_net(seed=1))
+    with pytest.raises(ModelImportError, match="exists; pass --replace"):
+        add_model(tmp_path, "net", residual_net(seed=2))
+    first = (tmp_path / "net" / MODEL_FILE).read_bytes()
+    info = add_model(tmp_path, "net", residual_net(seed=2), replace=True)
+    assert (tmp_path / "net" / MODEL_FILE).read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+    assert info.sha256 == ModelInfo.model_validate_json(
+        (tmp_path / "net" / METADATA_FILE).read_text()).sha256
+    with pytest.raises(ModelImportError, match="name: expected a plain name"):
+        add_model(tmp_path, "../escape", residual_net())
+
+
+def test_metadata_written_before_the_split_still_loads() -> None:
+    legacy = {"name": "fmnist-edge", "architecture": "edge", "version": "3",
+              "blocks": ["stem", "stage1", "head"], "inputs": [], "outputs": [],
+              "parameters": 10, "bytes": 5, "sha256": "ab", "test_accuracy": 0.9,
+              "validation_accuracy": 0.91, "temperature": 1.5,
+              "training": {"epochs": 2.0}}
+    info = ModelInfo.model_validate(legacy)
+    assert info.temperature == 1.5 and info.trained is not None
+    assert info.trained.blocks == ["stem", "stage1", "head"]
+    assert info.training_record().record == {"epochs": 2.0}
+    imported = ModelInfo(name="x", inputs=[], outputs=[], bytes=0, sha256="")
+    with pytest.raises(ValueError, match="x: no training record"):
+        imported.training_record()
+
+
+def test_the_models_cli_adds_lists_shows_and_removes(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    source = _saved(tmp_path, residual_net())
+    models = ["--models", str(tmp_path / "store")]
+    assert main(["models", "add", "mine", str(source), "--runs-on", "edge", *models]) == 0
+    assert "imported" in capsys.readouterr().out
+    assert main(["models", "ls", *models]) == 0
+    assert "mine" in capsys.readouterr().out
+    assert main(["models", "show", "mine", "--json", *models]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["runs_on"] == ["edge"] and len(shown["cuts"]) >= 3
+    assert main(["models", "show", "mine", *models]) == 0
+    assert "b0_out" in capsys.readouterr().out
+    assert main(["models", "add", "mine", str(source), "--runs-on", "moon", *models]) == 2
+    assert "unknown tiers ['moon']" in capsys.readouterr().err
+    assert main(["models", "rm", "mine", *models]) == 0
+    assert main(["models", "show", "mine", *models]) == 2
+    assert "no model 'mine'" in capsys.readouterr().err
+
+
+def _image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    from PIL import Image
+
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / f"class-{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0]).convert("RGB").save(folder / f"{index:04d}.png")
+    return root
+
+
+def test_a_labelled_image_folder_calibrates_the_imported_classifier(tmp_path: Path,
+                                                                     splits) -> None:
+    from tierwise.models.inputs import as_batch
+    from tierwise.profile.calibration import negative_log_likelihood
+
+    folder = _image_folder(tmp_path / "folder", splits.test_x[:60], splits.test_y[:60])
+    info = add_model(tmp_path / "models", "net", residual_net(classes=10, seed=3),
+                     preprocess="resize=16x16,scale=1/255", eval_data=folder)
+    assert info.calibration.fitted_on is not None
+    assert info.calibration.fitted_on.startswith(f"image folder {folder}")
+    from tierwise.data.images import load_image_folder
+
+    frames = load_image_folder(folder)
+    session = _session(tmp_path / "models" / "net" / MODEL_FILE)
+    logits = np.concatenate([session.run(None, {"image": as_batch(info, image)})[0]
+                             for image in frames.images]).astype(np.float64)
+    fitted = negative_log_likelihood(logits, frames.labels, info.calibration.temperature)
+    print(f"T={info.calibration.temperature:.3f}: NLL {fitted:.4f} "
+          f"(T=1: {negative_log_likelihood(logits, frames.labels, 1.0):.4f})")
+    assert fitted <= negative_log_likelihood(logits, frames.labels, 1.0) + 1e-9
+    assert info.calibration.temperature != 1.0
+
+
+def test_evaluation_data_is_read_from_folders_and_videos_with_clear_errors(
+        tmp_path: Path, splits) -> None:
+    import cv2
+
+    from tierwise.data.images import EvalDataError, load_frames, load_image_folder
+
+    folder = _image_folder(tmp_path / "folder", splits.test_x[:9], np.array([0, 0, 0, 0, 0, 0,
+                                                                             1, 1, 2]))
+    frames = load_image_folder(folder, limit=4)
+    # round-robin over the classes: a small limit still covers them all
+    assert frames.labels is not None and sorted(set(frames.labels.tolist())) == [0, 1, 2]
+    assert frames.classes == ["class-0", "class-1", "class-2"]
+    assert frames.images[0].shape == (28, 28, 3) and frames.images[0].dtype == np.uint8
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for index in range(12):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    clip = load_frames(video, every=3)
+    assert len(clip) == 4 and clip.labels is None and clip.images[0].shape == (24, 32, 3)
+    assert clip.source == "frames of clip.avi (every 3)"
+    (folder / "class-2" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(EvalDataError, match=r"broken\.png: not a readable image"):
+        load_image_folder(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EvalDataError, match="no images in it"):
+        load_frames(empty)
+    with pytest.raises(ModelImportError, match=r"--eval: .*no images in it"):
+        add_model(tmp_path / "models", "net", residual_net(), eval_data=empty)
+    with pytest.raises(ModelImportError, match=r"unlabelled .* pass --reference"):
+        add_model(tmp_path / "models", "net", residual_net(), eval_data=video)
