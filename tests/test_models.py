@@ -310,3 +310,17 @@ def test_evaluation_data_is_read_from_folders_and_videos_with_clear_errors(
         add_model(tmp_path / "models", "net", residual_net(), eval_data=empty)
     with pytest.raises(ModelImportError, match=r"unlabelled .* pass --reference"):
         add_model(tmp_path / "models", "net", residual_net(), eval_data=video)
+
+
+def test_many_cut_points_are_thinned_to_the_falling_envelope_of_bytes() -> None:
+    from tierwise.models.store import CutPoint
+    from tierwise.optimize.split import candidate_split_points
+
+    sizes = [100, 100, 80, 90, 50, 50, 60, 20, 30, 10]  # floats per sample at each cut
+    info = ModelInfo(name="m", inputs=[], outputs=[], bytes=0, sha256="", cuts=[
+        CutPoint(tensor=f"t{index}", datatype="FP32", shape=[-1, size], node=index)
+        for index, size in enumerate(sizes)])
+    assert candidate_split_points(info, max_cuts=10) == list(range(1, 11))  # few: all
+    # the envelope: 100 (the later of two, post-activation), 80, 50 (later), 20, 10
+    assert candidate_split_points(info, max_cuts=6) == [2, 3, 6, 8, 10]
+    assert candidate_split_points(info, max_cuts=3) == [2, 6, 10]  # evenly, smallest kept

@@ -161,6 +161,17 @@ class DataConfig(_Section):
     validation_size: int = Field(5000, ge=100, le=30000)
 
 
+class ProfileConfig(_Section):
+    """What `tierwise profile` measures."""
+
+    max_cuts: int = Field(
+        8, ge=1, le=256, description="split candidates profiled per model: a graph with more "
+        "cut points keeps those on the falling envelope of feature bytes (a later cut is worth "
+        "its device compute only if it sends less), evenly spaced down to this many")
+    eval_limit: int = Field(500, ge=1, description="images or frames read from eval data "
+                            "given as files")
+
+
 class TrainConfig(_Section):
     epochs: float = Field(gt=0, le=200)
     batch_size: int = Field(128, ge=8, le=4096)
@@ -349,6 +360,7 @@ class Config(_Section):
     data_dir: str = Field("data", description="models, caches and stores live here")
     data: DataConfig = DataConfig()
     zoo: ZooConfig = ZooConfig()
+    profile: ProfileConfig = ProfileConfig()
     tiers: dict[str, TierConfig] = Field(
         default_factory=lambda: {
             "device": TierConfig(compute_scale=1.0),

@@ -52,6 +52,30 @@ def split_points(info: ModelInfo) -> list[int]:
     return info.split_points
 
 
+def candidate_split_points(info: ModelInfo, max_cuts: int) -> list[int]:
+    """The split points worth profiling, at most `max_cuts`: all of them when there are
+    that few; else those on the falling envelope of bytes per sample (Neurosurgeon's
+    observation, Kang et al. 2017: moving the cut later costs device compute, so it pays
+    only where the features shrink; of equal sizes in a row, the later, post-activation one
+    compresses better), then evenly spaced, the smallest cut always kept."""
+    points = split_points(info)
+    if len(points) <= max_cuts:
+        return points
+    envelope: list[int] = []
+    smallest = float("inf")
+    for point, cut in zip(points, info.cuts, strict=True):
+        size = cut.sample_bytes if cut.sample_bytes is not None else float("inf")
+        if size < smallest:
+            envelope.append(point)
+            smallest = size
+        elif size == smallest and envelope:
+            envelope[-1] = point
+    if len(envelope) <= max_cuts:
+        return envelope
+    picks = np.unique(np.round(np.linspace(0, len(envelope) - 1, max_cuts)).astype(int))
+    return [envelope[index] for index in picks]
+
+
 def _store(model: onnx.ModelProto, info: ModelInfo, models_dir: Path) -> ModelInfo:
     path = model_dir(models_dir, info.name) / MODEL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,15 +31,16 @@ class CodecProfile(_Record):
 
 
 class SplitProfile(_Record):
-    split_point: int = Field(description="blocks [0, k) run on the device")
+    split_point: int = Field(description="the head runs up to the model's cut point k "
+                             "(`ModelInfo.cuts[k - 1]`)")
     head: str
     tail: str
     features_shape: list[int]
     codecs: dict[str, CodecProfile]
     bottleneck: str | None = Field(None, description="a learned bottleneck's fused head/tail")
     head_ms: dict[str, float] = Field(
-        default_factory=dict, description="tier -> measured head time, where the head is not "
-        "the sum of the model's blocks (a bottleneck's encoder is fused into it)")
+        default_factory=dict, description="tier -> the head's time: the segments before the "
+        "cut, or measured as it is where a bottleneck's encoder is fused into it")
     tail_ms: dict[str, float] = Field(default_factory=dict, description="likewise the tail")
 
 
@@ -71,8 +72,9 @@ class ModelProfile(_Record):
     compute_ms: dict[str, float] = Field(
         description="tier -> whole-model time at batch 1: host median × the tier's compute_scale")
     block_ms: dict[str, list[float]] = Field(
-        default_factory=dict, description="tier -> per-block time (cumulative differences of "
-        "head@k times, so the first k add up to what head@k takes)")
+        default_factory=dict, description="tier -> time per segment between the profiled cut "
+        "points (cumulative differences of the heads' times, so the first i add up to what "
+        "the i-th profiled split's head takes)")
     compute_scales: dict[str, float]
     emulated: list[str] = Field(default_factory=list)
     input_codecs: dict[str, CodecProfile]

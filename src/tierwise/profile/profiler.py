@@ -117,7 +117,7 @@ class _Profiler:
             key = f"{info.eval_data}|{info.reference or ''}"
             if key not in self.judges:
                 self.judges[key] = Judge(eval_set_from_files(
-                    info.eval_data, reference=info.reference), self.model)
+                    info.eval_data, self.config.profile.eval_limit, info.reference), self.model)
             return self.judges[key]
         if "" not in self.judges:
             data = self.config.data
@@ -133,7 +133,7 @@ class _Profiler:
 
     def profile(self, name: str, split: bool, cascade_to: list[str]) -> ModelProfile:
         from tierwise.client.client import emulation_labels
-        from tierwise.optimize.split import export_split, split_points
+        from tierwise.optimize.split import candidate_split_points, export_split
 
         info, _ = self.found[name]
         judge = self.judge(name)
@@ -147,7 +147,7 @@ class _Profiler:
         splits: list[SplitProfile] = []
         head_ms = [0.0]
         if split:
-            for point in split_points(info):
+            for point in candidate_split_points(info, self.config.profile.max_cuts):
                 self.progress.update(task, description=f"profiling {name} split @{point}")
                 head_info, tail_info = export_split(self.models_dir, name, point, inputs[:32])
                 self.found = list_models(self.models_dir)
@@ -166,6 +166,10 @@ class _Profiler:
         # timing noise can make a longer head measure faster than a shorter one; clipping
         # that at 0 must not change the whole: rescale so the blocks add up to the model
         blocks *= full_ms / max(float(blocks.sum()), 1e-12)
+        cut_splits = [split for split in splits if split.bottleneck is None]
+        for index, split in enumerate(cut_splits):  # the head runs the first index+1 segments
+            split.head_ms = self.per_tier(float(blocks[:index + 1].sum()))
+            split.tail_ms = self.per_tier(float(blocks[index + 1:].sum()))
         cascades = []
         first_correct = judge.correct(name) if judge.task(name).has_confidence else None
         for then in cascade_to:
