@@ -192,6 +192,17 @@ def _bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_decide(args: argparse.Namespace) -> int:
+    from tierwise.bench.decide import run_bench_decide
+
+    counts = [int(part) for part in args.candidates.split(",")]
+    if any(count < 1 for count in counts):
+        raise ConfigError(f"--candidates: expected positive counts like 50,200, got "
+                          f"{args.candidates!r}")
+    run_bench_decide(load_config(args.config), Path(args.out), counts, args.repeats)
+    return 0
+
+
 def _bench_drift(args: argparse.Namespace) -> int:
     from tierwise.bench.drift import run_bench_drift
     from tierwise.zoo.build import ensure_zoo
@@ -400,6 +411,14 @@ def _parser() -> argparse.ArgumentParser:
     drift.add_argument("--step", type=_positive(int), default=25)
     drift.add_argument("--out", default="reports/bench-drift")
     drift.set_defaults(run=_bench_drift)
+
+    decide = bench_commands.add_parser(
+        "decide", help="the planner's decision time against the number of candidate plans")
+    decide.add_argument("--candidates", default="50,100,200,400",
+                        help="comma-separated candidate counts (default 50,100,200,400)")
+    decide.add_argument("--repeats", type=_positive(int), default=5000)
+    decide.add_argument("--out", default="reports/bench-decide")
+    decide.set_defaults(run=_bench_decide)
 
     rollout = bench_commands.add_parser(
         "rollout", help="edge-server latency while registry versions roll, beside steady")
