@@ -51,7 +51,7 @@ def _mean_abs_error(decoded: np.ndarray, images: np.ndarray) -> float:
 
 
 def test_new_codecs_are_listed_under_their_kind_in_registry_order() -> None:
-    assert codec_names("input") == ["raw", "zstd", "png", *LOSSY_IMAGE_CODECS]
+    assert codec_names("input") == ["raw", "zstd", "png", *LOSSY_IMAGE_CODECS, "half-jpeg-q75"]
     assert codec_names("feature") == ["raw", "fp16-zstd", "int8-zstd", "int4-zstd"]
     assert codec_names("code") == ["raw", "packed-4bit", "packed-8bit"]
     for name in LOSSY_IMAGE_CODECS:
@@ -62,6 +62,25 @@ def test_new_codecs_are_listed_under_their_kind_in_registry_order() -> None:
 
 
 # -- JPEG and WebP ---------------------------------------------------------------------------
+
+
+def test_half_resolution_sends_a_quarter_of_the_pixels_and_scales_back(images: np.ndarray
+                                                                      ) -> None:
+    half = get_codec("half-jpeg-q75")
+    rows = encode_rows("half-jpeg-q75", images)
+    decoded = decode_rows("half-jpeg-q75", rows, IMAGE, np.dtype(np.uint8))
+    assert decoded.shape == images.shape and decoded.dtype == np.uint8
+    full = encode_rows("jpeg-q75", images)
+    # fewer bytes than the full-size JPEG at the same quality, more error (detail is gone)
+    assert np.mean([len(row) for row in rows]) < np.mean([len(row) for row in full])
+    error = _mean_abs_error(decoded, images)
+    assert _mean_abs_error(decode_rows("jpeg-q75", full, IMAGE, np.dtype(np.uint8)),
+                           images) < error < 40, error
+    colour = np.random.default_rng(0).integers(0, 256, (37, 45, 3), np.uint8)
+    back = half.decode(half.encode(colour), (37, 45, 3), np.dtype(np.uint8))
+    assert back.shape == (37, 45, 3)
+    with pytest.raises(CodecError, match=r"half-jpeg-q75: image is \[19, 23\]"):
+        half.decode(half.encode(colour), (20, 45, 3), np.dtype(np.uint8))
 
 
 @pytest.mark.parametrize("codec", LOSSY_IMAGE_CODECS)
