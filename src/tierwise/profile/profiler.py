@@ -166,10 +166,10 @@ class _Profiler:
         # timing noise can make a longer head measure faster than a shorter one; clipping
         # that at 0 must not change the whole: rescale so the blocks add up to the model
         blocks *= full_ms / max(float(blocks.sum()), 1e-12)
-        cut_splits = [split for split in splits if split.bottleneck is None]
-        for index, split in enumerate(cut_splits):  # the head runs the first index+1 segments
-            split.head_ms = self.per_tier(float(blocks[:index + 1].sum()))
-            split.tail_ms = self.per_tier(float(blocks[index + 1:].sum()))
+        cut_splits = [profiled for profiled in splits if profiled.bottleneck is None]
+        for index, profiled in enumerate(cut_splits):  # its head runs segments 0..index
+            profiled.head_ms = self.per_tier(float(blocks[:index + 1].sum()))
+            profiled.tail_ms = self.per_tier(float(blocks[index + 1:].sum()))
         cascades = []
         first_correct = judge.correct(name) if judge.task(name).has_confidence else None
         for then in cascade_to:
