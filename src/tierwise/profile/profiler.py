@@ -247,8 +247,8 @@ def ensure_profiles(config: Config, models_dir: Path | None = None, *,
     placed = tier_models(config, {name: info for name, (info, _) in found.items()})
     device_models = set(placed.get(DEVICE_TIER, []))
     # splits are cut from the models the tiers run; their variants run whole
-    cascade_targets = [m for tier, names in placed.items() if tier != DEVICE_TIER
-                       for m in names if m in found]
+    cascade_targets = list(dict.fromkeys(  # a model two tiers run is one target
+        m for tier, names in placed.items() if tier != DEVICE_TIER for m in names if m in found))
     remote_models = [m for m in cascade_targets if not found[m][0].variant]
     todo = [name for name in whole if (only is None or name in only)
             and (force or not _is_current(models_dir, found[name][0], found))]
