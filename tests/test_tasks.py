@@ -379,3 +379,15 @@ def test_generic_splits_the_batch_and_compares_flattened_outputs() -> None:
     assert changed["max_abs_error"] == 1.0
     with pytest.raises(TaskError, match="no output named 'c'"):
         Generic(outputs=["c"]).check_outputs([_spec("a", -1, 2)])
+
+
+def test_weighted_suppression_blends_a_cluster_by_score() -> None:
+    from tierwise.tasks.detection import weighted_non_max_suppression
+
+    boxes = np.array([[0.0, 0.0, 1.0, 1.0], [0.1, 0.0, 1.1, 1.0], [3.0, 3.0, 4.0, 4.0]])
+    scores = np.array([0.9, 0.1, 0.5])
+    kept, blended, _ = weighted_non_max_suppression(boxes, scores, np.zeros(3), 0.5)
+    assert kept.tolist() == [0, 2]
+    # 0.9 of the first box and 0.1 of the second: x moves by 0.01
+    np.testing.assert_allclose(blended[0], [0.01, 0.0, 1.01, 1.0], atol=1e-6)
+    np.testing.assert_allclose(blended[1], boxes[2], atol=1e-6)

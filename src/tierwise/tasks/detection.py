@@ -100,6 +100,41 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarr
     return np.array(kept, dtype=np.int64)
 
 
+def weighted_non_max_suppression(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float,
+    keypoints: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Blended suppression (BlazeFace's "blending" strategy, Bazarevsky et al. 2019, section
+    2.4; MediaPipe's WEIGHTED non-max suppression): the same greedy clusters as
+    `non_max_suppression`, but each kept box (and its keypoints) becomes the score-weighted
+    mean of its cluster — the box and every not-yet-suppressed box of its class with IoU
+    above `iou_threshold` — keeping its own score. Steadier boxes across video frames.
+
+    Returns (kept indices [K] int64 highest score first, boxes [K, 4], keypoints [K, P, 2]
+    or None)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    classes = np.asarray(classes)
+    weights = np.asarray(scores, dtype=np.float64)
+    suppressed = np.zeros(len(order), dtype=bool)
+    kept, blended_boxes, blended_points = [], [], []
+    for index in order:
+        if suppressed[index]:
+            continue
+        kept.append(index)
+        rivals = np.flatnonzero(~suppressed & (classes == classes[index]))
+        overlap = box_iou(boxes[index:index + 1], boxes[rivals])[0]
+        cluster = rivals[(overlap > iou_threshold) | (rivals == index)]
+        suppressed[cluster] = True
+        share = weights[cluster] / max(float(weights[cluster].sum()), 1e-12)
+        blended_boxes.append((boxes[cluster] * share[:, None]).sum(axis=0))
+        if keypoints is not None:
+            blended_points.append((keypoints[cluster] * share[:, None, None]).sum(axis=0))
+    out_boxes = np.array(blended_boxes, dtype=np.float32).reshape(-1, 4)
+    out_points = None if keypoints is None else np.array(
+        blended_points, dtype=np.float32).reshape(-1, *keypoints.shape[1:])
+    return np.array(kept, dtype=np.int64), out_boxes, out_points
+
+
 def average_precision(true_positive: np.ndarray, truths: int) -> float:
     """All-point interpolated AP (PASCAL VOC 2010+, Everingham et al., IJCV 2010): the area
     under the precision-recall curve after making precision non-increasing in recall.
@@ -432,6 +467,9 @@ class Detection(Task[DetectionResult]):
         uncertain_band: (low, high): a box with low ≤ score < high is uncertain (below).
         reference_score_threshold: the score a reference model's box needs to count as
             ground truth in `fidelity`; None uses score_threshold.
+        suppression: "greedy" (`non_max_suppression`) or "weighted" (blended boxes,
+            `weighted_non_max_suppression`; the default for SSD anchor layouts, as MediaPipe's
+            face detectors do).
 
     Confidence is the image-box-thresholds (IBT) rule of KubeEdge Sedna's hard example
     mining for joint inference (sedna.algorithms.hard_example_mining.IBTFilter): among the
@@ -453,7 +491,11 @@ class Detection(Task[DetectionResult]):
     def __init__(self, layout: BoxLayout | None = None, labels: Sequence[str] = (),
                  score_threshold: float = 0.5, iou_threshold: float = 0.3,
                  max_detections: int = 100, uncertain_band: tuple[float, float] = (0.3, 0.7),
-                 reference_score_threshold: float | None = None) -> None:
+                 reference_score_threshold: float | None = None,
+                 suppression: str = "greedy") -> None:
+        if suppression not in ("greedy", "weighted"):
+            raise TaskError(f"detection: suppression: {suppression!r}; expected 'greedy' or "
+                            "'weighted'")
         if not uncertain_band[0] <= uncertain_band[1]:
             raise TaskError(f"detection: uncertain_band: {uncertain_band}; expected "
                             f"(low, high) with low ≤ high")
@@ -464,6 +506,7 @@ class Detection(Task[DetectionResult]):
         self.max_detections = max_detections
         self.uncertain_band = uncertain_band
         self.reference_score_threshold = reference_score_threshold
+        self.suppression = suppression
 
     @classmethod
     def from_info(cls, info: ModelInfo, **options: Any) -> Self:
@@ -472,6 +515,9 @@ class Detection(Task[DetectionResult]):
         settings: dict[str, Any] = {"labels": info.labels}
         if "layout" not in options:
             settings["layout"] = _layout_for(info.outputs)
+        layout = options.get("layout", settings.get("layout"))
+        if isinstance(layout, SsdAnchorBoxes):
+            settings["suppression"] = "weighted"
         return cls(**(settings | options))
 
     def check_outputs(self, outputs: list[TensorSpec]) -> None:
@@ -487,14 +533,28 @@ class Detection(Task[DetectionResult]):
             above = np.flatnonzero(found.scores >= floor)
             kept = above[non_max_suppression(found.boxes[above], found.scores[above],
                                              found.classes[above], self.iou_threshold)]
-            reported = kept[found.scores[kept] >= self.score_threshold][:self.max_detections]
             candidates = kept[found.scores[kept] >= self.uncertain_band[0]]
+            boxes, keypoints = found.boxes, found.keypoints
+            if self.suppression == "weighted":
+                # MediaPipe thresholds before it blends: clusters of reported boxes only
+                sure = np.flatnonzero(found.scores >= self.score_threshold)
+                picked, blended, points = weighted_non_max_suppression(
+                    found.boxes[sure], found.scores[sure], found.classes[sure],
+                    self.iou_threshold,
+                    None if found.keypoints is None else found.keypoints[sure])
+                reported = sure[picked][:self.max_detections]
+                boxes = np.zeros_like(found.boxes)
+                boxes[reported] = blended[:self.max_detections]
+                if found.keypoints is not None and points is not None:
+                    keypoints = np.zeros_like(found.keypoints)
+                    keypoints[reported] = points[:self.max_detections]
+            else:
+                reported = kept[found.scores[kept] >= self.score_threshold][:self.max_detections]
             results.append(DetectionResult(
-                boxes=found.boxes[reported].astype(np.float32),
+                boxes=boxes[reported].astype(np.float32),
                 scores=found.scores[reported].astype(np.float32),
                 classes=found.classes[reported].astype(np.int64),
-                keypoints=None if found.keypoints is None else
-                found.keypoints[reported].astype(np.float32),
+                keypoints=None if keypoints is None else keypoints[reported].astype(np.float32),
                 candidate_scores=found.scores[candidates].astype(np.float32)))
         return results
 
