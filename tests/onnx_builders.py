@@ -65,3 +65,27 @@ def pinned_batch_net() -> onnx.ModelProto:
         "pinned", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])], [shape])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def fixed_box_detector(box: tuple[float, float, float, float], score: float = 0.9,
+                       size: int = 16) -> onnx.ModelProto:
+    """A detector for tests: pixels FP32 [N, 3, size, size] -> boxes FP32 [N, 1, 4] (always
+    `box`, normalised x_min, y_min, x_max, y_max) and scores FP32 [N, 1] (always `score`);
+    the input only sets the batch."""
+    constants = [numpy_helper.from_array(np.array(box, np.float32).reshape(1, 1, 4), "box"),
+                 numpy_helper.from_array(np.array([[score]], np.float32), "score"),
+                 numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                 numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape3"),
+                 numpy_helper.from_array(np.array([-1, 1], np.int64), "shape2")]
+    nodes = [helper.make_node("ReduceMean", ["pixels"], ["mean"], keepdims=1),
+             helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+             helper.make_node("Reshape", ["nothing", "shape3"], ["nothing3"]),
+             helper.make_node("Reshape", ["nothing", "shape2"], ["nothing2"]),
+             helper.make_node("Add", ["nothing3", "box"], ["boxes"]),
+             helper.make_node("Add", ["nothing2", "score"], ["scores"])]
+    graph = helper.make_graph(
+        nodes, "fixed-box",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 1, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1])], constants)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

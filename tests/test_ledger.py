@@ -58,7 +58,7 @@ def test_the_all_cloud_baseline_comes_from_the_profile_and_the_wire_format(
         models_dir: Path) -> None:
     from tierwise.profile.model_profile import load_profile
 
-    baseline = all_cloud_baseline(models_dir)
+    baseline = all_cloud_baseline(models_dir, "fmnist-cloud")
     assert baseline.compute_ms == load_profile(models_dir, "fmnist-cloud").compute_ms["cloud"]
     # a raw 28x28 image and its header up, ten logits down, each with HTTP headers
     assert 784 + 300 < baseline.bytes_up < 784 + 300 + 400

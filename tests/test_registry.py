@@ -447,7 +447,7 @@ def test_a_client_starts_offline_from_what_it_installed_before(
         assert client.infer(splits.test_x[0]).trace.stages[0].model_version == "1"
     with pytest.raises(Exception, match="nothing installed"):
         Client(config, registry_url=unreachable, device_id="never-online", probe=False,
-               timeout_s=1.0)
+               timeout_s=1.0).start()
 
 
 

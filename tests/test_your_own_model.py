@@ -17,7 +17,7 @@ from onnx_builders import BLOCK_BOUNDARIES, RESIDUAL_INTERIORS, residual_net
 from tierwise.client import Client
 from tierwise.config import Config, config_from_dict
 from tierwise.data import Splits
-from tierwise.models.importer import add_model
+from tierwise.models.importer import ModelImportError, add_model
 from tierwise.models.inputs import InputError, as_batch
 from tierwise.models.store import MODEL_FILE, list_models
 from tierwise.planner.plans import Cascade, Local, Remote, Split
@@ -143,3 +143,67 @@ def test_an_imported_model_is_pushed_signed_with_its_heads_and_tails(
         assert manifest["runs_on"][f"big.head@{point}"] == ["device"]
         assert manifest["runs_on"][f"big.tail@{point}"] == ["edge"]
     assert registry.push(config, models_dir, "big", key).new is False  # same content
+
+
+def test_a_detector_is_profiled_against_coco_annotations(tmp_path: Path) -> None:
+    """A detector measured on COCO-style JSON: mAP@0.5 against the boxes, by hand 0.5 here
+    (its one box is right on the first image and wrong on the second: TP then FP over two
+    true boxes, all-point AP = 0.5)."""
+    import json
+
+    from onnx_builders import fixed_box_detector
+    from tierwise.profile.profiler import ensure_profiles
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / name)
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20},
+                   {"id": 2, "file_name": "b.png", "width": 40, "height": 20}],
+        # image a: the detector's box (x 0.25..0.75, y 0.25..0.75) in pixels; b: elsewhere
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 5, 20, 10], "category_id": 7},
+                        {"id": 2, "image_id": 2, "bbox": [0, 0, 4, 4], "category_id": 7}],
+        "categories": [{"id": 7, "name": "face"}]}))
+    models_dir = tmp_path / "models"
+    info = add_model(models_dir, "boxes", fixed_box_detector((0.25, 0.25, 0.75, 0.75)),
+                     task="detection", preprocess="resize=16x16,scale=1/255", eval_data=coco,
+                     runs_on=["device"])
+    assert info.eval_data == str(coco.resolve())
+    config = config_from_dict({"data_dir": str(tmp_path / "data")})
+    ensure_profiles(config, models_dir)
+    profile = load_profile(models_dir, "boxes")
+    assert profile.quality_metric == f"mAP@0.5 on COCO annotations {coco.resolve()}"
+    assert profile.accuracy == pytest.approx(0.5)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"images": [], "categories": []}) + "junk")
+    with pytest.raises(ModelImportError, match=r"broken\.json: not COCO-style annotations"):
+        add_model(models_dir, "other", fixed_box_detector((0, 0, 1, 1)), task="detection",
+                  preprocess="resize=16x16", eval_data=broken)
+
+
+def test_an_imported_model_is_quantized_against_its_own_eval_data(
+        own_models: tuple[Config, Path], tmp_path: Path) -> None:
+    """INT8 variants of a user's model, measured on its unlabelled frames by its fidelity
+    to the fp32 reference (`big`): kept within the budget, registered as a variant that
+    runs where its parent does."""
+    import shutil
+
+    from tierwise.optimize.quantize import quantize_model
+    from tierwise.profile.evaluation import eval_set_from_files
+
+    _, models_dir = own_models
+    copy = tmp_path / "models"
+    shutil.copytree(models_dir / "big", copy / "big")
+    info = list_models(copy)["big"][0]
+    data = eval_set_from_files(info.eval_data or "", 48, info.reference)
+    outcomes = {o.variant: o for o in quantize_model(copy, "big", data, accuracy_budget=0.5)}
+    for kind, outcome in outcomes.items():
+        print(f"{kind}: fidelity {outcome.validation_accuracy:.3f} "
+              f"({outcome.details['quality']}), {outcome.bytes} bytes")
+        assert outcome.parent_validation_accuracy == 1.0
+        assert 0.5 <= outcome.validation_accuracy <= 1.0 and outcome.kept
+    variant = list_models(copy)["big.int8-static"][0]
+    assert (variant.parent, variant.variant, variant.runs_on) == ("big", "int8-static", ["edge"])
+    assert variant.preprocessing == info.preprocessing and variant.labels == CLASSES
+    strict = quantize_model(copy, "big", data, kinds=("int8-dynamic",), accuracy_budget=-1.0)
+    assert not strict[0].kept and "fidelity to big" in strict[0].reason

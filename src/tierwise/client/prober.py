@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
+from tierwise.client.stages import call_tier
 from tierwise.codecs import RAW
 from tierwise.models.inputs import image_size
 from tierwise.models.store import tier_models
@@ -107,8 +108,6 @@ class Prober:
     def bandwidth(self, tier: str) -> tuple[int, int, float] | None:
         """A real inference of a few blank images on the tier's first model, raw: several
         times a health probe's size. (bytes up, bytes down, network ms) or None."""
-        from tierwise.client.client import call_tier
-
         client = self.client
         models = tier_models(client.config, client.models).get(tier, [])
         if not models or models[0] not in client.models:

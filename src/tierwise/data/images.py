@@ -1,5 +1,6 @@
 """Evaluation data from files: a labelled image folder (one subfolder per class, the
-ImageFolder convention of torchvision), a folder of unlabelled images, or video files.
+ImageFolder convention of torchvision), COCO-style JSON for detection (boxes per image), a
+folder of unlabelled images, or video files.
 
 Images are decoded with Pillow to uint8 RGB [height, width, 3]; video frames with OpenCV
 (`opencv-python-headless`, the `media` extra), BGR converted to RGB. Frames keep their own
@@ -31,6 +32,13 @@ class Frames:
     source: str
     labels: np.ndarray | None = None  # int64 [N]
     classes: list[str] = field(default_factory=list)
+    # detection ground truth per image: (boxes [M, 4] float32 x_min, y_min, x_max, y_max
+    # normalised 0..1 to the image, category indices [M] int64 into `classes`)
+    boxes: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None or self.boxes is not None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,6 +80,50 @@ def load_image_folder(root: str | Path, limit: int | None = None) -> Frames:
                   labels=np.array([label for _, label in picked], np.int64), classes=classes)
 
 
+def load_coco(path: str | Path, limit: int | None = None) -> Frames:
+    """COCO-style detection annotations (Lin et al., ECCV 2014, the `instances_*.json`
+    layout): `images` (`id`, `file_name` relative to the JSON's folder, `width`, `height`),
+    `annotations` (`image_id`, `bbox` [x, y, width, height] in pixels, `category_id`),
+    `categories` (`id`, `name`). Categories become indices 0..K-1 in the order listed;
+    `classes` are their names. Images without annotations are kept (no boxes)."""
+    import json
+
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+        images = sorted(document["images"], key=lambda image: image["id"])
+        categories = document["categories"]
+        annotations = document.get("annotations", [])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise EvalDataError(f"{path}: not COCO-style annotations (expected images, "
+                            f"annotations and categories): {error}") from None
+    index_of = {category["id"]: index for index, category in enumerate(categories)}
+    images = images[:limit] if limit else images
+    per_image: dict[object, list[dict[str, object]]] = {image["id"]: [] for image in images}
+    for annotation in annotations:
+        if annotation.get("image_id") in per_image:
+            if annotation.get("category_id") not in index_of:
+                raise EvalDataError(f"{path}: annotation {annotation.get('id')} has "
+                                    f"category_id {annotation.get('category_id')!r}, not one "
+                                    f"of the categories {sorted(index_of)}")
+            per_image[annotation["image_id"]].append(annotation)
+    loaded, boxes = [], []
+    for image in images:
+        pixels = read_image(path.parent / image["file_name"])
+        height, width = pixels.shape[:2]
+        found = per_image[image["id"]]
+        xywh = np.array([annotation["bbox"] for annotation in found], np.float32).reshape(-1, 4)
+        corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        corners /= np.array([width, height, width, height], np.float32)
+        boxes.append((corners, np.array([index_of[annotation["category_id"]]
+                                         for annotation in found], np.int64)))
+        loaded.append(pixels)
+    if not loaded:
+        raise EvalDataError(f"{path}: no images listed")
+    return Frames(images=loaded, source=f"COCO annotations {path}", boxes=boxes,
+                  classes=[str(category["name"]) for category in categories])
+
+
 def iter_video(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
     """Every `every`-th frame of a video, uint8 RGB [height, width, 3] (OpenCV)."""
     try:
@@ -97,7 +149,8 @@ def iter_video(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
 
 def load_frames(source: str | Path, limit: int | None = None, every: int = 1) -> Frames:
     """Unlabelled images: a folder of images, one image, or a video (every `every`-th frame);
-    at most `limit`. A folder with class subfolders is read as labelled (`load_image_folder`)."""
+    at most `limit`. A folder with class subfolders is read as labelled (`load_image_folder`),
+    a `.json` file as COCO-style detection annotations (`load_coco`)."""
     path = Path(source)
     if not path.exists():
         raise EvalDataError(f"{path}: no such file or folder (expected an image folder, "
@@ -110,6 +163,8 @@ def load_frames(source: str | Path, limit: int | None = None, every: int = 1) ->
             raise EvalDataError(f"{path}: no images in it (expected "
                                 f"{', '.join(IMAGE_SUFFIXES)})")
         return Frames(images=[read_image(file) for file in files], source=f"images in {path}")
+    if path.suffix.lower() == ".json":
+        return load_coco(path, limit)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         frames = []
         for frame in iter_video(path, every):

@@ -205,7 +205,7 @@ def check_eval_data(eval_data: str | Path | None, reference: str | None) -> str 
         frames = load_frames(eval_data, limit=1)
     except EvalDataError as error:
         raise ModelImportError(f"--eval: {error}") from None
-    if frames.labels is None and reference is None:
+    if not frames.labelled and reference is None:
         raise ModelImportError(f"--eval {eval_data}: unlabelled ({frames.source}); pass "
                                "--reference MODEL, whose results stand in for labels")
     return str(Path(eval_data).resolve())

@@ -93,22 +93,26 @@ class Ledger:
         }
 
 
-def all_cloud_baseline(models_dir: Path, model: str = "fmnist-cloud") -> AllCloudBaseline:
+def all_cloud_baseline(models_dir: Path, model: str) -> AllCloudBaseline:
     """The all-cloud request for `model`: its profiled cloud compute (batch 1), and the bytes
-    of a binary OIP request carrying one raw input and of its answer, encoded by the same
-    encoder the client and server use."""
+    of a binary OIP request carrying one raw input (an image at the model's image size) and
+    of its answer, encoded by the same encoder the client and server use."""
     import numpy as np
 
     from tierwise.client.client import HTTP_HEADER_BYTES
+    from tierwise.models.inputs import image_size
     from tierwise.models.store import load_info, model_dir
     from tierwise.profile.model_profile import load_profile
-    from tierwise.protocol.oip import encode_infer_request, encode_infer_response
+    from tierwise.protocol.oip import encode_infer_request, encode_infer_response, numpy_dtype
 
     info = load_info(model_dir(models_dir, model))
-    image = np.zeros([1, *info.inputs[0].shape[1:]], dtype=np.uint8)
+    spec, size = info.inputs[0], image_size(info)
+    row = [*size, spec.shape[-1]] if size else [max(dim, 1) for dim in spec.shape[1:]]
+    image = np.zeros([1, *row], dtype=numpy_dtype(spec.datatype))
     request, _ = encode_infer_request({info.inputs[0].name: image}, binary=True,
                                       binary_outputs=True)
-    logits = np.zeros([1, *info.outputs[0].shape[1:]], dtype=np.float32)
+    logits = np.zeros([1, *(max(dim, 1) for dim in info.outputs[0].shape[1:])],
+                      dtype=np.float32)
     answer, _ = encode_infer_response({info.outputs[0].name: logits}, model_name=model,
                                       model_version=info.version, binary_outputs=True)
     return AllCloudBaseline(compute_ms=load_profile(models_dir, model).compute_ms[CLOUD_TIER],

@@ -93,8 +93,14 @@ def views_for(config: Config, since: float = 0.0) -> Views:
     from tierwise.monitor.collector import Collector
 
     records = Collector(config.telemetry.collector_path(config.data_dir)).records(since)
+    from tierwise.models.store import list_models, tier_models
+
+    found = list_models(config.models_dir, weights=False)
+    cloud = tier_models(config, {name: info for name, (info, _) in found.items()}).get(
+        "cloud", [])
     try:
-        baseline: AllCloudBaseline | None = all_cloud_baseline(config.models_dir)
+        baseline: AllCloudBaseline | None = all_cloud_baseline(config.models_dir, cloud[0]) \
+            if cloud else None
     except FileNotFoundError:
         baseline = None  # no cloud model profile here: costs without savings
     return compute_views(records, config.prices, baseline)

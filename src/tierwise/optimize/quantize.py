@@ -33,8 +33,9 @@ from onnxruntime.quantization import (
 )
 
 from tierwise.data import Splits
-from tierwise.models.store import list_models
+from tierwise.models.store import ModelInfo, list_models
 from tierwise.optimize.variants import VariantOutcome, parent_info, register_variant
+from tierwise.profile.evaluation import EvalSet
 
 KINDS = ("int8-dynamic", "int8-static")
 CALIBRATION_BATCH = 64
@@ -58,11 +59,19 @@ class ImageCalibration(CalibrationDataReader):
                          for start in range(0, len(self.images), CALIBRATION_BATCH))
 
 
+def _calibration(parent: ModelInfo, data: Splits | EvalSet, count: int) -> np.ndarray:
+    if isinstance(data, EvalSet):
+        return data.inputs_for(parent)[:count]
+    return data.val_x[:count]
+
+
 def quantize_model(
-    models_dir: Path, model: str, splits: Splits, *, kinds: tuple[str, ...] = KINDS,
+    models_dir: Path, model: str, splits: Splits | EvalSet, *, kinds: tuple[str, ...] = KINDS,
     calibration_images: int = 512, accuracy_budget: float = 0.01,
 ) -> list[VariantOutcome]:
-    """Make each of `kinds` from `model`; register those within `accuracy_budget`."""
+    """Make each of `kinds` from `model`; register those within `accuracy_budget` of it on
+    validation data: Fashion-MNIST's `splits` for the zoo, or any model's own evaluation
+    data (an `EvalSet`: `eval_set_for`), whose first images also calibrate `int8-static`."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"kinds: expected some of {KINDS}, got {unknown}")
@@ -79,7 +88,8 @@ def quantize_model(
             else:
                 quantize_static(
                     prepared, output,
-                    ImageCalibration(parent.inputs[0].name, splits.val_x[:calibration_images]),
+                    ImageCalibration(parent.inputs[0].name, _calibration(
+                        parent, splits, calibration_images)),
                     quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)

@@ -30,6 +30,7 @@ from tierwise.models.store import (
     sha256_file,
 )
 from tierwise.profile.calibration import expected_calibration_error, fit_temperature, softmax
+from tierwise.profile.evaluation import EvalSet, Judge
 from tierwise.runtime.session import OnnxModel
 
 if TYPE_CHECKING:  # torch only where a trained module is registered: quantize needs none
@@ -73,12 +74,17 @@ def onnx_parameters(path: Path) -> int:
 
 
 def register_variant(
-    models_dir: Path, parent: ModelInfo, variant: str, onnx_path: Path, splits: Splits,
-    accuracy_budget: float, *, parameters: int | None = None,
+    models_dir: Path, parent: ModelInfo, variant: str, onnx_path: Path,
+    splits: Splits | EvalSet, accuracy_budget: float, *, parameters: int | None = None,
     training: dict[str, float] | None = None,
 ) -> VariantOutcome:
     """Evaluate the model at `onnx_path` (a scratch file, consumed) as `<parent>.<variant>`;
-    register it if it is within `accuracy_budget` of `parent` on validation data."""
+    register it if it is within `accuracy_budget` of `parent` on validation data: the
+    Fashion-MNIST `splits` for a model trained here, else the parent's evaluation data (an
+    `EvalSet`: its task's quality, e.g. fidelity to the parent itself where unlabelled)."""
+    if isinstance(splits, EvalSet):
+        return _register_measured(models_dir, parent, variant, onnx_path, splits,
+                                  accuracy_budget, parameters)
     name = variant_name(parent.name, variant)
     provisional = parent.model_copy(update={"name": name})
     model = OnnxModel(onnx_path, provisional, threads=2)
@@ -116,6 +122,47 @@ def register_variant(
             temperature=temperature, fitted_on="Fashion-MNIST validation split",
             expected_calibration_error=expected_calibration_error(
                 softmax(val_logits, temperature), splits.val_y)),
+        "role": "full", "split_point": None, "bottleneck": None}))
+    return outcome
+
+
+def _register_measured(models_dir: Path, parent: ModelInfo, variant: str, onnx_path: Path,
+                       data: EvalSet, accuracy_budget: float,
+                       parameters: int | None) -> VariantOutcome:
+    """`register_variant` for any model: quality by the parent's task on `data`, the
+    variant keeping the parent's calibration, labels and preprocessing."""
+    from tierwise.models.store import list_models
+
+    name = variant_name(parent.name, variant)
+    parent_model = OnnxModel(list_models(models_dir)[parent.name][1], parent, threads=2)
+    candidate = OnnxModel(onnx_path, parent.model_copy(update={"name": name}), threads=2)
+    loaded = {parent.name: parent_model, name: candidate}
+    judge = Judge(data if data.targets is not None or data.reference else EvalSet(
+        samples=data.samples, source=data.source, reference=parent.name), loaded.__getitem__)
+    parent_quality = judge.quality(parent.name, judge.results(parent.name))
+    quality = judge.quality(parent.name, judge.results(name, task_of=parent.name))
+    drop = parent_quality - quality
+    outcome = VariantOutcome(
+        name=name, parent=parent.name, variant=variant, kept=drop <= accuracy_budget,
+        bytes=onnx_path.stat().st_size,
+        parameters=parameters if parameters is not None else onnx_parameters(onnx_path),
+        validation_accuracy=quality, parent_validation_accuracy=parent_quality,
+        test_accuracy=quality, details={"quality": judge.quality_name(parent.name)})
+    directory = model_dir(models_dir, name)
+    if not outcome.kept:
+        outcome.reason = (f"{judge.quality_name(parent.name)} {quality:.2%} is "
+                          f"{drop * 100:.2f} points below {parent.name}'s; the budget is "
+                          f"{accuracy_budget * 100:g}")
+        onnx_path.unlink()
+        shutil.rmtree(directory, ignore_errors=True)
+        return outcome
+    directory.mkdir(parents=True, exist_ok=True)
+    stored = directory / MODEL_FILE
+    shutil.move(str(onnx_path), stored)
+    save_info(models_dir, parent.model_copy(update={
+        "name": name, "version": "1", "parent": parent.name, "variant": variant,
+        "bytes": stored.stat().st_size, "sha256": sha256_file(stored),
+        "parameters": outcome.parameters, "trained": None,
         "role": "full", "split_point": None, "bottleneck": None}))
     return outcome
 

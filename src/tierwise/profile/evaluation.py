@@ -66,8 +66,9 @@ def eval_set_from_files(source: str | Path, limit: int = EVAL_LIMIT,
     from tierwise.data.images import load_frames
 
     frames = load_frames(source, limit=limit)
-    return EvalSet(samples=frames.images, source=frames.source, targets=frames.labels,
-                   reference=None if frames.labels is not None else reference)
+    targets = frames.labels if frames.labels is not None else frames.boxes
+    return EvalSet(samples=frames.images, source=frames.source, targets=targets,
+                   reference=None if frames.labelled else reference)
 
 
 def detections_agree(result: DetectionResult, truth: DetectionResult,
@@ -156,10 +157,13 @@ class Judge:
         results = self.results(name)
         if results and isinstance(results[0], DetectionResult):
             if self.data.targets is not None:
-                return None  # box labels (COCO) are not read yet
-            reference = self.results(self.data.reference or name)
+                truths = [DetectionResult(boxes=boxes, scores=np.ones(len(boxes), np.float32),
+                                          classes=classes)
+                          for boxes, classes in self.data.targets]
+            else:
+                truths = self.results(self.data.reference or name)
             return np.array([detections_agree(result, truth)
-                             for result, truth in zip(results, reference, strict=True)])
+                             for result, truth in zip(results, truths, strict=True)])
         if not results or not isinstance(results[0], ClassificationResult):
             return None
         if self.data.targets is not None:
