@@ -333,3 +333,18 @@ def test_preprocessing_works_on_older_opsets(opset: int, tmp_path: Path) -> None
     assert info.batched and info.inputs[0].shape == [-1, -1, -1, 3]
     logits = _session(tmp_path / "old" / MODEL_FILE).run(None, {"image": _images(3, 30, 20)})[0]
     assert logits.shape == (3, 5)
+
+
+def test_a_dynamic_first_dimension_that_mixes_rows_is_not_a_batch(tmp_path: Path) -> None:
+    """x / max(x) over the whole tensor: its first dimension is dynamic, but a row's answer
+    depends on the other rows, so batching requests would mix them."""
+    from onnx import TensorProto, helper
+
+    mixing = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["top"], keepdims=1),
+         helper.make_node("Div", ["x", "top"], ["y"])], "mixing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert not add_model(tmp_path, "mixing", mixing, task="generic").batched
+    assert add_model(tmp_path, "resnet", residual_net(batch="N")).batched

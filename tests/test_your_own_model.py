@@ -100,20 +100,27 @@ def test_the_planner_places_requests_over_a_real_server(own_models: tuple[Config
         assert remote.label == int(expected.argmax())
         assert remote.result.label_name == CLASSES[remote.label]
         assert remote.trace.answered_by.tier == "edge"
+        # every input codec the profile measured is decoded by the server at the image size
+        for codec in load_profile(models_dir, "big").input_codecs:
+            coded = client.infer(frame, Remote("edge", "big", codec))
+            assert coded.trace.fallback is None and coded.trace.answered_by.tier == "edge", \
+                (codec, coded.trace.fallback)
         # the quality floor only the edge model meets: the policy must leave the device
         placed = client.infer(frame, min_quality=0.99, deadline_ms=5000)
         decision = placed.trace.decision
         assert decision is not None and decision["feasible"], decision
         assert not placed.trace.plan.startswith("local"), placed.trace.plan
+        assert placed.trace.fallback is None, placed.trace.fallback
         if placed.trace.answered_by.tier == "edge":  # a cascade may stop at a sure device
-            assert placed.label == remote.label and placed.trace.fallback is None
+            assert placed.label == remote.label
         # with the input kept on the device, only a split of big (maybe after tiny) qualifies
         private = client.infer(frame, min_accuracy=0.99, keep_input_on_device=True)
         assert "split(big@" in private.trace.plan, private.trace.plan
         assert all(stage.kind == "local" or stage.model.startswith("big.tail@")
                    for stage in private.trace.stages)  # only features left the device
+        assert private.trace.fallback is None, private.trace.fallback
         if private.trace.answered_by.tier == "edge":
-            assert private.label == remote.label and private.trace.fallback is None
+            assert private.label == remote.label
         candidates = client.policy().candidates
         kinds = {type(candidate.plan) for candidate in candidates}
         assert {Local, Remote, Split, Cascade} <= kinds

@@ -117,19 +117,16 @@ def fixed_batch_of_one(model: onnx.ModelProto) -> bool:
     return all(_shape(value)[:1] == [1] for value in values)
 
 
-def make_batch_dynamic(model: onnx.ModelProto, sample: dict[str, np.ndarray]
-                       ) -> tuple[onnx.ModelProto, bool]:
-    """(model, batched): where every input and output has a fixed batch of 1, a copy whose
-    first dimension is dynamic, kept only if ONNX Runtime runs it on a batch of two and each
-    row matches a batch-1 run (a Reshape that hard-codes 1 fails this); otherwise `model`
-    unchanged and whether its first dimension was dynamic already.
-
-    `sample`: one input per graph input, batch of 1, of the dtypes the model takes.
-    """
+def make_batch_dynamic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """(model, batched): whether the model's first dimension is a batch whose rows do not
+    mix (`tierwise.runtime.session.rows_independent`: two different samples together give
+    what each gives alone). A dynamic first dimension is tried as it is; where every input
+    and output has a fixed batch of 1, a copy with that dimension made dynamic is tried and
+    kept if it passes (a Reshape that hard-codes 1 fails). Otherwise `model` unchanged,
+    served one row per request."""
     values = [*graph_inputs(model), *model.graph.output]
-    if any(_shape(value)[:1] == [-1] for value in values) and \
-            not any(_shape(value)[:1] == [1] for value in values):
-        return model, True
+    if all(_shape(value)[:1] == [-1] for value in values):
+        return model, _rows_independent(model)
     if not fixed_batch_of_one(model):
         return model, False
     dynamic = onnx.ModelProto()
@@ -137,27 +134,24 @@ def make_batch_dynamic(model: onnx.ModelProto, sample: dict[str, np.ndarray]
     for value in [*graph_inputs(dynamic), *dynamic.graph.output]:
         _set_first_dim(value, BATCH_DIM)
     del dynamic.graph.value_info[:]  # stale batch-1 shapes would pin the batch again
-    try:
-        single = _run(model, sample)
-        double = _run(dynamic, {name: np.concatenate([array, array]) for name, array
-                                in sample.items()})
-    except Exception:
-        return model, False
-    for one, two in zip(single, double, strict=True):
-        if two.shape[:1] != (2,) or not np.allclose(two[0], one[0], rtol=1e-4, atol=1e-5) \
-                or not np.allclose(two[1], one[0], rtol=1e-4, atol=1e-5):
-            return model, False
-    return dynamic, True
+    if _rows_independent(dynamic):
+        return dynamic, True
+    return model, False
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def _rows_independent(model: onnx.ModelProto) -> bool:
     import onnxruntime as ort
 
+    from tierwise.runtime.session import rows_independent
+
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # a failed batch-of-two trial is an answer, not an error
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    options.log_severity_level = 4  # a failed two-row trial is an answer, not an error
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return rows_independent(session, specs(model)[0])
 
 
 # -- cut points -------------------------------------------------------------------------------

@@ -64,24 +64,6 @@ def read_labels(path: Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def sample_input(spec_shape: list[int], datatype: str, batch: int = 1,
-                 dynamic_size: int = 32) -> np.ndarray:
-    """A random input of a spec's shape (dynamic dimensions: `batch` first, else
-    `dynamic_size`), of its datatype."""
-    from tierwise.protocol.oip import numpy_dtype
-
-    shape = [batch if index == 0 and dim < 0 else (dim if dim >= 0 else dynamic_size)
-             for index, dim in enumerate(spec_shape)]
-    dtype = numpy_dtype(datatype)
-    rng = np.random.default_rng(0)
-    if dtype.kind in "ui":
-        high = 255 if dtype.itemsize == 1 else 10
-        return rng.integers(0, high, size=shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    return rng.random(size=shape, dtype=np.float64).astype(dtype)
-
-
 def add_model(
     models_dir: str | Path,
     name: str,
@@ -155,9 +137,7 @@ def add_model(
             raise ModelImportError(f"{where}: {error}") from None
     try:
         model = graph.infer_shapes(model)
-        inputs, _ = graph.specs(model)
-        sample = {spec.name: sample_input(spec.shape, spec.datatype) for spec in inputs}
-        model, batched = graph.make_batch_dynamic(model, sample)
+        model, batched = graph.make_batch_dynamic(model)
         model = graph.infer_shapes(model)
         inputs, outputs = graph.specs(model)
         # a cut inside the preprocessing would send a float image: never better than the
@@ -269,13 +249,14 @@ def _check_runs(model: Any, inputs: list[Any], where: str) -> None:
     """ONNX Runtime loads the model and runs it once on a random sample."""
     import onnxruntime as ort
 
+    from tierwise.runtime.session import trial_input
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
                                        providers=["CPUExecutionProvider"])
-        session.run(None, {spec.name: sample_input(spec.shape, spec.datatype)
-                           for spec in inputs})
+        session.run(None, {spec.name: trial_input(spec, seed=0) for spec in inputs})
     except Exception as error:
         message = str(error).strip().splitlines()[0][:400]
         raise ModelImportError(f"{where}: ONNX Runtime cannot run it: {message}") from None
@@ -333,4 +314,4 @@ def remove_model(models_dir: str | Path, name: str) -> list[str]:
 
 
 __all__ = ["ModelImportError", "add_model", "check_eval_data", "check_name", "read_labels",
-           "remove_model", "sample_input"]
+           "remove_model"]

@@ -160,11 +160,51 @@ def _reason(error: BaseException) -> str:
     return "; ".join(lines)[:400] or type(error).__name__
 
 
+def trial_input(spec: TensorSpec, seed: int, batch: int = 1, other_size: int = 32
+                ) -> np.ndarray:
+    """A random input of `spec` (dynamic dimensions: `batch` first, `other_size` elsewhere)
+    of its datatype; different seeds give different values."""
+    from tierwise.protocol.oip import numpy_dtype
+
+    shape = [batch if index == 0 and dim < 0 else (dim if dim >= 0 else other_size)
+             for index, dim in enumerate(spec.shape)]
+    dtype = numpy_dtype(spec.datatype)
+    rng = np.random.default_rng(seed)
+    if dtype.kind in "ui":
+        return rng.integers(0, 255 if dtype.itemsize == 1 else 10, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    return rng.random(size=shape, dtype=np.float64).astype(dtype)
+
+
+def rows_independent(session: ort.InferenceSession, inputs: list[TensorSpec]) -> bool:
+    """Whether the first dimension of every input is a batch whose rows do not mix: two
+    different samples run together give, row by row, what each gives alone. A dynamic first
+    dimension alone proves nothing (an any-size image [h, w, 3] has one; a model normalising
+    by its input's maximum mixes rows)."""
+    try:
+        first = {spec.name: trial_input(spec, seed=1) for spec in inputs}
+        second = {spec.name: trial_input(spec, seed=2) for spec in inputs}
+        alone = [session.run(None, first), session.run(None, second)]
+        together = session.run(None, {name: np.concatenate([first[name], second[name]])
+                                      for name in first})
+    except Exception:
+        return False
+    for index, both in enumerate(together):
+        if both.shape[:1] != (2,):
+            return False
+        for row in range(2):
+            if not np.allclose(both[row], alone[row][index][0], rtol=1e-4, atol=1e-5):
+                return False
+    return True
+
+
 def describe_onnx(path: Path, name: str, version: str = "1") -> ModelInfo:
     """The metadata of the ONNX file `path` as ONNX Runtime alone sees it, for a model nobody
     wrote metadata.json for: its inputs and outputs (symbolic or unknown dimensions -> -1),
-    task "generic", `batched` when every input's and output's first dimension is dynamic,
-    and the file's size and sha256.
+    task "generic", `batched` when every input's and output's first dimension is dynamic
+    and a trial shows its rows independent (`rows_independent`), and the file's size and
+    sha256.
 
     Raises LoadError (naming the file) when ONNX Runtime cannot load it or a tensor has no
     OIP datatype (sequences, maps, strings)."""
@@ -180,7 +220,8 @@ def describe_onnx(path: Path, name: str, version: str = "1") -> ModelInfo:
         raise LoadError(f"{path}: ONNX Runtime cannot load it: {_reason(error)}") from None
     inputs = [_spec(path, "input", arg) for arg in session.get_inputs()]
     outputs = [_spec(path, "output", arg) for arg in session.get_outputs()]
-    batched = all(spec.shape and spec.shape[0] == -1 for spec in inputs + outputs)
+    batched = all(spec.shape and spec.shape[0] == -1 for spec in inputs + outputs) and \
+        rows_independent(session, inputs)
     return ModelInfo(
         name=name, version=version, task="generic", inputs=inputs, outputs=outputs,
         batched=batched, bytes=path.stat().st_size, sha256=sha256_file(path),

@@ -49,6 +49,7 @@ import orjson
 from tierwise import __version__
 from tierwise.codecs import CODECS, RAW, CodecError, decode_rows
 from tierwise.config import TierConfig
+from tierwise.models.inputs import image_size
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
     InferRequest,
@@ -467,9 +468,15 @@ def _decoded_inputs(served: _Served, request: InferRequest) -> dict[str, Any]:
         if array.dtype.kind != "O" or array.ndim != 1:
             raise ProtocolError(f"input {name!r}: content_type {codec!r} needs a BYTES tensor "
                                 "of shape [batch], one payload per row")
+        row_shape = tuple(spec.shape[1:])
+        size = image_size(served.info) if name == served.info.inputs[0].name else None
+        if size is not None:  # takes images of any size: the client sent its image size
+            row_shape = (*size, row_shape[-1])
+        if any(dim < 0 for dim in row_shape):
+            raise ProtocolError(f"input {name!r}: content_type {codec!r} needs a known size, "
+                                f"and {spec.shape} has a dynamic one; send it raw")
         try:
-            inputs[name] = decode_rows(codec, array, tuple(spec.shape[1:]),
-                                       numpy_dtype(spec.datatype))
+            inputs[name] = decode_rows(codec, array, row_shape, numpy_dtype(spec.datatype))
         except CodecError as error:
             raise ProtocolError(f"input {name!r}: {error}") from None
     return inputs
