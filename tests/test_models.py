@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from onnx_builders import BLOCK_BOUNDARIES, RESIDUAL_INTERIORS, pinned_batch_net, residual_net
 from tierwise.cli import main
@@ -308,7 +309,8 @@ def test_evaluation_data_is_read_from_folders_and_videos_with_clear_errors(
         load_frames(empty)
     with pytest.raises(ModelImportError, match=r"--eval: .*no images in it"):
         add_model(tmp_path / "models", "net", residual_net(), eval_data=empty)
-    with pytest.raises(ModelImportError, match=r"unlabelled .* pass --reference"):
+    with pytest.raises(ModelImportError, match=r"no classification labels here for net; pass "
+                                               r"--reference"):
         add_model(tmp_path / "models", "net", residual_net(), eval_data=video)
 
 
@@ -348,3 +350,30 @@ def test_a_dynamic_first_dimension_that_mixes_rows_is_not_a_batch(tmp_path: Path
         opset_imports=[helper.make_opsetid("", 17)])
     assert not add_model(tmp_path, "mixing", mixing, task="generic").batched
     assert add_model(tmp_path, "resnet", residual_net(batch="N")).batched
+
+
+def test_image_folder_classes_map_to_the_model_labels_by_name(tmp_path: Path, splits) -> None:
+    """Folders are named by class; the model's label order is its own: a folder `dog` is the
+    class the model calls `dog`, whatever the sorted order of the folders."""
+    from tierwise.profile.evaluation import eval_set_for
+
+    labels = [f"label-{index}" for index in range(10)][::-1]  # not the folders' sorted order
+    folder = tmp_path / "folder"
+    for index, (image, label) in enumerate(zip(splits.test_x[:20], splits.test_y[:20],
+                                               strict=True)):
+        (folder / f"label-{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0]).convert("RGB").save(folder / f"label-{label}" / f"{index}.png")
+    info = add_model(tmp_path / "models", "net", residual_net(classes=10), labels=labels,
+                     preprocess="resize=16x16,scale=1/255", eval_data=folder)
+    data = eval_set_for(info)
+    # each target names, through the model's labels, the folder its image came from
+    from tierwise.data.images import load_image_folder
+
+    frames = load_image_folder(folder)
+    assert [labels[target] for target in data.targets] == \
+        [frames.classes[label] for label in frames.labels]
+    (folder / "cat").mkdir()
+    Image.fromarray(splits.test_x[0][0]).save(folder / "cat" / "x.png")
+    with pytest.raises(ModelImportError, match=r"classes \['cat'\] are not labels of net"):
+        add_model(tmp_path / "models", "net", residual_net(classes=10), labels=labels,
+                  preprocess="resize=16x16,scale=1/255", eval_data=folder, replace=True)

@@ -196,13 +196,13 @@ def test_an_imported_model_is_quantized_against_its_own_eval_data(
     import shutil
 
     from tierwise.optimize.quantize import quantize_model
-    from tierwise.profile.evaluation import eval_set_from_files
+    from tierwise.profile.evaluation import eval_set_for
 
     _, models_dir = own_models
     copy = tmp_path / "models"
     shutil.copytree(models_dir / "big", copy / "big")
     info = list_models(copy)["big"][0]
-    data = eval_set_from_files(info.eval_data or "", 48, info.reference)
+    data = eval_set_for(info, 48)
     outcomes = {o.variant: o for o in quantize_model(copy, "big", data, accuracy_budget=0.5)}
     for kind, outcome in outcomes.items():
         print(f"{kind}: fidelity {outcome.validation_accuracy:.3f} "

@@ -96,15 +96,15 @@ def _optimize(args: argparse.Namespace) -> int:
         if args.step == "quantize":
             from tierwise.optimize.quantize import quantize_model
             from tierwise.optimize.variants import parent_info
-            from tierwise.profile.evaluation import eval_set_from_files
+            from tierwise.profile.evaluation import eval_set_for
 
             for model in models:
                 info = parent_info(config.models_dir, model)
                 if info.trained is None and not info.eval_data:
                     raise ConfigError(f"--models {model}: an imported model is measured on its "
                                       "own evaluation data; import it with --eval DATA")
-                data = splits if info.trained is not None else eval_set_from_files(
-                    info.eval_data or "", config.profile.eval_limit, info.reference)
+                data = splits if info.trained is not None else eval_set_for(
+                    info, config.profile.eval_limit)
                 results += [o.to_dict() for o in quantize_model(
                     config.models_dir, model, data,
                     calibration_images=settings.quantize.calibration_images,

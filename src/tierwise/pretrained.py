@@ -489,9 +489,11 @@ def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
         if runs_on is not None and cached.runs_on != list(runs_on):
             update["runs_on"] = list(runs_on)
         if eval_data is not None:
-            update["eval_data"] = check_eval_data(eval_data, cached.reference or cached.name)
+            update["eval_data"] = str(Path(eval_data).resolve())
         if update:
             cached = cached.model_copy(update=update)
+            if eval_data is not None:
+                check_eval_data(cached)
             save_info(models_dir, cached)
         _say(console, f"{pretrained.name}: installed already (same weights), not converted")
         return cached

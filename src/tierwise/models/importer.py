@@ -164,31 +164,34 @@ def add_model(
             source=f"imported from {source}" if isinstance(source, (str, Path))
             else "imported from an in-memory ONNX model", source_sha256=source_sha256),
         cuts=found_cuts, runs_on=list(runs_on or []), trained=trained,
-        eval_data=check_eval_data(eval_data, reference), reference=reference)
+        eval_data=str(Path(eval_data).resolve()) if eval_data is not None else None,
+        reference=reference)
     info.provenance = (info.provenance or Provenance(source="")).model_copy(update={
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "tool": f"tierwise {__version__}"})
     _check_task(info, where)
+    if info.eval_data:
+        check_eval_data(info)
     if calibration is None and info.task == "classification" and info.eval_data:
         info.calibration = _calibrate(model, info)
     return _write(models_dir, info, model, replace)
 
 
-def check_eval_data(eval_data: str | Path | None, reference: str | None) -> str | None:
-    """The evaluation data's absolute path, after reading one sample of it (an unreadable or
-    empty folder fails now, not at profile time)."""
-    if eval_data is None:
-        return None
-    from tierwise.data.images import EvalDataError, load_frames
+def check_eval_data(info: ModelInfo) -> None:
+    """Reads all of `info.eval_data` as the model's task would, and one sample through the
+    model's input: an unreadable, empty or unfitting folder fails now, not at profile time."""
+    from tierwise.data.images import EvalDataError
+    from tierwise.models.inputs import InputError, as_batch
+    from tierwise.profile.evaluation import EVAL_LIMIT, eval_set_for
 
     try:
-        frames = load_frames(eval_data, limit=1)
+        data = eval_set_for(info, EVAL_LIMIT)
+        as_batch(info, data.samples[0])
     except EvalDataError as error:
         raise ModelImportError(f"--eval: {error}") from None
-    if not frames.labelled and reference is None:
-        raise ModelImportError(f"--eval {eval_data}: unlabelled ({frames.source}); pass "
-                               "--reference MODEL, whose results stand in for labels")
-    return str(Path(eval_data).resolve())
+    except InputError as error:
+        raise ModelImportError(f"--eval {info.eval_data}: its images do not fit the model: "
+                               f"{error} (is a --preprocess missing?)") from None
 
 
 def _calibrate(model: Any, info: ModelInfo) -> Calibration:
@@ -197,28 +200,27 @@ def _calibrate(model: Any, info: ModelInfo) -> Calibration:
     labels (a reference model's answers are not ground truth to calibrate against)."""
     import onnxruntime as ort
 
-    from tierwise.data.images import load_frames
     from tierwise.models.inputs import as_batch
     from tierwise.profile.calibration import expected_calibration_error, fit_temperature
     from tierwise.profile.calibration import softmax as calibrated
-    from tierwise.profile.evaluation import EVAL_LIMIT
+    from tierwise.profile.evaluation import EVAL_LIMIT, eval_set_for
     from tierwise.tasks import Classification
 
-    frames = load_frames(info.eval_data or "", limit=EVAL_LIMIT)
-    if frames.labels is None:
+    data = eval_set_for(info, EVAL_LIMIT)
+    if data.targets is None:
         return Calibration()
+    labels = np.asarray(data.targets, np.int64)
     session = ort.InferenceSession(model.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     scores = np.concatenate([
         session.run([info.outputs[0].name], {info.inputs[0].name: as_batch(info, image)})[0]
-        for image in frames.images]).astype(np.float64)
+        for image in data.samples]).astype(np.float64)
     task = Classification.from_info(info)
     logits = np.log(np.clip(scores, 1e-12, None)) if task.are_probabilities(scores) else scores
-    temperature = fit_temperature(logits, frames.labels)
-    return Calibration(temperature=temperature, fitted_on=f"{frames.source} "
-                       f"({len(frames)} images)", expected_calibration_error=
-                       expected_calibration_error(calibrated(logits, temperature),
-                                                  frames.labels))
+    temperature = fit_temperature(logits, labels)
+    return Calibration(temperature=temperature, fitted_on=f"{data.source} "
+                       f"({len(data)} images)", expected_calibration_error=
+                       expected_calibration_error(calibrated(logits, temperature), labels))
 
 
 def _load(source: Any, where: str) -> Any:

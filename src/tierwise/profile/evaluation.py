@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,11 +41,6 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def key(self) -> str:
-        """Models measured on the same key saw the same samples: cascades pair them."""
-        return self.source
-
     def inputs_for(self, info: ModelInfo) -> np.ndarray:
         """Every sample as `info`'s model takes it, one batch (cached per image size)."""
         size = image_size(info)
@@ -59,16 +53,53 @@ class EvalSet:
         return self._prepared[key]
 
 
-def eval_set_from_files(source: str | Path, limit: int = EVAL_LIMIT,
-                        reference: str | None = None) -> EvalSet:
-    """An ImageFolder (labelled: its class indices are the targets), or unlabelled images or
-    a video (then `reference` must name the model whose results stand in for labels)."""
-    from tierwise.data.images import load_frames
+def eval_set_for(info: ModelInfo, limit: int = EVAL_LIMIT) -> EvalSet:
+    """The evaluation data of `info` (its `eval_data`), as its task reads it: a
+    classifier's ImageFolder labels are mapped by class name to the model's own label
+    indices (folder `dog` is the class the model's labels call `dog`); a detector's COCO
+    boxes likewise by category name. Labels the task cannot use (class folders for a
+    detector, any labels for an embedding) are left out, and `info.reference` (else the
+    model itself) stands in for them.
 
-    frames = load_frames(source, limit=limit)
-    targets = frames.labels if frames.labels is not None else frames.boxes
+    Raises EvalDataError naming the data and what does not fit: a class name the model's
+    labels do not have, a folder count that is not the model's class count where it has
+    no labels, COCO boxes for a classifier, no labels and no reference for a classifier
+    or detector."""
+    from tierwise.data.images import EvalDataError, load_frames
+
+    frames = load_frames(info.eval_data or "", limit=limit)
+    targets: Any = None
+    if info.task == "classification" and frames.labels is not None:
+        targets = _relabelled(frames.labels, frames.classes, info, frames.source)
+    elif info.task == "classification" and frames.boxes is not None:
+        raise EvalDataError(f"{frames.source}: detection boxes for the classifier "
+                            f"{info.name}; expected an ImageFolder, or images with --reference")
+    elif info.task == "detection" and frames.boxes is not None:
+        targets = [(boxes, _relabelled(classes, frames.classes, info, frames.source))
+                   for boxes, classes in frames.boxes]
+    if targets is None and info.task in ("classification", "detection") and \
+            not info.reference:
+        raise EvalDataError(f"{frames.source}: no {info.task} labels here for {info.name}; "
+                            "pass --reference MODEL, whose results stand in for them")
     return EvalSet(samples=frames.images, source=frames.source, targets=targets,
-                   reference=None if frames.labelled else reference)
+                   reference=None if targets is not None else info.reference)
+
+
+def _relabelled(indices: np.ndarray, classes: list[str], info: ModelInfo,
+                source: str) -> np.ndarray:
+    """Class indices of the data (into `classes`) as indices into the model's labels."""
+    from tierwise.data.images import EvalDataError
+
+    if not info.labels:
+        return indices
+    position = {label: index for index, label in enumerate(info.labels)}
+    unknown = sorted({name for name in classes if name not in position})
+    if unknown:
+        shown = ", ".join(info.labels[:6]) + (" ..." if len(info.labels) > 6 else "")
+        raise EvalDataError(f"{source}: classes {unknown[:5]} are not labels of {info.name} "
+                            f"({shown}); name each folder or category by the model's label")
+    mapping = np.array([position[name] for name in classes], np.int64)
+    return mapping[np.asarray(indices, np.int64)] if len(indices) else np.asarray(indices)
 
 
 def detections_agree(result: DetectionResult, truth: DetectionResult,

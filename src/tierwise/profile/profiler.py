@@ -25,7 +25,7 @@ from tierwise.config import DEVICE_TIER, Config
 from tierwise.data import load_splits
 from tierwise.models.store import ModelInfo, bottleneck_bits, list_models, tier_models
 from tierwise.profile.cascade import cascade_curve
-from tierwise.profile.evaluation import EvalSet, Judge, eval_set_from_files
+from tierwise.profile.evaluation import EvalSet, Judge, eval_set_for
 from tierwise.profile.model_profile import (
     CascadeCurve,
     CodecProfile,
@@ -117,8 +117,8 @@ class _Profiler:
         if info.eval_data:
             key = f"{info.eval_data}|{info.reference or ''}"
             if key not in self.judges:
-                self.judges[key] = Judge(eval_set_from_files(
-                    info.eval_data, self.config.profile.eval_limit, info.reference), self.model)
+                self.judges[key] = Judge(eval_set_for(info, self.config.profile.eval_limit),
+                                         self.model)
             return self.judges[key]
         if "" not in self.judges:
             data = self.config.data
