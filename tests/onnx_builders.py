@@ -77,7 +77,7 @@ def fixed_box_detector(box: tuple[float, float, float, float], score: float = 0.
                  numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
                  numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape3"),
                  numpy_helper.from_array(np.array([-1, 1], np.int64), "shape2")]
-    nodes = [helper.make_node("ReduceMean", ["pixels"], ["mean"], keepdims=1),
+    nodes = [helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2, 3], keepdims=1),
              helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
              helper.make_node("Reshape", ["nothing", "shape3"], ["nothing3"]),
              helper.make_node("Reshape", ["nothing", "shape2"], ["nothing2"]),

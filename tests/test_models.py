@@ -377,3 +377,71 @@ def test_image_folder_classes_map_to_the_model_labels_by_name(tmp_path: Path, sp
     with pytest.raises(ModelImportError, match=r"classes \['cat'\] are not labels of net"):
         add_model(tmp_path / "models", "net", residual_net(classes=10), labels=labels,
                   preprocess="resize=16x16,scale=1/255", eval_data=folder, replace=True)
+
+
+def test_profile_works_on_a_store_of_your_own_models_alone(tmp_path: Path, splits,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    """No zoo is trained for a store that has models: one without evaluation data is a clear
+    error, one with it is profiled."""
+    config = tmp_path / "tierwise.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n')
+    source = _saved(tmp_path, residual_net(classes=10))
+    base = ["--config", str(config)]
+    assert main([*base, "models", "add", "mine", str(source), "--runs-on", "edge"]) == 0
+    assert main([*base, "profile"]) == 2
+    assert "mine: no evaluation data" in capsys.readouterr().err
+    folder = _image_folder(tmp_path / "folder", splits.test_x[:20], splits.test_y[:20])
+    assert main([*base, "models", "add", "mine", str(source), "--runs-on", "edge",
+                 "--preprocess", "resize=16x16,scale=1/255", "--eval", str(folder),
+                 "--replace"]) == 0
+    assert main([*base, "profile"]) == 0
+    assert not (tmp_path / "data" / "models" / "fmnist-device").exists()
+    assert (tmp_path / "data" / "models" / "mine" / "profile.json").is_file()
+
+
+def test_inputs_the_client_cannot_send_and_models_without_a_batch_are_named(
+        tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from tierwise.models.inputs import InputError, as_batch
+
+    grey = residual_net(classes=3)
+    grey.graph.node[0].input[1] = "w_grey"
+    grey.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.ones((8, 1, 3, 3), np.float32), "w_grey"))
+    grey.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
+    info = add_model(tmp_path, "grey", grey, preprocess="resize=16x16,scale=1/255")
+    assert as_batch(info, _images(1, 30, 20)[0]).shape == (1, 16, 16, 1)  # RGB -> luma
+    with pytest.raises(ModelImportError, match="order=bgr.*1 channel"):
+        add_model(tmp_path, "grey2", grey, preprocess="resize=16x16,bgr")
+    with pytest.raises(ModelImportError, match="scale: must not be 0"):
+        add_model(tmp_path, "zero", residual_net(), preprocess="resize=16x16,scale=0")
+    two = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "two",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2]) for name in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match="two takes 2 inputs"):
+        as_batch(add_model(tmp_path, "two", two, task="generic"), np.zeros(2, np.float32))
+    flat = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelImportError, match=r"'x' \[10\] has no batch dimension"):
+        add_model(tmp_path, "flat", flat, task="generic")
+    # a model whose own input is called `image` takes the preprocessing all the same
+    named = residual_net(input_name="image")
+    info = add_model(tmp_path, "named", named, preprocess="resize=16x16,scale=1/255")
+    out = _session(tmp_path / "named" / MODEL_FILE).run(None, {"image": _images(2, 20, 20)})
+    assert info.inputs[0].name == "image" and out[0].shape == (2, 5)
+
+
+def test_replacing_a_model_drops_the_heads_and_tails_of_the_old_one(tmp_path: Path) -> None:
+    info = add_model(tmp_path, "net", residual_net(seed=1))
+    x = np.zeros((2, 3, 16, 16), np.float32)
+    export_split(tmp_path, "net", info.split_points[0], x)
+    assert any(name.startswith("net.head@") for name in list_models(tmp_path))
+    add_model(tmp_path, "net", residual_net(seed=2), replace=True)
+    assert sorted(list_models(tmp_path)) == ["net"]

@@ -9,8 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierwise.config import ConfigError, load_config
+from tierwise.data.images import EvalDataError
 from tierwise.learn.federation import FederationError
+from tierwise.models.importer import ModelImportError
+from tierwise.models.inputs import InputError
+from tierwise.models.preprocess import PreprocessError
 from tierwise.registry import RegistryError
+from tierwise.tasks import TaskError
+
+# Bad input a user can give: each names the file, field or argument and what was expected.
+TierwiseInputError = (EvalDataError, ModelImportError, InputError, PreprocessError, TaskError)
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -51,11 +59,14 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from tierwise.models.store import list_models
     from tierwise.profile.profiler import ensure_profiles
-    from tierwise.zoo.build import ensure_zoo
 
     config = load_config(args.config)
-    ensure_zoo(config)
+    if not list_models(config.models_dir):  # an empty store: the reference workload
+        from tierwise.zoo.build import ensure_zoo
+
+        ensure_zoo(config)
     only = args.only.split(",") if args.only else None
     done = ensure_profiles(config, only=only, force=args.force or bool(only))
     if not done:
@@ -203,8 +214,11 @@ def _bench_rollout(args: argparse.Namespace) -> int:
 def _bench_decide(args: argparse.Namespace) -> int:
     from tierwise.bench.decide import run_bench_decide
 
-    counts = [int(part) for part in args.candidates.split(",")]
-    if any(count < 1 for count in counts):
+    try:
+        counts = [int(part) for part in args.candidates.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(count < 1 for count in counts):
         raise ConfigError(f"--candidates: expected positive counts like 50,200, got "
                           f"{args.candidates!r}")
     run_bench_decide(load_config(args.config), Path(args.out), counts, args.repeats)
@@ -460,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigError, RegistryError, FederationError, FileNotFoundError,
-            FileExistsError) as error:
+            FileExistsError, *TierwiseInputError) as error:
         # bad config, traces or registry input; DatasetMissingError; a federation that
         # could not start or failed (its message says which log to read)
         print(f"error: {error}", file=sys.stderr)

@@ -152,6 +152,12 @@ def add_model(
             raise ModelImportError(f"{where}: cuts {missing} are not cut points of the graph "
                                    f"(found {[cut.tensor for cut in found_cuts]})")
         found_cuts = [by_tensor[tensor] for tensor in cuts]
+    first = inputs[0].shape[:1]
+    if first and first[0] > 1:
+        raise ModelImportError(
+            f"{where}: input {inputs[0].name!r} {inputs[0].shape} has no batch dimension (its "
+            "first is neither dynamic nor 1); tierwise sends one sample per request with a "
+            "batch dimension first: export it with one")
     _check_runs(model, inputs, where)
     label_names = read_labels(Path(labels)) if isinstance(labels, (str, Path)) else \
         list(labels or [])
@@ -289,6 +295,10 @@ def _write(models_dir: Path, info: ModelInfo, model: Any, replace: bool) -> Mode
             if not replace:
                 raise ModelImportError(f"{final}: a model named {info.name!r} appeared "
                                        "meanwhile")
+            # heads, tails and variants cut from the old model do not fit the new one
+            for name, (member, _) in list_models(models_dir, weights=False).items():
+                if member.parent == info.name:
+                    shutil.rmtree(model_dir(models_dir, name), ignore_errors=True)
             retired = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".replaced-{info.name}-"))
             os.replace(final, retired / "old")
             os.replace(staging, final)

@@ -47,6 +47,10 @@ def as_batch(info: ModelInfo, sample: np.ndarray) -> np.ndarray:
     """
     from tierwise.protocol.oip import numpy_dtype
 
+    if len(info.inputs) != 1:
+        raise InputError(f"{info.name} takes {len(info.inputs)} inputs "
+                         f"({', '.join(spec.name for spec in info.inputs)}); the client sends "
+                         "one per request: call the server over OIP for it")
     spec = info.inputs[0]
     dtype = numpy_dtype(spec.datatype)
     array = np.asarray(sample)
@@ -60,11 +64,14 @@ def as_batch(info: ModelInfo, sample: np.ndarray) -> np.ndarray:
             array = array[0]
         if array.ndim == 2:
             array = array[..., None]
-        if array.ndim != 3 or array.shape[2] not in (1, channels) or min(array.shape[:2]) < 1:
+        if array.ndim != 3 or array.shape[2] not in (1, 3) or min(array.shape[:2]) < 1:
             raise InputError(f"input {spec.name!r} of {info.name}: expected an image "
                              f"[height, width, {channels}] of any size (uint8), got shape "
                              f"{list(np.shape(sample))}")
-        if array.shape[2] != channels:
+        if array.shape[2] == 3 and channels == 1:  # luma, as Pillow's convert("L") (BT.601)
+            array = np.rint(array.astype(np.float32) @ np.array(
+                [0.299, 0.587, 0.114], np.float32)).astype(np.uint8)[..., None]
+        elif array.shape[2] != channels:
             array = np.repeat(array, channels, axis=2)
         from tierwise.models.preprocess import resize_image
 

@@ -55,6 +55,13 @@ class Preprocessing(BaseModel):
             raise ValueError("std: must not be 0")
         return value
 
+    @field_validator("scale")
+    @classmethod
+    def _nonzero_scale(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("scale: must not be 0 (every pixel would be the same)")
+        return value
+
     def tolerance(self) -> float:
         """|graph - numpy/Pillow reference| bound, in the model's input units: both round the
         resized pixels to uint8, but Pillow resamples in fixed point and ONNX Runtime in
@@ -156,6 +163,9 @@ def check_fits(pre: Preprocessing, model_input: list[int]) -> int:
                 raise PreprocessError(
                     f"the preprocessing makes {made[0]}x{made[1]} images but the model input "
                     f"{model_input} ({pre.layout}) has {what} {want}")
+    if pre.order == "bgr" and channels != 3:
+        raise PreprocessError(f"order=bgr: the model input {model_input} has {channels} "
+                              "channel(s); a channel order needs 3")
     for key in ("mean", "std"):
         values = getattr(pre, key)
         if len(values) not in (1, channels):
@@ -299,11 +309,18 @@ def prepend(model: onnx.ModelProto, pre: Preprocessing, input_name: str | None =
                                 else [image_height, image_width])
     image = helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8,
                                           [batch, *spatial, channels])
-    if any(INPUT_NAME in (*node.input, *node.output) for node in model.graph.node) or \
-            any(value.name == INPUT_NAME for value in inputs if value is not target):
-        raise PreprocessError(f"the model already has a tensor named {INPUT_NAME!r}; rename it")
     merged = onnx.ModelProto()
     merged.CopyFrom(model)
+    if any(INPUT_NAME in (*node.input, *node.output) for node in merged.graph.node) or \
+            any(value.name == INPUT_NAME for value in merged.graph.input):
+        # the model's own tensor called `image` (often its input) gets another name
+        from tierwise.models.graph import rename_tensor
+
+        rename_tensor(merged, INPUT_NAME, INPUT_NAME + ".original")
+        if target.name == INPUT_NAME:
+            nodes[-1].output[0] = INPUT_NAME + ".original"
+        target = next(value for value in merged.graph.input
+                      if value.name in (target.name, INPUT_NAME + ".original"))
     graph = merged.graph
     kept_inputs = [value for value in graph.input if value.name != target.name]
     del graph.input[:]

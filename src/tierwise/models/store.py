@@ -266,6 +266,8 @@ def list_models(models_dir: Path, weights: bool = True) -> dict[str, tuple[Model
     if not root.is_dir():
         return found
     for directory in sorted(root.iterdir()):
+        if directory.name.startswith("."):  # an import or a replace in progress
+            continue
         onnx_file = directory / MODEL_FILE
         if (onnx_file.is_file() or not weights) and (directory / METADATA_FILE).is_file():
             info = load_info(directory)

@@ -70,6 +70,8 @@ def candidate_split_points(info: ModelInfo, max_cuts: int) -> list[int]:
             smallest = size
         elif size == smallest and envelope:
             envelope[-1] = point
+    if not envelope:  # no cut has a known size: evenly spaced over all of them
+        envelope = points
     if len(envelope) <= max_cuts:
         return envelope
     picks = np.unique(np.round(np.linspace(0, len(envelope) - 1, max_cuts)).astype(int))

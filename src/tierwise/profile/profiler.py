@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from tierwise.codecs import RAW, codec_fits, codec_names, get_codec, packed_codec_name
-from tierwise.config import DEVICE_TIER, Config
+from tierwise.config import DEVICE_TIER, Config, ConfigError
 from tierwise.data import load_splits
 from tierwise.models.store import ModelInfo, bottleneck_bits, list_models, tier_models
 from tierwise.profile.cascade import cascade_curve
@@ -114,6 +114,10 @@ class _Profiler:
         """The judge of the data `name` is measured on: its `eval_data`, else the config's
         dataset. Models that share data share a judge (and cached outputs)."""
         info, _ = self.found[name]
+        if info.reference and info.reference not in self.found:
+            raise ConfigError(f"{name}: its reference model {info.reference!r} is not in "
+                              f"{self.models_dir}; import it, or re-import {name} with "
+                              "another --reference")
         if info.eval_data:
             key = f"{info.eval_data}|{info.reference or ''}"
             if key not in self.judges:
@@ -121,6 +125,7 @@ class _Profiler:
                                          self.model)
             return self.judges[key]
         if "" not in self.judges:
+            self._check_takes_dataset(info)
             data = self.config.data
             splits = load_splits(data.path, data.validation_size, data.seed)
             self.judges[""] = Judge(EvalSet(
@@ -128,6 +133,16 @@ class _Profiler:
                 source=f"Fashion-MNIST validation split ({len(splits.val_x)} images)"),
                 self.model)
         return self.judges[""]
+
+    def _check_takes_dataset(self, info: ModelInfo) -> None:
+        """A model with no eval data is measured on the config's dataset (Fashion-MNIST
+        images, uint8 [1, 28, 28]); one that cannot take them needs its own."""
+        spec = info.inputs[0]
+        if spec.datatype != "UINT8" or spec.shape[1:] != [1, 28, 28]:
+            raise ConfigError(
+                f"{info.name}: no evaluation data, and its input {spec.describe()} does not "
+                "take the config's dataset (Fashion-MNIST, UINT8 [?, 1, 28, 28]); import it "
+                "with --eval DATA (`tierwise models add NAME FILE --eval DIR --replace`)")
 
     def per_tier(self, host_ms: float) -> dict[str, float]:
         return {tier: host_ms * scale for tier, scale in self.scales.items()}
@@ -160,7 +175,8 @@ class _Profiler:
                     features_shape=list(features.shape[1:]),
                     codecs={codec: codec_profile(codec, features,
                                                  judge.quality_of(name, tail_info.name))
-                            for codec in codec_names("feature")}))
+                            for codec in codec_names("feature")
+                            if codec_fits(codec, features[0])}))
             splits += self.bottleneck_splits(name)
         head_ms.append(full_ms)
         blocks = np.maximum(np.diff(head_ms), 0.0) if split else np.array([full_ms])
