@@ -413,7 +413,7 @@ def test_inputs_the_client_cannot_send_and_models_without_a_batch_are_named(
     grey.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
     info = add_model(tmp_path, "grey", grey, preprocess="resize=16x16,scale=1/255")
     assert as_batch(info, _images(1, 30, 20)[0]).shape == (1, 16, 16, 1)  # RGB -> luma
-    with pytest.raises(ModelImportError, match="order=bgr.*1 channel"):
+    with pytest.raises(ModelImportError, match=r"order=bgr.*1 channel"):
         add_model(tmp_path, "grey2", grey, preprocess="resize=16x16,bgr")
     with pytest.raises(ModelImportError, match="scale: must not be 0"):
         add_model(tmp_path, "zero", residual_net(), preprocess="resize=16x16,scale=0")
