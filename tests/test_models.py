@@ -445,3 +445,25 @@ def test_replacing_a_model_drops_the_heads_and_tails_of_the_old_one(tmp_path: Pa
     assert any(name.startswith("net.head@") for name in list_models(tmp_path))
     add_model(tmp_path, "net", residual_net(seed=2), replace=True)
     assert sorted(list_models(tmp_path)) == ["net"]
+
+
+def test_a_tensor_a_subgraph_captures_is_never_a_cut() -> None:
+    """`s` feeds an If whose branches read it from the outer scope: cutting at `s` would
+    leave the tail's If reading a tensor its graph does not have."""
+    from onnx import TensorProto, helper
+
+    def branch(op: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["s"], [f"{op}_out"])], op, [],
+                                 [helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT,
+                                                                [2])])
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["s"]),
+         helper.make_node("If", ["flag"], ["chosen"], then_branch=branch("Identity"),
+                          else_branch=branch("Neg")),
+         helper.make_node("Abs", ["chosen"], ["y"])], "captures",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [onnx.numpy_helper.from_array(np.array(True), "flag")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert [cut.tensor for cut in graph.cut_points(graph.infer_shapes(model))] == ["chosen"]

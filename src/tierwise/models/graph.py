@@ -212,6 +212,10 @@ def cut_points(model: onnx.ModelProto) -> list[CutPoint]:
     for name in outputs:
         last_use[name] = len(live)
     crossing: dict[str, int] = {name: last_use[name] for name in inputs if name in last_use}
+    # a tensor an If/Loop/Scan body reads from outside cannot be a tail's input: extraction
+    # and renaming follow a node's inputs, not what its subgraphs capture
+    captured = {name for index in live for name in _node_inputs(graph.node[index])
+                if name not in graph.node[index].input}
     infos = value_infos(model)
     found: list[CutPoint] = []
     for order, index in enumerate(live):
@@ -222,7 +226,7 @@ def cut_points(model: onnx.ModelProto) -> list[CutPoint]:
         if len(crossing) != 1:
             continue
         (name,) = crossing
-        if name in outputs or name in inputs or name not in infos:
+        if name in outputs or name in inputs or name in captured or name not in infos:
             continue
         value = infos[name]
         if not value.type.HasField("tensor_type") or \

@@ -165,7 +165,13 @@ class _Profiler:
         if split:
             for point in candidate_split_points(info, self.config.profile.max_cuts):
                 self.progress.update(task, description=f"profiling {name} split @{point}")
-                head_info, tail_info = export_split(self.models_dir, name, point, inputs[:32])
+                try:
+                    head_info, tail_info = export_split(self.models_dir, name, point,
+                                                        inputs[:32])
+                except Exception as error:
+                    self.progress.console.print(f"[yellow]{name}: split @{point} skipped[/]: "
+                                                f"{str(error).splitlines()[0][:200]}")
+                    continue
                 self.found = list_models(self.models_dir)
                 head = self.model(head_info.name)
                 head_ms.append(batch1_ms(head.run, inputs))
