@@ -26,5 +26,6 @@ def test_the_bench_writes_its_results(tmp_path: Path) -> None:
     assert [row["candidates"] for row in result["rows"]] == [20, 200]
     for row in result["rows"]:
         assert 0 < row["p50_us"] <= row["p99_us"]
+        assert 0 < row["decide_p50_us"] <= row["decide_p99_us"]
     print(result["rows"])  # the numbers belong to the benchmark, not to this test
     assert main(["bench", "decide", "--candidates", "0", "--out", str(out)]) == 2

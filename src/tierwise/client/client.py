@@ -365,7 +365,7 @@ class Client:
     def decide(self, slo: SLO, exclude: set[str] | None = None) -> Decision:
         """What the policy would run now for `slo` (no request is made)."""
         policy = self.policy()
-        with self._lock:
+        with self._lock:  # the same two steps `tierwise bench decide` times
             state = planning_state(self.link_estimators, self.server_estimators,
                                    self._device_ratio, self.down | (exclude or set()))
         return policy.choose(slo, state)
