@@ -95,15 +95,15 @@ def add_model(
         calibration, trained, provenance: metadata a caller already has (the zoo's training).
         cuts: restrict the split candidates to these tensors (each must be a cut point of the
             graph); default every cut point the graph has.
-        eval_data: what `tierwise profile` measures it on (an ImageFolder, images or a
-            video); checked to be readable now; default: the config's dataset.
+        eval_data: what `tierwise profile` measures it on (an ImageFolder, COCO-style JSON,
+            images or a video), read now as the task reads it (`eval_set_for`); default:
+            the config's dataset.
         reference: the model whose results stand in for labels where `eval_data` has none.
         replace: overwrite a model of that name; otherwise an existing one is an error.
 
     Raises:
         ModelImportError: naming the file and what was expected; nothing is written.
     """
-
     from tierwise.models import graph
     from tierwise.models.preprocess import PreprocessError, Preprocessing, parse_preprocessing
 
