@@ -214,3 +214,29 @@ def test_an_imported_model_is_quantized_against_its_own_eval_data(
     assert variant.preprocessing == info.preprocessing and variant.labels == CLASSES
     strict = quantize_model(copy, "big", data, kinds=("int8-dynamic",), accuracy_budget=-1.0)
     assert not strict[0].kept and "fidelity to big" in strict[0].reason
+
+
+def test_task_options_say_what_the_graph_does_not(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A detector whose boxes are (y_min, x_min, y_max, x_max), as TensorFlow's detection
+    API writes them: imported with box_order=yxyx, its boxes come out as x_min, y_min..."""
+    import onnx
+
+    from onnx_builders import fixed_box_detector
+    from tierwise.cli import main
+    from tierwise.tasks import task_for
+
+    source = tmp_path / "tf-style.onnx"
+    onnx.save(fixed_box_detector((0.1, 0.2, 0.3, 0.6)), str(source))
+    store = ["--models", str(tmp_path / "models")]
+    assert main(["models", "add", "tf", str(source), "--task", "detection", "--task-option",
+                 "box_order=yxyx", "--task-option", "score_threshold=0.6", *store]) == 0
+    info = list_models(tmp_path / "models")["tf"][0]
+    assert info.task_options == {"box_order": "yxyx", "score_threshold": 0.6}
+    task = task_for(info)
+    (result,) = task.decode({"boxes": np.array([[[0.1, 0.2, 0.3, 0.6]]], np.float32),
+                             "scores": np.array([[0.9]], np.float32)})
+    np.testing.assert_allclose(result.boxes[0], [0.2, 0.1, 0.6, 0.3], atol=1e-6)
+    assert main(["models", "add", "bad", str(source), "--task", "detection", "--task-option",
+                 "box_orde=yxyx", *store]) == 2
+    assert "box_orde" in capsys.readouterr().err

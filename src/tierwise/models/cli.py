@@ -30,6 +30,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                      "then takes uint8 NHWC images of any size")
     add.add_argument("--runs-on", help="comma-separated tiers that may run it "
                      "(device,edge,cloud); default: as tiers.*.models say")
+    add.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="how the task reads the outputs, repeatable: e.g. box_order=yxyx, "
+                     "score_threshold=0.6, image_size_px=[640,480] (values are JSON where "
+                     "they parse as JSON)")
     add.add_argument("--eval", help="evaluation data for `tierwise profile`: an ImageFolder "
                      "(labelled), images or a video (unlabelled: needs --reference)")
     add.add_argument("--reference", help="the model whose results stand in for labels on "
@@ -67,8 +71,18 @@ def run(args: argparse.Namespace) -> int:
             if unknown:
                 raise ModelImportError(f"--runs-on: unknown tiers {unknown}; the config has "
                                        f"{sorted(config.tiers)}")
+            options = {}
+            for item in args.task_option:
+                key, equals, value = item.partition("=")
+                if not equals or not key:
+                    raise ModelImportError(f"--task-option: expected KEY=VALUE, got {item!r}")
+                try:
+                    options[key.strip()] = json.loads(value)
+                except ValueError:
+                    options[key.strip()] = value
             with console.status(f"importing {args.file}"):
                 info = add_model(models_dir, args.name, args.file, task=args.task,
+                                 task_options=options,
                                  labels=args.labels, preprocess=args.preprocess,
                                  runs_on=runs_on, replace=args.replace,
                                  eval_data=args.eval, reference=args.reference)

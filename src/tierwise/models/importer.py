@@ -79,6 +79,7 @@ def add_model(
     cuts: list[str] | None = None,
     eval_data: str | Path | None = None,
     reference: str | None = None,
+    task_options: dict[str, Any] | None = None,
     version: str = "1",
     replace: bool = False,
 ) -> ModelInfo:
@@ -99,6 +100,8 @@ def add_model(
             images or a video), read now as the task reads it (`eval_set_for`); default:
             the config's dataset.
         reference: the model whose results stand in for labels where `eval_data` has none.
+        task_options: how the task reads the outputs where the graph does not say
+            (`ModelInfo.task_options`; e.g. {"box_order": "yxyx"} for a detector).
         replace: overwrite a model of that name; otherwise an existing one is an error.
 
     Raises:
@@ -170,6 +173,7 @@ def add_model(
             source=f"imported from {source}" if isinstance(source, (str, Path))
             else "imported from an in-memory ONNX model", source_sha256=source_sha256),
         cuts=found_cuts, runs_on=list(runs_on or []), trained=trained,
+        task_options=dict(task_options or {}),
         eval_data=str(Path(eval_data).resolve()) if eval_data is not None else None,
         reference=reference)
     info.provenance = (info.provenance or Provenance(source="")).model_copy(update={

@@ -115,6 +115,11 @@ class ModelInfo(BaseModel):
     bytes: int
     sha256: str
     labels: list[str] = Field(default_factory=list, description="class names, by index")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="how the task reads the outputs, where the graph "
+        "does not say: e.g. detection's box_order (xyxy, yxyx, cxcywh), image_size_px, "
+        "boxes/scores/classes output names, score_threshold, iou_threshold, suppression; "
+        "classification's outputs_are (logits, probabilities)")
     preprocessing: dict[str, Any] | None = Field(
         None, description="the preprocessing prepended to the graph "
         "(tierwise.models.preprocess.Preprocessing, as a dict)")

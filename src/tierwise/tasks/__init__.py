@@ -36,12 +36,23 @@ def task_for(info: ModelInfo, **options: Any) -> Task[Any]:
     """The task of the model `info` describes, its options read from the metadata and
     overridden by `options`, checked against the model's outputs.
 
-    Raises TaskError for an unknown task (naming the known ones) or outputs the task cannot
-    read (naming the output and the shape expected)."""
+    Raises TaskError for an unknown task (naming the known ones), an option the task does
+    not have (naming the ones it has), or outputs the task cannot read (naming the output
+    and the shape expected)."""
     if info.task not in TASKS:
         raise TaskError(f"{info.name}: task: {info.task!r}; expected one of "
                         f"{', '.join(TASKS)}")
-    task = TASKS[info.task].from_info(info, **options)
+    kind = TASKS[info.task]
+    try:
+        task = kind.from_info(info, **(info.task_options | options))
+    except TypeError as error:  # an unknown keyword: name what the task takes
+        import inspect
+
+        known = [name for name in inspect.signature(kind.__init__).parameters
+                 if name != "self"]
+        known += list(getattr(kind, "LAYOUT_OPTIONS", ()))
+        raise TaskError(f"{info.name}: task options {sorted(info.task_options | options)}: "
+                        f"{error}; {kind.name} takes {', '.join(known)}") from None
     task.check_outputs(info.outputs)
     return task
 

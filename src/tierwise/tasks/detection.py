@@ -487,6 +487,7 @@ class Detection(Task[DetectionResult]):
 
     name = "detection"
     has_confidence = True
+    LAYOUT_OPTIONS = ("boxes", "scores", "classes", "box_order", "image_size_px")
 
     def __init__(self, layout: BoxLayout | None = None, labels: Sequence[str] = (),
                  score_threshold: float = 0.5, iou_threshold: float = 0.3,
@@ -511,10 +512,22 @@ class Detection(Task[DetectionResult]):
     @classmethod
     def from_info(cls, info: ModelInfo, **options: Any) -> Self:
         """Labels from the metadata; the layout read from the output shapes (`_layout_for`)
-        unless `layout` is given."""
+        unless `layout` is given. Options naming a decoded-boxes layout (`LAYOUT_OPTIONS`:
+        output names, `box_order`, `image_size_px`, as in `ModelInfo.task_options`) override
+        what the shapes suggest."""
         settings: dict[str, Any] = {"labels": info.labels}
+        layout_options = {key: options.pop(key) for key in cls.LAYOUT_OPTIONS
+                          if key in options}
         if "layout" not in options:
             settings["layout"] = _layout_for(info.outputs)
+            if layout_options:
+                guessed = settings["layout"]
+                if not isinstance(guessed, DecodedBoxes):
+                    raise TaskError(f"detection: {sorted(layout_options)} describe decoded "
+                                    "boxes, but the outputs are SSD anchors")
+                settings["layout"] = DecodedBoxes(**({
+                    "boxes": guessed.boxes, "scores": guessed.scores,
+                    "classes": guessed.classes} | layout_options))
         layout = options.get("layout", settings.get("layout"))
         if isinstance(layout, SsdAnchorBoxes):
             settings["suppression"] = "weighted"
