@@ -240,3 +240,24 @@ def test_task_options_say_what_the_graph_does_not(tmp_path: Path,
     assert main(["models", "add", "bad", str(source), "--task", "detection", "--task-option",
                  "box_orde=yxyx", *store]) == 2
     assert "box_orde" in capsys.readouterr().err
+
+
+def test_inferences_of_an_imported_model_are_monitored(own_models: tuple[Config, Path],
+                                                       splits: Splits) -> None:
+    """Metrics and the drift monitor's statistics for a user's model: input statistics of
+    the frame, the calibrated confidence and the label go to the monitor off the request
+    path; the metrics count each answer by plan and tier."""
+    config, models_dir = own_models
+    app = TierServer("edge", config.tier("edge"), load_models(models_dir))
+    with serve_in_thread(app) as url, Client(config, models_dir=models_dir,
+                                             tier_urls={"edge": url}, probe=False,
+                                             collector_url="") as client:
+        answers = [client.infer(np.asarray(Image.fromarray(image[0]).convert("RGB")),
+                                Remote("edge", "big")) for image in splits.test_x[:12]]
+        client.monitor_drain()
+        exposition = client.metrics.exposition().decode()
+    assert 'tierwise_client_requests_total{plan="remote",tier="edge"} 12.0' in exposition
+    for answer in answers:
+        trace = answer.trace
+        assert trace.input_mean is not None and 0.0 <= trace.input_mean <= 1.0
+        assert trace.label == answer.label and trace.confidence == answer.confidence

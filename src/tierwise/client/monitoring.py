@@ -67,10 +67,14 @@ class Monitor:
             self._thread.start()
 
     def submit(self, trace: Trace, batch: np.ndarray) -> None:
-        """Hand one answered inference to the thread, with its input statistics."""
-        pixels = batch.astype(np.float32) * (1 / 255)
-        trace.input_mean = float(pixels.mean())
-        trace.input_std = float(pixels.std())
+        """Hand one answered inference to the thread, with its input statistics: of the
+        pixels in 0..1 for a uint8 image, of the values themselves for any other input
+        (the input itself never leaves the device)."""
+        values = batch.astype(np.float32)
+        if batch.dtype == np.uint8:
+            values *= 1 / 255
+        trace.input_mean = float(values.mean())
+        trace.input_std = float(values.std())
         self._answered.append(trace)  # no wake-up: the thread polls
 
     def drain(self) -> None:
