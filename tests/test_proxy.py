@@ -171,9 +171,12 @@ def test_concurrent_connections_share_one_link(servers: Callable[..., LoopbackSe
         print(f"2 x 100 KB up at 250 KB/s: finished at {finished[0]:.3f} s and "
               f"{finished[1]:.3f} s (expected 0.800 s together)")
         assert [total for total, _ in reports] == [100_000, 100_000]
-        assert_close_to(finished[1], 0.8)
-        # interleaved on the link, not one after the other (that would end one at 0.4 s)
-        assert finished[0] > 0.6
+        # never faster than one 250 KB/s link for both: 200 KB take at least 0.8 s (a loaded
+        # machine may only add time, so the upper bound is loose)
+        assert 0.8 * (1 - TOLERANCE) <= finished[1] <= 0.8 * 3, finished
+        # interleaved on the link, not one after the other (that would end the first at
+        # half the time of the second)
+        assert finished[0] >= 0.75 * finished[1], finished
         assert proxy.counters()["connections"] == 2
         assert proxy.bytes_up == 200_000
 
