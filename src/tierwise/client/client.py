@@ -43,7 +43,7 @@ from tierwise.client.remote import HTTP_HEADER_BYTES, TierConnections
 from tierwise.client.stages import Execution, call_tier
 from tierwise.client.trace import Trace
 from tierwise.config import DEVICE_TIER, Config, load_config
-from tierwise.models.inputs import as_batch
+from tierwise.models.inputs import as_batch, input_key
 from tierwise.models.store import ModelInfo
 from tierwise.monitor.drift import DriftMonitor
 from tierwise.monitor.metrics import ClientMetrics
@@ -309,7 +309,9 @@ class Client:
         `keep_input_on_device` (only local and split plans qualify).
         """
         model_set = self.model_set  # this request's models, whatever a swap does meanwhile
-        batch = as_batch(model_set.infos[self.device_model], image)
+        device_info = model_set.infos[self.device_model]
+        batch = as_batch(device_info, image)  # checked before anything runs
+        prepared = {input_key(device_info): batch}  # every stage reuses it
         slo = SLO(deadline_ms if deadline_ms is not None else self.slo.deadline_ms,
                   next((floor for floor in (min_quality, min_accuracy) if floor is not None),
                        self.slo.min_accuracy),
@@ -331,7 +333,7 @@ class Client:
         while True:
             fallback_ms = self.profiled_ms.get((DEVICE_TIER, self.device_model), 0.0)
             abort_at = remote_abort_at(started, slo, decision, fallback_ms, self.timeout_s)
-            execution = Execution(self, trace, abort_at, model_set)
+            execution = Execution(self, trace, abort_at, model_set, prepared)
             try:
                 outcome = plan.execute(execution, np.asarray(image))
                 break

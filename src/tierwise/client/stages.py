@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from tierwise.client.modelset import ModelSet
 from tierwise.client.remote import RemoteTimeoutError, remote_infer
 from tierwise.client.trace import StageTrace, Trace
 from tierwise.config import DEVICE_TIER
-from tierwise.models.inputs import as_batch
+from tierwise.models.inputs import as_batch, input_key
 from tierwise.models.store import ModelInfo
 from tierwise.planner.cost import compute_cost_usd, device_energy_cost_usd, transfer_cost_usd
 from tierwise.planner.plans import RemoteStageError, StageOutcome
@@ -80,12 +80,15 @@ class Execution:
     """
 
     def __init__(self, client: Client, trace: Trace, abort_at: float,
-                 model_set: ModelSet) -> None:
+                 model_set: ModelSet, prepared: dict[Any, np.ndarray] | None = None) -> None:
         self.client = client
         self.trace = trace
         self.abort_at = abort_at
         self.model_set = model_set
         self.pin_versions = client.subscriber is not None
+        # the request's input as each input spec takes it (a frame is resized once per size,
+        # not once per stage: a cascade's first stage and a fallback share it)
+        self._prepared = prepared if prepared is not None else {}
 
     def prepared(self, model: str, tensor: np.ndarray) -> np.ndarray:
         """The request's input as `model` takes it (resized where it takes images); a
@@ -93,7 +96,11 @@ class Execution:
         info = self.model_set.infos.get(model)
         if info is None or info.role == "tail":
             return tensor
-        return as_batch(info, tensor)
+        key = input_key(info)
+        batch = self._prepared.get(key)
+        if batch is None:
+            batch = self._prepared[key] = as_batch(info, tensor)
+        return batch
 
     def run_local(self, model: str, tensor: np.ndarray) -> dict[str, np.ndarray]:
         client = self.client

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from tierwise.models.store import (
     model_dir,
     sha256_file,
 )
+
+if TYPE_CHECKING:
+    from tierwise.profile.evaluation import EvalSet
 
 PLAIN_NAME = "a plain name: letters, digits, '.', '_', '-', '@' (no '/' or spaces)"
 
@@ -181,15 +184,16 @@ def add_model(
         "tool": f"tierwise {__version__}"})
     _check_task(info, where)
     if info.eval_data:
-        check_eval_data(info)
-    if calibration is None and info.task == "classification" and info.eval_data:
-        info.calibration = _calibrate(model, info)
+        data = check_eval_data(info)
+        if calibration is None and info.task == "classification":
+            info.calibration = _calibrate(model, info, data)
     return _write(models_dir, info, model, replace)
 
 
-def check_eval_data(info: ModelInfo) -> None:
+def check_eval_data(info: ModelInfo) -> EvalSet:
     """Reads all of `info.eval_data` as the model's task would, and one sample through the
-    model's input: an unreadable, empty or unfitting folder fails now, not at profile time."""
+    model's input: an unreadable, empty or unfitting folder fails now, not at profile time.
+    Returns what it read (calibration uses it: the data is read once)."""
     from tierwise.data.images import EvalDataError
     from tierwise.models.inputs import InputError, as_batch
     from tierwise.profile.evaluation import EVAL_LIMIT, eval_set_for
@@ -202,9 +206,10 @@ def check_eval_data(info: ModelInfo) -> None:
     except InputError as error:
         raise ModelImportError(f"--eval {info.eval_data}: its images do not fit the model: "
                                f"{error} (is a --preprocess missing?)") from None
+    return data
 
 
-def _calibrate(model: Any, info: ModelInfo) -> Calibration:
+def _calibrate(model: Any, info: ModelInfo, data: EvalSet) -> Calibration:
     """A classifier's temperature fitted on its labelled evaluation data (Guo et al., ICML
     2017: the T minimising the NLL of softmax(logits / T)); T = 1 where the data has no
     labels (a reference model's answers are not ground truth to calibrate against)."""
@@ -213,10 +218,8 @@ def _calibrate(model: Any, info: ModelInfo) -> Calibration:
     from tierwise.models.inputs import as_batch
     from tierwise.profile.calibration import expected_calibration_error, fit_temperature
     from tierwise.profile.calibration import softmax as calibrated
-    from tierwise.profile.evaluation import EVAL_LIMIT, eval_set_for
     from tierwise.tasks import Classification
 
-    data = eval_set_for(info, EVAL_LIMIT)
     if data.targets is None:
         return Calibration()
     labels = np.asarray(data.targets, np.int64)

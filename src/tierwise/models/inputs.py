@@ -33,6 +33,13 @@ def image_size(info: ModelInfo) -> tuple[int, int] | None:
     return shape[1], shape[2]
 
 
+def input_key(info: ModelInfo) -> tuple[object, ...]:
+    """Models with equal keys take one sample as the same batch (`as_batch`): a head and
+    its model, or two models of one image size."""
+    spec = info.inputs[0]
+    return (image_size(info), spec.datatype, tuple(spec.shape))
+
+
 def as_batch(info: ModelInfo, sample: np.ndarray) -> np.ndarray:
     """`sample` as a batch of one for `info`'s first input, C-contiguous.
 

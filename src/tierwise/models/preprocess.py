@@ -67,10 +67,9 @@ class Preprocessing(BaseModel):
         at most about twice the target size: both round the resized pixels to uint8, but
         Pillow resamples in fixed point and ONNX Runtime in float, so a pixel may land one
         level apart; without a resize they agree to float rounding. Larger downscales differ
-        more (measured: 2 levels at 1080p -> 224 on a smooth photo, 10-15 on noise; before
-        opset 18 there is no antialiasing at all), which only frames sent to a server at
-        another size meet: the device resizes with Pillow, and then the in-graph resize is
-        the identity."""
+        more (the two filters' supports differ; before opset 18 there is no antialiasing at
+        all), which only frames sent to a server at another size meet: the device resizes
+        with Pillow, and then the in-graph resize is the identity."""
         if not self.resize:
             return 1e-5
         return abs(self.scale) / min(abs(value) for value in self.std) + 1e-5

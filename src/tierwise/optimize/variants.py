@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,29 +101,40 @@ def register_variant(
         parameters=parameters if parameters is not None else onnx_parameters(onnx_path),
         validation_accuracy=val_accuracy, parent_validation_accuracy=parent_accuracy,
         test_accuracy=test_accuracy)
-    directory = model_dir(models_dir, name)
+    reason = (f"validation accuracy {val_accuracy:.2%} is {drop * 100:.2f} points below "
+              f"{parent.name}'s; the budget is {accuracy_budget * 100:g}")
+
+    def metadata() -> dict[str, object]:
+        temperature = fit_temperature(val_logits, splits.val_y)
+        return {"trained": parent.training_record().model_copy(update={
+                    "test_accuracy": test_accuracy, "validation_accuracy": val_accuracy,
+                    "record": training or {}}),
+                "calibration": Calibration(
+                    temperature=temperature, fitted_on="Fashion-MNIST validation split",
+                    expected_calibration_error=expected_calibration_error(
+                        softmax(val_logits, temperature), splits.val_y))}
+    return _settle(models_dir, parent, outcome, onnx_path, reason, metadata)
+
+
+def _settle(models_dir: Path, parent: ModelInfo, outcome: VariantOutcome, onnx_path: Path,
+            reason: str, metadata: Callable[[], dict[str, object]]) -> VariantOutcome:
+    """Register a variant within budget (its file moved into the store, its metadata its
+    parent's with `metadata()` over it), or drop it with `reason`, and whatever an earlier
+    run registered under its name: a rejected variant must never be served."""
+    directory = model_dir(models_dir, outcome.name)
     if not outcome.kept:
-        outcome.reason = (f"validation accuracy {val_accuracy:.2%} is {drop * 100:.2f} points "
-                          f"below {parent.name}'s; the budget is {accuracy_budget * 100:g}")
+        outcome.reason = reason
         onnx_path.unlink()
         shutil.rmtree(directory, ignore_errors=True)
         return outcome
     directory.mkdir(parents=True, exist_ok=True)
     stored = directory / MODEL_FILE
     shutil.move(str(onnx_path), stored)
-    temperature = fit_temperature(val_logits, splits.val_y)
     save_info(models_dir, parent.model_copy(update={
-        "name": name, "version": "1", "parent": parent.name, "variant": variant,
-        "bytes": stored.stat().st_size, "sha256": sha256_file(stored),
-        "parameters": outcome.parameters,
-        "trained": parent.training_record().model_copy(update={
-            "test_accuracy": test_accuracy, "validation_accuracy": val_accuracy,
-            "record": training or {}}),
-        "calibration": Calibration(
-            temperature=temperature, fitted_on="Fashion-MNIST validation split",
-            expected_calibration_error=expected_calibration_error(
-                softmax(val_logits, temperature), splits.val_y)),
-        "role": "full", "split_point": None, "bottleneck": None}))
+        "name": outcome.name, "version": "1", "parent": parent.name,
+        "variant": outcome.variant, "bytes": stored.stat().st_size,
+        "sha256": sha256_file(stored), "parameters": outcome.parameters, "role": "full",
+        "split_point": None, "bottleneck": None, **metadata()}))
     return outcome
 
 
@@ -148,23 +160,9 @@ def _register_measured(models_dir: Path, parent: ModelInfo, variant: str, onnx_p
         parameters=parameters if parameters is not None else onnx_parameters(onnx_path),
         validation_accuracy=quality, parent_validation_accuracy=parent_quality,
         test_accuracy=quality, details={"quality": judge.quality_name(parent.name)})
-    directory = model_dir(models_dir, name)
-    if not outcome.kept:
-        outcome.reason = (f"{judge.quality_name(parent.name)} {quality:.2%} is "
-                          f"{drop * 100:.2f} points below {parent.name}'s; the budget is "
-                          f"{accuracy_budget * 100:g}")
-        onnx_path.unlink()
-        shutil.rmtree(directory, ignore_errors=True)
-        return outcome
-    directory.mkdir(parents=True, exist_ok=True)
-    stored = directory / MODEL_FILE
-    shutil.move(str(onnx_path), stored)
-    save_info(models_dir, parent.model_copy(update={
-        "name": name, "version": "1", "parent": parent.name, "variant": variant,
-        "bytes": stored.stat().st_size, "sha256": sha256_file(stored),
-        "parameters": outcome.parameters, "trained": None,
-        "role": "full", "split_point": None, "bottleneck": None}))
-    return outcome
+    reason = (f"{judge.quality_name(parent.name)} {quality:.2%} is {drop * 100:.2f} points "
+              f"below {parent.name}'s; the budget is {accuracy_budget * 100:g}")
+    return _settle(models_dir, parent, outcome, onnx_path, reason, lambda: {"trained": None})
 
 
 def register_module(
