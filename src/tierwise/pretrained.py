@@ -477,9 +477,10 @@ def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
                 runs_on: list[str] | None = None,
                 images: Sequence[np.ndarray] | None = None,
                 eval_data: str | Path | None = None,
+                reference: str | None = None,
                 console: Console | None = None) -> ModelInfo:
     """Convert, check and import `pretrained` unless the store has it already (then only its
-    `runs_on` and `eval_data` are updated, when given and different)."""
+    `runs_on`, `eval_data` and `reference` are updated, when given and different)."""
     from tierwise.models.importer import add_model, check_eval_data
 
     models_dir = Path(models_dir)
@@ -488,11 +489,13 @@ def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
         update: dict[str, object] = {}
         if runs_on is not None and cached.runs_on != list(runs_on):
             update["runs_on"] = list(runs_on)
-        if eval_data is not None:
+        if eval_data is not None and cached.eval_data != str(Path(eval_data).resolve()):
             update["eval_data"] = str(Path(eval_data).resolve())
+        if reference is not None and cached.reference != reference:
+            update["reference"] = reference
         if update:
             cached = cached.model_copy(update=update)
-            if eval_data is not None:
+            if cached.eval_data:
                 check_eval_data(cached)
             save_info(models_dir, cached)
         _say(console, f"{pretrained.name}: installed already (same weights), not converted")
@@ -518,7 +521,7 @@ def install_one(models_dir: str | Path, pretrained: PretrainedModel, *,
                      preprocess=pretrained.preprocess,
                      runs_on=list(runs_on if runs_on is not None else pretrained.runs_on),
                      provenance=provenance, replace=True, eval_data=eval_data,
-                     reference=pretrained.reference_model() or pretrained.name)
+                     reference=reference or pretrained.reference_model() or pretrained.name)
     batch = "dynamic batch" if info.batched else "batch of 1"
     _say(console, f"{pretrained.name}: converted in {converted_s:.1f} s, imported in "
                   f"{time.perf_counter() - started:.1f} s ({batch}); {check.describe()}")
@@ -529,6 +532,7 @@ def install_pretrained(models_dir: str | Path, names: Sequence[str], *,
                        runs_on: list[str] | None = None,
                        images: Sequence[np.ndarray] | None = None,
                        eval_data: str | Path | None = None,
+                       reference: str | None = None,
                        console: Console | None = None) -> list[ModelInfo]:
     """Install the pretrained models `names` (keys of `CATALOGUE`) into `models_dir`, in
     order; return their metadata.
@@ -540,6 +544,7 @@ def install_pretrained(models_dir: str | Path, names: Sequence[str], *,
         eval_data: what `tierwise profile` measures them on (images or a video); unlabelled,
             so quality is fidelity to the family's largest model (BlazeFace full-range, or
             the model itself).
+        reference: the model whose results stand in for labels; default as above.
         console: where progress goes; default nowhere.
 
     Raises:
@@ -551,7 +556,8 @@ def install_pretrained(models_dir: str | Path, names: Sequence[str], *,
         raise PretrainedError(f"names: {unknown} are not pretrained models; expected some of "
                               f"{', '.join(CATALOGUE)}")
     return [install_one(models_dir, CATALOGUE[name], runs_on=runs_on, images=images,
-                        eval_data=eval_data, console=console) for name in names]
+                        eval_data=eval_data, reference=reference, console=console)
+            for name in names]
 
 
 def _say(console: Console | None, message: str) -> None:

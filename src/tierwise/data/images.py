@@ -35,6 +35,8 @@ class Frames:
     # detection ground truth per image: (boxes [M, 4] float32 x_min, y_min, x_max, y_max
     # normalised 0..1 to the image, category indices [M] int64 into `classes`)
     boxes: list[tuple[np.ndarray, np.ndarray]] | None = None
+    # files that did not decode (corrupt or truncated), left out: "path: reason"
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
@@ -76,8 +78,17 @@ def load_image_folder(root: str | Path, limit: int | None = None) -> Frames:
             if rank < len(files):
                 picked.append((files[rank], label))
     picked = picked[:limit] if limit else picked
-    return Frames(images=[read_image(path) for path, _ in picked], source=f"image folder {root}",
-                  labels=np.array([label for _, label in picked], np.int64), classes=classes)
+    images, labels, skipped = [], [], []
+    for path, label in picked:
+        try:
+            images.append(read_image(path))
+            labels.append(label)
+        except EvalDataError as error:
+            skipped.append(str(error))
+    if not images:
+        raise EvalDataError(f"{root}: no readable images ({len(skipped)} did not decode)")
+    return Frames(images=images, source=f"image folder {root}", skipped=skipped,
+                  labels=np.array(labels, np.int64), classes=classes)
 
 
 def load_coco(path: str | Path, limit: int | None = None) -> Frames:
@@ -124,8 +135,11 @@ def load_coco(path: str | Path, limit: int | None = None) -> Frames:
                   classes=[str(category["name"]) for category in categories])
 
 
-def iter_video(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
-    """Every `every`-th frame of a video, uint8 RGB [height, width, 3] (OpenCV)."""
+def iter_video(path: str | Path, every: int = 1, start: int = 0,
+               stop: int | None = None) -> Iterator[np.ndarray]:
+    """Every `every`-th frame of a video from frame `start` until before `stop`, uint8 RGB
+    [height, width, 3] (OpenCV). A truncated or corrupt stream ends where OpenCV can no
+    longer decode it (frame sizes may change within a stream; each frame keeps its own)."""
     try:
         import cv2
     except ImportError:
@@ -140,29 +154,46 @@ def iter_video(path: str | Path, every: int = 1) -> Iterator[np.ndarray]:
             ok, frame = capture.read()
             if not ok:
                 break
-            if index % every == 0:
+            if stop is not None and index >= stop:
+                break
+            if index >= start and (index - start) % every == 0:
                 yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             index += 1
     finally:
         capture.release()
 
 
-def load_frames(source: str | Path, limit: int | None = None, every: int = 1) -> Frames:
+def _readable(files: list[Path]) -> tuple[list[np.ndarray], list[str]]:
+    """The images of `files` that decode, and "file: reason" for each that does not."""
+    images, skipped = [], []
+    for file in files:
+        try:
+            images.append(read_image(file))
+        except EvalDataError as error:
+            skipped.append(str(error))
+    return images, skipped
+
+
+def load_frames(source: str | Path, limit: int | None = None, every: int = 1,
+                recursive: bool = True) -> Frames:
     """Unlabelled images: a folder of images, one image, or a video (every `every`-th frame);
-    at most `limit`. A folder with class subfolders is read as labelled (`load_image_folder`),
-    a `.json` file as COCO-style detection annotations (`load_coco`)."""
+    at most `limit`. A folder with class subfolders is read as labelled (`load_image_folder`;
+    with `recursive=False` the subfolders are ignored instead), a `.json` file as COCO-style
+    detection annotations (`load_coco`). In a folder, files that do not decode are left out
+    and listed in `Frames.skipped`; a single image that does not decode is an error."""
     path = Path(source)
     if not path.exists():
         raise EvalDataError(f"{path}: no such file or folder (expected an image folder, "
                             "images or a video)")
     if path.is_dir():
-        if any(child.is_dir() for child in path.iterdir()):
+        if recursive and any(child.is_dir() for child in path.iterdir()):
             return load_image_folder(path, limit)
         files = _images_in(path)[:limit] if limit else _images_in(path)
-        if not files:
-            raise EvalDataError(f"{path}: no images in it (expected "
-                                f"{', '.join(IMAGE_SUFFIXES)})")
-        return Frames(images=[read_image(file) for file in files], source=f"images in {path}")
+        images, skipped = _readable(files)
+        if not images:
+            raise EvalDataError(f"{path}: no readable images in it (expected "
+                                f"{', '.join(IMAGE_SUFFIXES)}; {len(skipped)} did not decode)")
+        return Frames(images=images, source=f"images in {path}", skipped=skipped)
     if path.suffix.lower() == ".json":
         return load_coco(path, limit)
     if path.suffix.lower() in VIDEO_SUFFIXES:

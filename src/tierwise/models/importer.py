@@ -29,6 +29,7 @@ from tierwise.models.store import (
     MODEL_FILE,
     TASKS,
     Calibration,
+    CutPoint,
     ModelInfo,
     Provenance,
     TrainingRecord,
@@ -164,7 +165,7 @@ def add_model(
             f"{where}: input {inputs[0].name!r} {inputs[0].shape} has no batch dimension (its "
             "first is neither dynamic nor 1); tierwise sends one sample per request with a "
             "batch dimension first: export it with one")
-    _check_runs(model, inputs, where)
+    found_cuts = _check_runs(model, inputs, where, found_cuts)
     label_names = read_labels(Path(labels)) if isinstance(labels, (str, Path)) else \
         list(labels or [])
     info = ModelInfo(
@@ -260,21 +261,39 @@ def _load(source: Any, where: str) -> Any:
     return model
 
 
-def _check_runs(model: Any, inputs: list[Any], where: str) -> None:
-    """ONNX Runtime loads the model and runs it once on a random sample."""
+def _check_runs(model: Any, inputs: list[Any], where: str,
+                cuts: list[CutPoint]) -> list[CutPoint]:
+    """ONNX Runtime loads the model and runs it once on a random sample; return `cuts` with
+    the dimensions shape inference left unknown (e.g. behind a Pad whose widths are computed
+    from the input's shape) filled in from that run, the batch dimension still -1.
+
+    Where the preprocessing resizes every frame to one size these are the sizes of every
+    request; otherwise the sample's, a guide for which cuts to profile (the profile measures
+    each cut's bytes itself)."""
+    import onnx
     import onnxruntime as ort
 
     from tierwise.runtime.session import trial_input
 
+    unknown = [cut for cut in cuts if any(dim < 0 for dim in cut.shape[1:])]
+    if unknown:  # expose them as outputs of a copy, so that one run measures them all
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
+        model = exposed
+        model.graph.output.extend(onnx.ValueInfoProto(name=cut.tensor) for cut in unknown)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
                                        providers=["CPUExecutionProvider"])
-        session.run(None, {spec.name: trial_input(spec, seed=0) for spec in inputs})
+        names = [output.name for output in session.get_outputs()]
+        results = session.run(None, {spec.name: trial_input(spec, seed=0) for spec in inputs})
     except Exception as error:
         message = str(error).strip().splitlines()[0][:400]
         raise ModelImportError(f"{where}: ONNX Runtime cannot run it: {message}") from None
+    measured = dict(zip(names, results, strict=True))
+    return [cut.model_copy(update={"shape": [-1, *measured[cut.tensor].shape[1:]]})
+            if cut in unknown else cut for cut in cuts]
 
 
 def _check_task(info: ModelInfo, where: str) -> None:

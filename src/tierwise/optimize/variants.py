@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from tierwise.config import ConfigError
 from tierwise.data import Splits
 from tierwise.models.store import (
     MODEL_FILE,
@@ -146,11 +147,19 @@ def _register_measured(models_dir: Path, parent: ModelInfo, variant: str, onnx_p
     from tierwise.models.store import list_models
 
     name = variant_name(parent.name, variant)
-    parent_model = OnnxModel(list_models(models_dir)[parent.name][1], parent, threads=2)
-    candidate = OnnxModel(onnx_path, parent.model_copy(update={"name": name}), threads=2)
-    loaded = {parent.name: parent_model, name: candidate}
+    found = list_models(models_dir)
+    loaded = {name: OnnxModel(onnx_path, parent.model_copy(update={"name": name}), threads=2)}
+
+    def load(model: str) -> OnnxModel:  # the parent, and its reference model if it has one
+        if model not in loaded:
+            if model not in found:
+                raise ConfigError(f"{parent.name}: its reference model {model!r} is not in "
+                                  f"{models_dir}")
+            loaded[model] = OnnxModel(found[model][1], found[model][0], threads=2)
+        return loaded[model]
+
     judge = Judge(data if data.targets is not None or data.reference else EvalSet(
-        samples=data.samples, source=data.source, reference=parent.name), loaded.__getitem__)
+        samples=data.samples, source=data.source, reference=parent.name), load)
     parent_quality = judge.quality(parent.name, judge.results(parent.name))
     quality = judge.quality(parent.name, judge.results(name, task_of=parent.name))
     drop = parent_quality - quality
