@@ -29,20 +29,32 @@ def floor_between_device_and_edge(models_dir: Path) -> float:
 
 def test_bandwidth_sweep_writes_every_strategy_and_shows_the_tradeoff(
         small_config: Config, models_dir: Path, tmp_path: Path) -> None:
-    settings = SweepSettings(levels=[3000.0, 3e6], images=30, oracle_images=10,
-                             min_requests=5, cell_budget_s=2.5, deadline_ms=100,
+    settings = SweepSettings(levels=[3000.0, 3e6], images=20, oracle_images=8,
+                             deadline_ms=100,
                              min_accuracy=floor_between_device_and_edge(models_dir))
     run_bench_bandwidth(small_config, tmp_path, settings)
     document = json.loads((tmp_path / "results.json").read_text())
     rows = {(row["strategy"], row["bandwidth_up_bytes_per_s"]): row for row in document["rows"]}
     assert set(rows) == {(s, level) for s in (*STRATEGIES, ORACLE) for level in settings.levels}
     assert all(set(row) >= FIELDS for row in rows.values())
+    # every strategy answers the same requests at every level, however slow its link
+    assert {row["requests"] for row in rows.values()} == {settings.images}
+    assert all(low <= row["accuracy"] <= high for row in rows.values()
+               for low, high in [row["quality_ci"]])
     assert any("uplink swept 3KB/s..3MB/s" in label for label in document["emulated"])
-    assert (tmp_path / "bandwidth.png").read_bytes()[:8] == PNG
+    assert document["command"].startswith("tierwise")
+    for plot in ("bandwidth.png", "findings.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG
     assert "| adaptive |" in (tmp_path / "table.md").read_text()
+    assert set(document["knees"]) == {*STRATEGIES, ORACLE}
+    # a static remote strategy is cut off at the deadline and answered on the device
+    slow_cloud = rows[("cloud-only", 3000.0)]
+    assert slow_cloud["deadline_miss_rate"] == 1.0 and slow_cloud["fallback_rate"] == 1.0
+    assert slow_cloud["latency_p95_ms"] < 3 * settings.deadline_ms
     slow, fast = settings.levels
     # remote-only degrades as bandwidth falls; the device does not care
     assert rows[("cloud-only", slow)]["latency_p95_ms"] > settings.deadline_ms
+    assert document["knees"]["device-only"]["falters_at"] is None
     assert rows[("cloud-only", fast)]["latency_p95_ms"] < settings.deadline_ms
     assert rows[("device-only", slow)]["deadline_miss_rate"] == 0.0
     # adaptive: offloads when the link allows (the floor needs a server model), not when not

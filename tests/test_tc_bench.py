@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"kernel links: {REAS
 
 def test_bandwidth_sweep_runs_on_kernel_enforced_links(small_config: Config, models_dir: Path,
                                                         tmp_path: Path) -> None:
-    settings = SweepSettings(levels=[4000.0], images=12, oracle_images=4, min_requests=4,
-                             cell_budget_s=2.0, deadline_ms=100, min_accuracy=0.0)
+    settings = SweepSettings(levels=[4000.0], images=12, oracle_images=4,
+                             deadline_ms=100, min_accuracy=0.0)
     rows = run_bench_bandwidth(small_config, tmp_path, settings, link_mode="tc")
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["link_mode"] == "tc"

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tierwise.bench.workload import WORKLOADS as WORKLOAD_CHOICES
 from tierwise.config import ConfigError, load_config
 from tierwise.data.images import EvalDataError
 from tierwise.learn.federation import FederationError
@@ -193,11 +194,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from tierwise.bench.demo import run_demo
+    from tierwise.bench.workload import WorkloadError
 
     config = load_config(args.config)
-    if args.images is not None:
-        config.demo.images = args.images
-    run_demo(config, report_dir=Path(args.report_dir) if args.report_dir else None)
+    try:
+        run_demo(config, report_dir=Path(args.report_dir) if args.report_dir else None,
+                 workload=args.workload, images=args.images)
+    except WorkloadError as error:
+        raise SystemExit(f"tierwise demo --workload {args.workload}: {error}") from None
     return 0
 
 
@@ -271,19 +275,25 @@ def _bench_bandwidth(args: argparse.Namespace) -> int:
         raise ConfigError(f"--range/--levels: need low < high and at least 2 levels, got "
                           f"{args.range!r} with {args.levels}")
     settings = SweepSettings(levels=log_levels(low, high, args.levels), images=args.images,
-                             cell_budget_s=args.cell_budget_s, deadline_ms=args.deadline_ms,
-                             min_accuracy=args.min_accuracy, oracle_images=args.oracle_images)
-    run_bench_bandwidth(config, Path(args.out), settings, link_mode=args.link)
+                             deadline_ms=args.deadline_ms, min_accuracy=args.min_accuracy,
+                             oracle_images=args.oracle_images)
+    run_bench_bandwidth(config, Path(args.out or f"reports/bench-bandwidth-{args.workload}"),
+                        settings, link_mode=args.link, workload=args.workload)
     return 0
 
 
 def _bench_trace(args: argparse.Namespace) -> int:
     from tierwise.bench.trace import TraceSettings, run_bench_trace
+    from tierwise.bench.workload import WorkloadError
 
     config = load_config(args.config)
     settings = TraceSettings(rate_per_s=args.rate, deadline_ms=args.deadline_ms,
                              min_accuracy=args.min_accuracy, speed=args.speed)
-    run_bench_trace(config, Path(args.trace), Path(args.out), settings, link_mode=args.link)
+    try:
+        run_bench_trace(config, Path(args.trace), Path(args.out), settings,
+                        link_mode=args.link, workload=args.workload)
+    except WorkloadError as error:
+        raise SystemExit(f"tierwise bench trace --workload {args.workload}: {error}") from None
     return 0
 
 
@@ -389,40 +399,56 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_report)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
-    demo.add_argument("--images", type=int, help="test images per strategy (default 2000)")
-    demo.add_argument("--report-dir", help="where the table and plots go")
+    demo.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist",
+                      help="fashion-mnist: the zoo trained here; camera: pretrained "
+                      "EfficientNet-Lite0/1/2 on street-camera frames (needs opencv-doc)")
+    demo.add_argument("--images", type=int, help="requests per strategy (default: "
+                      "demo.images, 2000; the camera's: 200 frames)")
+    demo.add_argument("--report-dir", help="where the table and plots go (default "
+                      "reports/demo, reports/demo-camera)")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks; results are written to files")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     bench_serve = bench_commands.add_parser(
         "serve", help="closed-loop OIP v2 load against a tier server")
-    bench_serve.add_argument("--url", help="a running server (default: start one on loopback)")
-    bench_serve.add_argument("--model", default="fmnist-edge")
+    bench_serve.add_argument("--url", help="a running server (default: start a batch-1 and "
+                             "a dynamic-batching server on loopback)")
+    bench_serve.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist",
+                             help="fashion-mnist: Fashion-MNIST images to fmnist-edge; camera: "
+                             "street-camera frames to efficientnet-lite0 (needs opencv-doc)")
+    bench_serve.add_argument("--model", help="default: fmnist-edge, efficientnet-lite0")
     bench_serve.add_argument("--concurrency", default="1,8,32")
     bench_serve.add_argument("--duration-s", type=float, default=5.0)
     bench_serve.add_argument("--out", default="reports/bench-serve")
-    bench_serve.add_argument("--models", help="models directory of the server started here "
-                             "and of the in-process floor (default: <data_dir>/models)")
-    bench_serve.add_argument("--payloads", default="json,binary",
-                             help="comma-separated: json (JSON tensors), binary (binary tensors)")
+    bench_serve.add_argument("--models", help="models directory of the servers started here "
+                             "and of in-process ONNX Runtime (default: the workload's)")
+    bench_serve.add_argument("--payloads", help="comma-separated: json (JSON tensors), binary "
+                             "(binary tensors); default json,binary (camera: binary)")
     bench_serve.add_argument("--threads", type=int, default=1,
-                             help="ONNX Runtime intra-op threads of the server started here")
+                             help="ONNX Runtime intra-op threads of the servers started here "
+                             "and of in-process ONNX Runtime")
+    bench_serve.add_argument("--max-batch-size", type=int, help="the batching server's "
+                             "(default: tiers.edge.max_batch_size; camera: 16)")
+    bench_serve.add_argument("--max-queue-delay-ms", type=float, help="the batching server's "
+                             "(default: a quarter of one request's in-process compute)")
     bench_serve.set_defaults(run=_bench_serve)
 
     bandwidth = bench_commands.add_parser(
         "bandwidth", help="every strategy across a sweep of uplink bandwidth, with an oracle")
+    bandwidth.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist")
     bandwidth.add_argument("--range", default="1KB/s..10MB/s", help="low..high uplink rates")
     bandwidth.add_argument("--levels", type=int, default=9, help="log-spaced levels (default 9)")
     bandwidth.add_argument("--images", type=_positive(int), default=200,
-                           help="test images per strategy and level (default 200)")
+                           help="requests per strategy and level, the same for every one "
+                           "(default 200)")
     bandwidth.add_argument("--oracle-images", type=_positive(int), default=60,
-                           help="images per candidate plan when the oracle measures them")
-    bandwidth.add_argument("--cell-budget-s", type=_positive(float), default=8.0,
-                           help="stop a strategy's level after this long (at least 10 images)")
-    bandwidth.add_argument("--out", default="reports/bench-bandwidth")
+                           help="requests per candidate plan when the oracle screens them")
+    bandwidth.add_argument("--out", help="default reports/bench-bandwidth-<workload>")
     _add_slo_flags(bandwidth)
-    bandwidth.set_defaults(run=_bench_bandwidth)
+    # the workload's SLO unless given: fashion-mnist 100 ms and 0.93, camera 1000 ms and the
+    # cloud model's fidelity less the cascade margin
+    bandwidth.set_defaults(run=_bench_bandwidth, deadline_ms=None, min_accuracy=None)
 
     drift = bench_commands.add_parser(
         "drift", help="detection delay and false alarms of each drift detector per shift")
@@ -462,6 +488,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests per second, per strategy (default 20)")
     trace.add_argument("--speed", type=_positive(float), default=1.0,
                        help="replay the trace this many times faster (default 1)")
+    trace.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist",
+                       help="fashion-mnist: the zoo trained here; camera: pretrained "
+                       "EfficientNet-Lite0/1/2 on street-camera frames (needs opencv-doc)")
     trace.add_argument("--out", default="reports/bench-trace")
     _add_slo_flags(trace)
     trace.set_defaults(run=_bench_trace)

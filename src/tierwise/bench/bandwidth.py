@@ -1,28 +1,31 @@
-"""`tierwise bench bandwidth`: every strategy across a sweep of uplink bandwidth.
+"""`tierwise bench bandwidth [--workload fashion-mnist|camera]`: every strategy across a sweep
+of uplink bandwidth.
 
-At each level (log-spaced, 1 KB/s to 10 MB/s by default) the device's uplink to both edge and
-cloud runs at that rate (downlinks and RTTs as configured), and each strategy classifies the
-same test images with its own fresh client and link — strategies run side by side, so one
-level's numbers are comparable. A cell stops after `images` requests or `cell_budget_s`
-seconds (at least `min_requests`), so the slowest levels stay bounded.
+At each level (log-spaced) the device's uplink to both edge and cloud runs at that rate
+(downlinks and RTTs as configured), and each strategy answers **the same requests** (every one
+of `images`) with its own fresh client and link — strategies run side by side, so one level's
+numbers are comparable. Every request is bounded: a static strategy's remote stage is
+abandoned at the deadline and the device model answers instead (what an app that cannot wait
+does; the request counts as missed), adaptive gives up in time for its own device fallback.
+A cell therefore takes at most `images` × (deadline + the device model's time), however dead
+the link. Quality columns come with a 95% Wilson interval.
 
 The oracle is the best single static plan per level, chosen after the fact. Every plan the
-policy could choose is screened at that level (`oracle_images` each; a request is cut off at
-3× the deadline, which already makes it a miss); the four best of the screening and the
-local plans are then run in full, side by side with the strategies (same load, same images),
-and the best full run is the oracle's:
-the cheapest that missed no deadline (≤ 2%) and whose profiled accuracy meets the floor,
-else the one that misses least. Plans whose latency, predicted with the level's true link,
-is over 1.5× the deadline, or whose profiled accuracy misses the floor, are not screened:
-they cannot be its choice (when no plan is left, the eight fastest are).
+policy could choose is screened at that level (`oracle_images` each, cut off as above); the
+four best of the screening and the local plans are then run in full, side by side with the
+strategies (same load, same requests), and the best full run is the oracle's: the cheapest
+that missed no deadline (≤ 2%) and whose profiled quality meets the floor, else the one that
+misses least. Plans whose latency, predicted with the level's true link, is over 1.5× the
+deadline, or whose profiled quality misses the floor, are not screened: they cannot be its
+choice (when no plan is left, the eight fastest are).
 
-Writes results.json (one row per strategy and level), table.md, and bandwidth.png
-(accuracy, p95 latency and cost against bandwidth).
+Writes results.json (one row per strategy and level, the targets, the measured knees),
+table.md, bandwidth.png (quality, p95 latency and cost against bandwidth) and findings.png
+(the published edge–cloud findings against this sweep: `tierwise.bench.findings`).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -32,8 +35,8 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from tierwise.bench.harness import BenchReport, Column
 from tierwise.bench.network import (
     ADAPTIVE,
     ORACLE,
@@ -45,9 +48,9 @@ from tierwise.bench.network import (
     static_plans,
     testbed,
 )
+from tierwise.bench.workload import Samples, load_workload
 from tierwise.client.client import compute_labels
 from tierwise.config import Config, format_rate
-from tierwise.data import load_splits
 from tierwise.planner.estimators import LinkEstimator
 from tierwise.planner.plans import Cascade, Local, Plan
 from tierwise.planner.policy import SLO, PlanningState, Policy
@@ -64,11 +67,9 @@ ORACLE_FINALISTS = 4
 class SweepSettings:
     levels: list[float]
     images: int = 200
-    min_requests: int = 10
-    cell_budget_s: float = 8.0
     oracle_images: int = 60
-    deadline_ms: float = 100.0
-    min_accuracy: float = 0.93
+    deadline_ms: float | None = None    # None: the workload's (fashion-mnist 100, camera 1000)
+    min_accuracy: float | None = None   # the quality floor; None: the workload's
 
 
 def log_levels(low: float, high: float, count: int) -> list[float]:
@@ -76,14 +77,13 @@ def log_levels(low: float, high: float, count: int) -> list[float]:
 
 
 def _run_cell(bed: Testbed, strategy: str, plan: Plan | None, level: float, slo: SLO,
-              images: np.ndarray, labels: np.ndarray, settings: SweepSettings,
-              budget_s: float, limit: int, cutoff: bool = False) -> Run:
-    """One strategy at one level, on a fresh client and link."""
+              samples: Samples, limit: int, cutoff: bool = False) -> Run:
+    """One strategy at one level, on a fresh client and link: the first `limit` requests,
+    each bounded by its deadline (static plans: abandoned at it, answered on the device)."""
     run = Run(strategy)
     links = bed.links(level)
     with bed.client(links, probe=plan is None) as client:
-        if cutoff:
-            client.timeout_s = CUTOFF_DEADLINES * slo.deadline_ms / 1e3
+        client.timeout_s = slo.deadline_ms / 1e3
         if plan is None:
             client.probe_now()  # what an app does at start: know its links
             run.probe_bytes_up = -client.prober.totals.bytes_up  # type: ignore[union-attr]
@@ -91,17 +91,14 @@ def _run_cell(bed: Testbed, strategy: str, plan: Plan | None, level: float, slo:
         # one request first, not counted: connection set-up and the server's first run of a
         # model are start-up costs, the same for every strategy
         for warm_up in (plan, plan.then) if isinstance(plan, Cascade) else (plan,):
-            client.infer(images[-1], warm_up, deadline_ms=slo.deadline_ms,
+            client.infer(samples.inputs[-1], warm_up, deadline_ms=slo.deadline_ms,
                          min_accuracy=slo.min_accuracy)
-        started = time.monotonic()
-        for index in range(min(limit, len(images) - 1)):
-            if index >= settings.min_requests and time.monotonic() - started > budget_s:
-                break
+        for index in range(min(limit, len(samples) - 1)):
             if cutoff and index >= 3 and all(run.missed):
                 break  # three misses in a row at the start: this plan cannot win here
-            result = client.infer(images[index], plan, deadline_ms=slo.deadline_ms,
+            result = client.infer(samples.inputs[index], plan, deadline_ms=slo.deadline_ms,
                                   min_accuracy=slo.min_accuracy)
-            run.add(result, int(labels[index]))
+            run.add(result, int(samples.labels[index]))
         run.add_probes(client)
     return run
 
@@ -157,8 +154,8 @@ def _best(runs: dict[str, Run], slo: SLO, profiled_accuracy: dict[str, float]
     return sorted(summaries, key=lambda n: (miss(n), cost(n))), []
 
 
-def _oracle_finalists(bed: Testbed, level: float, slo: SLO, images: np.ndarray,
-                      labels: np.ndarray, settings: SweepSettings,
+def _oracle_finalists(bed: Testbed, level: float, slo: SLO, samples: Samples,
+                      settings: SweepSettings,
                       profiled_accuracy: dict[str, float], predicted_ms: dict[str, float],
                       plans: list[Plan], parallel: bool) -> tuple[list[str], dict[str, Any]]:
     """Screen every plan that could be the oracle's at this level; return the few worth a
@@ -173,7 +170,7 @@ def _oracle_finalists(bed: Testbed, level: float, slo: SLO, images: np.ndarray,
     if not screened:  # nothing can meet both: the least-miss plan is among the fastest
         screened = sorted(plans, key=lambda p: predicted_ms[p.describe()])[:8]
     screening = _run_all({p.describe(): _cell_job(bed, p.describe(), by_name[p.describe()],
-                                                  level, slo, images, labels, settings,
+                                                  level, slo, samples,
                                                   settings.oracle_images, cutoff=True)
                           for p in screened}, parallel)
     ranked, feasible = _best(screening, slo, profiled_accuracy)
@@ -185,10 +182,8 @@ def _oracle_finalists(bed: Testbed, level: float, slo: SLO, images: np.ndarray,
 
 
 def _cell_job(bed: Testbed, name: str, plan: Plan | None, level: float, slo: SLO,
-              images: np.ndarray, labels: np.ndarray, settings: SweepSettings, limit: int,
-              cutoff: bool = False) -> Any:
-    return lambda: _run_cell(bed, name, plan, level, slo, images, labels, settings,
-                             settings.cell_budget_s, limit, cutoff=cutoff)
+              samples: Samples, limit: int, cutoff: bool = False) -> Any:
+    return lambda: _run_cell(bed, name, plan, level, slo, samples, limit, cutoff=cutoff)
 
 
 def _predictions(policy: Policy, config: Config, level: float, slo: SLO,
@@ -202,18 +197,18 @@ def _predictions(policy: Policy, config: Config, level: float, slo: SLO,
 
 
 def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
-                        link_mode: str = "emulated", console: Console | None = None
-                        ) -> list[dict[str, Any]]:
-    from tierwise.profile.profiler import ensure_profiles
-    from tierwise.zoo.build import ensure_zoo
-
+                        link_mode: str = "emulated", console: Console | None = None,
+                        workload: str = "fashion-mnist") -> list[dict[str, Any]]:
     console = console or Console()
-    ensure_zoo(config, console=console)
-    ensure_profiles(config, console=console)
+    setup = load_workload(workload, config, console)
+    config = setup.config
+    if settings.deadline_ms is None:
+        settings.deadline_ms = setup.bench_deadline_ms
+    if settings.min_accuracy is None:
+        settings.min_accuracy = setup.bench_floor
     slo = SLO(settings.deadline_ms, settings.min_accuracy)
-    splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
-    images, labels = splits.test_x[:settings.images], splits.test_y[:settings.images]
-    statics = static_plans(config, slo)
+    samples = setup.samples(settings.images + 1)  # the last one warms up, uncounted
+    statics = static_plans(config, slo, models=(setup.device, setup.edge, setup.cloud))
     policy = full_policy(config)
     oracle_plans = list(dict.fromkeys(policy.plans_for(slo.min_accuracy)))
     rows: list[dict[str, Any]] = []
@@ -229,18 +224,18 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
             rate = format_rate(level)
             progress.update(task, description=f"bandwidth sweep: {rate} oracle screening")
             accuracy, predicted = _predictions(policy, config, level, slo, oracle_plans)
-            finalists, notes = _oracle_finalists(bed, level, slo, images, labels, settings,
+            finalists, notes = _oracle_finalists(bed, level, slo, samples, settings,
                                                  accuracy, predicted, oracle_plans, parallel)
             # the strategies and the oracle's finalists side by side, under the same load
             progress.update(task, description=f"bandwidth sweep: {rate} strategies")
             by_name = {p.describe(): p for p in oracle_plans}
             jobs = {name: _cell_job(bed, name, None if name == ADAPTIVE else statics[name],
-                                    level, slo, images, labels, settings, settings.images)
+                                    level, slo, samples, settings.images)
                     for name in STRATEGIES}
             jobs |= {f"{ORACLE}:{name}": _cell_job(bed, name, by_name[name], level, slo,
-                                                   images, labels, settings, settings.images)
+                                                   samples, settings.images)
                      for name in finalists}
-            runs = _in_parallel(jobs) if parallel else {n: j() for n, j in jobs.items()}
+            runs = _run_all(jobs, parallel)
             finals = {name: runs.pop(f"{ORACLE}:{name}") for name in finalists}
             chosen = _best(finals, slo, accuracy)[0][0]
             runs[ORACLE] = finals[chosen]
@@ -252,15 +247,37 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
                 rows.append(row)
             progress.advance(task)
         decision_us = decision_time_us(bed, slo)
+        links_text = bed.describe_links()
     elapsed = time.monotonic() - started
     low, high = format_rate(min(settings.levels)), format_rate(max(settings.levels))
-    labels_emulated = [*compute_labels(config), *(
+    emulated = [*compute_labels(config), *(
         f"link device->{tier}: uplink swept {low}..{high}, downlink "
         f"{format_rate(config.link(tier).bandwidth_down)}, RTT {config.link(tier).rtt_ms:g} ms"
-        for tier in REMOTE_TIERS), f"links {bed.describe_links()}"]
-    write_results(out_dir, rows, settings, labels_emulated, oracle_notes, elapsed, link_mode,
-                  decision_us)
-    print_table(console, rows, settings, labels_emulated, out_dir, decision_us)
+        for tier in REMOTE_TIERS), f"links {links_text}"]
+    report = BenchReport("bandwidth", out_dir, emulated, console=console)
+    from tierwise.bench.findings import knees, plot_findings
+
+    measured_knees = knees(rows)
+    report.write({
+        "workload": workload, "quality": setup.quality, "quality_note": setup.quality_note,
+        "requests": samples.source, "link_mode": link_mode,
+        "slo": {"deadline_ms": settings.deadline_ms, "min_quality": settings.min_accuracy},
+        "settings": settings.__dict__, "elapsed_s": elapsed,
+        "targets": targets(rows, decision_us), "knees": measured_knees,
+        "strategies": {name: plan.describe() for name, plan in statics.items()},
+        "oracle": oracle_notes, "rows": rows})
+    ordered = sorted(rows, key=lambda r: (-r["bandwidth_up_bytes_per_s"], r["strategy"]))
+    report.table(ordered, columns(setup.quality),
+                 title=f"bandwidth sweep ({workload}): deadline {settings.deadline_ms:g} ms, "
+                       f"{setup.quality} floor {settings.min_accuracy:.1%}",
+                 notes=[f"Requests: {samples.source}; every strategy answers each of them at "
+                        "every level.", setup.quality_note.capitalize() + ".",
+                        "Static plans: " + "; ".join(f"{name} = {plan.describe()}"
+                                                     for name, plan in statics.items())])
+    plot_sweep(report, rows, settings, setup.quality)
+    plot_findings(report, rows, settings, setup.quality, measured_knees)
+    print_targets(console, rows, decision_us)
+    report.say_written()
     return rows
 
 
@@ -299,98 +316,59 @@ def targets(rows: list[dict[str, Any]], decision_us: dict[str, float]) -> dict[s
             "decision_us_p50_in_sweep": float(np.median(in_sweep)) if in_sweep else None}
 
 
-def write_results(out_dir: Path, rows: list[dict[str, Any]], settings: SweepSettings,
-                  emulated: list[str], oracle_notes: dict[str, Any], elapsed_s: float,
-                  link_mode: str, decision_us: dict[str, float]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    document = {
-        "benchmark": "bandwidth", "link_mode": link_mode, "emulated": emulated,
-        "slo": {"deadline_ms": settings.deadline_ms, "min_accuracy": settings.min_accuracy},
-        "settings": settings.__dict__, "elapsed_s": elapsed_s,
-        "targets": targets(rows, decision_us), "oracle": oracle_notes, "rows": rows,
-    }
-    (out_dir / "results.json").write_text(json.dumps(document, indent=1) + "\n")
-    (out_dir / "table.md").write_text(markdown_table(rows, emulated))
-    plot_sweep(out_dir / "bandwidth.png", rows, settings, emulated)
+def _rate(value: float) -> str:
+    return format_rate(value)
 
 
-COLUMNS = (("strategy", "strategy", "{}"), ("bandwidth_up_bytes_per_s", "uplink", None),
-           ("accuracy", "accuracy", "{:.2%}"), ("latency_p50_ms", "p50 ms", "{:.1f}"),
-           ("latency_p95_ms", "p95 ms", "{:.1f}"), ("deadline_miss_rate", "missed", "{:.1%}"),
-           ("bytes_up_per_inference", "B up/inf", "{:,.0f}"),
-           ("cost_usd_per_1m", "$ per 1M", "{:.4f}"), ("requests", "n", "{}"))
+def columns(quality: str) -> list[Column]:
+    return [Column("strategy", "strategy", left=True),
+            Column("bandwidth_up_bytes_per_s", "uplink", _rate),
+            Column("accuracy", quality, "{:.2%}"),
+            Column("quality_ci", "95% CI", lambda ci: f"{ci[0]:.0%}–{ci[1]:.0%}"),
+            Column("latency_p50_ms", "p50 ms", "{:.1f}"),
+            Column("latency_p95_ms", "p95 ms", "{:.1f}"),
+            Column("deadline_miss_rate", "missed", "{:.1%}"),
+            Column("bytes_up_per_inference", "B up/inf", "{:,.0f}"),
+            Column("cost_usd_per_1m", "$ per 1M", "{:.4f}"),
+            Column("requests", "n", "{}")]
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    return [format_rate(row[key]) if fmt is None else fmt.format(row[key])
-            for key, _, fmt in COLUMNS]
-
-
-def markdown_table(rows: list[dict[str, Any]], emulated: list[str]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    ordered = sorted(rows, key=lambda r: (-r["bandwidth_up_bytes_per_s"], r["strategy"]))
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in ordered]
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {label}" for label in emulated) + "\n"
-
-
-def print_table(console: Console, rows: list[dict[str, Any]], settings: SweepSettings,
-                emulated: list[str], out_dir: Path, decision_us: dict[str, float]) -> None:
-    table = Table(title=f"bandwidth sweep: deadline {settings.deadline_ms:g} ms, accuracy "
-                        f"floor {settings.min_accuracy:.1%}")
-    for _, title, _ in COLUMNS:
-        table.add_column(title)
-    for row in sorted(rows, key=lambda r: (-r["bandwidth_up_bytes_per_s"], r["strategy"])):
-        table.add_row(*_cells(row))
-    console.print(table)
-    for label in emulated:
-        console.print(f"[yellow]{label}[/]")
+def print_targets(console: Console, rows: list[dict[str, Any]],
+                  decision_us: dict[str, float]) -> None:
     summary = targets(rows, decision_us)
     for level in summary["per_level"]:
         console.print(f"{format_rate(level['bandwidth_up_bytes_per_s'])}: adaptive cost "
                       f"{level['cost_ratio_to_oracle']:.2f}x the oracle's, missed "
-                      f"{level['adaptive_miss_rate']:.1%} vs {level['oracle_miss_rate']:.1%}")
+                      f"{level['adaptive_miss_rate']:.1%} vs {level['oracle_miss_rate']:.1%}, "
+                      f"quality {level['adaptive_accuracy']:.1%} vs "
+                      f"{level['oracle_accuracy']:.1%}")
     console.print(f"decision time ({decision_us['candidates']:.0f} candidate plans): p50 "
-                  f"{decision_us['p50']:.0f} µs, p99 {decision_us['p99']:.0f} µs; written to "
-                  f"{out_dir}")
+                  f"{decision_us['p50']:.0f} µs, p99 {decision_us['p99']:.0f} µs")
 
 
-def plot_sweep(path: Path, rows: list[dict[str, Any]], settings: SweepSettings,
-               emulated: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("accuracy", "accuracy", settings.min_accuracy),
+def plot_sweep(report: BenchReport, rows: list[dict[str, Any]], settings: SweepSettings,
+               quality: str) -> None:
+    panels = (("accuracy", quality, settings.min_accuracy),
               ("latency_p95_ms", "p95 latency (ms, log)", settings.deadline_ms),
               ("cost_usd_per_1m", "cost per 1M inferences (USD, log)", None))
-    figure, axes = plt.subplots(1, 3, figsize=(16, 5))
     styles = {ADAPTIVE: {"linewidth": 3, "color": "black"},
               ORACLE: {"linestyle": "--", "color": "grey", "linewidth": 2}}
-    for axis, (key, title, line) in zip(axes, panels, strict=True):
-        for name in (*STRATEGIES, ORACLE):
-            points = sorted((r["bandwidth_up_bytes_per_s"], r[key], r["requests"]) for r in rows
-                            if r["strategy"] == name)
-            x, y, n = zip(*points, strict=True)
-            line_ = axis.plot(x, y, marker="o", label=name, **styles.get(name, {}))[0]
-            # hollow: the cell's time budget ran out before every image (a small sample)
-            short = [i for i, count in enumerate(n) if count < settings.images - 1]
-            axis.scatter([x[i] for i in short], [y[i] for i in short], s=60, zorder=3,
-                         facecolors="white", edgecolors=line_.get_color())
-        if line is not None:
-            axis.axhline(line, color="red", linestyle=":", linewidth=1,
-                         label="floor" if key == "accuracy" else "deadline")
-        axis.set_xscale("log")
-        if key != "accuracy":
-            axis.set_yscale("log")
-        axis.set_xlabel("uplink bandwidth (bytes/s, log)")
-        axis.set_title(title)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("tierwise bench bandwidth — " + "; ".join(emulated)
-                    + "\nhollow markers: the cell's time budget ended it early (fewer images)",
-                    fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with report.figure("bandwidth.png", ncols=3, size=(16, 5),
+                       title=f"tierwise bench bandwidth: every strategy on the same "
+                             f"{settings.images} requests per level") as (_, axes):
+        for axis, (key, title, line) in zip(axes, panels, strict=True):
+            for name in (*STRATEGIES, ORACLE):
+                points = sorted((r["bandwidth_up_bytes_per_s"], r[key]) for r in rows
+                                if r["strategy"] == name)
+                x, y = zip(*points, strict=True)
+                axis.plot(x, y, marker="o", label=name, **styles.get(name, {}))
+            if line is not None:
+                axis.axhline(line, color="red", linestyle=":", linewidth=1,
+                             label="floor" if key == "accuracy" else "deadline")
+            axis.set_xscale("log")
+            if key != "accuracy":
+                axis.set_yscale("log")
+            axis.set_xlabel("uplink bandwidth (bytes/s, log)")
+            axis.set_title(title)
+            axis.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)

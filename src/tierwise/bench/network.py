@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from tierwise.bench.harness import wilson_interval
 from tierwise.bench.processes import tier_server
 from tierwise.client import Client, InferenceResult
 from tierwise.config import Config, LinkConfig
@@ -119,25 +120,31 @@ def warm_servers(urls: dict[str, str], models_dir: Path) -> None:
     first run (ONNX Runtime allocates on it) in its measurements."""
     import httpx
 
+    from tierwise.models.inputs import as_batch, image_size
     from tierwise.models.store import list_models
-    from tierwise.protocol.oip import encode_infer_request, infer_path, numpy_dtype
+    from tierwise.protocol.oip import encode_infer_request, infer_path
+    from tierwise.runtime.session import trial_input
 
     for url in urls.values():
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
             for name, (info, _) in list_models(models_dir).items():
                 spec = info.inputs[0]
-                blank = np.zeros([1, *spec.shape[1:]], dtype=numpy_dtype(spec.datatype))
+                size = image_size(info) if info.role != "tail" else None  # at request size
+                blank = as_batch(info, np.zeros((*size, 3), np.uint8)) if size else \
+                    trial_input(spec, seed=0)
                 body, headers = encode_infer_request({spec.name: blank}, binary=True)
                 http.post(infer_path(name), content=body, headers=headers).raise_for_status()
 
 
-def static_plans(config: Config, slo: SLO) -> dict[str, Plan]:
-    """The static strategies' plans, fixed before any request is made."""
+def static_plans(config: Config, slo: SLO, models: tuple[str, str, str] | None = None
+                 ) -> dict[str, Plan]:
+    """The static strategies' plans, fixed before any request is made, with the (device,
+    edge, cloud) `models` (default: the first model each tier runs)."""
     from tierwise.planner.estimators import LinkEstimator
 
     profiles = load_tier_profiles(config, config.models_dir)
     placed = tier_models(config, profiles)
-    device, edge, cloud = (placed[t][0] for t in ("device", "edge", "cloud"))
+    device, edge, cloud = models or tuple(placed[t][0] for t in ("device", "edge", "cloud"))
     candidates = candidates_from_profiles(config, profiles)
     # the cascade to the cloud model, at the threshold that meets the floor
     curve = next(c.curve for c in candidates if isinstance(c.plan, Cascade)
@@ -213,6 +220,10 @@ class Run:
             "strategy": self.strategy,
             "requests": len(self.correct),
             "accuracy": float(np.mean(self.correct)) if self.correct else float("nan"),
+            "quality_ci": wilson_interval(sum(self.correct), len(self.correct)),
+            # right and in time: what an app that needs the answer by the deadline gets
+            "on_time_quality": float(np.mean([c and not m for c, m in zip(
+                self.correct, self.missed, strict=True)])) if self.correct else float("nan"),
             "latency_p50_ms": float(np.percentile(latency, 50)),
             "latency_p95_ms": float(np.percentile(latency, 95)),
             "deadline_miss_rate": float(np.mean(self.missed)) if self.missed else float("nan"),
