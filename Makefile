@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test dataset browser photos lint bench-serve clean
+.PHONY: demo demo-camera test dataset browser photos lint bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,8 +44,14 @@ photos:
 	       echo "no opencv-doc: the pretrained-model tests will be skipped (apt-get install opencv-doc)"; \
 	     fi; }
 
-demo: dataset
+# The Fashion-MNIST table, then the camera's (pretrained EfficientNet-Lite on street-camera
+# frames; exported, checked and profiled on first use).
+demo: dataset photos
 	$(BIN)/tierwise demo
+	$(BIN)/tierwise demo --workload camera
+
+demo-camera: photos $(STAMP)
+	$(BIN)/tierwise demo --workload camera
 
 test: dataset browser photos
 	$(BIN)/ruff check src tests
