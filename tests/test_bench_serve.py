@@ -1,4 +1,5 @@
-"""`tierwise bench serve`, briefly, against a real server."""
+"""`tierwise bench serve`, briefly, against real servers: a running one, and the comparison
+of dynamic batching with batch-1 serving of the same model (servers started by the command)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tierwise.bench.serve import run_bench_serve
+from tierwise.bench.serve import mean_batch_formed, run_bench_serve
 from tierwise.config import Config, TierConfig
 from tierwise.runtime.session import load_models
 from tierwise.server.app import create_app, serve_in_thread
@@ -32,24 +33,53 @@ def test_bench_serve_against_a_running_server(server_url: str, models_dir: Path,
     run_bench_serve(small_config, args)
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
-    assert [(row["payload"], row["concurrency"]) for row in rows] == [
-        ("json", 1), ("json", 4), ("binary", 1), ("binary", 4)]
+    assert [(row["mode"], row["payload"], row["concurrency"]) for row in rows] == [
+        ("server", "json", 1), ("server", "json", 4), ("server", "binary", 1),
+        ("server", "binary", 4)]
     for row in rows:
         assert row["errors"] == 0
         assert row["requests"] > 10 and row["requests_per_s"] > 0
         assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"] <= row["latency_p99_ms"]
-    assert results["in_process_floor"]["requests_per_s"] > 0
+    assert results["in_process"][0]["batch_size"] == 1
+    assert results["in_process"][0]["images_per_s"] > 0
+    assert results["factors"] == []  # one server given: nothing to compare it with
     assert (tmp_path / "bench-serve.png").stat().st_size > 0
+    assert "nothing emulated" in (tmp_path / "table.md").read_text()
 
 
-def test_bench_serve_starts_its_own_server(models_dir: Path, tmp_path: Path) -> None:
+def test_bench_serve_compares_dynamic_batching_with_batch_1(models_dir: Path,
+                                                            tmp_path: Path) -> None:
     out = tmp_path / "out"
     finished = subprocess.run(
-        [sys.executable, "-m", "tierwise.cli", "bench", "serve", "--models", str(models_dir),
-         "--concurrency", "2", "--duration-s", "0.3", "--payloads", "binary",
-         "--out", str(out)],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "tierwise.cli", "bench", "serve", "--workload", "fashion-mnist",
+         "--models", str(models_dir), "--concurrency", "1,8", "--duration-s", "0.5",
+         "--payloads", "binary", "--max-batch-size", "16", "--out", str(out)],
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert finished.returncode == 0, finished.stderr
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["errors"] == 0 and rows[0]["requests"] > 0
-    assert "binary" in finished.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [(mode["name"], mode["max_batch_size"]) for mode in results["modes"]] == [
+        ("batch-1", 1), ("dynamic", 16)]
+    rows = {(row["mode"], row["concurrency"]): row for row in results["rows"]}
+    assert set(rows) == {("batch-1", 1), ("dynamic", 1), ("batch-1", 8), ("dynamic", 8)}
+    for row in rows.values():  # both modes answered every request
+        assert row["errors"] == 0 and row["requests"] > 10
+    assert all(row["mean_batch_size"] == 1 for (mode, _), row in rows.items()
+               if mode == "batch-1")
+    assert rows["dynamic", 8]["mean_batch_size"] > 1
+    # in-process ONNX Runtime at batch 1, at the batching server's max and at its batches
+    sizes = {result["batch_size"] for result in results["in_process"]}
+    assert {1, 16, round(rows["dynamic", 8]["mean_batch_size"])} <= sizes
+    assert all(result["images_per_s"] > 0 for result in results["in_process"])
+    (factor,) = [f for f in results["factors"] if f["concurrency"] == 8]
+    # generous: batching a small model must neither collapse nor work miracles
+    assert 0.2 < factor["factor"] < 20 and factor["in_process_factor"] > 0
+    table = (out / "table.md").read_text()
+    assert "server, batch 1" in table and "dynamic ≤16" in table
+    assert "Throughput factor at concurrency 8" in table and "intra-op" in table
+    assert (out / "bench-serve.png").stat().st_size > 0
+
+
+def test_mean_batch_formed_counts_batches_not_answers() -> None:
+    # one lone request and one batch of four: five answers, two batches
+    assert mean_batch_formed([1, 4, 4, 4, 4]) == pytest.approx(2.5)
+    assert mean_batch_formed([]) is None

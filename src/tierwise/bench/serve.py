@@ -1,15 +1,33 @@
-"""`tierwise bench serve`: closed-loop OIP v2 load against a tier server.
+"""`tierwise bench serve`: closed-loop OIP v2 load against tier servers, dynamic batching
+against batch-1 serving of the same model, beside in-process ONNX Runtime.
 
 Each of `concurrency` connections sends one batch-1 request, waits for the answer, and sends
-the next (closed loop), for `--duration-s`, with JSON and with binary tensor payloads of real
-Fashion-MNIST test images. It reports requests/s and latency percentiles, beside the floor:
-the same model run in-process by ONNX Runtime, batch 1, with no server at all.
+the next (closed loop), for `--duration-s`, with real inputs: Fashion-MNIST test images
+(`--workload fashion-mnist`, JSON and binary tensors) or street-camera frames resized to the
+model's input size (`--workload camera`, EfficientNet-Lite0 by default, binary tensors: a
+256×256×3 frame is 196 KB binary and about 0.7 MB as JSON numbers).
 
-The load generator shares the machine with the server, so it is kept cheap per request:
+Two servers of the same model run side by side, started here on loopback: one serving every
+request alone (`max_batch_size` 1) and one batching dynamically up to the workload's
+configured `max_batch_size` (`--max-batch-size`) with a short queue delay. Their runs are
+interleaved (each level: batch-1, then dynamic), so drifting background load hits both alike.
+The delay defaults to a quarter of one request's in-process compute (p50, measured first):
+at concurrency 1 a lone request can wait no longer than that, so it costs at most 25% there;
+under closed-loop load the answers of one batch come back as a burst of new requests within
+about that time, and the delay gathers the burst into one batch instead of a lone first
+request followed by the rest. Beside them, ONNX Runtime runs the model in-process with no
+server at batch 1, at the batching server's maximum and at the mean batch sizes it formed:
+what the batches cost as pure compute, so the server's factor can be read against the one
+compute alone would give.
+
+The load generator shares the machine with the servers, so it is kept cheap per request:
 requests are encoded once up front, and each connection is an asyncio protocol on a raw
 keep-alive HTTP/1.1 socket that sends the next request from the callback that completes the
 previous answer (no coroutine per request, no HTTP client library). It needs answers with a
-Content-Length (uvicorn, Triton and KServe all send one).
+Content-Length (uvicorn, Triton and KServe all send one). Every run records the CPU time the
+server process and the load generator used (Linux /proc), so the table says how the cores
+were shared: the server's ONNX Runtime worker (`--threads` intra-op threads) and its event
+loop, and the load generator, on `os.cpu_count()` cores.
 """
 
 from __future__ import annotations
@@ -17,19 +35,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from tierwise.bench.harness import BenchReport, Column
 from tierwise.config import Config
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
@@ -40,13 +58,40 @@ from tierwise.protocol.oip import (
 )
 
 PAYLOADS = ("json", "binary")
-IMAGES = 512  # distinct pre-encoded requests per payload, cycled
+DEFAULT_PAYLOADS = {"fashion-mnist": "json,binary", "camera": "binary"}
+IMAGES = 512  # at most this many distinct pre-encoded requests per payload, cycled
+# The batching server's default queue delay, as a share of one request's in-process compute.
+QUEUE_DELAY_SHARE = 0.25
+IN_PROCESS_MAX_S = 3.0  # per in-process batch size
+
+
+@dataclass(frozen=True)
+class ServingMode:
+    """How one server batches. `max_batch_size` 1 serves every request alone; None: a server
+    given by URL, as it is configured."""
+
+    name: str  # "batch-1", "dynamic" or "server"
+    max_batch_size: int | None
+    max_queue_delay_ms: float | None
+
+    @property
+    def label(self) -> str:
+        if self.max_batch_size is None:
+            return "server (as configured)"
+        if self.max_batch_size == 1:
+            return "server, batch 1"
+        return f"server, dynamic ≤{self.max_batch_size}, {self.max_queue_delay_ms:g} ms delay"
 
 
 @dataclass
 class LoadResult:
-    """One closed-loop run: a payload at a concurrency."""
+    """One closed-loop run: a serving mode, a payload, a concurrency.
 
+    mean_batch_size is the mean size of the batches the server formed (requests ÷ batches,
+    from every answer's `tierwise-batch-size` header). The CPU columns are CPU seconds per
+    wall second: the server process (all its threads) and the load generator."""
+
+    mode: str
     payload: str
     concurrency: int
     requests: int
@@ -57,14 +102,18 @@ class LoadResult:
     errors: int
     mean_batch_size: float | None
     duration_s: float
+    server_cpu_cores: float | None
+    load_generator_cpu_cores: float
 
 
 @dataclass
-class FloorResult:
-    """In-process ONNX Runtime, batch 1: the most a server could hope to approach."""
+class InProcessResult:
+    """ONNX Runtime in this process at one batch size, no server: the compute alone.
+    Latencies are per call (one whole batch)."""
 
-    requests: int
-    requests_per_s: float
+    batch_size: int
+    calls: int
+    images_per_s: float
     latency_p50_ms: float
     latency_p95_ms: float
     latency_p99_ms: float
@@ -73,13 +122,14 @@ class FloorResult:
 # -- the load generator -------------------------------------------------------------------
 
 
-def encode_http_requests(host: str, port: int, model: str, images: np.ndarray, payload: str,
-                         input_name: str = "image") -> list[bytes]:
-    """Complete HTTP/1.1 infer requests, one per image ([1, ...] each), ready to write."""
+def encode_http_requests(host: str, port: int, model: str, samples: Sequence[np.ndarray],
+                         payload: str, input_name: str = "image") -> list[bytes]:
+    """Complete HTTP/1.1 infer requests, one per sample (each a batch of one, [1, ...]),
+    ready to write."""
     binary = payload == "binary"
     encoded = []
-    for image in images:
-        body, headers = encode_infer_request({input_name: image[None]}, binary=binary,
+    for sample in samples:
+        body, headers = encode_infer_request({input_name: sample}, binary=binary,
                                              binary_outputs=binary)
         lines = [f"POST {infer_path(model)} HTTP/1.1", f"Host: {host}:{port}",
                  f"Content-Length: {len(body)}"]
@@ -215,28 +265,76 @@ def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
     return float(p50), float(p95), float(p99)
 
 
-def run_load(host: str, port: int, requests: list[bytes], payload: str, concurrency: int,
-             duration_s: float, warmup_s: float) -> LoadResult:
-    """Warm up, then measure one closed-loop run."""
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) process `pid` has used so far; None without
+    /proc (not Linux) or without a pid."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces; fields follow it
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pid_on_port(port: int) -> int | None:
+    """The pid of this process's child whose command line has `--port <port>` (the server
+    `tier_server` started), to read its CPU time; None where /proc cannot tell."""
+    marker = b"\0--port\0" + str(port).encode() + b"\0"
+    me = os.getpid()
+    with contextlib.suppress(OSError):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = b"\0" + (entry / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == me and marker in command:
+                return int(entry.name)
+    return None
+
+
+def run_load(host: str, port: int, requests: list[bytes], mode: str, payload: str,
+             concurrency: int, duration_s: float, warmup_s: float,
+             server_pid: int | None = None) -> LoadResult:
+    """Warm up, then measure one closed-loop run (and the CPU the server and this load
+    generator used during it)."""
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         if warmup_s > 0:
             runner.run(closed_loop(host, port, requests, concurrency, warmup_s))
+        server_cpu_before = cpu_seconds(server_pid)
+        own_cpu_before = time.process_time()
         started = time.perf_counter()
         latencies, batch_sizes, errors, _ = runner.run(
             closed_loop(host, port, requests, concurrency, duration_s))
         elapsed = time.perf_counter() - started
+        own_cpu = time.process_time() - own_cpu_before
+        server_cpu_after = cpu_seconds(server_pid)
     p50, p95, p99 = _percentiles_ms(latencies)
+    server_cpu = None if server_cpu_before is None or server_cpu_after is None else \
+        (server_cpu_after - server_cpu_before) / elapsed
     return LoadResult(
-        payload=payload, concurrency=concurrency, requests=len(latencies),
+        mode=mode, payload=payload, concurrency=concurrency, requests=len(latencies),
         requests_per_s=len(latencies) / elapsed, latency_p50_ms=p50, latency_p95_ms=p95,
-        latency_p99_ms=p99, errors=errors,
-        mean_batch_size=float(np.mean(batch_sizes)) if batch_sizes else None,
-        duration_s=elapsed)
+        latency_p99_ms=p99, errors=errors, mean_batch_size=mean_batch_formed(batch_sizes),
+        duration_s=elapsed, server_cpu_cores=server_cpu,
+        load_generator_cpu_cores=own_cpu / elapsed)
 
 
-def check_answers(host: str, port: int, requests: list[bytes], images: np.ndarray,
+def mean_batch_formed(batch_sizes: Sequence[int]) -> float | None:
+    """The mean size of the batches behind these answers, each answer carrying its batch's
+    size: a batch of b rows answers b requests, so it counts 1/b per answer."""
+    if not batch_sizes:
+        return None
+    return len(batch_sizes) / float(np.sum(1.0 / np.asarray(batch_sizes, dtype=float)))
+
+
+def check_answers(host: str, port: int, requests: list[bytes],
                   expected_logits: np.ndarray | None) -> None:
-    """Send a few requests and check the answers decode (and match in-process logits)."""
+    """Send the first request and check the answer decodes (and matches in-process logits)."""
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         _, _, errors, bodies = runner.run(
             closed_loop(host, port, requests[:1], 1, 0.0, keep_bodies=1))
@@ -253,176 +351,384 @@ def check_answers(host: str, port: int, requests: list[bytes], images: np.ndarra
         np.testing.assert_allclose(logits[0], expected_logits[0], rtol=1e-4, atol=1e-4)
 
 
-# -- the floor ----------------------------------------------------------------------------
+# -- in-process ONNX Runtime --------------------------------------------------------------
 
 
-def measure_floor(model: object, images: np.ndarray, duration_s: float) -> FloorResult:
-    """In-process ONNX Runtime on one image at a time, for `duration_s`."""
-    from tierwise.runtime.session import OnnxModel
-
-    assert isinstance(model, OnnxModel)
-    singles = [np.ascontiguousarray(image[None]) for image in images]
-    for single in singles[:20]:
-        model.run(single)
+def measure_in_process(model: Any, samples: Sequence[np.ndarray], batch_size: int,
+                       duration_s: float) -> InProcessResult:
+    """ONNX Runtime in this process on batches of `batch_size` samples, for `duration_s`
+    (at least two calls)."""
+    distinct = max(1, min(8, len(samples) // batch_size))
+    order = np.arange(distinct * batch_size) % len(samples)
+    batches = [np.ascontiguousarray(np.concatenate(
+        [samples[i] for i in order[start:start + batch_size]]))
+        for start in range(0, len(order), batch_size)]
+    for batch in batches[:3]:
+        model.run(batch)
     latencies = []
-    deadline = time.perf_counter() + duration_s
-    index = 0
     started = time.perf_counter()
+    deadline = started + duration_s
     while True:
         begin = time.perf_counter()
-        if begin >= deadline:
+        if begin >= deadline and len(latencies) >= 2:
             break
-        model.run(singles[index % len(singles)])
+        model.run(batches[len(latencies) % len(batches)])
         latencies.append(time.perf_counter() - begin)
-        index += 1
     elapsed = time.perf_counter() - started
     p50, p95, p99 = _percentiles_ms(latencies)
-    return FloorResult(requests=len(latencies), requests_per_s=len(latencies) / elapsed,
-                       latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)
+    return InProcessResult(batch_size=batch_size, calls=len(latencies),
+                           images_per_s=len(latencies) * batch_size / elapsed,
+                           latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)
 
 
 # -- the command --------------------------------------------------------------------------
 
 
+def _levels(concurrency: object) -> list[int]:
+    try:
+        levels = [int(level) for level in str(concurrency).split(",") if level]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise SystemExit(f"error: --concurrency: expected positive integers like '1,8,32', "
+                         f"got {concurrency!r}")
+    return levels
+
+
+def _payloads(payloads: str) -> list[str]:
+    chosen = [payload for payload in payloads.split(",") if payload]
+    if not chosen or set(chosen) - set(PAYLOADS):
+        raise SystemExit(f"error: --payloads: expected some of {','.join(PAYLOADS)}, "
+                         f"got {payloads!r}")
+    return chosen
+
+
+def _workload(config: Config, args: argparse.Namespace, console: Console
+              ) -> tuple[str, Config, str]:
+    """(workload, its config, the model to serve); the camera's models are installed (once)
+    unless --models names another store."""
+    from tierwise.bench.workload import (
+        CAMERA_MODELS,
+        WORKLOADS,
+        WorkloadError,
+        camera_config,
+        install_camera,
+    )
+
+    workload = getattr(args, "workload", None) or "fashion-mnist"
+    if workload not in WORKLOADS:
+        raise SystemExit(f"error: --workload: expected one of {', '.join(WORKLOADS)}, "
+                         f"got {workload!r}")
+    if workload == "camera":
+        camera = camera_config(config)
+        if not getattr(args, "models", None):
+            try:
+                install_camera(camera, console)
+            except WorkloadError as error:
+                raise SystemExit(f"error: --workload camera: {error}") from None
+        device_model = next(name for name, tiers in CAMERA_MODELS.items() if "device" in tiers)
+        return workload, camera, getattr(args, "model", None) or device_model
+    from tierwise.zoo.names import model_name
+
+    return workload, config, getattr(args, "model", None) or model_name("edge")
+
+
+def load_samples(workload: str, config: Config, info: Any | None
+                 ) -> tuple[list[np.ndarray], str]:
+    """The requests' inputs, each a batch of one ([1, ...]), and a sentence on their source.
+    Camera frames are resized to the model's input size here, as `tierwise.Client` sends
+    them, so they need the model's metadata (`info`)."""
+    if workload == "camera":
+        from tierwise.bench.workload import frames_dir
+        from tierwise.data.images import load_frames
+        from tierwise.models.inputs import as_batch, image_size
+
+        if info is None:
+            raise SystemExit("error: --workload camera: the model must be in the local store "
+                             "(--models) to size the frames it is sent")
+        folder = frames_dir(config) / "test"
+        frames = load_frames(folder, limit=IMAGES)
+        height, width = image_size(info) or frames.images[0].shape[:2]
+        return ([as_batch(info, frame) for frame in frames.images],
+                f"{len(frames.images)} street-camera frames ({folder}), resized to "
+                f"{height}×{width}×3 uint8 by the load generator")
+    from tierwise.data import load_fashion_mnist
+
+    images = load_fashion_mnist(config.data.path, "test")[0][:IMAGES]
+    return [image[None] for image in images], \
+        f"the first {len(images)} Fashion-MNIST test images, 1×28×28 uint8"
+
+
+def serving_modes(args: argparse.Namespace, configured_max: int,
+                  batch_1: InProcessResult | None) -> list[ServingMode]:
+    """The servers to compare: batch-1 and dynamic (a server given by --url: itself)."""
+    if getattr(args, "url", None):
+        return [ServingMode("server", None, None)]
+    max_batch = getattr(args, "max_batch_size", None) or configured_max
+    if max_batch < 1:
+        raise SystemExit(f"error: --max-batch-size: expected at least 1, got {max_batch}")
+    delay_ms = getattr(args, "max_queue_delay_ms", None)
+    if delay_ms is None:
+        delay_ms = round(QUEUE_DELAY_SHARE * batch_1.latency_p50_ms, 2) if batch_1 else 0.0
+    modes = [ServingMode("batch-1", 1, 0.0)]
+    if max_batch > 1:
+        modes.append(ServingMode("dynamic", max_batch, delay_ms))
+    return modes
+
+
 @contextlib.contextmanager
-def _server(args: argparse.Namespace, models_dir: Path) -> Iterator[tuple[str, bool]]:
-    """(base URL, whether we started it)."""
-    if args.url:
-        yield args.url.rstrip("/"), False
+def _servers(args: argparse.Namespace, models_dir: Path, modes: list[ServingMode],
+             threads: int) -> Iterator[list[tuple[str, int | None]]]:
+    """(base URL, server pid or None) per mode: the --url server, or one started per mode."""
+    if getattr(args, "url", None):
+        yield [(args.url.rstrip("/"), None)]
         return
     from tierwise.bench.processes import tier_server
 
-    extra = ["--threads", str(getattr(args, "threads", 1))]
-    with tier_server("edge", models_dir, extra_args=extra,
-                     config_path=getattr(args, "config", None)) as url:
-        yield url, True
+    with contextlib.ExitStack() as stack:
+        started = []
+        for mode in modes:
+            extra = ["--threads", str(threads), "--max-batch-size", str(mode.max_batch_size),
+                     "--max-queue-delay-ms", f"{mode.max_queue_delay_ms:g}"]
+            url = stack.enter_context(tier_server(
+                "edge", models_dir, extra_args=extra, config_path=getattr(args, "config", None)))
+            started.append((url, child_pid_on_port(urlsplit(url).port or 80)))
+        yield started
 
 
-def _table(rows: list[LoadResult], floor: FloorResult | None, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("payload", "concurrency", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms",
-                   "mean batch", "errors"):
-        table.add_column(column, justify="left" if column == "payload" else "right")
-    if floor is not None:
-        table.add_row("in-process ORT", "1", f"{floor.requests}",
-                      f"{floor.requests_per_s:,.0f}", f"{floor.latency_p50_ms:.3f}",
-                      f"{floor.latency_p95_ms:.3f}", f"{floor.latency_p99_ms:.3f}", "1", "-")
-    for row in rows:
-        batch = f"{row.mean_batch_size:.1f}" if row.mean_batch_size is not None else "-"
-        table.add_row(row.payload, str(row.concurrency), str(row.requests),
-                      f"{row.requests_per_s:,.0f}", f"{row.latency_p50_ms:.3f}",
-                      f"{row.latency_p95_ms:.3f}", f"{row.latency_p99_ms:.3f}", batch,
-                      str(row.errors), style="red" if row.errors else None)
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+COLUMNS = [
+    Column("serving", "serving", left=True),
+    Column("payload", "payload", left=True),
+    Column("concurrency", "concurrency"),
+    Column("requests", "requests", "{:,}"),
+    Column("requests_per_s", "req/s", "{:,.1f}"),
+    Column("vs_batch_1", "× batch 1", "{:.2f}"),
+    Column("latency_p50_ms", "p50 ms", _ms),
+    Column("latency_p95_ms", "p95 ms", _ms),
+    Column("latency_p99_ms", "p99 ms", _ms),
+    Column("mean_batch_size", "mean batch", "{:.1f}"),
+    Column("errors", "errors"),
+    Column("server_cpu_cores", "server CPU", "{:.2f}"),
+    Column("load_generator_cpu_cores", "load-gen CPU", "{:.2f}"),
+]
+
+
+def throughput_factors(rows: list[LoadResult], in_process: dict[int, InProcessResult]
+                       ) -> list[dict[str, Any]]:
+    """Per payload and concurrency: dynamic batching's requests/s over batch-1 serving's,
+    beside what in-process ONNX Runtime gives at the mean batch formed over batch 1."""
+    by_key = {(row.mode, row.payload, row.concurrency): row for row in rows}
+    factors = []
+    for (mode, payload, level), dynamic in by_key.items():
+        single = by_key.get(("batch-1", payload, level))
+        if mode != "dynamic" or single is None or not single.requests_per_s:
+            continue
+        batch = max(1, round(dynamic.mean_batch_size or 1))
+        compute = in_process.get(batch)
+        factors.append({
+            "payload": payload, "concurrency": level,
+            "dynamic_requests_per_s": dynamic.requests_per_s,
+            "batch_1_requests_per_s": single.requests_per_s,
+            "factor": dynamic.requests_per_s / single.requests_per_s,
+            "mean_batch_size": dynamic.mean_batch_size,
+            "in_process_factor": compute.images_per_s / in_process[1].images_per_s
+            if compute is not None and 1 in in_process else None,
+        })
+    return factors
+
+
+def _table_rows(modes: list[ServingMode], rows: list[LoadResult],
+                in_process: dict[int, InProcessResult], payloads: list[str]
+                ) -> list[dict[str, Any]]:
+    single = in_process.get(1)
+    table = [{"serving": f"in-process ORT, batch {size}", "requests": result.calls * size,
+              "requests_per_s": result.images_per_s, "latency_p50_ms": result.latency_p50_ms,
+              "latency_p95_ms": result.latency_p95_ms, "latency_p99_ms": result.latency_p99_ms,
+              "mean_batch_size": size,
+              "vs_batch_1": result.images_per_s / single.images_per_s if single else None}
+             for size, result in sorted(in_process.items())]
+    batch_1 = {(row.payload, row.concurrency): row.requests_per_s
+               for row in rows if row.mode == "batch-1"}
+    labels = {mode.name: mode.label for mode in modes}
+    for payload in payloads:
+        for mode in modes:
+            for row in rows:
+                if row.payload != payload or row.mode != mode.name:
+                    continue
+                baseline = batch_1.get((payload, row.concurrency))
+                table.append({**asdict(row), "serving": labels[row.mode],
+                              "vs_batch_1": row.requests_per_s / baseline if baseline else None})
     return table
 
 
-def _plot(rows: list[LoadResult], floor: FloorResult | None, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 4))
-    for payload in dict.fromkeys(row.payload for row in rows):
-        mine = [row for row in rows if row.payload == payload]
-        levels = [row.concurrency for row in mine]
-        throughput.plot(levels, [row.requests_per_s for row in mine], marker="o", label=payload)
-        latency.plot(levels, [row.latency_p50_ms for row in mine], marker="o", label=payload)
-    if floor is not None:
-        throughput.axhline(floor.requests_per_s, color="gray", linestyle="--",
-                           label="in-process ORT, batch 1")
-        latency.axhline(floor.latency_p50_ms, color="gray", linestyle="--",
-                        label="in-process ORT, batch 1")
-    levels = sorted({row.concurrency for row in rows})
-    for axis, label in ((throughput, "requests/s"), (latency, "p50 latency (ms)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(levels, [str(level) for level in levels])
-        axis.set_xlabel("concurrent connections (closed loop)")
-        axis.set_ylabel(label)
-        axis.grid(True, alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def _plot(report: BenchReport, modes: list[ServingMode], rows: list[LoadResult],
+          in_process: dict[int, InProcessResult], title: str) -> None:
+    with report.figure("bench-serve.png", ncols=2, title=title) as (_, (throughput, latency)):
+        for index, mode in enumerate(modes):
+            for payload in dict.fromkeys(row.payload for row in rows):
+                mine = [row for row in rows if row.mode == mode.name and row.payload == payload]
+                if not mine:
+                    continue
+                style = {"color": f"C{index}", "marker": "o",
+                         "linestyle": "-" if payload == "binary" else "--",
+                         "label": f"{mode.label} ({payload})"}
+                levels = [row.concurrency for row in mine]
+                throughput.plot(levels, [row.requests_per_s for row in mine], **style)
+                latency.plot(levels, [row.latency_p50_ms for row in mine], **style)
+        greys = np.linspace(0.2, 0.65, max(len(in_process), 1))
+        for grey, (size, result) in zip(greys, sorted(in_process.items()), strict=False):
+            line = {"color": str(grey), "linestyle": ":", "linewidth": 1.2,
+                    "label": f"in-process ORT, batch {size}"}
+            throughput.axhline(result.images_per_s, **line)
+            latency.axhline(result.latency_p50_ms, **line)
+        levels = sorted({row.concurrency for row in rows})
+        for axis, label in ((throughput, "requests/s (in-process: images/s)"),
+                            (latency, "p50 latency, ms (in-process: per batch call)")):
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(levels, [str(level) for level in levels])
+            axis.set_xlabel("concurrent connections (closed loop, batch-1 requests)")
+            axis.set_ylabel(label)
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize=7)
+        latency.set_yscale("log")
 
 
 def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
-    """Run the benchmark and write results.json, a table and bench-serve.png to `args.out`."""
-    from tierwise.data import load_fashion_mnist
+    """Run the benchmark and write results.json, table.md and bench-serve.png to `args.out`."""
+    from tierwise.client.client import compute_labels
     from tierwise.runtime.session import load_models
 
     console = Console()
-    if not console.is_terminal and console.width < 110:  # e.g. piped: keep the table whole
-        console = Console(width=110)
-    try:
-        concurrencies = [int(level) for level in str(args.concurrency).split(",") if level]
-    except ValueError:
-        concurrencies = []
-    if not concurrencies or min(concurrencies) < 1:
-        raise SystemExit(f"error: --concurrency: expected positive integers like '1,8,32', "
-                         f"got {args.concurrency!r}")
-    payloads = [payload for payload in str(getattr(args, "payloads", "json,binary")).split(",")
-                if payload]
-    if not payloads or set(payloads) - set(PAYLOADS):
-        raise SystemExit(f"error: --payloads: expected some of {','.join(PAYLOADS)}, "
-                         f"got {payloads}")
+    if not console.is_terminal and console.width < 150:  # e.g. piped: keep the table whole
+        console = Console(width=150)
+    levels = _levels(args.concurrency)
+    workload, config, model = _workload(config, args, console)
+    payloads = _payloads(getattr(args, "payloads", None) or DEFAULT_PAYLOADS[workload])
+    threads = getattr(args, "threads", None) or 1
+    url_given = getattr(args, "url", None)
     models_dir = Path(args.models) if getattr(args, "models", None) else config.models_dir
-    if not args.url and not (models_dir / args.model).is_dir():
-        raise SystemExit(f"error: {models_dir / args.model}: no such model to serve; train it "
+    if not url_given and not (models_dir / model).is_dir():
+        raise SystemExit(f"error: {models_dir / model}: no such model to serve; train it "
                          "(`tierwise zoo train --only edge`), or pass --models or --url")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = load_fashion_mnist(config.data.path, "test")[0][:IMAGES]
 
-    local = load_models(models_dir, names=[args.model]).get(args.model) \
-        if (models_dir / args.model).is_dir() else None
-    floor = None
+    local = load_models(models_dir, threads=threads, names=[model]).get(model) \
+        if (models_dir / model).is_dir() else None
+    samples, source = load_samples(workload, config, local.info if local else None)
+    input_name = local.input_name if local is not None else "image"
+    in_process_s = min(args.duration_s, IN_PROCESS_MAX_S)
+    in_process: dict[int, InProcessResult] = {}
     expected = None
     if local is not None:
-        expected = local.run(images[:1])
-        floor = measure_floor(local, images, min(args.duration_s, 3.0))
+        expected = local.run(samples[0])
+        in_process[1] = measure_in_process(local, samples, 1, in_process_s)
+    modes = serving_modes(args, config.tier("edge").max_batch_size, in_process.get(1))
 
     rows: list[LoadResult] = []
     warmup_s = min(1.0, 0.2 * args.duration_s)
-    with _server(args, models_dir) as (url, started_here):
-        parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        title = (f"tierwise bench serve: {args.model} at {url}"
-                 f"{' (started here)' if started_here else ''}")
-        runs = [(payload, level) for payload in payloads for level in concurrencies]
+    with _servers(args, models_dir, modes, threads) as servers:
+        urls = [url for url, _ in servers]
+        endpoints = []
+        for mode, (url, pid) in zip(modes, servers, strict=True):
+            parts = urlsplit(url)
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            encoded = {payload: encode_http_requests(host, port, model, samples, payload,
+                                                     input_name) for payload in payloads}
+            for payload in payloads:
+                check_answers(host, port, encoded[payload], expected)
+            endpoints.append((mode, host, port, pid, encoded))
+        # interleaved, so drifting background load hits every mode alike
+        runs = [(payload, level, endpoint) for payload in payloads for level in levels
+                for endpoint in endpoints]
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
             task = progress.add_task("load", total=len(runs))
-            encoded = {payload: encode_http_requests(host, port, args.model, images, payload)
-                       for payload in payloads}
-            for payload in payloads:
-                check_answers(host, port, encoded[payload], images, expected)
-            for payload, level in runs:
-                progress.update(task, description=f"{payload} x {level} connections")
-                rows.append(run_load(host, port, encoded[payload], payload, level,
-                                     args.duration_s, warmup_s))
+            for payload, level, (mode, host, port, pid, encoded) in runs:
+                progress.update(task, description=f"{mode.label}: {payload} x {level}")
+                rows.append(run_load(host, port, encoded[payload], mode.name, payload, level,
+                                     args.duration_s, warmup_s, pid))
                 progress.advance(task)
 
-    results = {
-        "model": args.model,
-        "url": url,
-        "server_started_here": started_here,
-        "duration_s": args.duration_s,
-        "note": "closed loop, batch-1 requests; load generator and server share this machine",
-        "cpus": os.cpu_count(),
+    if local is not None:  # the batch sizes the server ran, as compute alone
+        sizes = {mode.max_batch_size for mode in modes if mode.max_batch_size}
+        sizes |= {max(1, round(row.mean_batch_size)) for row in rows
+                  if row.mean_batch_size is not None and row.concurrency > 1}
+        for size in sorted(sizes - set(in_process)):
+            in_process[size] = measure_in_process(local, samples, size, in_process_s)
+
+    factors = throughput_factors(rows, in_process)
+    started_here = not url_given
+    emulated = [label for label in compute_labels(config) if label.startswith("edge ")] \
+        if started_here else []
+    cpus = os.cpu_count()
+    request_bytes = {payload: len(endpoints[0][4][payload][0]) for payload in payloads}
+    notes = _notes(modes, factors, in_process, threads, cpus, source, request_bytes,
+                   url_given, args)
+    title = f"tierwise bench serve: {model} ({workload}) on {cpus} CPUs"
+    report = BenchReport("serve", args.out, emulated, console=console)
+    report.table(_table_rows(modes, rows, in_process, payloads), COLUMNS, title=title,
+                 notes=notes)
+    for note in notes:
+        console.print(f"- {note}", highlight=False)
+    _plot(report, modes, rows, in_process, title)
+    report.write({
+        "workload": workload, "model": model, "inputs": source,
+        "request_bytes": request_bytes, "urls": urls, "server_started_here": started_here,
+        "concurrency": levels, "duration_s": args.duration_s, "warmup_s": warmup_s,
+        "in_process_s": in_process_s, "cpus": cpus, "server_intra_op_threads": threads,
+        "modes": [{**asdict(mode), "label": mode.label} for mode in modes],
         "server_tier": config.tier("edge").model_dump() if started_here else None,
-        "in_process_floor": asdict(floor) if floor is not None else None,
         "rows": [asdict(row) for row in rows],
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(rows, floor, out / "bench-serve.png", title)
-    console.print(_table(rows, floor, title))
-    if started_here:
-        tier = config.tier("edge")
-        emulated = (f"compute emulated at {tier.compute_scale:g}x" if tier.compute_scale != 1
-                    else "no compute emulation")
-        console.print(f"server: tier edge, {emulated}, max_batch_size {tier.max_batch_size}, "
-                      f"max_queue_delay_ms {tier.max_queue_delay_ms:g}; no link emulation "
-                      f"(loopback); server and load generator share {os.cpu_count()} CPUs")
-    console.print(f"wrote {out / 'results.json'} and {out / 'bench-serve.png'}")
+        "in_process": [asdict(result) for _, result in sorted(in_process.items())],
+        "factors": factors, "notes": notes,
+    })
+    report.say_written()
+
+
+def _notes(modes: list[ServingMode], factors: list[dict[str, Any]],
+           in_process: dict[int, InProcessResult], threads: int, cpus: int | None,
+           source: str, request_bytes: dict[str, int], url_given: str | None,
+           args: argparse.Namespace) -> list[str]:
+    notes = []
+    top = max((factor["concurrency"] for factor in factors), default=None)
+    for factor in factors:
+        if factor["concurrency"] != top:
+            continue
+        compute = factor["in_process_factor"]
+        notes.append(
+            f"Throughput factor at concurrency {top} ({factor['payload']}): dynamic batching "
+            f"{factor['dynamic_requests_per_s']:,.1f} req/s over batch-1 serving "
+            f"{factor['batch_1_requests_per_s']:,.1f} req/s = {factor['factor']:.2f}×, mean "
+            f"batch {factor['mean_batch_size']:.1f}"
+            + (f"; in-process ONNX Runtime at that batch over batch 1: {compute:.2f}×"
+               if compute is not None else ""))
+    dynamic = next((mode for mode in modes if mode.name == "dynamic"), None)
+    if dynamic is not None:
+        given = getattr(args, "max_queue_delay_ms", None) is not None
+        single = in_process.get(1)
+        why = "given by --max-queue-delay-ms" if given or single is None else (
+            f"{QUEUE_DELAY_SHARE:.0%} of one request's in-process compute (p50 "
+            f"{single.latency_p50_ms:.3g} ms): at most that much added to a lone request, "
+            "enough to gather a burst of closed-loop requests into one batch")
+        notes.append(f"Dynamic batching: up to {dynamic.max_batch_size} requests per batch, "
+                     f"queue delay {dynamic.max_queue_delay_ms:g} ms ({why}).")
+    if url_given:
+        notes.append(f"Server: {url_given}, as it is configured (not started here: no "
+                     "batch-1 comparison, compute emulation unknown).")
+    else:
+        notes.append(
+            f"Threads on {cpus} CPUs: each server process runs ONNX Runtime with {threads} "
+            "intra-op thread(s) in one worker thread beside its event loop; the load generator "
+            "is one Python thread (uvloop) in this process; both servers are up throughout, "
+            "the idle one costs nothing. In-process ONNX Runtime runs with the same "
+            f"{threads} thread(s) while no load runs. Server CPU and load-gen CPU: CPU "
+            "seconds per wall second during each run.")
+    notes.append(f"Requests: {source}; one image per request, "
+                 + ", ".join(f"{payload} {size:,} B" for payload, size in request_bytes.items())
+                 + " per HTTP request. Mean batch: requests ÷ batches the server formed "
+                 "(each answer's tierwise-batch-size header). In-process rows: images and "
+                 "images/s, latency per ONNX Runtime call (a whole batch).")
+    return notes
