@@ -420,7 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--model", help="default: fmnist-edge, efficientnet-lite0")
     bench_serve.add_argument("--concurrency", default="1,8,32")
     bench_serve.add_argument("--duration-s", type=float, default=5.0)
-    bench_serve.add_argument("--out", default="reports/bench-serve")
+    bench_serve.add_argument("--out", help="default reports/bench-serve (camera: "
+                             "reports/bench-serve-camera)")
     bench_serve.add_argument("--models", help="models directory of the servers started here "
                              "and of in-process ONNX Runtime (default: the workload's)")
     bench_serve.add_argument("--payloads", help="comma-separated: json (JSON tensors), binary "

@@ -668,7 +668,9 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
     notes = _notes(modes, factors, in_process, threads, cpus, source, request_bytes,
                    url_given, args)
     title = f"tierwise bench serve: {model} ({workload}) on {cpus} CPUs"
-    report = BenchReport("serve", args.out, emulated, console=console)
+    out = getattr(args, "out", None) or \
+        ("reports/bench-serve" + ("-camera" if workload == "camera" else ""))
+    report = BenchReport("serve", out, emulated, console=console)
     report.table(_table_rows(modes, rows, in_process, payloads), COLUMNS, title=title,
                  notes=notes)
     for note in notes:
