@@ -93,7 +93,7 @@ def test_trace_replay_writes_records_summary_and_plot(small_config: Config, mode
     ("t_s,bandwidth_up_bytes_per_s,bandwidth_down_bytes_per_s,rtt_ms\n0,1,1,1\n0,1,1,1\n",
      ":3: t_s: must increase"),
     ("t_s,bandwidth_up_bytes_per_s,bandwidth_down_bytes_per_s,rtt_ms\n0,-5,1,1\n1,1,1,1\n",
-     ":2: bandwidth_up_bytes_per_s: expected a positive rate"),
+     ":2: bandwidth_up_bytes_per_s: expected a rate ≥ 0"),
     ("t_s,bandwidth_up_bytes_per_s,bandwidth_down_bytes_per_s,rtt_ms\n0,1,1,1\n",
      "at least two rows"),
 ])
