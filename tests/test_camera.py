@@ -125,3 +125,25 @@ def test_a_corrupt_frame_in_a_folder_is_skipped_and_counted(tmp_path: Path) -> N
     loaded = load_frames(tmp_path / "frames")
     assert [image.shape for image in loaded.images] == [frames[0].shape, small.shape]
     assert len(loaded.skipped) == 1 and "c.png" in loaded.skipped[0]
+
+
+def test_a_truncated_video_gives_its_frames_and_counts_the_rest(tmp_path: Path) -> None:
+    whole = CAMERA_VIDEO.read_bytes()
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(whole[:len(whole) // 3])
+    skipped: list[str] = []
+    frames = list(iter_video(truncated, every=10, skipped=skipped))
+    print(f"{len(frames)} frames; skipped: {skipped}")
+    assert 10 < len(frames) < 80 and all(frame.shape == (576, 768, 3) for frame in frames)
+    assert len(skipped) == 1 and "did not decode" in skipped[0] and "claims 795" in skipped[0]
+    loaded = load_frames(truncated, limit=1000)
+    assert loaded.skipped == [skipped[0]] and len(loaded) > 100
+
+
+def test_without_opencv_doc_the_camera_names_the_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierwise.bench import workload as module
+
+    monkeypatch.setattr(module, "CAMERA_VIDEO", tmp_path / "vtest.avi")
+    with pytest.raises(module.WorkloadError, match="apt-get install opencv-doc"):
+        load_workload("camera", Config(data_dir=str(tmp_path)))

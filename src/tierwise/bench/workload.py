@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from tierwise.config import Config, TierConfig
 from tierwise.models.store import list_models
@@ -179,11 +180,12 @@ def write_frames(directory: Path, frames: list[tuple[str, np.ndarray]]) -> int:
     return len(frames)
 
 
-def _video_frames(path: Path, start: int, stop: int, every: int) -> list[tuple[str, np.ndarray]]:
+def _video_frames(path: Path, start: int, stop: int, every: int,
+                  skipped: list[str]) -> list[tuple[str, np.ndarray]]:
     from tierwise.data.images import iter_video
 
     return [(f"{path.stem}-{start + index * every:04d}", frame) for index, frame in
-            enumerate(iter_video(path, every=every, start=start, stop=stop))]
+            enumerate(iter_video(path, every=every, start=start, stop=stop, skipped=skipped))]
 
 
 def ensure_frames(config: Config, console: Console) -> dict[str, Path]:
@@ -196,18 +198,20 @@ def ensure_frames(config: Config, console: Console) -> dict[str, Path]:
     from tierwise.data.images import load_frames
 
     console.print(f"camera frames: writing {root} (once)")
+    skipped: list[str] = []
     if not folders["profile"].is_dir():
-        write_frames(folders["profile"], _video_frames(CAMERA_VIDEO, *PROFILE_FRAMES))
+        write_frames(folders["profile"], _video_frames(CAMERA_VIDEO, *PROFILE_FRAMES, skipped))
     if not folders["test"].is_dir():
-        write_frames(folders["test"], _video_frames(CAMERA_VIDEO, *TEST_FRAMES))
+        write_frames(folders["test"], _video_frames(CAMERA_VIDEO, *TEST_FRAMES, skipped))
     if not folders["train"].is_dir():
-        train = [item for video in TRAIN_VIDEOS for item in _video_frames(video, 0, 10**6, 1)]
+        train = [item for video in TRAIN_VIDEOS
+                 for item in _video_frames(video, 0, 10**6, 1, skipped)]
         photos = load_frames(OPENCV_DATA, recursive=False)
-        if photos.skipped:
-            console.print(f"training photos: skipped {len(photos.skipped)} unreadable "
-                          f"({', '.join(photos.skipped[:3])}...)")
+        skipped += photos.skipped
         train += [(f"photo-{index:03d}", image) for index, image in enumerate(photos.images)]
         write_frames(folders["train"], train)
+    for line in skipped:  # corrupt or truncated material: left out, and said
+        console.print(f"[yellow]skipped[/]: {escape(line)}")
     for name, folder in folders.items():
         console.print(f"  {name}: {sum(1 for _ in folder.glob('*.png'))} frames in {folder}")
     return folders

@@ -135,11 +135,16 @@ def load_coco(path: str | Path, limit: int | None = None) -> Frames:
                   classes=[str(category["name"]) for category in categories])
 
 
-def iter_video(path: str | Path, every: int = 1, start: int = 0,
-               stop: int | None = None) -> Iterator[np.ndarray]:
+MAX_UNDECODABLE_FRAMES = 25  # in a row: past this, the rest of the stream is taken as lost
+
+
+def iter_video(path: str | Path, every: int = 1, start: int = 0, stop: int | None = None,
+               skipped: list[str] | None = None) -> Iterator[np.ndarray]:
     """Every `every`-th frame of a video from frame `start` until before `stop`, uint8 RGB
-    [height, width, 3] (OpenCV). A truncated or corrupt stream ends where OpenCV can no
-    longer decode it (frame sizes may change within a stream; each frame keeps its own)."""
+    [height, width, 3] (OpenCV). Frame sizes may change within a stream; each frame keeps
+    its own. A frame that does not decode is skipped (and, with `skipped`, listed there as
+    "path: frame i ..."); after MAX_UNDECODABLE_FRAMES in a row, or at a truncated end, the
+    stream ends, with the frames the container still claimed counted as skipped."""
     try:
         import cv2
     except ImportError:
@@ -148,17 +153,31 @@ def iter_video(path: str | Path, every: int = 1, start: int = 0,
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise EvalDataError(f"{path}: OpenCV cannot open it as a video")
+    claimed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    end = min(stop, claimed) if stop is not None and claimed else (stop or claimed)
+    def lost(first: int, last: int, why: str = "") -> None:
+        if skipped is not None and last >= first:
+            skipped.append(f"{path}: frames {first}..{last} ({last - first + 1}) did not "
+                           f"decode{why}")
+
     try:
-        index = 0
-        while True:
+        index = failures = 0
+        while not (stop is not None and index >= stop):
             ok, frame = capture.read()
-            if not ok:
-                break
-            if stop is not None and index >= stop:
-                break
+            if not ok or frame is None or frame.size == 0:
+                failures += 1
+                index += 1
+                if index > max(claimed, 1) or failures > MAX_UNDECODABLE_FRAMES:
+                    break
+                continue
+            lost(index - failures, index - 1)
+            failures = 0
             if index >= start and (index - start) % every == 0:
                 yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             index += 1
+        if end and index - failures < end:
+            lost(index - failures, end - 1, f" (the stream ends early; the container claims "
+                 f"{claimed} frames)")
     finally:
         capture.release()
 
@@ -197,14 +216,16 @@ def load_frames(source: str | Path, limit: int | None = None, every: int = 1,
     if path.suffix.lower() == ".json":
         return load_coco(path, limit)
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        frames = []
-        for frame in iter_video(path, every):
+        frames: list[np.ndarray] = []
+        skipped: list[str] = []
+        for frame in iter_video(path, every, skipped=skipped):
             frames.append(frame)
             if limit and len(frames) >= limit:
                 break
         if not frames:
             raise EvalDataError(f"{path}: no frames could be read")
-        return Frames(images=frames, source=f"frames of {path.name} (every {every})")
+        return Frames(images=frames, source=f"frames of {path.name} (every {every})",
+                      skipped=skipped)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return Frames(images=[read_image(path)], source=f"image {path}")
     raise EvalDataError(f"{path}: expected an image folder, an image "
