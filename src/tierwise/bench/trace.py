@@ -253,8 +253,8 @@ def _replay(bed: Testbed, strategies: dict[str, Plan | None], points: list[Trace
                     dict.fromkeys(strategies, 0))
     lock = threading.Lock()
     stop = threading.Event()
-    label = ", ".join(strategies) if len(strategies) < len(STRATEGIES) else "all strategies"
-    task = progress.add_task(label, total=bound.trace_s)
+    title = ", ".join(strategies) if len(strategies) < len(STRATEGIES) else "all strategies"
+    task = progress.add_task(title, total=bound.trace_s)
     _apply(bed, list(all_links.values()), points[0])
     start = time.perf_counter() + 0.05
 
@@ -284,18 +284,19 @@ def _replay(bed: Testbed, strategies: dict[str, Plan | None], points: list[Trace
                    plan=result.trace.plan, fallback=result.trace.fallback,
                    bytes_up=result.trace.bytes_up, cost_usd=result.trace.cost_usd)
 
-    shown = [0.0]
+    shown_at = 0.0
 
     def show(phase: str, arrived: int, force: bool = False) -> None:
+        nonlocal shown_at
         now = time.perf_counter()
-        if not force and now - shown[0] < PROGRESS_EVERY_S:
+        if not force and now - shown_at < PROGRESS_EVERY_S:
             return
-        shown[0] = now
+        shown_at = now
         t_s = min(max(now - start, 0.0), bound.trace_s)
         point = at(points, t_s * settings.speed)
         lost = sum(replay.unanswered.values())
         progress.update(task, completed=t_s, description=(
-            f"{label}: {phase} t={t_s * settings.speed:.1f}/{points[-1].t_s:g} s, up "
+            f"{title}: {phase} t={t_s * settings.speed:.1f}/{points[-1].t_s:g} s, up "
             f"{_show_rate(point.bandwidth_up)}; answered {replay.answered}/{arrived}, in "
             f"flight {arrived - replay.answered - lost}, unanswered {lost}"))
 
@@ -322,8 +323,8 @@ def _replay(bed: Testbed, strategies: dict[str, Plan | None], points: list[Trace
                 with lock:
                     replay.unanswered[name] += 1
                     record(name, index, arrival, answered=False, latency_ms=None, missed=True,
-                           correct=False, plan=None, fallback="still queued when the trace "
-                           "ended: never started", bytes_up=0, cost_usd=0.0)
+                           correct=False, plan=None, fallback=None, bytes_up=0, cost_usd=0.0,
+                           note="still queued when the trace ended: never started")
         running = [future for *_, future in submitted if not future.cancelled()]
         while True:
             done, pending = wait(running, timeout=PROGRESS_EVERY_S,
