@@ -95,10 +95,10 @@ def test_a_one_byte_per_second_trace_ends_within_its_stated_bound(
         small_config: Config, models_dir: Path, tmp_path: Path) -> None:
     trace = tmp_path / "dead.csv"
     trace.write_text(HEADER + "0,1,1,20\n3,1,1,20\n")
-    # one worker per strategy at 10 requests/s: on a near-dead link the remote strategies
-    # fall behind (each request holds its worker for the deadline), so requests are still
-    # queued when the trace ends
-    settings = TraceSettings(rate_per_s=10, deadline_ms=100, min_accuracy=0.0,
+    # one worker per strategy at 20 requests/s: on a near-dead link the remote strategies
+    # fall behind (each request holds its worker for the 100 ms deadline: 10 answers/s), so
+    # about half their requests are still queued when the trace ends
+    settings = TraceSettings(rate_per_s=20, deadline_ms=100, min_accuracy=0.0,
                              max_in_flight=1)
     began = time.perf_counter()
     run_bench_trace(small_config, trace, tmp_path / "out", settings)
@@ -114,14 +114,16 @@ def test_a_one_byte_per_second_trace_ends_within_its_stated_bound(
     assert wall_s < 60  # the same trace once ran for over 10 minutes
     records = _records(tmp_path / "out")
     rows = {row["strategy"]: row for row in document["rows"]}
+    print("unanswered (still queued at the trace's end):",
+          {name: row["unanswered"] for name, row in rows.items()})
     for strategy in STRATEGIES:
         mine = sorted(r["request"] for r in records if r["strategy"] == strategy)
-        assert mine == list(range(30))  # answered or counted, never dropped
+        assert mine == list(range(60))  # answered or counted, never dropped
         row = rows[strategy]
-        assert row["requests"] + row["unanswered"] == row["arrived"] == 30
-    assert rows["cloud-only"]["unanswered"] > 0
-    assert rows["cloud-only"]["deadline_miss_rate"] >= rows["cloud-only"]["unanswered"] / 30
-    assert rows["device-only"]["unanswered"] == 0
+        assert row["requests"] + row["unanswered"] == row["arrived"] == 60
+    assert rows["cloud-only"]["unanswered"] >= 10
+    assert rows["cloud-only"]["deadline_miss_rate"] >= rows["cloud-only"]["unanswered"] / 60
+    assert rows["device-only"]["unanswered"] < rows["cloud-only"]["unanswered"]
     answered = [r for r in records if r["answered"] and r["strategy"] == "cloud-only"]
     assert all(r["fallback"] for r in answered)  # nothing crossed a 1 B/s link in time
     assert not math.isnan(rows["cloud-only"]["latency_p95_ms"])
