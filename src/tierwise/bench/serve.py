@@ -11,7 +11,7 @@ Two servers of the same model run side by side, started here on loopback: one se
 request alone (`max_batch_size` 1) and one batching dynamically up to the workload's
 configured `max_batch_size` (`--max-batch-size`) with a short queue delay. Their runs are
 interleaved (each level: batch-1, then dynamic), so drifting background load hits both alike.
-The delay defaults to a quarter of one request's in-process compute (p50, measured first):
+The delay defaults to a quarter of one request's in-process compute (measured first):
 at concurrency 1 a lone request can wait no longer than that, so it costs at most 25% there;
 under closed-loop load the answers of one batch come back as a burst of new requests within
 about that time, and the delay gathers the burst into one batch instead of a lone first
@@ -89,7 +89,11 @@ class LoadResult:
 
     mean_batch_size is the mean size of the batches the server formed (requests ÷ batches,
     from every answer's `tierwise-batch-size` header). The CPU columns are CPU seconds per
-    wall second: the server process (all its threads) and the load generator."""
+    wall second: the server process (all its threads) and the load generator.
+    requests_per_server_cpu_s is what the server answers per CPU-second it gets: on a host
+    that other work shares, a thread that computes long batches gets a smaller share of the
+    cores than one that sleeps between short computes, so this ratio compares the two
+    servers' efficiency where requests/s would also compare their luck with the scheduler."""
 
     mode: str
     payload: str
@@ -104,6 +108,7 @@ class LoadResult:
     duration_s: float
     server_cpu_cores: float | None
     load_generator_cpu_cores: float
+    requests_per_server_cpu_s: float | None
 
 
 @dataclass
@@ -117,6 +122,15 @@ class InProcessResult:
     latency_p50_ms: float
     latency_p95_ms: float
     latency_p99_ms: float
+    images_per_cpu_s: float | None  # per CPU-second this process used
+
+    @property
+    def compute_ms(self) -> float:
+        """One call's compute: the shorter of its wall time (p50) and its CPU time (mean), so
+        that neither other work on the host nor a second intra-op thread stretches it."""
+        if not self.images_per_cpu_s:
+            return self.latency_p50_ms
+        return min(self.latency_p50_ms, 1e3 * self.batch_size / self.images_per_cpu_s)
 
 
 # -- the load generator -------------------------------------------------------------------
@@ -321,7 +335,9 @@ def run_load(host: str, port: int, requests: list[bytes], mode: str, payload: st
         requests_per_s=len(latencies) / elapsed, latency_p50_ms=p50, latency_p95_ms=p95,
         latency_p99_ms=p99, errors=errors, mean_batch_size=mean_batch_formed(batch_sizes),
         duration_s=elapsed, server_cpu_cores=server_cpu,
-        load_generator_cpu_cores=own_cpu / elapsed)
+        load_generator_cpu_cores=own_cpu / elapsed,
+        requests_per_server_cpu_s=len(latencies) / (server_cpu * elapsed)
+        if server_cpu else None)
 
 
 def mean_batch_formed(batch_sizes: Sequence[int]) -> float | None:
@@ -366,6 +382,7 @@ def measure_in_process(model: Any, samples: Sequence[np.ndarray], batch_size: in
     for batch in batches[:3]:
         model.run(batch)
     latencies = []
+    cpu_before = time.process_time()
     started = time.perf_counter()
     deadline = started + duration_s
     while True:
@@ -375,10 +392,13 @@ def measure_in_process(model: Any, samples: Sequence[np.ndarray], batch_size: in
         model.run(batches[len(latencies) % len(batches)])
         latencies.append(time.perf_counter() - begin)
     elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu_before
     p50, p95, p99 = _percentiles_ms(latencies)
+    images = len(latencies) * batch_size
     return InProcessResult(batch_size=batch_size, calls=len(latencies),
-                           images_per_s=len(latencies) * batch_size / elapsed,
-                           latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)
+                           images_per_s=images / elapsed, latency_p50_ms=p50,
+                           latency_p95_ms=p95, latency_p99_ms=p99,
+                           images_per_cpu_s=images / cpu_s if cpu_s > 0 else None)
 
 
 # -- the command --------------------------------------------------------------------------
@@ -469,7 +489,7 @@ def serving_modes(args: argparse.Namespace, configured_max: int,
         raise SystemExit(f"error: --max-batch-size: expected at least 1, got {max_batch}")
     delay_ms = getattr(args, "max_queue_delay_ms", None)
     if delay_ms is None:
-        delay_ms = round(QUEUE_DELAY_SHARE * batch_1.latency_p50_ms, 2) if batch_1 else 0.0
+        delay_ms = round(QUEUE_DELAY_SHARE * batch_1.compute_ms, 2) if batch_1 else 0.0
     modes = [ServingMode("batch-1", 1, 0.0)]
     if max_batch > 1:
         modes.append(ServingMode("dynamic", max_batch, delay_ms))
@@ -496,6 +516,14 @@ def _servers(args: argparse.Namespace, models_dir: Path, modes: list[ServingMode
         yield started
 
 
+def _load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _ms(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
@@ -513,6 +541,7 @@ COLUMNS = [
     Column("mean_batch_size", "mean batch", "{:.1f}"),
     Column("errors", "errors"),
     Column("server_cpu_cores", "server CPU", "{:.2f}"),
+    Column("requests_per_server_cpu_s", "req per CPU-s", "{:,.1f}"),
     Column("load_generator_cpu_cores", "load-gen CPU", "{:.2f}"),
 ]
 
@@ -520,7 +549,8 @@ COLUMNS = [
 def throughput_factors(rows: list[LoadResult], in_process: dict[int, InProcessResult]
                        ) -> list[dict[str, Any]]:
     """Per payload and concurrency: dynamic batching's requests/s over batch-1 serving's,
-    beside what in-process ONNX Runtime gives at the mean batch formed over batch 1."""
+    beside what in-process ONNX Runtime gives at the mean batch formed over batch 1; and the
+    same per CPU-second (`*_per_cpu_s`), which a host shared with other work skews less."""
     by_key = {(row.mode, row.payload, row.concurrency): row for row in rows}
     factors = []
     for (mode, payload, level), dynamic in by_key.items():
@@ -528,17 +558,26 @@ def throughput_factors(rows: list[LoadResult], in_process: dict[int, InProcessRe
         if mode != "dynamic" or single is None or not single.requests_per_s:
             continue
         batch = max(1, round(dynamic.mean_batch_size or 1))
-        compute = in_process.get(batch)
+        compute, alone = in_process.get(batch), in_process.get(1)
         factors.append({
             "payload": payload, "concurrency": level,
             "dynamic_requests_per_s": dynamic.requests_per_s,
             "batch_1_requests_per_s": single.requests_per_s,
             "factor": dynamic.requests_per_s / single.requests_per_s,
             "mean_batch_size": dynamic.mean_batch_size,
-            "in_process_factor": compute.images_per_s / in_process[1].images_per_s
-            if compute is not None and 1 in in_process else None,
+            "in_process_factor": compute.images_per_s / alone.images_per_s
+            if compute is not None and alone is not None else None,
+            "factor_per_cpu_s": _ratio(dynamic.requests_per_server_cpu_s,
+                                       single.requests_per_server_cpu_s),
+            "in_process_factor_per_cpu_s": _ratio(
+                compute.images_per_cpu_s if compute else None,
+                alone.images_per_cpu_s if alone else None),
         })
     return factors
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
 
 
 def _table_rows(modes: list[ServingMode], rows: list[LoadResult],
@@ -548,7 +587,7 @@ def _table_rows(modes: list[ServingMode], rows: list[LoadResult],
     table = [{"serving": f"in-process ORT, batch {size}", "requests": result.calls * size,
               "requests_per_s": result.images_per_s, "latency_p50_ms": result.latency_p50_ms,
               "latency_p95_ms": result.latency_p95_ms, "latency_p99_ms": result.latency_p99_ms,
-              "mean_batch_size": size,
+              "mean_batch_size": size, "requests_per_server_cpu_s": result.images_per_cpu_s,
               "vs_batch_1": result.images_per_s / single.images_per_s if single else None}
              for size, result in sorted(in_process.items())]
     batch_1 = {(row.payload, row.concurrency): row.requests_per_s
@@ -641,6 +680,7 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
                 check_answers(host, port, encoded[payload], expected)
             endpoints.append((mode, host, port, pid, encoded))
         # interleaved, so drifting background load hits every mode alike
+        load_average = [_load_average()]
         runs = [(payload, level, endpoint) for payload in payloads for level in levels
                 for endpoint in endpoints]
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -651,6 +691,7 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
                 rows.append(run_load(host, port, encoded[payload], mode.name, payload, level,
                                      args.duration_s, warmup_s, pid))
                 progress.advance(task)
+        load_average.append(_load_average())
 
     if local is not None:  # the batch sizes the server ran, as compute alone
         sizes = {mode.max_batch_size for mode in modes if mode.max_batch_size}
@@ -666,7 +707,7 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
     cpus = os.cpu_count()
     request_bytes = {payload: len(endpoints[0][4][payload][0]) for payload in payloads}
     notes = _notes(modes, factors, in_process, threads, cpus, source, request_bytes,
-                   url_given, args)
+                   url_given, args, load_average)
     title = f"tierwise bench serve: {model} ({workload}) on {cpus} CPUs"
     out = getattr(args, "out", None) or \
         ("reports/bench-serve" + ("-camera" if workload == "camera" else ""))
@@ -681,6 +722,7 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
         "request_bytes": request_bytes, "urls": urls, "server_started_here": started_here,
         "concurrency": levels, "duration_s": args.duration_s, "warmup_s": warmup_s,
         "in_process_s": in_process_s, "cpus": cpus, "server_intra_op_threads": threads,
+        "load_average_1min": load_average,
         "modes": [{**asdict(mode), "label": mode.label} for mode in modes],
         "server_tier": config.tier("edge").model_dump() if started_here else None,
         "rows": [asdict(row) for row in rows],
@@ -693,27 +735,31 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
 def _notes(modes: list[ServingMode], factors: list[dict[str, Any]],
            in_process: dict[int, InProcessResult], threads: int, cpus: int | None,
            source: str, request_bytes: dict[str, int], url_given: str | None,
-           args: argparse.Namespace) -> list[str]:
+           args: argparse.Namespace, load_average: list[float | None]) -> list[str]:
     notes = []
     top = max((factor["concurrency"] for factor in factors), default=None)
     for factor in factors:
         if factor["concurrency"] != top:
             continue
-        compute = factor["in_process_factor"]
+        compute, per_cpu = factor["in_process_factor"], factor["factor_per_cpu_s"]
+        compute_per_cpu = factor["in_process_factor_per_cpu_s"]
         notes.append(
             f"Throughput factor at concurrency {top} ({factor['payload']}): dynamic batching "
             f"{factor['dynamic_requests_per_s']:,.1f} req/s over batch-1 serving "
             f"{factor['batch_1_requests_per_s']:,.1f} req/s = {factor['factor']:.2f}×, mean "
             f"batch {factor['mean_batch_size']:.1f}"
             + (f"; in-process ONNX Runtime at that batch over batch 1: {compute:.2f}×"
-               if compute is not None else ""))
+               if compute is not None else "")
+            + (f". Per CPU-second: server {per_cpu:.2f}×" if per_cpu is not None else "")
+            + (f", in-process {compute_per_cpu:.2f}×" if compute_per_cpu is not None else "")
+            + ".")
     dynamic = next((mode for mode in modes if mode.name == "dynamic"), None)
     if dynamic is not None:
         given = getattr(args, "max_queue_delay_ms", None) is not None
         single = in_process.get(1)
         why = "given by --max-queue-delay-ms" if given or single is None else (
-            f"{QUEUE_DELAY_SHARE:.0%} of one request's in-process compute (p50 "
-            f"{single.latency_p50_ms:.3g} ms): at most that much added to a lone request, "
+            f"{QUEUE_DELAY_SHARE:.0%} of one request's in-process compute, "
+            f"{single.compute_ms:.3g} ms: at most that much added to a lone request, "
             "enough to gather a burst of closed-loop requests into one batch")
         notes.append(f"Dynamic batching: up to {dynamic.max_batch_size} requests per batch, "
                      f"queue delay {dynamic.max_queue_delay_ms:g} ms ({why}).")
@@ -727,7 +773,17 @@ def _notes(modes: list[ServingMode], factors: list[dict[str, Any]],
             "is one Python thread (uvloop) in this process; both servers are up throughout, "
             "the idle one costs nothing. In-process ONNX Runtime runs with the same "
             f"{threads} thread(s) while no load runs. Server CPU and load-gen CPU: CPU "
-            "seconds per wall second during each run.")
+            "seconds per wall second during each run; req per CPU-s: requests answered per "
+            "CPU-second the server process got (in-process: images per CPU-second), which "
+            "compares the modes' efficiency even where other work takes a share of the cores.")
+    known = [value for value in load_average if value is not None]
+    if len(known) == 2:
+        busy = max(known) > (cpus or 1)  # more runnable threads than cores
+        notes.append(
+            f"Host load (1-min average) {known[0]:.1f} before the runs, {known[1]:.1f} after, "
+            f"on {cpus} CPUs" + (": other processes shared the cores, so absolute rates are "
+                                 "low; the factors are measured side by side, runs "
+                                 "interleaved." if busy else "."))
     notes.append(f"Requests: {source}; one image per request, "
                  + ", ".join(f"{payload} {size:,} B" for payload, size in request_bytes.items())
                  + " per HTTP request. Mean batch: requests ÷ batches the server formed "
