@@ -39,9 +39,15 @@ stuck behind an outage is abandoned) and the clients with them. So a replay take
 
     trace length / speed + request bound + DRAIN_SLACK_S
 
-from its first arrival to its last answer (under tc, each strategy's replay). results.json
-states the bound and what each replay took; the progress line shows the trace's clock and
-rate, and the requests answered, in flight and unanswered.
+from its first arrival to its last answer (under tc, each strategy's replay), provided the
+host computes as fast as the profiles measured: the link is bounded by construction, this
+host's CPU is not. A host that cannot keep up with `rate_per_s` across every strategy at
+once (the camera workload at 20/s on two cores) stretches every device computation in
+flight, and the replay runs over: results.json then says so (`within`: false), with the
+requests in flight at the trace's end and device-only's latency (no network at all) against
+its profiled compute; lower `--rate`. results.json states the bound and what each replay
+took; the progress line shows the trace's clock and rate, and the requests answered, in
+flight and unanswered.
 
 Writes requests.jsonl (one record per request), results.json and table.md (one summary row
 per strategy) and trace.png (the bandwidth, each strategy's latency, the adaptive plan over
@@ -159,6 +165,7 @@ class Replay:
     unanswered: dict[str, int]
     seconds: float = 0.0    # first arrival to the last answer, clients closed
     answered: int = 0
+    in_flight_at_end: int = 0   # started, not yet answered, when the trace ended
 
 
 def load_trace(path: Path) -> list[TracePoint]:
@@ -326,6 +333,7 @@ def _replay(bed: Testbed, strategies: dict[str, Plan | None], points: list[Trace
                            correct=False, plan=None, fallback=None, bytes_up=0, cost_usd=0.0,
                            note="still queued when the trace ended: never started")
         running = [future for *_, future in submitted if not future.cancelled()]
+        replay.in_flight_at_end = sum(not future.done() for future in running)
         while True:
             done, pending = wait(running, timeout=PROGRESS_EVERY_S,
                                  return_when=FIRST_EXCEPTION)
@@ -414,10 +422,17 @@ def run_bench_trace(config: Config, trace_path: Path, out_dir: Path, settings: T
                     "fallback) and the request falls back to the device model.")
     measured = [round(replay.seconds, 3) for replay in replays]
     within = all(seconds <= bound.replay_s for seconds in measured)
+    in_flight = [replay.in_flight_at_end for replay in replays]
     bound_note = (f"Bound: {bound.statement()}; measured {', '.join(f'{s:.2f}' for s in measured)}"
                   f" s ({'within' if within else 'OVER'} the bound). Requests still queued when "
                   "the trace ended were not started: counted as unanswered and as missed "
                   "deadlines.")
+    if not within:
+        local = next(row for row in rows if row["strategy"] == "device-only")
+        bound_note += (f" Over because this host did not keep up: {sum(in_flight)} requests "
+                       f"were in flight when the trace ended, and device-only (no network) "
+                       f"took p50 {local['latency_p50_ms']:.0f} ms against "
+                       f"{bound.fallback_s * 1e3:.3g} ms profiled; lower --rate.")
     report = BenchReport("trace", out_dir, emulated, console=console)
     requests_path = out_dir / "requests.jsonl"
     with open(requests_path, "w") as stream:
@@ -440,7 +455,7 @@ def run_bench_trace(config: Config, trace_path: Path, out_dir: Path, settings: T
         "timeout": timeout_note,
         "bound": {**asdict(bound), "request_s": bound.request_s, "replay_s": bound.replay_s,
                   "statement": bound.statement(), "measured_replay_s": measured,
-                  "within": within},
+                  "within": within, "in_flight_at_trace_end": in_flight},
         "unanswered": ("requests still queued when the trace ended: not started, counted in "
                        "`unanswered` and as missed deadlines (requests.jsonl: answered false)"),
         "rows": rows})
