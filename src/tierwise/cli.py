@@ -307,10 +307,12 @@ def _positive(kind: type) -> Callable[[str], object]:
 
 
 def _add_slo_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--deadline-ms", type=_positive(float), default=100.0,
-                        help="every request's deadline (default 100)")
-    parser.add_argument("--min-accuracy", type=float, default=0.93,
-                        help="every request's accuracy floor, a fraction (default 0.93)")
+    parser.add_argument("--deadline-ms", type=_positive(float),
+                        help="every request's deadline (default: the workload's; "
+                        "fashion-mnist 100, camera 1000)")
+    parser.add_argument("--min-accuracy", type=float,
+                        help="every request's quality floor, a fraction (default: the "
+                        "workload's; fashion-mnist 0.93 accuracy, camera 0.95 fidelity)")
     parser.add_argument("--link", choices=["emulated", "tc"], default="emulated",
                         help="emulated: paced in the client transport; tc: servers in network "
                         "namespaces, bandwidth enforced by the kernel (root only)")
@@ -447,9 +449,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="requests per candidate plan when the oracle screens them")
     bandwidth.add_argument("--out", help="default reports/bench-bandwidth-<workload>")
     _add_slo_flags(bandwidth)
-    # the workload's SLO unless given: fashion-mnist 100 ms and 0.93, camera 1000 ms and the
-    # cloud model's fidelity less the cascade margin
-    bandwidth.set_defaults(run=_bench_bandwidth, deadline_ms=None, min_accuracy=None)
+    bandwidth.set_defaults(run=_bench_bandwidth)
 
     drift = bench_commands.add_parser(
         "drift", help="detection delay and false alarms of each drift detector per shift")
