@@ -106,15 +106,18 @@ def test_camera_frames_are_placed_over_real_servers(camera: Workload) -> None:
             # the reference model over the network answers as it does on the frame itself
             remote = client.infer(frame, Remote("cloud", REFERENCE))
             assert remote.label == label and remote.trace.bytes_up > 150_000
-            cut = client.infer(frame, Split("cloud", REFERENCE, split.split_point))
-            assert cut.label == label and cut.trace.bytes_up < remote.trace.bytes_up
+            for codec in ("raw", "int8-zstd"):  # the server decodes features at their shape
+                cut = client.infer(frame, Split("cloud", REFERENCE, split.split_point, codec))
+                assert cut.trace.fallback is None, cut.trace.fallback
+                assert cut.label == label and cut.trace.bytes_up < remote.trace.bytes_up
             local = client.infer(frame, Local(camera.device))
             assert local.trace.bytes_up == 0 and local.probabilities.shape == (1000,)
             # adaptive, for the cloud model's fidelity less 5 points within a second
             placed = client.infer(frame, min_quality=camera.bench_floor)
             print(f"frame: label {label}, adaptive ran {placed.trace.plan} "
                   f"({placed.trace.total_ms:.0f} ms, {placed.trace.bytes_up:,} B up)")
-            assert REFERENCE in placed.trace.plan and placed.label == label
+            assert REFERENCE in placed.trace.plan and placed.trace.fallback is None
+            assert placed.label == label
 
 
 def test_a_corrupt_frame_in_a_folder_is_skipped_and_counted(tmp_path: Path) -> None:

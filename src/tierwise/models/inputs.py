@@ -21,8 +21,9 @@ class InputError(ValueError, TypeError):
 
 def image_size(info: ModelInfo) -> tuple[int, int] | None:
     """(height, width) of the uint8 images `info`'s model takes, or None when it declares no
-    image preprocessing."""
-    if not info.preprocessing:
+    image preprocessing or is a split's tail (which takes features, whatever its parent
+    takes; tails written before this rule still carry their parent's preprocessing)."""
+    if not info.preprocessing or info.role == "tail":
         return None
     from tierwise.models.preprocess import Preprocessing
 

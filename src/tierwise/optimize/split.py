@@ -121,7 +121,8 @@ def export_split(models_dir: Path, model: str, split_point: int,
                           parameters=parameter_count(head), **common)
     tail_info = ModelInfo(name=tail_name(model, split_point), role="tail", task=info.task,
                           labels=info.labels, inputs=[features], outputs=info.outputs,
-                          parameters=parameter_count(tail), **common)
+                          parameters=parameter_count(tail),
+                          **{**common, "preprocessing": None})  # it takes features
     _check(full, head, tail, input_name, sample)
     return _store(head, head_info, models_dir), _store(tail, tail_info, models_dir)
 
