@@ -484,9 +484,8 @@ def serving_modes(args: argparse.Namespace, configured_max: int,
     """The servers to compare: batch-1 and dynamic (a server given by --url: itself)."""
     if getattr(args, "url", None):
         return [ServingMode("server", None, None)]
-    max_batch = getattr(args, "max_batch_size", None) or configured_max
-    if max_batch < 1:
-        raise SystemExit(f"error: --max-batch-size: expected at least 1, got {max_batch}")
+    max_batch = getattr(args, "max_batch_size", None)
+    max_batch = configured_max if max_batch is None else max_batch
     delay_ms = getattr(args, "max_queue_delay_ms", None)
     if delay_ms is None:
         delay_ms = round(QUEUE_DELAY_SHARE * batch_1.compute_ms, 2) if batch_1 else 0.0
@@ -645,14 +644,19 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
     if not console.is_terminal and console.width < 150:  # e.g. piped: keep the table whole
         console = Console(width=150)
     levels = _levels(args.concurrency)
+    max_batch_size = getattr(args, "max_batch_size", None)
+    if max_batch_size is not None and max_batch_size < 1:
+        raise SystemExit(f"error: --max-batch-size: expected at least 1, got {max_batch_size}")
     workload, config, model = _workload(config, args, console)
     payloads = _payloads(getattr(args, "payloads", None) or DEFAULT_PAYLOADS[workload])
     threads = getattr(args, "threads", None) or 1
     url_given = getattr(args, "url", None)
     models_dir = Path(args.models) if getattr(args, "models", None) else config.models_dir
     if not url_given and not (models_dir / model).is_dir():
-        raise SystemExit(f"error: {models_dir / model}: no such model to serve; train it "
-                         "(`tierwise zoo train --only edge`), or pass --models or --url")
+        how = "train it (`tierwise zoo train --only edge`)" if workload == "fashion-mnist" \
+            else "import it (`tierwise models add`)"
+        raise SystemExit(f"error: {models_dir / model}: no such model to serve; {how}, or "
+                         "pass --models or --url")
 
     local = load_models(models_dir, threads=threads, names=[model]).get(model) \
         if (models_dir / model).is_dir() else None
