@@ -25,7 +25,7 @@ import numpy as np
 from tierwise.client.stages import call_tier
 from tierwise.codecs import RAW
 from tierwise.models.inputs import image_size
-from tierwise.models.store import tier_models
+from tierwise.models.store import ModelInfo, tier_models
 from tierwise.net.shaping import TRANSFER_EXTENSION
 from tierwise.planner.plans import RemoteStageError
 from tierwise.protocol.oip import numpy_dtype
@@ -34,9 +34,11 @@ if TYPE_CHECKING:
     from tierwise.client.client import Client
 
 HEALTH_PATH = "/v2/health/ready"
-# Images in a bandwidth probe: ~3.5 KB, ten times a health probe, so the pair separates RTT
-# from bandwidth up to a few MB/s.
-PROBE_IMAGES = 4
+# A bandwidth probe's payload: a few KB, several times a health probe, so the pair separates
+# RTT from bandwidth up to a few MB/s — and never a frame's worth: probing a camera model with
+# four of its own 272x272 frames sent 0.9 MB per probe (on a 10 KB/s link, 90 s of it).
+PROBE_BYTES = 8192
+PROBE_IMAGES = 4  # at most, for a model of fixed-size inputs
 
 
 @dataclass
@@ -106,17 +108,15 @@ class Prober:
         return transfer.bytes_up, transfer.bytes_down, transfer.total_ms
 
     def bandwidth(self, tier: str) -> tuple[int, int, float] | None:
-        """A real inference of a few blank images on the tier's first model, raw: several
-        times a health probe's size. (bytes up, bytes down, network ms) or None."""
+        """A real inference on the tier's first model of a blank input of about PROBE_BYTES,
+        raw: a small square image for a model that takes images of any size, else up to
+        PROBE_IMAGES blank samples. (bytes up, bytes down, network ms) or None."""
         client = self.client
         models = tier_models(client.config, client.models).get(tier, [])
         if not models or models[0] not in client.models:
             return None
         info = client.models[models[0]]
-        spec, size = info.inputs[0], image_size(info)
-        row = [*size, spec.shape[-1]] if size else [max(dim, 1) for dim in spec.shape[1:]]
-        blank = np.zeros([PROBE_IMAGES if info.batched else 1, *row],
-                         dtype=numpy_dtype(spec.datatype))
+        blank = probe_input(info)
         estimate_ms = client.link_estimators[tier].snapshot().transfer_ms(blank.nbytes)
         abort_at = time.perf_counter() + max(5.0, 4 * estimate_ms / 1e3)
         try:
@@ -134,3 +134,17 @@ class Prober:
         totals.bytes_up += bytes_up
         totals.bytes_down += bytes_down
         totals.cost_usd += cost_usd
+
+
+def probe_input(info: ModelInfo) -> np.ndarray:
+    """A blank input of about PROBE_BYTES that `info`'s model takes."""
+    spec, dtype = info.inputs[0], numpy_dtype(info.inputs[0].datatype)
+    size = image_size(info)
+    if size is not None and len(spec.shape) == 4 and spec.shape[1] < 0 and spec.shape[2] < 0:
+        channels = spec.shape[-1]  # images of any size: the graph resizes them
+        side = max(8, int((PROBE_BYTES / (channels * dtype.itemsize)) ** 0.5))
+        return np.zeros([1, side, side, channels], dtype=dtype)
+    row = [*size, spec.shape[-1]] if size else [max(dim, 1) for dim in spec.shape[1:]]
+    row_bytes = int(np.prod(row)) * dtype.itemsize
+    rows = max(1, min(PROBE_IMAGES, PROBE_BYTES // max(row_bytes, 1))) if info.batched else 1
+    return np.zeros([rows, *row], dtype=dtype)
