@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierwise.bench.workload import WORKLOADS as WORKLOAD_CHOICES
-from tierwise.config import ConfigError, load_config
+from tierwise.config import Config, ConfigError, load_config
 from tierwise.data.images import EvalDataError
 from tierwise.learn.federation import FederationError
 from tierwise.models.importer import ModelImportError
@@ -88,6 +88,8 @@ def _optimize(args: argparse.Namespace) -> int:
     from tierwise.zoo.build import ensure_zoo
 
     config = load_config(args.config)
+    if args.workload == "camera":
+        return _optimize_camera(args, config)
     settings = config.optimize
     console = Console()
     out_dir = Path(args.out)
@@ -153,6 +155,49 @@ def _optimize(args: argparse.Namespace) -> int:
         console.print(row)
     ensure_profiles(config, console=console)
     console.print(f"[green]wrote[/] {out_dir / (args.step + '.json')}")
+    return 0
+
+
+def _optimize_camera(args: argparse.Namespace, base: Config) -> int:
+    """`tierwise optimize bottleneck --workload camera`: learned bottlenecks for the camera's
+    device model (EfficientNet-Lite0) distilled from Lite2 on the training frames, judged on
+    the profile frames (validation) and the test frames; the rate–fidelity report beside."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tierwise.bench.workload import WorkloadError, frames_dir, load_workload
+    from tierwise.data.images import load_frames
+    from tierwise.models.store import list_models
+    from tierwise.optimize.bottleneck import train_imported_bottlenecks
+    from tierwise.optimize.report import bottleneck_report
+    from tierwise.profile.evaluation import eval_set_for
+    from tierwise.profile.profiler import ensure_profiles
+
+    if args.step != "bottleneck":
+        raise ConfigError(f"tierwise optimize {args.step} --workload camera: only "
+                          "`bottleneck` takes the camera workload (its INT8 variants are "
+                          "made when it is installed; prune and distill need a model "
+                          "trained here)")
+    console = Console()
+    try:
+        config = load_workload("camera", base, console).config  # camera_config(base)
+    except WorkloadError as error:
+        raise ConfigError(f"--workload camera: {error}") from None
+    settings = config.optimize.bottleneck
+    info, _ = list_models(config.models_dir)[settings.model]
+    test = eval_set_for(info.model_copy(update={"eval_data": str(frames_dir(config) / "test")}))
+    train = load_frames(frames_dir(config) / "train").images
+    try:
+        with Progress(console=console, transient=True) as progress:
+            outcomes = train_imported_bottlenecks(
+                config.models_dir, settings, train, test=test,
+                validation_limit=config.profile.eval_limit, progress=progress)
+    except ValueError as error:  # a setting the model cannot take: the message names it
+        if not str(error).startswith("optimize.bottleneck"):
+            raise
+        raise ConfigError(str(error)) from None
+    ensure_profiles(config, console=console)
+    bottleneck_report(config, outcomes, Path(args.out), test=test, console=console)
     return 0
 
 
@@ -360,6 +405,11 @@ def _parser() -> argparse.ArgumentParser:
             ("report", "rate–accuracy and latency–accuracy of everything, on test data")):
         step_parser = optimize_commands.add_parser(step, help=text)
         step_parser.add_argument("--out", default="reports/optimize", help="where results go")
+        step_parser.add_argument("--workload", choices=WORKLOAD_CHOICES,
+                                 default="fashion-mnist",
+                                 help="fashion-mnist: the zoo trained here; camera: "
+                                 "EfficientNet-Lite0 on street-camera frames, judged by its "
+                                 "fidelity to Lite2 (bottleneck only)")
         if step in ("quantize", "prune", "split"):
             step_parser.add_argument("--models", help="comma-separated models (default: "
                                 "optimize.models)")

@@ -17,19 +17,24 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from tierwise.codecs import codec_names
+from tierwise.codecs import codec_fits, codec_names
 from tierwise.config import DEVICE_TIER, Config
 from tierwise.data import load_splits
 from tierwise.models.store import list_models, tier_models
+from tierwise.profile.evaluation import EvalSet, Judge, eval_set_for
 from tierwise.profile.model_profile import load_profile
 from tierwise.profile.profiler import batch1_ms, codec_profile
 from tierwise.runtime.session import OnnxModel
+
+if TYPE_CHECKING:  # torch is needed only where bottlenecks are trained
+    from tierwise.optimize.bottleneck import ImportedBottleneckOutcome
 
 RAW_IMAGE_BYTES = 784
 BATCH_64 = 64
@@ -212,3 +217,205 @@ def _print(console: Console, rows_rate: list[dict[str, object]],
                       f"{float(row['latency_batch64_ms']):.2f}",
                       f"{100 * float(row['test_accuracy']):.2f}%")
     console.print(table)
+
+
+# -- learned bottlenecks of an imported model: bytes per frame against quality ---------------
+
+BOTTLENECK_REPORT = "bottleneck-camera"
+
+
+def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
+                      out_dir: Path, *, test: EvalSet | None = None,
+                      name: str = BOTTLENECK_REPORT,
+                      console: Console | None = None) -> dict[str, Any]:
+    """What each way of getting a frame's answer sends against the quality it keeps, with
+    `tierwise.bench.harness.BenchReport`: `<name>.json`, `<name>.md` and `<name>.png` in
+    `out_dir`.
+
+    Rows, each bytes per frame (mean payload) and quality on the device model's validation
+    data (its `eval_data`, as `tierwise profile` measured it) and, where measured, on `test`:
+
+    - `input`: every input codec of every profiled model (raw, zstd, png, jpeg, webp,
+      half-resolution), from the profiles (validation only);
+    - `feature`: every feature codec at every profiled split of the models that have them,
+      from the profiles (validation only), and at the bottlenecks' cuts of the device model
+      (`outcomes[0].model`), measured here on validation and test;
+    - `learned`: each bottleneck of `outcomes` (`train_imported_bottlenecks`).
+
+    The device model's own input codecs are measured on `test` too, and its raw resized
+    frame is the baseline every ratio is against (also stated against the model's input
+    after its crop). The summary names the smallest bottleneck within 1 point of the
+    uncompressed split on validation."""
+    from tierwise.bench.harness import BenchReport, Column
+    from tierwise.models.preprocess import Preprocessing
+    from tierwise.optimize.split import head_name, tail_name
+
+    console = console or Console()
+    if not outcomes:
+        raise ValueError("outcomes: no bottlenecks to report")
+    device = outcomes[0].model
+    models_dir = config.models_dir
+    found = list_models(models_dir)
+    loaded: dict[str, OnnxModel] = {}
+
+    def load(model: str) -> OnnxModel:
+        if model not in loaded:
+            info, path = found[model]
+            loaded[model] = OnnxModel(path, info, threads=2)
+        return loaded[model]
+
+    info = found[device][0]
+    judges = {"validation": Judge(eval_set_for(info, config.profile.eval_limit), load)}
+    if test is not None:
+        judges["test"] = Judge(test, load)
+    raw_bytes = outcomes[0].raw_input_bytes
+    pre = Preprocessing.model_validate(info.preprocessing) if info.preprocessing else None
+    size = (pre.crop or pre.resize) if pre else None
+    input_bytes = size[0] * size[1] * info.inputs[0].shape[-1] if size else None
+    rows: list[dict[str, Any]] = []
+    for model, (model_info, _) in sorted(found.items()):
+        if model_info.role != "full" or model_info.variant:
+            continue
+        try:
+            profile = load_profile(models_dir, model)
+        except FileNotFoundError:
+            continue
+        for codec, measured in profile.input_codecs.items():
+            rows.append({"kind": "input", "model": model, "cut": "input", "codec": codec,
+                         "bytes": measured.bytes_mean, "validation": measured.accuracy})
+        for split in profile.splits:
+            for codec, measured in split.codecs.items():
+                rows.append({"kind": "learned" if split.bottleneck else "feature",
+                             "model": model, "cut": split.split_point,
+                             "codec": split.bottleneck or codec, "bytes": measured.bytes_mean,
+                             "validation": measured.accuracy})
+    rows = [row for row in rows if not (row["model"] == device and row["kind"] == "learned")]
+    if "test" in judges:  # the device model's input codecs on the test frames as well
+        judge = judges["test"]
+        for row in rows:
+            if row["model"] == device and row["kind"] == "input":
+                row["test"] = codec_profile(str(row["codec"]), judge.inputs(device),
+                                            judge.quality_of(device)).accuracy
+    for point in sorted({outcome.split_point for outcome in outcomes}):
+        head, tail = head_name(device, point), tail_name(device, point)
+        measured_on = {}
+        for split_name, judge in judges.items():
+            features = load(head).run_batched(judge.inputs(device), 64)
+            measured_on[split_name] = {
+                codec: codec_profile(codec, features, judge.quality_of(device, tail))
+                for codec in codec_names("feature") if codec_fits(codec, features[0])}
+        for codec, measured in measured_on["validation"].items():
+            rows.append({"kind": "feature", "model": device, "cut": point, "codec": codec,
+                         "bytes": measured.bytes_mean, "validation": measured.accuracy,
+                         "test": measured_on["test"][codec].accuracy if "test" in
+                         measured_on else None})
+    for outcome in outcomes:
+        rows.append({"kind": "learned", "model": device, "cut": outcome.split_point,
+                     "codec": f"bottleneck-w{outcome.width}-{outcome.bits}bit",
+                     "bytes": float(outcome.bytes_per_sample),
+                     "validation": outcome.validation_quality, "test": outcome.test_quality,
+                     "registered": outcome.registered, "kept": outcome.kept,
+                     "agreement_with_uncompressed": outcome.validation_changed.get(
+                         "top1_agreement")})
+    best = -1.0
+    for row in sorted(rows, key=lambda r: (float(r["bytes"]), -float(r["validation"]))):
+        row["vs_raw"] = raw_bytes / max(float(row["bytes"]), 1e-9)
+        row["vs_model_input"] = (input_bytes / max(float(row["bytes"]), 1e-9)
+                                 if input_bytes else None)
+        row["frontier"] = float(row["validation"]) > best
+        best = max(best, float(row["validation"]))
+    validation_metric = _top1(judges["validation"].quality_name(device))
+    test_metric = _top1(judges["test"].quality_name(device)) if "test" in judges else None
+    uncompressed = outcomes[0].uncompressed_validation_quality
+    within = [o for o in outcomes if o.validation_quality >= uncompressed - 0.01]
+    smallest = min(within, key=lambda o: o.bytes_per_sample) if within else None
+    target = {
+        "device_model": device, "raw_frame_bytes": raw_bytes, "model_input_bytes": input_bytes,
+        "uncompressed_validation": uncompressed,
+        "uncompressed_test": outcomes[0].uncompressed_test_quality,
+        "smallest_within_1_point": None if smallest is None else {
+            "name": smallest.name, "bytes": smallest.bytes_per_sample,
+            "vs_raw": raw_bytes / smallest.bytes_per_sample,
+            "vs_model_input": (input_bytes / smallest.bytes_per_sample if input_bytes
+                               else None),
+            "validation": smallest.validation_quality, "test": smallest.test_quality},
+        "meets_7x": bool(smallest and raw_bytes / smallest.bytes_per_sample >= 7),
+        "meets_64x": bool(smallest and raw_bytes / smallest.bytes_per_sample >= 64)}
+    report = BenchReport(name, out_dir, emulated=[], console=console)
+
+    def share(value: float) -> str:
+        return f"{100 * value:.1f}%"
+
+    columns = [Column("kind", "kind", left=True), Column("model", "model", left=True),
+               Column("cut", "cut"), Column("codec", "codec", left=True),
+               Column("bytes", "bytes/frame", "{:,.0f}"),
+               Column("vs_raw", f"× fewer than raw frame ({raw_bytes:,} B)", "{:.1f}"),
+               Column("vs_model_input", f"× fewer than model input ({input_bytes or 0:,} B)",
+                      "{:.1f}"),
+               Column("validation", "fidelity, validation", share),
+               Column("test", "fidelity, test", share),
+               Column("frontier", "on frontier", lambda on: "yes" if on else ""),
+               Column("registered", "registered", lambda on: "yes" if on else "no")]
+    ordered = sorted(rows, key=lambda r: (str(r["kind"]), str(r["model"]), str(r["cut"]),
+                                          float(r["bytes"])))
+    report.table(ordered, columns, title=f"bytes per frame against {validation_metric}",
+                 name=f"{name}.md", notes=[
+                     f"validation: {validation_metric}",
+                     f"test: {test_metric or 'not measured'} (input and feature codecs of "
+                     "models other than the device model: validation only, from their "
+                     "profiles)",
+                     f"raw frame: {device}'s input as the client sends it, resized "
+                     f"({raw_bytes:,} B); model input: after its crop ({input_bytes or 0:,} B)",
+                     "learned: bottlenecks trained by `tierwise optimize bottleneck`; on "
+                     "frontier: no other row is both smaller and better on validation"])
+    with report.figure(f"{name}.png", size=(10, 6)) as (_, axes):
+        _plot_bytes_quality(axes, rows, raw_bytes, input_bytes)
+        axes.set_ylabel(f"{validation_metric.split(' on ')[0]} (%)")
+        axes.set_title(f"Bytes per frame against {validation_metric}\n(hollow: the same on "
+                       f"{'the test data' if test_metric else 'no test data'})", fontsize=9)
+    report.write({"validation_metric": validation_metric, "test_metric": test_metric,
+                  "target": target, "rows": ordered,
+                  "bottlenecks": [outcome.to_dict() for outcome in outcomes]},
+                 name=f"{name}.json")
+    report.say_written()
+    return {"target": target, "rows": ordered}
+
+
+def _top1(metric: str) -> str:
+    """`fidelity to X on Y` -> `fidelity to X (top-1) on Y` (what a classifier's fidelity
+    counts); any other metric as it is."""
+    if metric.startswith("fidelity to ") and " on " in metric:
+        reference, _, data = metric.partition(" on ")
+        return f"{reference} (top-1) on {data}"
+    return metric
+
+
+def _plot_bytes_quality(axes: Any, rows: list[dict[str, Any]], raw_bytes: int,
+                        input_bytes: int | None) -> None:
+    styles = {"input": ("s", "input codec (whole model remote)"),
+              "feature": ("o", "split + feature codec"),
+              "learned": ("*", "split + learned bottleneck")}
+    for kind, (marker, label) in styles.items():
+        chosen = [row for row in rows if row["kind"] == kind]
+        if not chosen:
+            continue
+        drawn = axes.scatter([float(r["bytes"]) for r in chosen],
+                             [100 * float(r["validation"]) for r in chosen], marker=marker,
+                             s=90 if kind == "learned" else 30, label=label)
+        tested = [r for r in chosen if r.get("test") is not None]
+        axes.scatter([float(r["bytes"]) for r in tested],
+                     [100 * float(r["test"]) for r in tested], marker=marker,
+                     s=90 if kind == "learned" else 30, facecolors="none",
+                     edgecolors=drawn.get_facecolor()[0])
+    frontier = sorted((r for r in rows if r["frontier"]), key=lambda r: float(r["bytes"]))
+    axes.step([float(r["bytes"]) for r in frontier],
+              [100 * float(r["validation"]) for r in frontier], where="post", color="grey",
+              linewidth=1, label="frontier (validation)")
+    axes.axvline(raw_bytes, color="red", linestyle=":", label=f"raw frame ({raw_bytes:,} B)")
+    if input_bytes:
+        axes.axvline(input_bytes, color="orange", linestyle=":",
+                     label=f"model input ({input_bytes:,} B)")
+    axes.set_xscale("log")
+    axes.set_xlabel("bytes sent per frame (payload, log scale)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
