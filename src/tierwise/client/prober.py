@@ -4,9 +4,10 @@
   200 it is marked up and offloading resumes.
 - A healthy tier whose link estimate is stale (no transfer for the estimator's
   `stale_after_s`, typically because the planner stopped sending there) gets a probe pair:
-  the same small GET, then a real inference of a few blank images on the tier's first model,
-  from which the estimator solves RTT and uplink bandwidth. Without it, a client that moved
-  to the device when the link was poor would never see the link recover.
+  the same small GET, then a real inference of a blank input of ~8 KB on the tier's model
+  cheapest to run (`probe_model`), from which the estimator solves RTT and uplink
+  bandwidth. Without it, a client that moved to the device when the link was poor would
+  never see the link recover.
 
 Probe traffic crosses the same (emulated) link as requests and is counted in `totals`, so
 benchmarks charge it to the strategy that needs it.
@@ -112,10 +113,9 @@ class Prober:
         raw: a small square image for a model that takes images of any size, else up to
         PROBE_IMAGES blank samples. (bytes up, bytes down, network ms) or None."""
         client = self.client
-        models = tier_models(client.config, client.models).get(tier, [])
-        if not models or models[0] not in client.models:
+        info = self.probe_model(tier)
+        if info is None:
             return None
-        info = client.models[models[0]]
         blank = probe_input(info)
         estimate_ms = client.link_estimators[tier].snapshot().transfer_ms(blank.nbytes)
         abort_at = time.perf_counter() + max(5.0, 4 * estimate_ms / 1e3)
@@ -127,6 +127,19 @@ class Prober:
             return None
         self._count(stage.bytes_up, stage.bytes_down, stage.cost_usd)
         return stage.bytes_up, stage.bytes_down, stage.network_ms
+
+    def probe_model(self, tier: str) -> ModelInfo | None:
+        """The model of `tier` cheapest to run by the profiles — typically a late split's
+        tail, a layer or two — since a probe measures the link, not the server (probing the
+        camera's Lite2 itself cost 5-20x what the requests did); else the tier's first."""
+        client = self.client
+        served = tier_models(client.config, client.models).get(tier, [])
+        profiled = [name for name, info in client.models.items()
+                    if (tier, name) in client.profiled_ms
+                    and (name in served or (info.role == "tail" and info.parent in served))]
+        if profiled:
+            return client.models[min(profiled, key=lambda n: client.profiled_ms[(tier, n)])]
+        return client.models.get(served[0]) if served else None
 
     def _count(self, bytes_up: int, bytes_down: int, cost_usd: float) -> None:
         totals = self.totals
