@@ -102,7 +102,9 @@ class PlanningState:
 def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile]
                              ) -> list[Candidate]:
     """Every plan the profiles support, for the models each tier runs (`tiers.*.models`, and
-    their variants where `tiers.*.variants` is on)."""
+    their variants where `tiers.*.variants` is on), and the learned bottlenecks of the
+    device's models (`tierwise optimize bottleneck` on a device-side network: its encoder
+    runs on the device, its decoder and the tail on any server tier)."""
     placed = tier_models(config, profiles)
 
     def runs_on(tier: str) -> list[str]:
@@ -113,11 +115,13 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
     for tier in config.tiers:
         if tier == DEVICE or tier not in config.links:
             continue
-        for model in runs_on(tier):
+        served = runs_on(tier)
+        for model in [*served, *(m for m in device_models if m not in served)]:
             profile = profiles.get(model)
             if profile is None:
                 continue
-            for codec, measured in profile.input_codecs.items():
+            bottlenecks_only = model not in served
+            for codec, measured in ({} if bottlenecks_only else profile.input_codecs).items():
                 remote.append(Candidate(
                     plan=Remote(tier, model, codec), accuracy=measured.accuracy,
                     device_model=model, device_ms=measured.encode_ms, tier=tier,
@@ -126,6 +130,8 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
                     payload_mean_bytes=measured.bytes_mean,
                     payload_p95_bytes=measured.bytes_p95))
             for split in profile.splits:
+                if bottlenecks_only and split.bottleneck is None:
+                    continue
                 head_ms = split.head_ms.get(DEVICE,
                                             sum(profile.block_ms[DEVICE][:split.split_point]))
                 tail_ms = split.tail_ms.get(tier,

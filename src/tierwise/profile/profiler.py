@@ -189,7 +189,8 @@ class _Profiler:
                                                  judge.quality_of(name, tail_info.name))
                             for codec in codec_names("feature")
                             if codec_fits(codec, features[0])}))
-            splits += self.bottleneck_splits(name)
+        # learned bottlenecks of any model, a device model's included (its tail is served)
+        splits += self.bottleneck_splits(name)
         head_ms.append(full_ms)
         blocks = np.maximum(np.diff(head_ms), 0.0) if split else np.array([full_ms])
         # timing noise can make a longer head measure faster than a shorter one; clipping
