@@ -147,3 +147,11 @@ def test_a_split_point_without_a_feature_map_is_refused_naming_the_option(
         settings = BottleneckConfig(model="net", split_points=[point], train=QUICK)
         with pytest.raises(ValueError, match=f"optimize.bottleneck.split_points: .*{says}"):
             train_imported_bottlenecks(models_dir, settings, store["train"])
+
+
+def test_only_the_bottleneck_step_takes_the_camera_workload(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tierwise.cli import main
+
+    assert main(["optimize", "prune", "--workload", "camera"]) == 2
+    assert "only `bottleneck` takes the camera workload" in capsys.readouterr().err

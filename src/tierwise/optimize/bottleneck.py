@@ -732,10 +732,15 @@ def _fit_reconstruction(encoder: Encoder, decoder: Decoder, features: np.ndarray
     the share of the features' variance the codes miss).
 
     Why a warm start: trained by distillation alone from random weights, the codes carry
-    only what the training frames' answers need. On the camera workload (EfficientNet-Lite0
-    cut after its last block, frames of other videos and photos) even codes as wide as all
-    320 channels at 8 bits then gave one class for every test-camera frame: fidelity to
-    Lite2 0%, against 13% uncompressed. Started from this fit, they kept 12%."""
+    only what the training frames' answers need, and frames unlike them lose everything.
+    On the camera workload (EfficientNet-Lite0 cut at 52, after its last block; training
+    frames from other videos and photos) codes of every width tried up to all 320 channels
+    (8-bit) then gave one class for every validation frame of the camera: fidelity to Lite2
+    0%, against 13% uncompressed. From this fit they keep the device model's features
+    well enough to answer (`validation_quality_reconstruction`); the distillation that
+    follows lowers validation fidelity there (`validation_quality_distilled`; w128 4-bit:
+    33% -> 7%), so the warm start alone is kept (`tierwise optimize bottleneck --workload
+    camera`, reports/optimize/bottleneck-camera.json)."""
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(np.ascontiguousarray(features))
     scale = data.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)

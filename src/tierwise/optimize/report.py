@@ -327,6 +327,15 @@ def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
     validation_metric = _top1(judges["validation"].quality_name(device))
     test_metric = _top1(judges["test"].quality_name(device)) if "test" in judges else None
     uncompressed = outcomes[0].uncompressed_validation_quality
+    reference = judges["validation"].data.reference
+    # how decided the reference's own answers are: near ties make top-1 fidelity fragile
+    reference_confidence = (float(np.median(judges["validation"].confidence(reference)))
+                            if reference else None)
+    majority = {split: _majority(judge, reference) for split, judge in judges.items()
+                if reference}
+    majority_class = majority.get("validation", (None, 0.0))[0]
+    majority_label = (info.labels[majority_class] if majority_class is not None
+                      and majority_class < len(info.labels) else str(majority_class))
     within = [o for o in outcomes if o.validation_quality >= uncompressed - 0.01]
     smallest = min(within, key=lambda o: o.bytes_per_sample) if within else None
     target = {
@@ -340,7 +349,11 @@ def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
                                else None),
             "validation": smallest.validation_quality, "test": smallest.test_quality},
         "meets_7x": bool(smallest and raw_bytes / smallest.bytes_per_sample >= 7),
-        "meets_64x": bool(smallest and raw_bytes / smallest.bytes_per_sample >= 64)}
+        "meets_64x": bool(smallest and raw_bytes / smallest.bytes_per_sample >= 64),
+        "reference_median_top1_probability": reference_confidence,
+        "constant_answer": None if majority_class is None else {
+            "class": majority_class, "label": majority_label,
+            **{split: share for split, (_, share) in majority.items()}}}
     report = BenchReport(name, out_dir, emulated=[], console=console)
 
     def share(value: float) -> str:
@@ -354,6 +367,7 @@ def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
                       "{:.1f}"),
                Column("validation", "fidelity, validation", share),
                Column("test", "fidelity, test", share),
+               Column("agreement_with_uncompressed", "top-1 as uncompressed", share),
                Column("frontier", "on frontier", lambda on: "yes" if on else ""),
                Column("registered", "registered", lambda on: "yes" if on else "no")]
     ordered = sorted(rows, key=lambda r: (str(r["kind"]), str(r["model"]), str(r["cut"]),
@@ -366,10 +380,28 @@ def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
                      "profiles)",
                      f"raw frame: {device}'s input as the client sends it, resized "
                      f"({raw_bytes:,} B); model input: after its crop ({input_bytes or 0:,} B)",
+                     "feature rows of other models are their own splits: the device would "
+                     "run their heads (at a cut after pooling, nearly the whole model)",
                      "learned: bottlenecks trained by `tierwise optimize bottleneck`; on "
-                     "frontier: no other row is both smaller and better on validation"])
-    with report.figure(f"{name}.png", size=(10, 6)) as (_, axes):
-        _plot_bytes_quality(axes, rows, raw_bytes, input_bytes)
+                     "frontier: no other row is both smaller and better on validation",
+                     "top-1 as uncompressed: share of validation frames where the "
+                     f"bottleneck's answer is {device}'s own (a codec that keeps the "
+                     "device model's answers scores 100%)",
+                     *([f"{reference}'s median top-1 probability on the validation frames: "
+                        f"{reference_confidence:.2f} (near ties: a small change of the "
+                        "features moves top-1 fidelity by many points either way)"]
+                       if reference_confidence is not None else []),
+                     *([f"a constant answer, {majority_label!r} (class {majority_class}, "
+                        f"{reference}'s most common answer on the validation frames), for "
+                        "every frame would score " + ", ".join(
+                            f"{share(value)} on {split}" for split, (_, value) in
+                            majority.items()) + ": fidelity above the uncompressed split's is "
+                        "answers drifting towards it, not information kept"]
+                       if majority_class is not None else [])])
+    with report.figure(f"{name}.png", size=(12, 6)) as (_, axes):
+        _plot_bytes_quality(axes, rows, raw_bytes, input_bytes, constant=None if
+                            majority_class is None else (majority["validation"][1],
+                                                         f"always {majority_label!r}"))
         axes.set_ylabel(f"{validation_metric.split(' on ')[0]} (%)")
         axes.set_title(f"Bytes per frame against {validation_metric}\n(hollow: the same on "
                        f"{'the test data' if test_metric else 'no test data'})", fontsize=9)
@@ -379,6 +411,13 @@ def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
                  name=f"{name}.json")
     report.say_written()
     return {"target": target, "rows": ordered}
+
+
+def _majority(judge: Judge, reference: str) -> tuple[int, float]:
+    """The reference's most common top-1 class on the judge's data, and its share."""
+    labels = np.array([result.label for result in judge.results(reference)])
+    classes, counts = np.unique(labels, return_counts=True)
+    return int(classes[counts.argmax()]), float(counts.max() / len(labels))
 
 
 def _top1(metric: str) -> str:
@@ -391,22 +430,28 @@ def _top1(metric: str) -> str:
 
 
 def _plot_bytes_quality(axes: Any, rows: list[dict[str, Any]], raw_bytes: int,
-                        input_bytes: int | None) -> None:
-    styles = {"input": ("s", "input codec (whole model remote)"),
-              "feature": ("o", "split + feature codec"),
-              "learned": ("*", "split + learned bottleneck")}
-    for kind, (marker, label) in styles.items():
-        chosen = [row for row in rows if row["kind"] == kind]
-        if not chosen:
-            continue
-        drawn = axes.scatter([float(r["bytes"]) for r in chosen],
-                             [100 * float(r["validation"]) for r in chosen], marker=marker,
-                             s=90 if kind == "learned" else 30, label=label)
-        tested = [r for r in chosen if r.get("test") is not None]
-        axes.scatter([float(r["bytes"]) for r in tested],
-                     [100 * float(r["test"]) for r in tested], marker=marker,
-                     s=90 if kind == "learned" else 30, facecolors="none",
-                     edgecolors=drawn.get_facecolor()[0])
+                        input_bytes: int | None, *,
+                        constant: tuple[float, str] | None = None) -> None:
+    """One colour per model, one marker per kind; filled on validation, hollow on test;
+    `constant`: (quality, label) of a constant answer, dashed."""
+    from matplotlib.lines import Line2D
+
+    markers = {"input": ("s", "input codec (model remote)"),
+               "feature": ("o", "split + feature codec"),
+               "learned": ("*", "split + learned bottleneck")}
+    models = sorted({str(row["model"]) for row in rows})
+    colours = {model: f"C{index % 10}" for index, model in enumerate(models)}
+    for kind, (marker, _) in markers.items():
+        for model in models:
+            chosen = [r for r in rows if r["kind"] == kind and r["model"] == model]
+            size = 110 if kind == "learned" else 30
+            axes.scatter([float(r["bytes"]) for r in chosen],
+                         [100 * float(r["validation"]) for r in chosen], marker=marker, s=size,
+                         color=colours[model])
+            tested = [r for r in chosen if r.get("test") is not None]
+            axes.scatter([float(r["bytes"]) for r in tested],
+                         [100 * float(r["test"]) for r in tested], marker=marker, s=size,
+                         facecolors="none", edgecolors=colours[model])
     frontier = sorted((r for r in rows if r["frontier"]), key=lambda r: float(r["bytes"]))
     axes.step([float(r["bytes"]) for r in frontier],
               [100 * float(r["validation"]) for r in frontier], where="post", color="grey",
@@ -415,7 +460,16 @@ def _plot_bytes_quality(axes: Any, rows: list[dict[str, Any]], raw_bytes: int,
     if input_bytes:
         axes.axvline(input_bytes, color="orange", linestyle=":",
                      label=f"model input ({input_bytes:,} B)")
+    if constant is not None:
+        axes.axhline(100 * constant[0], color="black", linestyle="--", linewidth=0.8,
+                     label=f"{constant[1]} (validation)")
+    handles = [Line2D([], [], color=colours[model], marker="o", linestyle="", label=model)
+               for model in models]
+    handles += [Line2D([], [], color="grey", marker=marker, linestyle="", label=label)
+                for marker, label in markers.values()]
+    lines = [line for line in axes.get_lines() if not str(line.get_label()).startswith("_")]
+    axes.legend(handles=[*handles, *lines], fontsize=7, loc="upper left",
+                bbox_to_anchor=(1.01, 1.0))
     axes.set_xscale("log")
     axes.set_xlabel("bytes sent per frame (payload, log scale)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
