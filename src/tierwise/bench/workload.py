@@ -146,10 +146,15 @@ def camera_config(base: Config) -> Config:
         "demo": base.demo.model_copy(update={"images": 200,
                                              "report_dir": base.demo.report_dir + "-camera"}),
     }
+    # Lite0's learned bottlenecks: after its last block (320x7x7), the widths and the short
+    # training that fit ~4 minutes on 2 cores (`tierwise optimize bottleneck --workload camera`)
+    bottleneck = base.optimize.bottleneck.model_copy(update={
+        "model": "efficientnet-lite0", "split_points": [52], "widths": [64, 96, 128, 192, 256],
+        "bits": [4, 8],
+        "train": base.optimize.bottleneck.train.model_copy(update={"epochs": 2,
+                                                                    "batch_size": 32})})
     update["optimize"] = base.optimize.model_copy(update={
-        "models": ["efficientnet-lite0"],
-        "bottleneck": base.optimize.bottleneck.model_copy(update={"model": "efficientnet-lite0"}),
-    })
+        "models": ["efficientnet-lite0"], "bottleneck": bottleneck})
     return base.model_copy(update=update)
 
 
