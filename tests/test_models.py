@@ -301,8 +301,15 @@ def test_evaluation_data_is_read_from_folders_and_videos_with_clear_errors(
     assert len(clip) == 4 and clip.labels is None and clip.images[0].shape == (24, 32, 3)
     assert clip.source == "frames of clip.avi (every 3)"
     (folder / "class-2" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(EvalDataError, match=r"broken\.png: not a readable image"):
-        load_image_folder(folder)
+    # a corrupt image is left out and counted, never a crash; the rest still load
+    partial = load_image_folder(folder)
+    assert len(partial) == 9 and len(partial.skipped) == 1
+    assert "broken.png: not a readable image" in partial.skipped[0]
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(EvalDataError, match=r"none of its 1 images decode"):
+        load_frames(lone)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(EvalDataError, match="no images in it"):

@@ -208,10 +208,13 @@ def load_frames(source: str | Path, limit: int | None = None, every: int = 1,
         if recursive and any(child.is_dir() for child in path.iterdir()):
             return load_image_folder(path, limit)
         files = _images_in(path)[:limit] if limit else _images_in(path)
+        if not files:
+            raise EvalDataError(f"{path}: no images in it (expected "
+                                f"{', '.join(IMAGE_SUFFIXES)})")
         images, skipped = _readable(files)
         if not images:
-            raise EvalDataError(f"{path}: no readable images in it (expected "
-                                f"{', '.join(IMAGE_SUFFIXES)}; {len(skipped)} did not decode)")
+            raise EvalDataError(f"{path}: none of its {len(files)} images decode "
+                                f"({skipped[0]})")
         return Frames(images=images, source=f"images in {path}", skipped=skipped)
     if path.suffix.lower() == ".json":
         return load_coco(path, limit)
