@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -18,31 +16,6 @@ from tierwise.net.shaping import (
     EmulatedLink,
     shaped_client,
 )
-
-
-class _Echo(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        try:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            size = int(self.headers.get("X-Reply-Bytes", "2"))
-            self.send_response(200)
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            self.wfile.write(b"x" * size)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client abandoned the request on the link, as the tests make it
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def echo_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def _link(up: str = "100KB/s", down: str = "10MB/s") -> EmulatedLink:

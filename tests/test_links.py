@@ -1,35 +1,9 @@
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tierwise.config import LinkConfig
 from tierwise.net.shaping import TRANSFER_EXTENSION, shaped_client
-
-
-class _Echo(BaseHTTPRequestHandler):
-    """A real HTTP server: reads the body, answers with as many bytes as asked for."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        size = int(self.headers.get("X-Reply-Bytes", "2"))
-        self.send_response(200)
-        self.send_header("Content-Length", str(size))
-        self.end_headers()
-        self.wfile.write(b"x" * size)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def echo_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_uplink_takes_bytes_over_rate(echo_url: str) -> None:
