@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tierwise.bench.serve import mean_batch_formed, run_bench_serve
+from tierwise.bench.serve import (
+    InProcessResult,
+    best_batch_size,
+    mean_batch_formed,
+    run_bench_serve,
+)
 from tierwise.config import Config, TierConfig
 from tierwise.runtime.session import load_models
 from tierwise.server.app import create_app, serve_in_thread
@@ -83,3 +88,44 @@ def test_mean_batch_formed_counts_batches_not_answers() -> None:
     # one lone request and one batch of four: five answers, two batches
     assert mean_batch_formed([1, 4, 4, 4, 4]) == pytest.approx(2.5)
     assert mean_batch_formed([]) is None
+
+
+def test_auto_max_batch_takes_the_batch_of_the_most_in_process_throughput(
+        models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    finished = subprocess.run(
+        [sys.executable, "-m", "tierwise.cli", "bench", "serve", "--workload", "fashion-mnist",
+         "--models", str(models_dir), "--concurrency", "8", "--duration-s", "0.5",
+         "--payloads", "binary", "--out", str(out)],  # --max-batch-size auto: the default
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads((out / "results.json").read_text())
+    measured = {r["batch_size"]: r["images_per_s"] for r in results["in_process"]}
+    print("in-process images/s by batch:", measured)
+    assert {1, 2, 4, 8, 16} <= set(measured)  # up to the configured max (16)
+    best = max(measured.values())
+    chosen = [mode["max_batch_size"] for mode in results["modes"] if mode["name"] == "dynamic"]
+    if chosen:  # within 3% of the best, the smallest such batch
+        assert measured[chosen[0]] >= 0.97 * best
+        assert all(measured[size] < 0.97 * best for size in measured if size < chosen[0])
+        assert "--max-batch-size auto" in (out / "table.md").read_text()
+    else:
+        assert measured[1] >= 0.97 * best
+
+
+def test_best_batch_size_prefers_the_smaller_of_equals() -> None:
+    def result(size: int, images_per_s: float) -> InProcessResult:
+        return InProcessResult(size, 10, images_per_s, 1.0, 1.0, 1.0, None)
+    curve = {1: result(1, 100.0), 4: result(4, 108.0), 8: result(8, 110.0),
+             16: result(16, 73.0)}
+    assert best_batch_size(curve) == 4  # 108 is within 3% of 110
+    assert best_batch_size({1: result(1, 100.0), 16: result(16, 73.0)}) == 1
+
+
+def test_bench_serve_refuses_a_bad_max_batch_size(models_dir: Path, tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "tierwise.cli", "bench", "serve", "--models", str(models_dir),
+         "--max-batch-size", "many", "--out", str(tmp_path / "out")],
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert finished.returncode != 0
+    assert "--max-batch-size" in finished.stderr and "'many'" in finished.stderr

@@ -28,7 +28,7 @@ from tierwise.planner.policy import (
     candidates_from_profiles,
 )
 from tierwise.profile.calibration import softmax
-from tierwise.profile.model_profile import load_profile
+from tierwise.profile.model_profile import CascadeCurve, load_profile
 from tierwise.runtime.session import load_models
 
 
@@ -154,6 +154,103 @@ def test_policy_sets_the_cascade_threshold_for_the_floor(small_config: Config,
         assert predicted[cascade][1] >= floor - 1e-9  # its accuracy meets the floor
         escalation.append(cascade.threshold)
     assert escalation == sorted(escalation)  # a higher floor escalates more
+
+
+def two_tier_policy(config: Config, escalation: float = 0.3) -> Policy:
+    """The same big model at the edge and in the cloud (the cloud's hour costs 3x the
+    edge's), a small device model, and a cascade from it to the cloud escalating
+    `escalation` of requests at a threshold that keeps the floor 0.93."""
+    big = {"device_model": "big", "device_ms": 0.0, "server_model": "big", "server_ms": 5.0,
+           "payload_mean_bytes": 1000, "payload_p95_bytes": 1000}
+    curve = CascadeCurve(then="big", thresholds=[0.5, 0.9], accuracy=[0.93, 0.95],
+                         escalation_rate=[escalation, 1.0])
+    return Policy([
+        Candidate(Local("small"), accuracy=0.88, device_model="small", device_ms=2.0),
+        Candidate(Remote("edge", "big"), accuracy=0.95, tier="edge", **big),
+        Candidate(Remote("cloud", "big"), accuracy=0.95, tier="cloud", **big),
+        Candidate(Cascade(Local("small"), Remote("cloud", "big"), 0.0), accuracy=0.0,
+                  tier="cloud", curve=curve, **{**big, "device_model": "small",
+                                                "device_ms": 2.0}),
+    ], config.prices)
+
+
+def two_tier_state(edge_up: float = 1e6, cloud_up: float = 1e6, down: tuple[str, ...] = (),
+                   escalation_rate: dict | None = None) -> PlanningState:
+    def link(rate: float) -> LinkEstimate:
+        return LinkEstimate(rtt_ms=10.0, bandwidth_up=rate, bandwidth_down=1e6,
+                            overhead_up_bytes=0.0, response_bytes=0.0)
+    return PlanningState(links={"edge": link(edge_up), "cloud": link(cloud_up)},
+                         unavailable=down, escalation_rate=escalation_rate or {})
+
+
+def test_a_link_is_within_reach_only_when_a_perfect_one_would_change_the_decision(
+        small_config: Config) -> None:
+    policy = two_tier_policy(small_config, escalation=1.0)  # the cascade never pays
+    slo = SLO(100, 0.93)
+    assert policy.choose(slo, two_tier_state()).plan == Remote("edge", "big")
+    # the edge meets the SLO for less than the cloud's cheapest: however fast the cloud's
+    # link, measuring it changes nothing
+    assert policy.within_reach(slo, two_tier_state(), "edge")
+    assert not policy.within_reach(slo, two_tier_state(), "cloud")
+    assert not policy.within_reach(slo, two_tier_state(), "nowhere")
+    # the edge down, or its link too slow for the deadline: the cloud could pay
+    assert policy.within_reach(slo, two_tier_state(down=("edge",)), "cloud")
+    assert policy.within_reach(slo, two_tier_state(edge_up=1e3), "cloud")
+    # a slow edge link is itself within reach (only a probe can see it recover) ...
+    assert policy.within_reach(slo, two_tier_state(edge_up=1e3), "edge")
+    # ... but not when the device meets the SLO: no link could beat it
+    assert not policy.within_reach(SLO(100, 0.0), two_tier_state(), "edge")
+
+
+def test_a_measured_escalation_rate_replaces_the_profiled_one(small_config: Config) -> None:
+    policy = two_tier_policy(small_config, escalation=0.3)
+    slo = SLO(100, 0.93)
+    cascade = policy.choose(slo, two_tier_state(down=("edge",))).plan
+    # profiled: 30% of requests reach the cloud, cheaper than sending all there
+    assert isinstance(cascade, Cascade) and cascade.threshold == 0.5
+    predicted = policy.predict(slo, two_tier_state(down=("edge",)))
+    # measured on this client's requests: every one escalates, so the cascade costs the
+    # remote plan plus the device model, and the remote plan is cheaper
+    measured = two_tier_state(down=("edge",), escalation_rate={cascade: 1.0})
+    assert policy.choose(slo, measured).plan == Remote("cloud", "big")
+    repriced = policy.predict(slo, measured)
+    assert repriced[cascade][2] > predicted[cascade][2]
+    assert repriced[cascade][1] == predicted[cascade][1]  # quality stays as profiled
+
+
+def test_the_prober_leaves_alone_a_tier_out_of_reach(small_config: Config,
+                                                     servers: dict[str, str],
+                                                     splits: Splits) -> None:
+    with Client(small_config, tier_urls=servers, links=fast_links(), probe=True) as client:
+        prober = client.prober
+        assert prober is not None
+        prober.stop()  # rounds by hand below, not on the thread's clock
+        # before any request, every tier is within reach
+        assert client.within_reach("edge") and client.within_reach("cloud")
+        # no floor: the device model meets the SLO; no link can beat it
+        client.infer(splits.test_x[0], deadline_ms=1000, min_accuracy=0.0)
+        assert not client.within_reach("edge") and not client.within_reach("cloud")
+        for estimator in client.link_estimators.values():
+            estimator.seen_at = -float("inf")  # stale: would be probed if within reach
+        before = prober.totals.probes
+        prober.probe_all()
+        assert prober.totals.probes == before and prober.skipped >= 2
+        # a floor only the remote models reach: their links are within reach again
+        top = max(load_profile(small_config.models_dir, m).accuracy
+                  for m in ("fmnist-edge", "fmnist-cloud"))
+        client.infer(splits.test_x[0], deadline_ms=1000, min_accuracy=top)
+        reachable = [t for t in ("edge", "cloud") if client.within_reach(t)]
+        print("within reach at floor", top, reachable)
+        assert reachable
+        for estimator in client.link_estimators.values():
+            estimator.seen_at = -float("inf")
+        prober.probe_all()
+        assert prober.totals.probes > before  # a health probe and a bandwidth probe each
+        # a forced round (an app's start) probes everything, in reach or not
+        client.infer(splits.test_x[0], deadline_ms=1000, min_accuracy=0.0)
+        forced = prober.totals.probes
+        client.probe_now()
+        assert prober.totals.probes >= forced + 4
 
 
 def test_a_decision_takes_well_under_a_millisecond(small_config: Config, models_dir: Path,

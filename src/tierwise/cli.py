@@ -481,8 +481,9 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--threads", type=int, default=1,
                              help="ONNX Runtime intra-op threads of the servers started here "
                              "and of in-process ONNX Runtime")
-    bench_serve.add_argument("--max-batch-size", type=int, help="the batching server's "
-                             "(default: tiers.edge.max_batch_size; camera: 16)")
+    bench_serve.add_argument("--max-batch-size", default="auto", help="the batching "
+                             "server's: a number, or auto (default): the batch size of the most "
+                             "in-process throughput, up to tiers.edge.max_batch_size")
     bench_serve.add_argument("--max-queue-delay-ms", type=float, help="the batching server's "
                              "(default: a quarter of one request's in-process compute)")
     bench_serve.set_defaults(run=_bench_serve)

@@ -230,6 +230,7 @@ class Run:
             # probes are traffic and cost the strategy needs: charged to it
             "bytes_up_per_inference": (sum(self.bytes_up) + self.probe_bytes_up) / n,
             "cost_usd_per_1m": (sum(self.cost_usd) + self.probe_cost_usd) / n * 1e6,
+            "probe_cost_usd_per_1m": self.probe_cost_usd / n * 1e6,
             "fallback_rate": self.fallbacks / n,
             "plans": dict(sorted(mix.items(), key=lambda item: -item[1])),
         }

@@ -8,8 +8,14 @@ model's input size (`--workload camera`, EfficientNet-Lite0 by default, binary t
 256×256×3 frame is 196 KB binary and about 0.7 MB as JSON numbers).
 
 Two servers of the same model run side by side, started here on loopback: one serving every
-request alone (`max_batch_size` 1) and one batching dynamically up to the workload's
-configured `max_batch_size` (`--max-batch-size`) with a short queue delay. Their runs are
+request alone (`max_batch_size` 1) and one batching dynamically up to a maximum batch with a
+short queue delay. The maximum is `--max-batch-size`: a number, or `auto` (the default),
+which first measures in-process ONNX Runtime at batch 1, 2, 4, ... up to the tier's
+configured `max_batch_size` and takes the size of the most images per second. On a CPU a
+convolutional network's batch gains little and large batches lose (on 2 cores
+EfficientNet-Lite0 runs batch 4 at 1.08× batch 1's images/s, batch 16 at 0.73×), so a fixed
+large maximum makes dynamic batching slower than batch-1 serving; on a GPU the curve rises
+far and `auto` takes a large batch. Their runs are
 interleaved (each level: batch-1, then dynamic), so drifting background load hits both alike.
 The delay defaults to a quarter of one request's in-process compute (measured first):
 at concurrency 1 a lone request can wait no longer than that, so it costs at most 25% there;
@@ -63,6 +69,8 @@ IMAGES = 512  # at most this many distinct pre-encoded requests per payload, cyc
 # The batching server's default queue delay, as a share of one request's in-process compute.
 QUEUE_DELAY_SHARE = 0.25
 IN_PROCESS_MAX_S = 3.0  # per in-process batch size
+AUTO = "auto"  # --max-batch-size: the batch size of the best in-process throughput
+AUTO_TOLERANCE = 0.03  # throughputs this close count as equal (run-to-run noise)
 
 
 @dataclass(frozen=True)
@@ -479,13 +487,31 @@ def load_samples(workload: str, config: Config, info: Any | None
         f"the first {len(images)} Fashion-MNIST test images, 1×28×28 uint8"
 
 
+def best_batch_size(in_process: dict[int, InProcessResult]) -> int:
+    """The batch size of the most in-process throughput (images/s); within AUTO_TOLERANCE
+    of it, the smallest (a larger batch only adds waiting)."""
+    top = max(result.images_per_s for result in in_process.values())
+    return min(size for size, result in in_process.items()
+               if result.images_per_s >= (1 - AUTO_TOLERANCE) * top)
+
+
+def auto_batch_sizes(configured_max: int) -> list[int]:
+    """The sizes `--max-batch-size auto` measures: powers of two up to the configured max."""
+    return [size for size in (1, 2, 4, 8, 16, 32, 64) if size <= max(configured_max, 1)]
+
+
 def serving_modes(args: argparse.Namespace, configured_max: int,
-                  batch_1: InProcessResult | None) -> list[ServingMode]:
-    """The servers to compare: batch-1 and dynamic (a server given by --url: itself)."""
+                  in_process: dict[int, InProcessResult]) -> list[ServingMode]:
+    """The servers to compare: batch-1 and dynamic (a server given by --url: itself).
+    `--max-batch-size auto` takes the size of the best in-process throughput (measured
+    before, into `in_process`); with batch 1 the best, there is no dynamic server."""
     if getattr(args, "url", None):
         return [ServingMode("server", None, None)]
+    batch_1 = in_process.get(1)
     max_batch = getattr(args, "max_batch_size", None)
-    max_batch = configured_max if max_batch is None else max_batch
+    if max_batch == AUTO:
+        max_batch = best_batch_size(in_process) if in_process else configured_max
+    max_batch = configured_max if max_batch is None else int(max_batch)
     delay_ms = getattr(args, "max_queue_delay_ms", None)
     if delay_ms is None:
         delay_ms = round(QUEUE_DELAY_SHARE * batch_1.compute_ms, 2) if batch_1 else 0.0
@@ -645,8 +671,10 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
         console = Console(width=150)
     levels = _levels(args.concurrency)
     max_batch_size = getattr(args, "max_batch_size", None)
-    if max_batch_size is not None and max_batch_size < 1:
-        raise SystemExit(f"error: --max-batch-size: expected at least 1, got {max_batch_size}")
+    if max_batch_size is not None and max_batch_size != AUTO and (
+            not str(max_batch_size).isdigit() or int(max_batch_size) < 1):
+        raise SystemExit(f"error: --max-batch-size: expected a whole number of at least 1 or "
+                         f"'{AUTO}', got {max_batch_size!r}")
     workload, config, model = _workload(config, args, console)
     payloads = _payloads(getattr(args, "payloads", None) or DEFAULT_PAYLOADS[workload])
     threads = getattr(args, "threads", None) or 1
@@ -668,7 +696,10 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
     if local is not None:
         expected = local.run(samples[0])
         in_process[1] = measure_in_process(local, samples, 1, in_process_s)
-    modes = serving_modes(args, config.tier("edge").max_batch_size, in_process.get(1))
+        if max_batch_size == AUTO and not url_given:
+            for size in auto_batch_sizes(config.tier("edge").max_batch_size)[1:]:
+                in_process[size] = measure_in_process(local, samples, size, in_process_s)
+    modes = serving_modes(args, config.tier("edge").max_batch_size, in_process)
 
     rows: list[LoadResult] = []
     warmup_s = min(1.0, 0.2 * args.duration_s)
@@ -765,8 +796,17 @@ def _notes(modes: list[ServingMode], factors: list[dict[str, Any]],
             f"{QUEUE_DELAY_SHARE:.0%} of one request's in-process compute, "
             f"{single.compute_ms:.3g} ms: at most that much added to a lone request, "
             "enough to gather a burst of closed-loop requests into one batch")
-        notes.append(f"Dynamic batching: up to {dynamic.max_batch_size} requests per batch, "
-                     f"queue delay {dynamic.max_queue_delay_ms:g} ms ({why}).")
+        chosen = ("the batch size of the most in-process throughput among "
+                  + ", ".join(str(size) for size in sorted(in_process)) + " (--max-batch-size "
+                  "auto)") if getattr(args, "max_batch_size", None) == AUTO else (
+                      "given by --max-batch-size" if getattr(args, "max_batch_size", None)
+                      else "the tier's configured max_batch_size")
+        notes.append(f"Dynamic batching: up to {dynamic.max_batch_size} requests per batch "
+                     f"({chosen}), queue delay {dynamic.max_queue_delay_ms:g} ms ({why}).")
+    elif not url_given and getattr(args, "max_batch_size", None) == AUTO:
+        notes.append("No dynamic-batching server: in-process ONNX Runtime ran batch 1 "
+                     "fastest of " + ", ".join(str(size) for size in sorted(in_process))
+                     + ", so batching cannot raise this model's throughput on this host.")
     if url_given:
         notes.append(f"Server: {url_given}, as it is configured (not started here: no "
                      "batch-1 comparison, compute emulation unknown).")

@@ -50,8 +50,14 @@ from tierwise.monitor.metrics import ClientMetrics
 from tierwise.monitor.telemetry import Telemetry
 from tierwise.net.shaping import EmulatedLink
 from tierwise.planner.estimators import Ewma, LinkEstimator, ServerEstimator
-from tierwise.planner.plans import Local, Plan, RemoteStageError
-from tierwise.planner.policy import SLO, Decision, Policy, candidates_from_profiles
+from tierwise.planner.plans import Cascade, Local, Plan, RemoteStageError
+from tierwise.planner.policy import (
+    SLO,
+    Decision,
+    PlanningState,
+    Policy,
+    candidates_from_profiles,
+)
 from tierwise.profile.model_profile import load_tier_profiles
 from tierwise.registry.subscriber import (
     DeviceView,
@@ -66,6 +72,9 @@ from tierwise.tasks import ClassificationResult, Task
 
 # Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
 # importable from here for the callers that did before the split.
+# Measured escalation rates follow the last ~10 escalation decisions of a cascade.
+ESCALATION_ALPHA = 0.2
+
 __all__ = ["FALLBACK_MARGIN_MS", "FALLBACK_MARGIN_SHARE", "HTTP_HEADER_BYTES", "MONITOR_PERIOD_S",
            "Client", "InferenceResult", "RemoteStageError", "call_tier", "compute_labels",
            "emulation_labels"]
@@ -209,6 +218,10 @@ class Client:
         self.telemetry: Telemetry | None = None    # from start(), with a collector
         self._emulated = tuple(emulation_labels(self.config, links))
         self._device_ratio: dict[str, Ewma] = {}
+        # a cascade plan -> the share of its requests escalated (the profiled rate misleads
+        # when the requests differ from the profiling data)
+        self._escalation: dict[Plan, Ewma] = {}
+        self._last_slo: SLO | None = None  # what the prober asks the policy about
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._started = False
@@ -271,6 +284,7 @@ class Client:
             self._model_set = ModelSet.read(view.directory)
             self.loaded.keep_only(self._model_set)
             self._policy = None
+            self._escalation.clear()  # new models: new cascade curves
         self.session(self.device_model)
 
     def close(self) -> None:
@@ -344,6 +358,8 @@ class Client:
                 trace.attempts.append(plan.describe())
         if outcome.fallback:
             trace.fallback = outcome.fallback
+        if isinstance(plan, Cascade) and outcome.escalated is not None:
+            self.observe_escalation(plan, outcome.escalated)
         trace.total_ms = (time.perf_counter() - started) * 1e3
         result = outcome.result
         trace.label = int(result.label) if isinstance(result, ClassificationResult) else None
@@ -368,9 +384,25 @@ class Client:
         """What the policy would run now for `slo` (no request is made)."""
         policy = self.policy()
         with self._lock:  # the same two steps `tierwise bench decide` times
-            state = planning_state(self.link_estimators, self.server_estimators,
-                                   self._device_ratio, self.down | (exclude or set()))
+            state = self._planning_state(exclude)
+            if not exclude:
+                self._last_slo = slo
         return policy.choose(slo, state)
+
+    def within_reach(self, tier: str) -> bool:
+        """Whether `tier`'s link could change a decision for the last request's SLO (see
+        `Policy.within_reach`); True before the first request or without profiles."""
+        policy, slo = self._policy, self._last_slo
+        if policy is None or slo is None:
+            return True
+        with self._lock:
+            state = self._planning_state(None)
+        return policy.within_reach(slo, state, tier)
+
+    def _planning_state(self, exclude: set[str] | None) -> PlanningState:
+        return planning_state(self.link_estimators, self.server_estimators,
+                              self._device_ratio, self.down | (exclude or set()),
+                              {plan: ewma.value for plan, ewma in self._escalation.items()})
 
     def policy(self) -> Policy:
         """The policy over every plan the profiles support (loaded on first use)."""
@@ -449,6 +481,13 @@ class Client:
                 self.down.discard(tier)
             else:
                 self.down.add(tier)
+
+    def observe_escalation(self, plan: Cascade, escalated: bool) -> None:
+        """Learn how often `plan` (its threshold set) hands a request on to its second
+        stage; the policy prices the cascade by this once it has seen a few."""
+        with self._lock:
+            self._escalation.setdefault(plan, Ewma(float(escalated), ESCALATION_ALPHA)).update(
+                float(escalated))
 
     def observe_device(self, model: str, compute_ms: float) -> None:
         """Learn how fast this device runs `model` compared with its profile."""

@@ -9,6 +9,7 @@ and the time a remote stage must give up by so the device fallback still meets t
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import Any
 
 from tierwise.config import DEVICE_TIER
 from tierwise.planner.estimators import Ewma, LinkEstimator, ServerEstimator
@@ -41,10 +42,12 @@ def profiled_compute_ms(profiles: Mapping[str, ModelProfile]) -> dict[tuple[str,
 def planning_state(link_estimators: Mapping[str, LinkEstimator],
                    server_estimators: Mapping[str, ServerEstimator],
                    device_ratio: Mapping[str, Ewma],
-                   unavailable: Collection[str]) -> PlanningState:
+                   unavailable: Collection[str],
+                   escalation_rate: Mapping[Any, float] | None = None) -> PlanningState:
     """The estimates one decision uses, as they are now: each link's, each server's queue,
     every learned compute ratio (measured over profiled time; the device's own and each
-    server's), and the tiers it may not use."""
+    server's), the tiers it may not use, and each cascade's measured escalation rate
+    (cascade plan -> share escalated)."""
     compute_ratio = {(DEVICE_TIER, model): ewma.value for model, ewma in device_ratio.items()}
     for tier, server in server_estimators.items():
         for model, ewma in server.compute_ratio.items():
@@ -54,6 +57,7 @@ def planning_state(link_estimators: Mapping[str, LinkEstimator],
         queue_ms={tier: server.queue_ms.value for tier, server in server_estimators.items()},
         compute_ratio=compute_ratio,
         unavailable=unavailable,
+        escalation_rate=escalation_rate or {},
     )
 
 

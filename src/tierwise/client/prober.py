@@ -2,6 +2,11 @@
 
 - A tier marked down gets `GET /v2/health/ready` every `down_interval_s`; when it answers
   200 it is marked up and offloading resumes.
+- Only a tier within reach is probed: one whose plans would win were its link perfect
+  (`Policy.within_reach`). A link's estimate only moves the latency of its own plans, so
+  when even a perfect link would lose (a cloud dearer than an edge that meets the SLO), a
+  probe costs bytes and server time and cannot change a decision. When the picture moves
+  (the edge goes down, the floor rises), the tier comes within reach and is probed again.
 - A healthy tier whose link estimate is stale (no transfer for the estimator's
   `stale_after_s`, typically because the planner stopped sending there) gets a probe pair:
   the same small GET, then a real inference of a blank input of ~8 KB on the tier's model
@@ -57,6 +62,7 @@ class Prober:
         self.down_interval_s = down_interval_s
         self.tick_s = tick_s
         self.totals = ProbeTotals()
+        self.skipped = 0  # rounds that left a tier alone: out of reach (see probe_all)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_try: dict[str, float] = {}
@@ -82,6 +88,9 @@ class Prober:
         for tier, estimator in client.link_estimators.items():
             if tier not in client.tier_urls and client.config.tier(tier).port == 0:
                 continue  # nowhere to probe
+            if not force and not client.within_reach(tier):
+                self.skipped += 1
+                continue  # not even a perfect link there would change a decision
             now = time.monotonic()
             if tier in client.down:
                 if force or now - self._last_try.get(tier, -1e9) >= self.down_interval_s:

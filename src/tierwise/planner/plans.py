@@ -35,6 +35,7 @@ class StageOutcome:
     result: Any
     confidence: float | None
     fallback: str | None = None  # set when the plan answered other than it was meant to
+    escalated: bool | None = None  # a cascade's: whether its first stage handed the input on
 
 
 class StageRunner(Protocol):
@@ -181,13 +182,17 @@ class Cascade:
     def execute(self, runner: StageRunner, image: np.ndarray) -> StageOutcome:
         outcome = self.first.execute(runner, image)
         if outcome.confidence is None or outcome.confidence >= self.threshold:
+            outcome.escalated = False
             return outcome
+        outcome.escalated = True
         try:
-            return self.then.execute(runner, image)
+            escalated = self.then.execute(runner, image)
         except RemoteStageError as error:
             outcome.fallback = (f"escalation to {error.tier} failed ({error}); answered with "
                                 f"the first stage")
             return outcome
+        escalated.escalated = True
+        return escalated
 
     @property
     def tiers(self) -> frozenset[str]:

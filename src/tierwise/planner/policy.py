@@ -9,7 +9,8 @@ current estimates (shared/DESIGN.md, "How a plan is scored"):
                + bytes_down/bandwidth_down]            (a cascade counts its escalated path)
     accuracy = profiled on validation data (a cascade: at the threshold chosen for the floor)
     cost     = device energy + [escalation rate ×] (server compute-seconds × price + bytes ×
-               link price)
+               link price)   (a cascade's escalation rate: measured by the client once it
+                             has run the cascade, else the profiled one)
 
 Latency uses the 95th-percentile payload of a codec (a request must fit its deadline), cost
 the mean. The choice is the cheapest plan with latency ≤ deadline and accuracy ≥ floor; if
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -63,6 +64,7 @@ class Candidate:
     accuracy: float
     device_model: str           # whose compute the device runs (head, first stage, model)
     device_ms: float            # profiled, × the device's compute_scale, + encoding
+    escalated_device_ms: float = 0.0  # a cascade's: the part of device_ms run only on escalation
     tier: str | None = None     # the remote tier, if any
     server_model: str | None = None
     server_ms: float = 0.0      # profiled, × the tier's compute_scale, + decoding
@@ -97,6 +99,8 @@ class PlanningState:
     queue_ms: Mapping[str, float] = field(default_factory=dict)
     compute_ratio: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (tier, model)
     unavailable: Collection[str] = ()  # tiers that are down
+    # a cascade plan (threshold set) -> the share of its requests escalated, as measured
+    escalation_rate: Mapping[Plan, float] = field(default_factory=dict)
 
 
 def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile]
@@ -158,7 +162,8 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
                 cascades.append(Candidate(
                     plan=Cascade(first.plan, then.plan, threshold=0.0),  # type: ignore[arg-type]
                     accuracy=0.0, device_model=first.device_model,
-                    device_ms=first.device_ms + then.device_ms, tier=then.tier,
+                    device_ms=first.device_ms + then.device_ms,
+                    escalated_device_ms=then.device_ms, tier=then.tier,
                     server_model=then.server_model, server_ms=then.server_ms,
                     payload_mean_bytes=then.payload_mean_bytes,
                     payload_p95_bytes=then.payload_p95_bytes, curve=curves[model]))
@@ -188,6 +193,7 @@ class Policy:
                                   for c in candidates])
         self._remote = self._tier_of >= 0
         self._device_ms = np.array([c.device_ms for c in candidates])
+        self._escalated_device_ms = np.array([c.escalated_device_ms for c in candidates])
         self._server_ms = np.array([c.server_ms for c in candidates])
         self._payload_p95 = np.array([c.payload_p95_bytes for c in candidates])
         self._payload_mean = np.array([c.payload_mean_bytes for c in candidates])
@@ -236,6 +242,13 @@ class Policy:
                ) -> tuple[list[Plan], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(plans, latency_ms, accuracy, cost_usd, allowed) of every candidate."""
         accuracy, weight, plans = self._for_floor(slo.min_accuracy)
+        if state.escalation_rate:  # measured escalation replaces the profiled rate
+            measured = [(i, state.escalation_rate.get(plans[i])) for i in self._cascades]
+            if any(rate is not None for _, rate in measured):
+                weight = weight.copy()
+                for i, rate in measured:
+                    if rate is not None:
+                        weight[i] = rate
         # one row per tier, and a last one standing for "no tier" (local plans)
         per_tier = np.array([
             *([state.links[t].rtt_ms, state.links[t].bandwidth_up,
@@ -245,18 +258,22 @@ class Policy:
             [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])[self._tier_of]
         rtt, up, down, overhead, response, queue, usable = per_tier.T
         ratios = state.compute_ratio
+        device_scale = server_scale = 1.0
         if ratios:
             known = np.array([ratios.get(key, 1.0) for key in self._ratio_keys])
-            device_ms = self._device_ms * known[self._device_key]
-            server_ms = self._server_ms * known[self._server_key]
-        else:
-            device_ms, server_ms = self._device_ms, self._server_ms
+            device_scale, server_scale = known[self._device_key], known[self._server_key]
+        device_ms = self._device_ms * device_scale
+        server_ms = self._server_ms * server_scale
+        # a cascade runs its escalated path's device part (a split's head) only when it
+        # escalates: its latency counts it, its expected cost by the escalation rate
+        device_spent_ms = (self._device_ms - (1 - weight) * self._escalated_device_ms
+                           ) * device_scale
         escalated = weight > 0
         network_ms = rtt + ((self._payload_p95 + overhead) / up + response / down) * 1e3
         latency = device_ms + np.where(escalated, server_ms + queue + network_ms, 0.0)
         remote_usd = (server_ms * self._usd_per_ms + (self._payload_mean + overhead)
                       * self._usd_per_byte_up + response * self._usd_per_byte_down)
-        cost = device_ms * self._device_usd_per_ms + weight * remote_usd
+        cost = device_spent_ms * self._device_usd_per_ms + weight * remote_usd
         allowed = (usable > 0) | ~escalated
         if slo.keep_input_on_device:
             allowed &= ~self._raw_input
@@ -267,6 +284,21 @@ class Policy:
         plans, latency, accuracy, cost, _ = self._score(slo, state)
         return {plan: (float(latency[i]), float(accuracy[i]), float(cost[i]))
                 for i, plan in enumerate(plans)}
+
+    def within_reach(self, slo: SLO, state: PlanningState, tier: str) -> bool:
+        """Whether a plan on `tier` would be chosen were its link perfect (no RTT, unbounded
+        bandwidth) and the tier up, everything else as in `state`. A link's estimate only
+        moves the latency of the plans that use it, so when even a perfect link would not
+        win, measuring it cannot change a decision: the prober leaves it alone (value of
+        information; it keeps probing what could pay)."""
+        if tier not in self.tiers:
+            return False
+        perfect = LinkEstimate(rtt_ms=0.0, bandwidth_up=float("inf"),
+                               bandwidth_down=float("inf"), overhead_up_bytes=0.0,
+                               response_bytes=0.0)
+        best = replace(state, links={**state.links, tier: perfect},
+                       unavailable=[t for t in state.unavailable if t != tier])
+        return tier in self.choose(slo, best).plan.tiers
 
     def choose(self, slo: SLO, state: PlanningState) -> Decision:
         started = time.perf_counter()
