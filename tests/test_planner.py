@@ -156,29 +156,32 @@ def test_policy_sets_the_cascade_threshold_for_the_floor(small_config: Config,
     assert escalation == sorted(escalation)  # a higher floor escalates more
 
 
-def two_tier_policy(config: Config, escalation: float = 0.3) -> Policy:
-    """The same big model at the edge and in the cloud (the cloud's hour costs 3x the
-    edge's), a small device model, and a cascade from it to the cloud escalating
-    `escalation` of requests at a threshold that keeps the floor 0.93."""
+def two_tier_policy(config: Config, escalation: float = 0.3,
+                    cloud_ms: float = 5.0) -> Policy:
+    """The same big model at the edge (5 ms) and in the cloud (`cloud_ms`; the cloud's hour
+    costs 3x the edge's), a small device model, and a cascade from it to the cloud
+    escalating `escalation` of requests at a threshold that keeps the floor 0.93."""
     big = {"device_model": "big", "device_ms": 0.0, "server_model": "big", "server_ms": 5.0,
            "payload_mean_bytes": 1000, "payload_p95_bytes": 1000}
+    cloud = {**big, "server_ms": cloud_ms}
     curve = CascadeCurve(then="big", thresholds=[0.5, 0.9], accuracy=[0.93, 0.95],
                          escalation_rate=[escalation, 1.0])
     return Policy([
         Candidate(Local("small"), accuracy=0.88, device_model="small", device_ms=2.0),
         Candidate(Remote("edge", "big"), accuracy=0.95, tier="edge", **big),
-        Candidate(Remote("cloud", "big"), accuracy=0.95, tier="cloud", **big),
+        Candidate(Remote("cloud", "big"), accuracy=0.95, tier="cloud", **cloud),
         Candidate(Cascade(Local("small"), Remote("cloud", "big"), 0.0), accuracy=0.0,
-                  tier="cloud", curve=curve, **{**big, "device_model": "small",
+                  tier="cloud", curve=curve, **{**cloud, "device_model": "small",
                                                 "device_ms": 2.0}),
     ], config.prices)
 
 
 def two_tier_state(edge_up: float = 1e6, cloud_up: float = 1e6, down: tuple[str, ...] = (),
-                   escalation_rate: dict | None = None) -> PlanningState:
+                   escalation_rate: dict | None = None,
+                   response_bytes: float = 0.0) -> PlanningState:
     def link(rate: float) -> LinkEstimate:
         return LinkEstimate(rtt_ms=10.0, bandwidth_up=rate, bandwidth_down=1e6,
-                            overhead_up_bytes=0.0, response_bytes=0.0)
+                            overhead_up_bytes=0.0, response_bytes=response_bytes)
     return PlanningState(links={"edge": link(edge_up), "cloud": link(cloud_up)},
                          unavailable=down, escalation_rate=escalation_rate or {})
 
@@ -200,6 +203,14 @@ def test_a_link_is_within_reach_only_when_a_perfect_one_would_change_the_decisio
     assert policy.within_reach(slo, two_tier_state(edge_up=1e3), "edge")
     # ... but not when the device meets the SLO: no link could beat it
     assert not policy.within_reach(SLO(100, 0.0), two_tier_state(), "edge")
+    # a perfect link is perfect in time, not in price: a cloud that computes for less than
+    # the edge but bills every answer's bytes (cloud egress) stays out of reach
+    cheaper_compute = two_tier_policy(small_config, escalation=1.0, cloud_ms=1.5)
+    billed = two_tier_state(response_bytes=1000.0)
+    assert cheaper_compute.choose(slo, billed).plan == Remote("edge", "big")
+    assert not cheaper_compute.within_reach(slo, billed, "cloud")
+    free_answers = two_tier_state(response_bytes=0.0)
+    assert cheaper_compute.choose(slo, free_answers).plan == Remote("cloud", "big")
 
 
 def test_a_measured_escalation_rate_replaces_the_profiled_one(small_config: Config) -> None:

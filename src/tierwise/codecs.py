@@ -161,7 +161,8 @@ class _PillowImage:
                     np.dtype(dtype) == np.uint8
                 # WebP has no grayscale mode: Pillow writes and reads it as RGB
                 pixels = np.asarray(image.convert(mode), dtype=np.uint8) if fits else None
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
+                ValueError) as error:  # a bomb's header is refused as it is opened
             raise CodecError(f"{self.name}: payload is not a {self.image_format} image: "
                              f"{error}") from None
         if pixels is None:
@@ -486,10 +487,34 @@ def encode_rows(codec_name: str, batch: np.ndarray) -> np.ndarray:
     return rows
 
 
+def max_payload_bytes(row_shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    """The most bytes any codec may take for one row of `row_shape` and `dtype`: the raw
+    tensor plus a container's worth (PNG, WebP and zstd frames of incompressible data run a
+    little over the raw size). Anything longer is refused before it is decoded."""
+    raw = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return raw + raw // 8 + PAYLOAD_SLACK_BYTES
+
+
+# A codec container's own bytes beyond the pixels or values: headers, chunks, frames.
+PAYLOAD_SLACK_BYTES = 4096
+
+
 def decode_rows(codec_name: str, rows: np.ndarray, row_shape: tuple[int, ...],
                 dtype: np.dtype[Any]) -> np.ndarray:
-    """The inverse of `encode_rows`: a [len(rows), *row_shape] array of `dtype`."""
+    """The inverse of `encode_rows`: a [len(rows), *row_shape] array of `dtype`.
+
+    Raises CodecError naming the row for a payload longer than `max_payload_bytes` (before
+    any decoding) or one that does not decode to exactly `row_shape` and `dtype`."""
     codec = get_codec(codec_name)
     if len(rows) == 0:
         return np.empty((0, *row_shape), dtype)
-    return np.stack([codec.decode(bytes(row), row_shape, dtype) for row in rows])
+    limit = max_payload_bytes(row_shape, dtype)
+    decoded = []
+    for index, row in enumerate(rows):
+        payload = bytes(row)
+        if len(payload) > limit:
+            raise CodecError(f"{codec_name}: row {index}: payload of {len(payload):,} bytes, "
+                             f"more than any encoding of a {list(row_shape)} "
+                             f"{np.dtype(dtype)} tensor takes (at most {limit:,})")
+        decoded.append(codec.decode(payload, row_shape, dtype))
+    return np.stack(decoded)

@@ -82,6 +82,17 @@ class TierConfig(_Section):
         0.0, ge=0, le=1000, description="how long a batch waits to fill; 0 batches what is queued"
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=16 * 1024 * 1024, description="the request line and headers "
+        "together; a longer request is answered 431")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body that "
+                                  "stops arriving for this long is answered 408")
+    max_rows_per_request: int = Field(
+        256, ge=1, le=1_000_000, description="batch rows one infer request may carry; more "
+        "are refused with 400 before anything is decoded")
+    max_in_flight_per_client: int = Field(
+        256, ge=1, le=100_000, description="infer requests one client (its device id, else "
+        "its address) may have in the server at once; more are answered 429 with Retry-After")
     models: list[str] = Field(
         default_factory=list,
         description="the models this tier runs for the planner, besides those whose metadata "
@@ -296,6 +307,8 @@ class TelemetryConfig(_Section):
                      "registry.url, else no telemetry")
     flush_s: float = Field(0.5, gt=0, le=3600, description="how often a device sends")
     batch_size: int = Field(500, ge=1, le=100_000, description="most traces per request")
+    commit_s: float = Field(0.05, gt=0, le=60, description="durability bound: a trace is in "
+                            "the device's outbox on disk within this (plus one commit)")
     collector_db: str = Field("", description="the collector's SQLite file at the cloud; "
                               "empty: <data_dir>/telemetry/collector.db")
     dashboard_window_s: float = Field(3600.0, gt=0, description="the dashboard shows the "

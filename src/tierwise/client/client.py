@@ -228,7 +228,8 @@ class Client:
         self._model_set: ModelSet | None = None  # replaced whole by a registry swap
         self._device_model: str | None = None
         self.loaded = LoadedModels(threads)  # sessions and tasks, by what a model set names
-        self.connections = TierConnections(self.config, self.tier_urls, self.links)
+        self.connections = TierConnections(self.config, self.tier_urls, self.links,
+                                           self.device_id)
         self._policy: Policy | None = None
 
     # -- lifecycle ------------------------------------------------------------------------

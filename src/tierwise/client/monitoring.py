@@ -37,7 +37,8 @@ def telemetry_for(config: Config, url: str, device_id: str) -> Telemetry:
         url, device_id=device_id,
         token=registry_token(config.registry.token, config.registry_dir),
         outbox_path=Path(config.data_dir) / "telemetry" / f"outbox-{device_id}.db",
-        flush_s=settings.flush_s, batch_size=settings.batch_size)
+        flush_s=settings.flush_s, batch_size=settings.batch_size,
+        commit_s=settings.commit_s)
 
 
 class Monitor:

@@ -54,7 +54,7 @@ def planning_state(link_estimators: Mapping[str, LinkEstimator],
             compute_ratio[(tier, model)] = ewma.value
     return PlanningState(
         links={tier: estimator.snapshot() for tier, estimator in link_estimators.items()},
-        queue_ms={tier: server.queue_ms.value for tier, server in server_estimators.items()},
+        queue_ms={tier: server.queue_estimate_ms() for tier, server in server_estimators.items()},
         compute_ratio=compute_ratio,
         unavailable=unavailable,
         escalation_rate=escalation_rate or {},

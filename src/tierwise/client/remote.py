@@ -12,6 +12,7 @@ httpx's manner: it knows nothing of estimators, prices, plans or traces; the sta
 
 from __future__ import annotations
 
+import email.utils
 import threading
 import time
 from collections.abc import Mapping
@@ -73,13 +74,26 @@ class RemoteTimeoutError(RemoteStageError):
         self.request_bytes = request_bytes
 
 
+def retry_after_s(headers: httpx.Headers, default_s: float = 1.0) -> float:
+    """Retry-After in seconds (RFC 9110: delta-seconds or an HTTP date), else `default_s`."""
+    value = headers.get("retry-after", "")
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default_s
+    return max(0.0, when.timestamp() - time.time())
+
+
 class TierConnections:
     """One keep-alive httpx client per remote tier, made on first use, through the tier's
     link. A tier's URL is `tier_urls[tier]`, else `http://{host}:{port}` from `config`."""
 
     def __init__(self, config: Config, tier_urls: Mapping[str, str],
-                 links: Mapping[str, EmulatedLink | None]) -> None:
+                 links: Mapping[str, EmulatedLink | None], device_id: str = "") -> None:
         self.config = config
+        self.device_id = device_id  # sent as `tierwise-device`: the server's per-client limit
         self.tier_urls = tier_urls
         self.links = links
         self._clients: dict[str, httpx.Client] = {}
@@ -101,6 +115,8 @@ class TierConnections:
                 client = self._clients.get(tier)
                 if client is None:
                     client = shaped_client(url, self.links.get(tier), timeout_s)
+                    if self.device_id:
+                        client.headers["tierwise-device"] = self.device_id
                     self._clients[tier] = client
         return client
 
@@ -141,6 +157,9 @@ def remote_infer(http: httpx.Client, model: str, tensor: np.ndarray, codec: str,
     except httpx.HTTPError as error:
         raise RemoteStageError(f"{type(error).__name__}: {error}", tier, tier_down=True) from None
     total_ms = (time.perf_counter() - started) * 1e3
+    if response.status_code == 429:  # load: the tier is up and says when to come back
+        raise RemoteStageError(f"{tier} answered 429: {response.text[:200]}", tier,
+                               retry_after_s=retry_after_s(response.headers))
     if response.status_code != 200:
         raise RemoteStageError(f"{tier} answered {response.status_code}: {response.text[:200]}",
                                tier, tier_down=response.status_code >= 500)

@@ -133,6 +133,8 @@ class Execution:
                 compute_ms=0.0, codec=codec, error=str(error)))
             if error.tier_down:
                 self.client.mark(tier, up=False)
+            elif error.retry_after_s is not None:
+                self.client.server_estimators[tier].observe_overload(error.retry_after_s)
             raise
         self.trace.stages.append(stage)
         return output

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from tierwise.monitor.drift import STATISTICS, DriftMonitor
 from tierwise.protocol.oip import encode_error
+from tierwise.protocol.traces import TraceBatch, TraceRecord, parse_batch
 from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
 from tierwise.sqlite import transaction
 
@@ -56,8 +56,15 @@ class Collector:
 
     def ingest(self, device: str, traces: list[dict[str, Any]]) -> tuple[int, int]:
         """Store `traces` from `device`: (stored, already there). ValueError naming the
-        first trace that is not one."""
-        rows = [_row(device, index, trace) for index, trace in enumerate(traces)]
+        first field of the first trace that is not one (`tierwise.protocol.traces`);
+        nothing is stored then."""
+        # through JSON, exactly as a batch arrives over HTTP
+        return self.store(parse_batch(orjson.dumps({"device": device, "traces": traces})))
+
+    def store(self, batch: TraceBatch) -> tuple[int, int]:
+        """Store a validated batch: (stored, already there)."""
+        received_at = time.time()
+        rows = [_row(batch.device, received_at, trace) for trace in batch.traces]
         with self._db() as db:
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO traces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
@@ -85,48 +92,15 @@ class Collector:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _number(value: Any, what: str, optional: bool = False) -> float | None:
-    """`value` as a finite float (None where optional); ValueError naming `what`."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or \
-            not math.isfinite(value):
-        raise ValueError(f"{what}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _row(device: str, index: int, trace: Any) -> tuple[Any, ...]:
-    where = f"traces[{index}]"
-    if not isinstance(trace, dict):
-        raise ValueError(f"{where}: expected an object, got {type(trace).__name__}")
-    try:
-        for number, stage in enumerate(trace["stages"]):
-            for key in ("compute_ms", "bytes_up", "bytes_down"):
-                _number(stage[key], f"{where}.stages[{number}].{key}")
-        stages = [stage for stage in trace["stages"] if stage.get("error") is None]
-        answered = stages[-1] if stages else {"tier": "", "model": "", "model_version": ""}
-        total_ms = _number(trace["total_ms"], f"{where}.total_ms")
-        # a deadline of infinity travels as null: no deadline
-        deadline = (trace.get("slo") or {}).get("deadline_ms")
-        label = _number(trace.get("label"), f"{where}.label", optional=True)
-        return (
-            str(trace["id"]), device, time.time(), _number(trace["started_at"],
-                                                           f"{where}.started_at"),
-            str(trace["plan"]), str(answered["tier"]), str(answered["model"]),
-            str(answered["model_version"]), total_ms,
-            int(_number(trace["bytes_up"], f"{where}.bytes_up") or 0),
-            int(_number(trace["bytes_down"], f"{where}.bytes_down") or 0),
-            _number(trace["cost_usd"], f"{where}.cost_usd"), int(bool(trace["escalated"])),
-            int(trace.get("fallback") is not None),
-            int(isinstance(deadline, int | float) and total_ms is not None
-                and total_ms > deadline),
-            None if label is None else int(label),
-            _number(trace.get("confidence"), f"{where}.confidence", optional=True),
-            _number(trace.get("input_mean"), f"{where}.input_mean", optional=True),
-            _number(trace.get("input_std"), f"{where}.input_std", optional=True),
-            orjson.dumps(trace))
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{where}: not a trace ({type(error).__name__}: {error})") from None
+def _row(device: str, received_at: float, trace: TraceRecord) -> tuple[Any, ...]:
+    answered = trace.answered_by
+    return (
+        trace.id, device, received_at, trace.started_at, trace.plan,
+        answered.tier if answered else "", answered.model if answered else "",
+        answered.model_version if answered else "", trace.total_ms, trace.bytes_up,
+        trace.bytes_down, trace.cost_usd, int(trace.escalated), int(trace.fallback is not None),
+        int(trace.deadline_missed), trace.label, trace.confidence, trace.input_mean,
+        trace.input_std, orjson.dumps(trace.model_dump(mode="json")))
 
 
 class TelemetryApp:
@@ -172,17 +146,13 @@ class TelemetryApp:
             if method != "POST":
                 raise HTTPError(405, f"{path}: use POST", [(b"allow", b"POST")])
             body = await _read(receive)
-            try:
-                batch = orjson.loads(body)
-                device, traces = batch["device"], batch["traces"]
-                if not isinstance(device, str) or not isinstance(traces, list):
-                    raise TypeError("device must be a string and traces a list")
-                stored, duplicates = await asyncio.to_thread(self.collector.ingest, device,
-                                                             traces)
-                if stored:
-                    await asyncio.to_thread(self._watch, traces, stored)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            try:  # parsed and checked off the event loop: a batch may be megabytes
+                batch = await asyncio.to_thread(parse_batch, body)
+            except ValueError as error:
                 raise HTTPError(400, f"not a trace batch: {error}") from None
+            stored, duplicates = await asyncio.to_thread(self.collector.store, batch)
+            if stored:
+                await asyncio.to_thread(self._watch, batch.traces, stored)
             self._duplicates.inc(duplicates)
             answer = orjson.dumps({"accepted": stored, "duplicates": duplicates})
             await send_response(send, 200, answer, [_JSON])
@@ -194,11 +164,11 @@ class TelemetryApp:
             raise HTTPError(404, f"no such endpoint: {path}")
 
 
-    def _watch(self, traces: list[dict[str, Any]], stored: int) -> None:
+    def _watch(self, traces: list[TraceRecord], stored: int) -> None:
         self._traces.inc(stored)
         with self._drift_lock:
-            for trace in sorted(traces, key=lambda t: t["started_at"]):
-                for alert in self.drift.update({key: trace.get(key) for key in STATISTICS}):
+            for trace in sorted(traces, key=lambda t: t.started_at):
+                for alert in self.drift.update({key: getattr(trace, key) for key in STATISTICS}):
                     self._alerts.labels(alert.detector, alert.statistic).inc()
 
 

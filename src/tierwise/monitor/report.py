@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
+from pydantic import ValidationError
 
 from tierwise.config import Config, PriceBook
 from tierwise.monitor.drift import DriftMonitor, DriftScore
 from tierwise.monitor.ledger import AllCloudBaseline, Ledger, all_cloud_baseline
 from tierwise.monitor.metrics import plan_kind
+from tierwise.protocol.traces import TraceRecord
 
 TIERS = ("device", "edge", "cloud")
 
@@ -38,6 +39,7 @@ class Views:
     drift: DriftMonitor
     device_alerts: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     emulated: list[str] = field(default_factory=list)  # from the traces
+    unreadable: int = 0  # stored records that are not traces (`tierwise.protocol.traces`)
 
     @property
     def start(self) -> float:
@@ -48,6 +50,7 @@ class Views:
         latencies = np.array([r["total_ms"] for r in records]) if records else np.zeros(1)
         summary: dict[str, Any] = {
             "requests": len(records),
+            "unreadable_records": self.unreadable,
             "devices": len({r["device"] for r in records}),
             "latency_p50_ms": float(np.percentile(latencies, 50)),
             "latency_p95_ms": float(np.percentile(latencies, 95)),
@@ -70,9 +73,17 @@ def compute_views(records: list[dict[str, Any]], prices: PriceBook,
                   baseline: AllCloudBaseline | None) -> Views:
     ledger = Ledger(prices, baseline) if baseline is not None else None
     drift = DriftMonitor()
-    views = Views(records, ledger, drift)
+    readable = []
+    skipped = 0
     for record in records:
-        trace = orjson.loads(record["record"])
+        try:  # stored before the collector validated, or written by hand: never fatal
+            trace = TraceRecord.model_validate_json(record["record"]).model_dump(mode="json")
+        except (ValidationError, TypeError):
+            skipped += 1
+            continue
+        readable.append((record, trace))
+    views = Views([record for record, _ in readable], ledger, drift, unreadable=skipped)
+    for record, trace in readable:
         record["cost_usd_ledger"] = ledger.add(trace) if ledger is not None else \
             record["cost_usd"]
         scores = drift.update({"input_mean": record["input_mean"],

@@ -1,9 +1,13 @@
 """Telemetry from the device: every trace reaches the collector exactly once, eventually.
 
-`Telemetry.record` (on the request path) only appends the trace to a list in memory. A
-background thread moves what was recorded into an outbox, a SQLite file on the device, and
-sends the outbox in batches to the collector (`POST /telemetry/v1/traces` on the cloud
-server). A batch leaves the outbox only once the collector answered 2xx, so a link outage or
+`Telemetry.record` (on the request path) only appends the trace to a list in memory. One
+background thread commits what was recorded to an outbox, a SQLite file on the device, at
+most `commit_s` (default 50 ms) after it was recorded, in one transaction for everything
+recorded meanwhile (group commit, as databases do with their logs): a device process killed
+at any moment loses at most the traces of its last `commit_s` and the commit under way,
+whatever the link does. Another thread sends the outbox in batches to the collector
+(`POST /telemetry/v1/traces` on the cloud server), on its own schedule and backoff. A
+batch leaves the outbox only once the collector answered 2xx, so a link outage or
 a collector that restarts loses nothing: the batch is sent again, with backoff, until it is
 taken. The collector stores each trace id once, so a batch sent twice (its answer lost) is
 not stored twice. What the device sends is the trace, with two statistics of the input (mean
@@ -44,17 +48,22 @@ class Telemetry:
         device_id: whose traces these are.
         token: the cloud API's bearer token.
         outbox_path: the SQLite file that holds what is not yet taken.
-        flush_s: how often the thread moves records to the outbox and sends (default 0.5).
+        flush_s: how often the sending thread sends the outbox (default 0.5; backing off
+            to 10 s while the collector cannot be reached).
         batch_size: most traces per request (default 500).
+        commit_s: the durability bound: a recorded trace is in the outbox on disk within
+            this many seconds plus one commit (default 0.05).
     """
 
     def __init__(self, url: str, *, device_id: str, token: str, outbox_path: Path,
-                 flush_s: float = 0.5, batch_size: int = 500, timeout_s: float = 10.0) -> None:
+                 flush_s: float = 0.5, batch_size: int = 500, timeout_s: float = 10.0,
+                 commit_s: float = 0.05) -> None:
         self.url = url.rstrip("/")
         self.device_id = device_id
         self.outbox_path = Path(outbox_path)
         self.flush_s = flush_s
         self.batch_size = batch_size
+        self.commit_s = commit_s
         self.sent = 0  # traces the collector has taken
         self.last_error: str | None = None
         self._pending: list[tuple[str, bytes]] = []  # (trace id, encoded trace)
@@ -66,15 +75,20 @@ class Telemetry:
         with self._db():
             pass  # create the outbox now: a bad path fails here, not in the thread
         self._stop = threading.Event()
+        self._recorded = threading.Event()  # set when there is something to commit
+        self._committer = threading.Thread(target=self._commit_loop,
+                                           name="tierwise-telemetry-commit", daemon=True)
         self._thread = threading.Thread(target=self._run, name="tierwise-telemetry",
                                         daemon=True)
+        self._committer.start()
         self._thread.start()
 
     def record(self, trace: Trace) -> None:
-        """Queue one inference's trace (cheap: the thread does the rest)."""
+        """Queue one inference's trace (cheap: the threads do the rest)."""
         encoded = orjson.dumps(trace.to_dict())
         with self._pending_lock:
             self._pending.append((trace.id, encoded))
+        self._recorded.set()
 
     def backlog(self) -> int:
         """Traces recorded and not yet taken by the collector."""
@@ -113,11 +127,29 @@ class Telemetry:
         """Stop the thread after one last attempt to send; what is not sent stays in the
         outbox for the next run."""
         self._stop.set()
+        self._recorded.set()
+        self._committer.join(timeout=30)
         self._thread.join(timeout=30)
         self._spool()
         self._http.close()
 
-    # -- the thread ---------------------------------------------------------------------
+    # -- the threads --------------------------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        """Group commit: wait for a trace, commit everything recorded by then in one
+        transaction, and let the next ones gather for at most `commit_s`."""
+        while True:
+            self._recorded.wait()
+            if self._stop.is_set():
+                return  # close() commits what is left
+            self._recorded.clear()
+            try:
+                self._spool()
+            except Exception as error:  # kept in memory by _spool; say why, try again
+                self.last_error = f"outbox {self.outbox_path}: {type(error).__name__}: {error}"
+                log.exception("telemetry commit failed")
+                self._recorded.set()
+            self._stop.wait(self.commit_s)
 
     def _run(self) -> None:
         backoff_s = self.flush_s

@@ -162,7 +162,22 @@ class ServerEstimator:
         self.alpha = alpha
         self.queue_ms = Ewma(0.0, alpha)
         self.compute_ratio: dict[str, Ewma] = {}
+        self.busy_until = 0.0  # time.monotonic() before which the server asked not to send
         self._lock = threading.Lock()
+
+    def observe_overload(self, retry_after_s: float, now: float | None = None) -> None:
+        """The server answered 429 with Retry-After: load, not an outage. Until then its
+        queue counts as that much longer (`queue_estimate_ms`), so plans move elsewhere, and
+        the penalty runs out by itself."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.busy_until = max(self.busy_until, now + max(retry_after_s, 0.0))
+
+    def queue_estimate_ms(self, now: float | None = None) -> float:
+        """The queue delay a request sent now should expect: the learned one, or the time
+        left of a Retry-After, whichever is longer."""
+        now = time.monotonic() if now is None else now
+        return max(self.queue_ms.value, (self.busy_until - now) * 1e3)
 
     def observe(self, model: str, compute_ms: float, profiled_ms: float | None,
                 queue_ms: float) -> None:

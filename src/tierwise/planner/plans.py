@@ -20,10 +20,13 @@ class RemoteStageError(RuntimeError):
     """A remote stage gave no usable answer: unreachable, timed out, past its deadline, or an
     error status. `tier_down` says whether the tier itself looks unreachable."""
 
-    def __init__(self, message: str, tier: str, tier_down: bool = False) -> None:
+    def __init__(self, message: str, tier: str, tier_down: bool = False,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.tier = tier
         self.tier_down = tier_down
+        # the tier is up but overloaded (429): it asked for this long before the next try
+        self.retry_after_s = retry_after_s
 
 
 @dataclass

@@ -287,15 +287,16 @@ class Policy:
 
     def within_reach(self, slo: SLO, state: PlanningState, tier: str) -> bool:
         """Whether a plan on `tier` would be chosen were its link perfect (no RTT, unbounded
-        bandwidth) and the tier up, everything else as in `state`. A link's estimate only
-        moves the latency of the plans that use it, so when even a perfect link would not
-        win, measuring it cannot change a decision: the prober leaves it alone (value of
-        information; it keeps probing what could pay)."""
+        bandwidth, the same bytes crossing it) and the tier up, everything else as in
+        `state`. A link's estimate only moves the latency of the plans that use it, so when
+        even a perfect link would not win, measuring it cannot change a decision: the prober
+        leaves it alone (value of information; it keeps probing what could pay)."""
         if tier not in self.tiers:
             return False
-        perfect = LinkEstimate(rtt_ms=0.0, bandwidth_up=float("inf"),
-                               bandwidth_down=float("inf"), overhead_up_bytes=0.0,
-                               response_bytes=0.0)
+        link = state.links[tier]
+        # perfect in time only: what crosses it (and is billed per byte) stays as it is
+        perfect = replace(link, rtt_ms=0.0, bandwidth_up=float("inf"),
+                          bandwidth_down=float("inf"))
         best = replace(state, links={**state.links, tier: perfect},
                        unavailable=[t for t in state.unavailable if t != tier])
         return tier in self.choose(slo, best).plan.tiers

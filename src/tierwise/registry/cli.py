@@ -8,6 +8,7 @@ import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tierwise.config import load_config
@@ -86,7 +87,7 @@ def _rollout_table(rollouts: list[Rollout]) -> Table:
     table = Table("model", "stable", "canary", "share", "state")
     for r in rollouts:
         state = "paused" if r.paused else ("rolling out" if r.canary else "")
-        table.add_row(r.model, str(r.stable or "-"), str(r.canary or "-"),
+        table.add_row(_plain(r.model), str(r.stable or "-"), str(r.canary or "-"),
                       f"{r.canary_share:.0%}" if r.canary else "-", state)
     return table
 
@@ -100,20 +101,29 @@ def _show(console: Console, registry: Registry, model: str) -> None:
         lineage = v["lineage"]
         origin = f"{lineage['parent']} v{lineage['parent_version']}" if lineage["parent"] \
             else (f"v{lineage['previous_version']}" if lineage["previous_version"] else "-")
-        versions.add_row(v["version"], v["created_at"], lineage["step"], origin,
-                         ",".join(v["runs_on"]), str(v["files"]), f"{v['bytes'] / 1024:,.0f}",
+        versions.add_row(*map(_plain, (v["version"], v["created_at"], lineage["step"], origin,
+                                       ",".join(v["runs_on"]))),
+                         str(v["files"]), f"{v['bytes'] / 1024:,.0f}",
                          "-" if v["test_accuracy"] is None else f"{v['test_accuracy']:.2%}")
     console.print(versions)
     history = Table("at", "action", "version", "detail", title="history")
     for event in registry.events(model):
-        history.add_row(_time(event["at"]), event["action"], str(event["version"]),
-                        event["detail"])
+        history.add_row(_time(event["at"]), _plain(event["action"]),
+                        _plain(str(event["version"])), _plain(event["detail"]))
     console.print(history)
     devices = Table("device", "channel", "version", "last poll", title="subscribers")
     for device in registry.devices(model):
-        devices.add_row(device["device"], device["channel"], str(device["version"]),
-                        _time(device["seen_at"]))
+        devices.add_row(_plain(device["device"]), _plain(device["channel"]),
+                        _plain(str(device["version"])), _time(device["seen_at"]))
     console.print(devices)
+
+
+def _plain(stored: object) -> str:
+    """Stored text as it is to be printed: rich markup escaped, control characters (ESC
+    sequences) shown as escapes, never interpreted by the terminal."""
+    text = str(stored)
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return escape(text)
 
 
 def _time(epoch_s: float) -> str:

@@ -21,6 +21,7 @@ import orjson
 
 from tierwise.protocol.oip import encode_error
 from tierwise.registry.store import CHANNELS, Registry, RegistryError
+from tierwise.registry.subscriber import check_device_id
 from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
 
 PREFIX = "/registry/v1/"
@@ -88,6 +89,10 @@ class RegistryApp:
         if not device:
             raise HTTPError(400, "deployments: the query needs ?device=<id> (it picks the "
                                  "canary cohort)")
+        try:  # the client's own rule: an id is stored and printed, so it stays plain
+            check_device_id(device)
+        except ValueError as error:
+            raise HTTPError(400, f"deployments: ?device: {error}") from None
         document = await asyncio.to_thread(self.registry.deployment, channel, device)
         body = orjson.dumps(document)
         etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:32].encode()

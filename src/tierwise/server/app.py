@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import socket
 import threading
 import time
@@ -142,6 +143,8 @@ class TierServer:
         self.unavailable: dict[tuple[str, str], str] = {
             (failure.name, failure.version): failure.reason for failure in unavailable}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # client (device id header, else address) -> its infer requests in the server now
+        self._client_in_flight: dict[bytes, int] = {}
         # called once the event loop runs (a registry subscriber starts there, so that its
         # first update already lands on the loop)
         self.on_startup: list[Callable[[], None]] = []
@@ -282,11 +285,25 @@ class TierServer:
                 if method != "POST":
                     raise HTTPError(405, f"{path}: use POST, not {method}",
                                     [(b"allow", b"POST")])
+                client = _client_key(scope)
+                held = self._client_in_flight.get(client, 0)
+                if held >= self.tier.max_in_flight_per_client:
+                    served.metrics.observe_error(429, 0)
+                    raise HTTPError(429, f"this client has {held} requests in the server, the "
+                                    f"most it may (max_in_flight_per_client); retry after "
+                                    f"{self._retry_after_s(served)} s",
+                                    [(b"retry-after", str(self._retry_after_s(served)).encode())])
+                self._client_in_flight[client] = held + 1
                 served.in_flight += 1
                 try:
                     await self._infer(served, scope, receive, send)
                 finally:
                     served.in_flight -= 1
+                    left = self._client_in_flight[client] - 1
+                    if left:
+                        self._client_in_flight[client] = left
+                    else:
+                        del self._client_in_flight[client]
                     if served.retired and served.in_flight == 0:
                         served.batcher.close()
                 return
@@ -317,6 +334,12 @@ class TierServer:
         body, content_type = route()
         await send_response(send, 200, body, [(b"content-type", content_type)])
 
+    def _retry_after_s(self, served: _Served) -> int:
+        """Retry-After (whole seconds, RFC 9110): the time to work off what the model holds,
+        at its last batch-1 compute time; at least 1."""
+        compute_ms = served.metrics.last_compute_ms or 1.0
+        return max(1, math.ceil(served.in_flight * compute_ms / 1e3))
+
     def _model_route(self, path: str) -> tuple[_Served, str]:
         """(model, action) of /v2/models/{name}[/versions/{v}][/ready|/infer]."""
         parts = path[len("/v2/models/"):].split("/")
@@ -346,7 +369,14 @@ class TierServer:
         body = b""
         try:
             body, header_length = await self._read_body(scope, receive)
-            request = decode_infer_request(body, header_length)
+            if len(body) > OFF_LOOP_BODY_BYTES and (header_length is None
+                                                    or header_length > OFF_LOOP_BODY_BYTES):
+                # a long JSON document takes milliseconds to parse: not on the event loop,
+                # where every other client's request waits behind it
+                request = await asyncio.to_thread(decode_infer_request, body, header_length)
+            else:
+                request = decode_infer_request(body, header_length)
+            _check_rows(request, self.tier.max_rows_per_request)
             inputs = _checked_inputs(served, _decoded_inputs(served, request))
             wanted = _checked_outputs(served, request.outputs)
             classify = _checked_classifications(served, request.output_parameters) \
@@ -445,6 +475,17 @@ def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
     if len(plain) > limit:
         raise HTTPError(413, f"the decompressed body is over {limit} bytes (max_body_bytes)")
     return plain
+
+
+def _check_rows(request: InferRequest, limit: int) -> None:
+    """Refuse a request of more than `limit` rows before anything is decoded or run (Triton
+    refuses a batch over the model's max_batch_size): one request of 20,000 rows grew a
+    server by 2.7 GB and held every other client of the model for seconds."""
+    for name, array in request.inputs.items():
+        rows = array.shape[0] if array.ndim else 1
+        if rows > limit:
+            raise ProtocolError(f"input {name!r}: {rows:,} rows in one request; this server "
+                                f"takes at most {limit:,} (max_rows_per_request)")
 
 
 def _decoded_inputs(served: _Served, request: InferRequest) -> dict[str, Any]:
@@ -609,6 +650,23 @@ def require_bearer(scope: Scope, token: bytes) -> None:
                     [(b"www-authenticate", b'Bearer realm="tierwise"')])
 
 
+DEVICE_HEADER = b"tierwise-device"
+# JSON bodies longer than this are parsed in a worker thread (a binary body's JSON header
+# is short, whatever its tensors weigh)
+OFF_LOOP_BODY_BYTES = 64 * 1024
+
+
+def _client_key(scope: Scope) -> bytes:
+    """Whose request this is, for the per-client limit: the device id the client sends
+    (`tierwise-device`), else its address. (A device credential, once there is one, is the
+    key that cannot be chosen freely.)"""
+    for name, value in scope["headers"]:
+        if name == DEVICE_HEADER:
+            return b"device:" + value[:128]
+    client = scope.get("client")
+    return f"addr:{client[0] if client else ''}".encode()
+
+
 def _require_get(method: str, path: str) -> None:
     if method not in ("GET", "HEAD"):
         raise HTTPError(405, f"{path}: use GET, not {method}", [(b"allow", b"GET")])
@@ -631,11 +689,55 @@ def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]
     return TierServer(tier_name, tier, models, unavailable)
 
 
+class RequestLimits:
+    """The outermost ASGI layer of every server (`tierwise serve`, the cloud's hosted APIs):
+    a request whose header block is over `tier.max_header_bytes` is answered 431 (RFC 6585)
+    before any route runs, and a body that stops arriving for `tier.body_timeout_s` ends
+    the request with 408, so a slow or incomplete upload cannot hold the server."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        tier: TierConfig = app.tier
+        self.max_header_bytes = tier.max_header_bytes
+        self.body_timeout_s = tier.body_timeout_s
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped server's API (tier, update, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if size > self.max_header_bytes:
+            await send_response(send, 431, encode_error(
+                f"the request line and headers are {size:,} bytes; this server takes at most "
+                f"{self.max_header_bytes:,} (max_header_bytes)"), [_JSON, _CLOSE])
+            return
+        body_done = False
+        timeout_s = self.body_timeout_s
+
+        async def receive_in_time() -> Message:
+            nonlocal body_done
+            if body_done:  # after the body, a receive waits for the disconnect: no limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except TimeoutError:
+                raise HTTPError(408, f"the request body stalled: nothing arrived for "
+                                     f"{timeout_s:g} s (body_timeout_s)", [_CLOSE]) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, receive_in_time, send)
+
+
 def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
     return uvicorn.Config(
-        app, loop="uvloop", http="httptools", interface="asgi3", lifespan="on",
+        RequestLimits(app), loop="uvloop", http="httptools", interface="asgi3", lifespan="on",
         access_log=False, proxy_headers=False, server_header=False, log_level="warning",
         **kwargs)
 

@@ -26,6 +26,7 @@ class ModelMetrics:
         self.batch_size = metrics.batch_size.labels(model)
         self.bytes_in = metrics.request_bytes.labels(model)
         self.bytes_out = metrics.response_bytes.labels(model)
+        self.last_compute_ms = 0.0  # per row, of the last batch: what Retry-After reads
 
     def observe_request(self, seconds: float, queue_ms: float, bytes_in: int,
                         bytes_out: int) -> None:
@@ -36,6 +37,7 @@ class ModelMetrics:
         self.bytes_out.inc(bytes_out)
 
     def observe_batch(self, batch_size: int, compute_ms: float) -> None:
+        self.last_compute_ms = compute_ms / max(batch_size, 1)
         self.batch_size.observe(batch_size)
         self.compute_seconds.observe(compute_ms * 1e-3)
 
