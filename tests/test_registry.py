@@ -5,6 +5,7 @@ subscribed to it, as processes), real clients, real ONNX models from the session
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import threading
@@ -30,7 +31,12 @@ from tierwise.models.store import MODEL_FILE, load_info, save_info
 from tierwise.planner.plans import Local, Remote
 from tierwise.registry import RegistryError
 from tierwise.registry.http import RegistryApp
-from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
+from tierwise.registry.signing import (
+    PRIVATE_KEY_FILE,
+    VerificationError,
+    keygen,
+    load_private_key,
+)
 from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token
 from tierwise.server.app import TierServer, serve_in_thread
@@ -281,9 +287,64 @@ def test_unsigned_altered_or_foreign_manifests_are_refused(
     subscriber = _subscriber(config, hosted_registry, tmp_path, **overrides)
     try:
         subscriber.poll_once()
-        assert expected in subscriber.state.errors[DEVICE]
+        if attack == "other-key":  # the deployment itself is signed: refused before any model
+            assert subscriber.last_error and "deployment refused" in subscriber.last_error
+            assert expected in subscriber.last_error
+        else:
+            assert expected in subscriber.state.errors[DEVICE]
         assert DEVICE not in subscriber.state.current
         assert not (subscriber.cache_dir / "installs" / DEVICE).exists()
+    finally:
+        subscriber.stop()
+
+
+def test_a_replayed_expired_altered_or_foreign_deployment_is_refused(
+        config: Config, models_dir: Path, hosted_registry: str, tmp_path: Path) -> None:
+    """The deployment list is signed with a sequence and an expiry (TUF's timestamp and
+    snapshot roles): what a man in the middle or a stale mirror could send is refused, and
+    the version already installed keeps running."""
+    token = registry_token("", config.registry_dir)
+
+    def fetch(device: str = "unit") -> dict[str, Any]:
+        answer = httpx.get(hosted_registry + "/registry/v1/deployments/stable",
+                           params={"device": device},
+                           headers={"authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    old = fetch()
+    subscriber = _subscriber(config, hosted_registry, tmp_path)
+    try:
+        subscriber.poll_once()
+        assert subscriber.state.current[DEVICE].version == "1"
+        _push(config, rebuild(models_dir, tmp_path / "v2", [DEVICE]), DEVICE,
+              channel="stable")  # version 2, for everyone
+        subscriber.poll_once()
+        assert subscriber.state.current[DEVICE].version == "2"
+        new = fetch()
+        assert new["sequence"] > old["sequence"]
+        subscriber.check_deployment(new)  # the current one passes
+        attacks = {
+            "replayed": (old, "older (sequence"),  # a downgrade to version 1
+            "emptied": ({**new, "models": {}}, "does not verify"),
+            "re-dated": ({**old, "sequence": new["sequence"]}, "does not verify"),
+            "another device's": (fetch("someone-else"), "is for 'someone-else'"),
+        }
+        for name, (document, expected) in attacks.items():
+            with pytest.raises(VerificationError, match=re.escape(expected)):
+                subscriber.check_deployment(document)
+            print(f"{name}: refused")
+        with pytest.raises(VerificationError, match="expired"):
+            subscriber.check_deployment(new, now=new["expires_at"] + 1)
+        unsigned = {key: value for key, value in new.items() if key != "signature"}
+        with pytest.raises(VerificationError, match="unsigned"):
+            subscriber.check_deployment(unsigned)
+        # the highest sequence taken survives a restart: a replay after it is refused too
+        restarted = _subscriber(config, hosted_registry, tmp_path)
+        with pytest.raises(VerificationError, match="older"):
+            restarted.check_deployment(old)
+        restarted.stop()
+        assert subscriber.state.current[DEVICE].version == "2"  # still running
     finally:
         subscriber.stop()
 

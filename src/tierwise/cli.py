@@ -260,6 +260,13 @@ def _bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_durability(args: argparse.Namespace) -> int:
+    from tierwise.bench.durability import run_bench_durability
+
+    run_bench_durability(load_config(args.config), Path(args.out), args.requests)
+    return 0
+
+
 def _bench_decide(args: argparse.Namespace) -> int:
     from tierwise.bench.decide import run_bench_decide
 
@@ -519,6 +526,13 @@ def _parser() -> argparse.ArgumentParser:
     decide.add_argument("--repeats", type=_positive(int), default=5000)
     decide.add_argument("--out", default="reports/bench-decide")
     decide.set_defaults(run=_bench_decide)
+
+    durability = bench_commands.add_parser(
+        "durability", help="per-inference latency with durable telemetry on and off")
+    durability.add_argument("--requests", type=_positive(int), default=2000,
+                            help="inferences per mode (default 2000)")
+    durability.add_argument("--out", default="reports/bench-durability")
+    durability.set_defaults(run=_bench_durability)
 
     rollout = bench_commands.add_parser(
         "rollout", help="edge-server latency while registry versions roll, beside steady")

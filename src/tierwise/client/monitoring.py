@@ -26,7 +26,9 @@ from tierwise.monitor.telemetry import Telemetry
 from tierwise.registry.subscriber import registry_token
 
 log = logging.getLogger("tierwise.client")
-MONITOR_PERIOD_S = 0.1
+# The monitor thread wakes when an inference is handed over, then lets the next ones gather
+# for this long: telemetry sees a trace within about this much of its answer.
+MONITOR_PERIOD_S = 0.01
 
 
 def telemetry_for(config: Config, url: str, device_id: str) -> Telemetry:
@@ -57,6 +59,7 @@ class Monitor:
         self._answered: collections.deque[Trace] = collections.deque()
         self._lock = threading.Lock()  # one batch at a time, in answer order
         self._stop = threading.Event()
+        self._handed_over = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, telemetry: Telemetry | None = None) -> None:
@@ -76,7 +79,8 @@ class Monitor:
             values *= 1 / 255
         trace.input_mean = float(values.mean())
         trace.input_std = float(values.std())
-        self._answered.append(trace)  # no wake-up: the thread polls
+        self._answered.append(trace)
+        self._handed_over.set()
 
     def drain(self) -> None:
         """Run drift, metrics and telemetry over every inference handed over so far, now."""
@@ -100,11 +104,17 @@ class Monitor:
     def close(self) -> None:
         """Stop the thread, then drain what a request racing with the close handed over."""
         self._stop.set()
+        self._handed_over.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.drain()
 
     def _loop(self) -> None:
-        while not self._stop.wait(MONITOR_PERIOD_S):
+        while True:
+            self._handed_over.wait()
+            if self._stop.is_set():
+                break
+            self._handed_over.clear()
             self.drain()
+            self._stop.wait(MONITOR_PERIOD_S)  # let a burst gather into one drain
         self.drain()

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,9 @@ class Telemetry:
         self.batch_size = batch_size
         self.commit_s = commit_s
         self.sent = 0  # traces the collector has taken
+        self.commits = 0  # transactions that moved recorded traces to the outbox
+        self.committed = 0  # traces they moved
+        self.commit_seconds = 0.0  # time the commits took, all together
         self.last_error: str | None = None
         self._pending: list[tuple[str, bytes]] = []  # (trace id, encoded trace)
         self._pending_lock = threading.Lock()
@@ -172,9 +176,13 @@ class Telemetry:
         if not pending:
             return
         try:
+            started = time.perf_counter()
             with self._db() as db:
                 db.executemany("INSERT OR IGNORE INTO outbox (id, record) VALUES (?, ?)",
                                pending)
+            self.commit_seconds += time.perf_counter() - started
+            self.commits += 1
+            self.committed += len(pending)
         except BaseException:  # the outbox could not take them: keep them in memory
             with self._pending_lock:
                 self._pending[:0] = pending

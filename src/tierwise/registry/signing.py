@@ -95,11 +95,12 @@ def sign(manifest: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, 
 
 
 def verify(manifest: dict[str, Any], signature: dict[str, str] | None,
-           trusted: Ed25519PublicKey) -> None:
-    """Raise VerificationError unless `signature` is `trusted`'s signature of `manifest`."""
+           trusted: Ed25519PublicKey, what: str | None = None) -> None:
+    """Raise VerificationError unless `signature` is `trusted`'s signature of `manifest`
+    (any signed document; `what` names it in errors, default the manifest's model)."""
     if not isinstance(manifest, dict):
         raise VerificationError(f"the manifest is a {type(manifest).__name__}, not an object")
-    what = f"manifest {manifest.get('model')!r} version {manifest.get('version')!r}"
+    what = what or f"manifest {manifest.get('model')!r} version {manifest.get('version')!r}"
     if signature is not None and not isinstance(signature, dict):
         raise VerificationError(f"{what}: the signature block is a {type(signature).__name__}, "
                                 "not an object")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import math
 import os
 import shutil
 import sqlite3
@@ -45,10 +46,12 @@ from tierwise.models.store import (
 )
 from tierwise.profile.model_profile import PROFILE_FILE
 from tierwise.registry import RegistryError
-from tierwise.registry.signing import sign
+from tierwise.registry.signing import PRIVATE_KEY_FILE, load_private_key, sign
 from tierwise.sqlite import transaction
 
 MANIFEST_SCHEMA = 1
+DEPLOYMENT_TTL_S = 24 * 3600.0  # TUF's default for its timestamp role: a day
+DEPLOYMENT_STEP_S = 600.0
 CHANNELS = ("stable", "canary")
 
 _SCHEMA = """
@@ -134,6 +137,11 @@ class Registry:
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.keys_dir = self.root / "keys"
         self.index_path = self.root / "index.db"
+        # how long a signed deployment stays fresh, and how often its timestamp moves on (so
+        # that an unchanged deployment keeps its ETag for that long)
+        self.deployment_ttl_s = DEPLOYMENT_TTL_S
+        self.deployment_step_s = DEPLOYMENT_STEP_S
+        self._private_key: Any = None
 
     # -- storage ------------------------------------------------------------------------
 
@@ -403,7 +411,13 @@ class Registry:
     def deployment(self, channel: str, device_id: str) -> dict[str, Any]:
         """What a subscriber on `channel` should run now: per model, its version and every
         active version's signed manifest (servers serve them all, so that every device's
-        version has a server). Records what each device was given."""
+        version has a server). Records what each device was given.
+
+        The document itself is signed, with the registry's `sequence` (the last event's id:
+        it grows with every change), `issued_at` and `expires_at` (epoch s), so a subscriber
+        refuses a replayed older list (a downgrade), a list for another device, a list held
+        back past its expiry (a freeze), and any list altered on the way, emptied or not —
+        The Update Framework's timestamp and snapshot roles, in one document."""
         if channel not in CHANNELS:
             raise RegistryError(f"channel: expected one of {CHANNELS}, got {channel!r}")
         now = time.time()
@@ -430,7 +444,20 @@ class Registry:
                                "(device, model) DO UPDATE SET channel = excluded.channel, "
                                "version = excluded.version, seen_at = excluded.seen_at",
                                (device_id, rollout.model, channel, version, now))
-        return {"channel": channel, "device": device_id, "models": models}
+            # every change of any rollout is an event: their last id orders the registry's
+            # states, never going back (AUTOINCREMENT does not reuse ids)
+            sequence = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        issued_at = math.floor(now / self.deployment_step_s) * self.deployment_step_s
+        document = {"channel": channel, "device": device_id, "models": models,
+                    "sequence": int(sequence), "issued_at": issued_at,
+                    "expires_at": issued_at + self.deployment_ttl_s}
+        document["signature"] = sign(document, self._signing_key())
+        return document
+
+    def _signing_key(self) -> Any:
+        if self._private_key is None:
+            self._private_key = load_private_key(self.keys_dir / PRIVATE_KEY_FILE)
+        return self._private_key
 
     # -- internals ------------------------------------------------------------------------
 

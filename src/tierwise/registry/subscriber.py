@@ -149,6 +149,7 @@ class Subscriber:
         self.bytes_downloaded = 0
         self.last_error: str | None = None
         self._etag: str | None = None
+        self._sequence_file = self.cache_dir / "deployment-sequence"
         self._taken = True  # whether on_change took the current state
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
                                   headers={"authorization": f"Bearer {token}"})
@@ -233,12 +234,52 @@ class Subscriber:
             return None
         if response.status_code != 200:
             raise RegistryUnavailableError(f"{response.status_code}: {response.text[:200]}")
-        self._etag = response.headers.get("etag")
-        self.last_error = None
         document = response.json()  # ValueError when it is not JSON
         if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
             raise RegistryUnavailableError("the deployment is not an object with 'models'")
+        try:
+            self.check_deployment(document)
+        except VerificationError as error:
+            raise RegistryUnavailableError(f"deployment refused: {error}") from None
+        self._etag = response.headers.get("etag")
+        self.last_error = None
+        self._taken_sequence(document["sequence"])
         return document
+
+    def check_deployment(self, document: dict[str, Any], now: float | None = None) -> None:
+        """Raise VerificationError unless `document` is a deployment the registry signed
+        for this channel and device, not expired, and not older than one already taken
+        (`Registry.deployment`: a replayed list, a frozen one, an altered one)."""
+        body = {key: value for key, value in document.items() if key != "signature"}
+        verify(body, document.get("signature"), self.trusted, what="the deployment")
+        sequence, expires_at = body.get("sequence"), body.get("expires_at")
+        if not isinstance(sequence, int) or not isinstance(expires_at, int | float):
+            raise VerificationError("the deployment has no sequence or expiry")
+        if body.get("channel") != self.channel or body.get("device") != self.device_id:
+            raise VerificationError(f"the deployment is for {body.get('device')!r} on "
+                                    f"{body.get('channel')!r}, not {self.device_id!r} on "
+                                    f"{self.channel!r}")
+        now = time.time() if now is None else now
+        if now > expires_at:
+            raise VerificationError(f"the deployment expired {now - expires_at:,.0f} s ago "
+                                    "(held back, or this clock is wrong)")
+        last = self._last_sequence()
+        if sequence < last:
+            raise VerificationError(f"the deployment is older (sequence {sequence}) than one "
+                                    f"already taken ({last}): a replay or a downgrade")
+
+    def _last_sequence(self) -> int:
+        try:
+            return int(self._sequence_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _taken_sequence(self, sequence: int) -> None:
+        if sequence > self._last_sequence():  # kept across restarts: a replay after one fails
+            _ensure(self.cache_dir)
+            staged = self._sequence_file.with_suffix(".tmp")
+            staged.write_text(str(sequence))
+            staged.replace(self._sequence_file)
 
     def _apply(self, deployment: dict[str, Any]) -> SubscriberState:
         state = SubscriberState()
