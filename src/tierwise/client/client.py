@@ -70,11 +70,11 @@ from tierwise.registry.subscriber import (
 from tierwise.runtime.session import OnnxModel
 from tierwise.tasks import ClassificationResult, Task
 
-# Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
-# importable from here for the callers that did before the split.
 # Measured escalation rates follow the last ~10 escalation decisions of a cascade.
 ESCALATION_ALPHA = 0.2
 
+# Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
+# importable from here for the callers that did before the split.
 __all__ = ["FALLBACK_MARGIN_MS", "FALLBACK_MARGIN_SHARE", "HTTP_HEADER_BYTES", "MONITOR_PERIOD_S",
            "Client", "InferenceResult", "RemoteStageError", "call_tier", "compute_labels",
            "emulation_labels"]

@@ -289,10 +289,10 @@ class TierServer:
                 held = self._client_in_flight.get(client, 0)
                 if held >= self.tier.max_in_flight_per_client:
                     served.metrics.observe_error(429, 0)
+                    retry_s = self._retry_after_s(served)
                     raise HTTPError(429, f"this client has {held} requests in the server, the "
                                     f"most it may (max_in_flight_per_client); retry after "
-                                    f"{self._retry_after_s(served)} s",
-                                    [(b"retry-after", str(self._retry_after_s(served)).encode())])
+                                    f"{retry_s} s", [(b"retry-after", str(retry_s).encode())])
                 self._client_in_flight[client] = held + 1
                 served.in_flight += 1
                 try:
@@ -336,7 +336,7 @@ class TierServer:
 
     def _retry_after_s(self, served: _Served) -> int:
         """Retry-After (whole seconds, RFC 9110): the time to work off what the model holds,
-        at its last batch-1 compute time; at least 1."""
+        at the compute time per row of its last batch; at least 1."""
         compute_ms = served.metrics.last_compute_ms or 1.0
         return max(1, math.ceil(served.in_flight * compute_ms / 1e3))
 
