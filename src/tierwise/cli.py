@@ -233,7 +233,31 @@ def _serve(args: argparse.Namespace) -> int:
     models_dir = Path(args.models) if args.models else config.models_dir
     serve(args.tier, tier, models_dir, host=args.host or tier.host,
           port=args.port if args.port is not None else tier.port, threads=args.threads,
-          wrap=wrap)
+          wrap=wrap, tls=config.tls)
+    return 0
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    from tierwise.net.tls import init_certs
+
+    config = load_config(args.config)
+    directory = Path(args.dir) if args.dir else Path(config.data_dir) / "certs"
+    hosts = [host.strip() for host in args.hosts.split(",") if host.strip()]
+    devices = [device.strip() for device in args.devices.split(",") if device.strip()]
+    try:
+        issued = init_certs(directory, hosts, devices, overwrite=args.force)
+    except ValueError as error:
+        raise ConfigError(f"tierwise certs init: {error}") from None
+    print(f"CA {issued.ca}; server certificate {issued.server_cert} for {', '.join(hosts)}")
+    for device, (cert, key) in issued.devices.items():
+        print(f"device {device}: {cert}, {key}")
+    print("\nServers (tierwise.toml):\n[tls]\n"
+          f'cert = "{issued.server_cert}"\nkey = "{issued.server_key}"\n'
+          f'client_ca = "{issued.ca}"   # optional: require device certificates\n'
+          "\nDevices and other clients:\n[tls]\n"
+          f'ca = "{issued.ca}"'
+          + ("".join(f'\nclient_cert = "{cert}"\nclient_key = "{key}"'
+                     for cert, key in list(issued.devices.values())[:1])))
     return 0
 
 
@@ -423,6 +447,20 @@ def _parser() -> argparse.ArgumentParser:
         if step == "report":
             step_parser.add_argument("--test-images", type=int, default=10000)
         step_parser.set_defaults(run=_optimize)
+
+    certs = commands.add_parser("certs", help="TLS: a local CA, server and device "
+                                "certificates")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    certs_init = certs_commands.add_parser(
+        "init", help="a CA (kept if there is one), a server certificate for --hosts and a "
+        "client certificate per --devices id; prints the [tls] settings that use them")
+    certs_init.add_argument("--dir", help="default <data_dir>/certs")
+    certs_init.add_argument("--hosts", default="127.0.0.1,localhost",
+                            help="comma-separated names and addresses the servers answer on")
+    certs_init.add_argument("--devices", default="", help="comma-separated device ids")
+    certs_init.add_argument("--force", action="store_true", help="make a new CA even if one "
+                            "exists (every certificate it signed stops verifying)")
+    certs_init.set_defaults(run=_certs_init)
 
     serve = commands.add_parser("serve", help="run a tier server (OIP v2 over HTTP)")
     serve.add_argument("--tier", required=True, choices=["edge", "cloud"])

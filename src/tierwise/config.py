@@ -369,6 +369,22 @@ class FederatedConfig(_Section):
         return self.compute_scales[client % len(self.compute_scales)]
 
 
+class TlsConfig(_Section):
+    """TLS on every link (`tierwise.net.tls`; `tierwise certs init` makes the files). With
+    `ca` empty, links are plain HTTP: the default, fit for loopback only."""
+
+    ca: str = Field("", description="CA bundle (PEM) clients, subscribers and telemetry "
+                    "verify servers with; empty: plain HTTP")
+    cert: str = Field("", description="this server's certificate (PEM); empty: the server "
+                      "speaks plain HTTP")
+    key: str = Field("", description="its private key (PEM)")
+    client_ca: str = Field("", description="servers: require a client certificate signed by "
+                           "this CA (mutual TLS); empty: none asked for")
+    client_cert: str = Field("", description="clients: this device's certificate for mutual "
+                             "TLS")
+    client_key: str = Field("", description="its private key (PEM)")
+
+
 class Config(_Section):
     data_dir: str = Field("data", description="models, caches and stores live here")
     data: DataConfig = DataConfig()
@@ -394,6 +410,7 @@ class Config(_Section):
     registry: RegistryConfig = RegistryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     fl: FederatedConfig = FederatedConfig()
+    tls: TlsConfig = TlsConfig()
 
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:

@@ -23,6 +23,7 @@ from tierwise.config import Config
 from tierwise.monitor.drift import DriftMonitor
 from tierwise.monitor.metrics import ClientMetrics
 from tierwise.monitor.telemetry import Telemetry
+from tierwise.net.tls import client_context
 from tierwise.registry.subscriber import registry_token
 
 log = logging.getLogger("tierwise.client")
@@ -40,7 +41,7 @@ def telemetry_for(config: Config, url: str, device_id: str) -> Telemetry:
         token=registry_token(config.registry.token, config.registry_dir),
         outbox_path=Path(config.data_dir) / "telemetry" / f"outbox-{device_id}.db",
         flush_s=settings.flush_s, batch_size=settings.batch_size,
-        commit_s=settings.commit_s)
+        commit_s=settings.commit_s, verify=client_context(config.tls) or True)
 
 
 class Monitor:

@@ -30,6 +30,7 @@ from tierwise.net.shaping import (
     Transfer,
     shaped_client,
 )
+from tierwise.net.tls import client_context, scheme
 from tierwise.planner.plans import RemoteStageError
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
@@ -94,6 +95,7 @@ class TierConnections:
                  links: Mapping[str, EmulatedLink | None], device_id: str = "") -> None:
         self.config = config
         self.device_id = device_id  # sent as `tierwise-device`: the server's per-client limit
+        self.tls = client_context(config.tls)  # None: plain HTTP
         self.tier_urls = tier_urls
         self.links = links
         self._clients: dict[str, httpx.Client] = {}
@@ -110,11 +112,12 @@ class TierConnections:
                 if settings.port == 0:
                     raise RemoteStageError(f"tier {tier!r}: no URL (set tiers.{tier}.port or "
                                            "pass tier_urls)", tier)
-                url = f"http://{settings.host}:{settings.port}"
+                url = f"{scheme(self.config.tls)}://{settings.host}:{settings.port}"
             with self._lock:
                 client = self._clients.get(tier)
                 if client is None:
-                    client = shaped_client(url, self.links.get(tier), timeout_s)
+                    client = shaped_client(url, self.links.get(tier), timeout_s,
+                                           verify=self.tls or True)
                     if self.device_id:
                         client.headers["tierwise-device"] = self.device_id
                     self._clients[tier] = client

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -54,11 +55,12 @@ class Telemetry:
         batch_size: most traces per request (default 500).
         commit_s: the durability bound: a recorded trace is in the outbox on disk within
             this many seconds plus one commit (default 0.05).
+        verify: the TLS context an https collector is verified with (`tierwise.net.tls`).
     """
 
     def __init__(self, url: str, *, device_id: str, token: str, outbox_path: Path,
                  flush_s: float = 0.5, batch_size: int = 500, timeout_s: float = 10.0,
-                 commit_s: float = 0.05) -> None:
+                 commit_s: float = 0.05, verify: ssl.SSLContext | bool = True) -> None:
         self.url = url.rstrip("/")
         self.device_id = device_id
         self.outbox_path = Path(outbox_path)
@@ -74,6 +76,7 @@ class Telemetry:
         self._pending_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
+                                  verify=verify,
                                   headers={"authorization": f"Bearer {token}",
                                            "content-type": "application/json"})
         with self._db():

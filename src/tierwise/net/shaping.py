@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -396,8 +397,10 @@ class ShapedTransport(httpx.BaseTransport):
 
 
 def shaped_client(base_url: str, link: LinkConfig | EmulatedLink | None,
-                  timeout_s: float = 10.0) -> httpx.Client:
-    """A keep-alive httpx client to `base_url` whose traffic crosses the emulated `link`."""
+                  timeout_s: float = 10.0, verify: ssl.SSLContext | bool = True
+                  ) -> httpx.Client:
+    """A keep-alive httpx client to `base_url` whose traffic crosses the emulated `link`;
+    `verify`: the TLS context an https URL is checked with (`tierwise.net.tls`)."""
     if isinstance(link, LinkConfig):
         emulated = EmulatedLink(link) if link.emulate else None
     else:
@@ -405,5 +408,6 @@ def shaped_client(base_url: str, link: LinkConfig | EmulatedLink | None,
     # TCP_NODELAY: the body follows the header block in a separate write, and Nagle's
     # algorithm would hold it back for the server's ACK.
     nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    transport = ShapedTransport(httpx.HTTPTransport(retries=0, socket_options=nodelay), emulated)
+    transport = ShapedTransport(httpx.HTTPTransport(retries=0, socket_options=nodelay,
+                                                    verify=verify), emulated)
     return httpx.Client(base_url=base_url, transport=transport, timeout=timeout_s)

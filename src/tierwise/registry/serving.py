@@ -100,6 +100,6 @@ def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: s
     try:
         run(hosted(app, config) if tier_name == "cloud" else app, host, port,
             f"tierwise serve: tier {tier_name}, models from the registry {url} channel "
-            f"{subscriber.channel} (device id {subscriber.device_id})")
+            f"{subscriber.channel} (device id {subscriber.device_id})", config.tls)
     finally:
         subscriber.stop()

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ import httpx
 
 from tierwise.config import DEVICE_TIER, Config
 from tierwise.models.store import MODEL_FILE, sha256_file
+from tierwise.net.tls import client_context
 from tierwise.registry.signing import (
     PUBLIC_KEY_FILE,
     TOKEN_FILE,
@@ -112,7 +114,7 @@ def subscriber_for(config: Config, tier: str, url: str, *, channel: str | None =
         token=registry_token(settings.token, config.registry_dir),
         public_key=public_key_path(config),
         cache_dir=cache_dir or Path(config.data_dir) / "subscribers" / f"{tier}-{device_id}",
-        poll_s=poll_s or settings.poll_s)
+        poll_s=poll_s or settings.poll_s, verify=client_context(config.tls) or True)
 
 
 class Subscriber:
@@ -130,12 +132,14 @@ class Subscriber:
         on_change: called with the new `SubscriberState` after a poll changed it; may answer
             False to be offered it again at the next poll.
         poll_s: how often `start()`'s thread polls.
+        verify: the TLS context an https registry is verified with (`tierwise.net.tls`).
     """
 
     def __init__(self, url: str, *, tier: str, channel: str, device_id: str, token: str,
                  public_key: Path, cache_dir: Path,
                  on_change: Callable[[SubscriberState], bool | None] | None = None,
-                 poll_s: float = 5.0, timeout_s: float = 30.0) -> None:
+                 poll_s: float = 5.0, timeout_s: float = 30.0,
+                 verify: ssl.SSLContext | bool = True) -> None:
         check_device_id(device_id)
         self.url = url.rstrip("/")
         self.tier = tier
@@ -152,7 +156,7 @@ class Subscriber:
         self._sequence_file = self.cache_dir / "deployment-sequence"
         self._taken = True  # whether on_change took the current state
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
-                                  headers={"authorization": f"Bearer {token}"})
+                                  headers={"authorization": f"Bearer {token}"}, verify=verify)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()

@@ -49,8 +49,9 @@ import orjson
 
 from tierwise import __version__
 from tierwise.codecs import CODECS, RAW, CodecError, decode_rows
-from tierwise.config import TierConfig
+from tierwise.config import TierConfig, TlsConfig
 from tierwise.models.inputs import image_size
+from tierwise.net.tls import server_options
 from tierwise.protocol.oip import (
     HEADER_LENGTH,
     InferRequest,
@@ -743,7 +744,8 @@ def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
 
 
 def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: int,
-          threads: int = 1, wrap: Callable[[TierServer], Any] | None = None) -> None:
+          threads: int = 1, wrap: Callable[[TierServer], Any] | None = None,
+          tls: TlsConfig | None = None) -> None:
     """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools);
     `wrap` puts another ASGI layer in front (the cloud's registry API). A model file that
     does not load is logged and listed UNAVAILABLE; the others are served."""
@@ -754,21 +756,23 @@ def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: i
                                 "<name>.onnx; `tierwise models add`, `tierwise zoo train`)")
     app = create_app(tier_name, tier, models, unavailable)
     run(wrap(app) if wrap else app, host, port,
-        f"tierwise serve: tier {tier_name}, models {sorted(models)}")
+        f"tierwise serve: tier {tier_name}, models {sorted(models)}", tls)
 
 
-def run(app: Any, host: str, port: int, banner: str) -> None:
-    """Run the ASGI `app` on host:port until interrupted; print `banner` with the URL and the
-    tier's settings once bound."""
+def run(app: Any, host: str, port: int, banner: str, tls: TlsConfig | None = None) -> None:
+    """Run the ASGI `app` on host:port until interrupted (over TLS with `tls.cert`); print
+    `banner` with the URL and the tier's settings once bound."""
     import uvicorn
 
+    options = server_options(tls) if tls else {}
     sock = _bind(host, port)
     bound_port = sock.getsockname()[1]
     tier: TierConfig = app.tier
-    print(f"{banner} on http://{host}:{bound_port} max_batch_size {tier.max_batch_size} "
-          f"max_queue_delay_ms {tier.max_queue_delay_ms:g} compute_scale "
-          f"{tier.compute_scale:g}", flush=True)
-    uvicorn.Server(_uvicorn_config(app)).run(sockets=[sock])
+    mutual = " (mutual TLS)" if "ssl_ca_certs" in options else ""
+    print(f"{banner} on {'https' if options else 'http'}://{host}:{bound_port}{mutual} "
+          f"max_batch_size {tier.max_batch_size} max_queue_delay_ms "
+          f"{tier.max_queue_delay_ms:g} compute_scale {tier.compute_scale:g}", flush=True)
+    uvicorn.Server(_uvicorn_config(app, **options)).run(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -781,12 +785,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run `app` under uvicorn in a background thread; yields its base URL, e.g. for tests."""
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0,
+                    tls: TlsConfig | None = None) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread (over TLS with `tls.cert`); yields its
+    base URL, e.g. for tests."""
     import uvicorn
 
+    options = server_options(tls) if tls else {}
     sock = _bind(host, port)
-    server = uvicorn.Server(_uvicorn_config(app))
+    server = uvicorn.Server(_uvicorn_config(app, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="tierwise-serve", daemon=True)
     thread.start()
@@ -796,7 +803,7 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterato
             raise RuntimeError("the tier server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield f"{'https' if options else 'http'}://{host}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
