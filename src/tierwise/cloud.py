@@ -11,6 +11,7 @@ from tierwise.config import Config
 from tierwise.monitor.collector import Collector, TelemetryApp
 from tierwise.monitor.dashboard import DashboardApp
 from tierwise.monitor.report import Views, views_for
+from tierwise.registry.credentials import Credentials
 from tierwise.registry.http import RegistryApp
 from tierwise.registry.store import Registry
 from tierwise.registry.subscriber import registry_token
@@ -35,5 +36,8 @@ def hosted(app: TierServer, config: Config) -> Any:
     def views() -> Views:
         return views_for(config, since=time.time() - window_s)
 
-    return RegistryApp(Registry(config.registry_dir), token,
-                       TelemetryApp(collector, token, DashboardApp(views, token, app)))
+    registry = Registry(config.registry_dir)
+    # one credential table for every route: the registry's index
+    credentials = Credentials(registry.index_path, token)
+    return RegistryApp(registry, token, TelemetryApp(
+        collector, token, DashboardApp(views, token, app), credentials), credentials)

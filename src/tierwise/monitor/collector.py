@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry, Counter
 from tierwise.monitor.drift import STATISTICS, DriftMonitor
 from tierwise.protocol.oip import encode_error
 from tierwise.protocol.traces import TraceBatch, TraceRecord, parse_batch
-from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
+from tierwise.registry.credentials import Credentials, as_http_errors, bearer
+from tierwise.server.app import HTTPError, Receive, Scope, Send, send_response
 from tierwise.sqlite import transaction
 
 PREFIX = "/telemetry/v1/"
@@ -106,9 +107,13 @@ def _row(device: str, received_at: float, trace: TraceRecord) -> tuple[Any, ...]
 class TelemetryApp:
     """ASGI: the collector's API under /telemetry/v1/, everything else to `app`."""
 
-    def __init__(self, collector: Collector, token: str | None, app: Any) -> None:
+    def __init__(self, collector: Collector, token: str | None, app: Any,
+                 credentials: Credentials | None = None) -> None:
+        """`token`: the operator's; `credentials`: devices write their own traces only."""
         self.collector = collector
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = token
+        self.credentials = credentials or Credentials(Path(collector.path).with_name(
+            "credentials.db"), token)
         self.app = app
         # drift over all the traffic, as it arrives; alerts counted in the server's metrics
         self.drift = DriftMonitor()
@@ -140,7 +145,8 @@ class TelemetryApp:
         if self._token is None:
             raise HTTPError(503, "the collector has no API token yet: run `tierwise registry "
                                  "keygen` at the cloud")
-        require_bearer(scope, self._token)
+        with as_http_errors():
+            principal = await asyncio.to_thread(self.credentials.authenticate, bearer(scope))
         path, method = scope["path"], scope["method"]
         if path == PREFIX + "traces":
             if method != "POST":
@@ -150,6 +156,9 @@ class TelemetryApp:
                 batch = await asyncio.to_thread(parse_batch, body)
             except ValueError as error:
                 raise HTTPError(400, f"not a trace batch: {error}") from None
+            with as_http_errors():  # a device writes its own traces, no one else's
+                principal.require("device", "edge")
+                principal.require_self(batch.device, "traces")
             stored, duplicates = await asyncio.to_thread(self.collector.store, batch)
             if stored:
                 await asyncio.to_thread(self._watch, batch.traces, stored)
@@ -157,6 +166,8 @@ class TelemetryApp:
             answer = orjson.dumps({"accepted": stored, "duplicates": duplicates})
             await send_response(send, 200, answer, [_JSON])
         elif path == PREFIX + "summary":
+            with as_http_errors():
+                principal.require("operator")
             summary = await asyncio.to_thread(self.collector.summary)
             summary["drift_alerts"] = [alert.__dict__ for alert in self.drift.alerts[-20:]]
             await send_response(send, 200, orjson.dumps(summary), [_JSON])

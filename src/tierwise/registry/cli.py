@@ -1,5 +1,6 @@
-"""`tierwise registry keygen | push | ls | show | promote | pause | rollback`: run at the cloud
-tier, on the registry's directory (`registry.root`, default <data_dir>/registry)."""
+"""`tierwise registry keygen | push | ls | show | promote | pause | rollback` and `tierwise
+devices enroll | rotate | revoke | ls`: run at the cloud tier, on the registry's directory
+(`registry.root`, default <data_dir>/registry)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tierwise.config import load_config
+from tierwise.registry.credentials import DEFAULT_OVERLAP_S, ROLES, Credentials
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import CHANNELS, PushResult, Registry, Rollout
 
@@ -43,6 +45,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     for parser in steps.choices.values():
         parser.set_defaults(run=run)
 
+    devices = commands.add_parser("devices", help="per-device credentials at the cloud: "
+                                  "enroll, rotate, revoke, list")
+    device_steps = devices.add_subparsers(dest="devices_command", required=True)
+    enroll = device_steps.add_parser("enroll", help="a new bearer token for a device or an "
+                                     "edge server (shown once; stored as a hash)")
+    enroll.add_argument("id")
+    enroll.add_argument("--role", choices=ROLES, default="device")
+    rotate = device_steps.add_parser("rotate", help="a new token; the old ones keep working "
+                                     "for --overlap-s")
+    rotate.add_argument("id")
+    rotate.add_argument("--overlap-s", type=float, default=DEFAULT_OVERLAP_S,
+                        help="how long the old tokens stay valid (default a day)")
+    device_steps.add_parser("revoke", help="end every token of an id now").add_argument("id")
+    device_steps.add_parser("ls", help="every credential: id, role, created, expiry, revoked")
+    for parser in device_steps.choices.values():
+        parser.set_defaults(run=run_devices)
+
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
@@ -72,6 +91,35 @@ def run(args: argparse.Namespace) -> int:
         action = {"promote": lambda m: registry.promote(m, args.share),
                   "pause": registry.pause, "rollback": registry.rollback}[command]
         console.print(_rollout_table([action(args.model)]))
+    return 0
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    credentials = Credentials(Registry(config.registry_dir).index_path)
+    console = Console()
+    command = args.devices_command
+    try:
+        if command == "enroll":
+            token = credentials.enroll(args.id, args.role)
+            console.print(f"{_plain(args.id)} enrolled as {args.role}; its token (shown once: "
+                          f"give it to that {args.role} as registry.token):\n{token}")
+        elif command == "rotate":
+            token = credentials.rotate(args.id, args.overlap_s)
+            console.print(f"{_plain(args.id)}: new token (the old ones work for "
+                          f"{args.overlap_s:g} s more):\n{token}")
+        elif command == "revoke":
+            count = credentials.revoke(args.id)
+            console.print(f"{_plain(args.id)}: {count} token(s) revoked")
+        else:
+            table = Table("id", "role", "created", "expires", "revoked")
+            for row in credentials.list():
+                table.add_row(_plain(row["id"]), row["role"], _time(row["created_at"]),
+                              _time(row["expires_at"]) if row["expires_at"] else "-",
+                              _time(row["revoked_at"]) if row["revoked_at"] else "-")
+            console.print(table)
+    except ValueError as error:
+        raise SystemExit(f"tierwise devices {command}: {error}") from None
     return 0
 
 

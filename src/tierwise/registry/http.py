@@ -20,9 +20,10 @@ from urllib.parse import parse_qs
 import orjson
 
 from tierwise.protocol.oip import encode_error
+from tierwise.registry.credentials import Credentials, Principal, as_http_errors, bearer
 from tierwise.registry.store import CHANNELS, Registry, RegistryError
 from tierwise.registry.subscriber import check_device_id
-from tierwise.server.app import HTTPError, Receive, Scope, Send, require_bearer, send_response
+from tierwise.server.app import HTTPError, Receive, Scope, Send, send_response
 
 PREFIX = "/registry/v1/"
 log = logging.getLogger("tierwise.registry")
@@ -33,9 +34,13 @@ _JSON = (b"content-type", b"application/json")
 class RegistryApp:
     """ASGI: the registry API under /registry/v1/, everything else to `app`."""
 
-    def __init__(self, registry: Registry, token: str | None, app: Any) -> None:
+    def __init__(self, registry: Registry, token: str | None, app: Any,
+                 credentials: Credentials | None = None) -> None:
+        """`token`: the operator's (registry keygen); `credentials`: every enrolled device's
+        and edge server's, scoped (default: those in the registry's index)."""
         self.registry = registry
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = token
+        self.credentials = credentials or Credentials(registry.index_path, token)
         self.app = app
 
     def __getattr__(self, name: str) -> Any:  # the wrapped tier server's API (install, ...)
@@ -62,7 +67,8 @@ class RegistryApp:
         if self._token is None or not self.registry.index_path.is_file():
             raise HTTPError(503, f"no registry at {self.registry.root} yet: run `tierwise "
                                  "registry keygen` and `tierwise registry push` there")
-        require_bearer(scope, self._token)
+        with as_http_errors():
+            principal = await asyncio.to_thread(self.credentials.authenticate, bearer(scope))
         if scope["method"] not in ("GET", "HEAD"):
             raise HTTPError(405, f"{scope['path']}: use GET", [(b"allow", b"GET")])
         path = scope["path"]
@@ -70,18 +76,20 @@ class RegistryApp:
             raise HTTPError(404, f"no such endpoint: {path}")
         parts = path[len(PREFIX):].split("/")
         if parts == ["models"]:
+            with as_http_errors():
+                principal.require("operator")
             rollouts = await asyncio.to_thread(self.registry.rollouts)
             body = orjson.dumps([r.__dict__ for r in rollouts])
             await send_response(send, 200, body, [_JSON])
         elif len(parts) == 2 and parts[0] == "deployments":
-            await self._deployment(parts[1], scope, headers, send)
+            await self._deployment(parts[1], scope, headers, send, principal)
         elif len(parts) == 3 and parts[:2] == ["blobs", "sha256"]:
             await self._blob(parts[2], headers, send, head=scope["method"] == "HEAD")
         else:
             raise HTTPError(404, f"no such endpoint: {path}")
 
     async def _deployment(self, channel: str, scope: Scope, headers: dict[bytes, bytes],
-                          send: Send) -> None:
+                          send: Send, principal: Principal) -> None:
         if channel not in CHANNELS:
             raise HTTPError(404, f"no channel {channel!r}; channels: {list(CHANNELS)}")
         query = parse_qs(scope.get("query_string", b"").decode())
@@ -93,6 +101,8 @@ class RegistryApp:
             check_device_id(device)
         except ValueError as error:
             raise HTTPError(400, f"deployments: ?device: {error}") from None
+        with as_http_errors():  # a device or an edge server reads only its own
+            principal.require_self(device, "deployments")
         document = await asyncio.to_thread(self.registry.deployment, channel, device)
         body = orjson.dumps(document)
         etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:32].encode()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import socket
@@ -639,16 +638,6 @@ _DATATYPE_OF_DTYPE = _datatype_table()
 
 def _version_order(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (-1, version)
-
-
-def require_bearer(scope: Scope, token: bytes) -> None:
-    """401 unless the request carries `Authorization: <token>` (b"Bearer ...")."""
-    for key, value in scope["headers"]:
-        if key == b"authorization" and hmac.compare_digest(value, token):
-            return
-    raise HTTPError(401, "this endpoint needs Authorization: Bearer <token> (the cloud API "
-                         "token: registry.token)",
-                    [(b"www-authenticate", b'Bearer realm="tierwise"')])
 
 
 DEVICE_HEADER = b"tierwise-device"

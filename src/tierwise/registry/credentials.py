@@ -1,0 +1,209 @@
+"""Per-device credentials at the cloud: each device and each edge server its own bearer
+token, stored only as a hash, scoped by role, revocable, rotated with an overlap window.
+
+Roles and what they may do (checked by the cloud's routes through `Principal`):
+
+- `device`: read its own deployments (`?device=` its id) and the blobs, write telemetry
+  under its own id;
+- `edge`: read its own deployments and the blobs;
+- `operator`: everything, including the model list, the collector's summary and the
+  dashboard. The registry's API token (`registry keygen`, `keys/token`) is an operator
+  credential, as before.
+
+A token is 32 random bytes (`secrets.token_urlsafe`), shown once at enrolment and stored as
+its SHA-256 (a stolen index holds no usable token; a high-entropy token needs no slow hash).
+`rotate` gives an id a new token and lets the old one work for `overlap_s` more, so a fleet
+can move over without a restart; `revoke` ends every token of an id at once. The table lives
+in the registry's SQLite index, beside what it protects; the Ed25519 signing key does not
+depend on it and is never replaced with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierwise.sqlite import transaction
+
+ROLES = ("device", "edge", "operator")
+OPERATOR_ID = "operator"  # the registry API token's principal
+DEFAULT_OVERLAP_S = 24 * 3600.0
+CACHE_S = 2.0  # a revocation takes effect within this long on a running server
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS credentials (
+    token_hash TEXT PRIMARY KEY, id TEXT NOT NULL, role TEXT NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL, revoked_at REAL);
+CREATE INDEX IF NOT EXISTS credentials_id ON credentials (id);
+"""
+
+
+class CredentialError(ValueError):
+    """A request that credentials cannot allow: `status` 401 (who are you) or 403 (not
+    yours)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from."""
+
+    id: str
+    role: str
+
+    def require(self, *roles: str) -> None:
+        """CredentialError 403 unless this principal has one of `roles` (operator always)."""
+        if self.role != "operator" and self.role not in roles:
+            raise CredentialError(403, f"{self.role} {self.id!r} may not do this (needs "
+                                       f"{' or '.join(roles) or 'operator'})")
+
+    def require_self(self, device_id: str, what: str) -> None:
+        """CredentialError 403 unless `device_id` is this principal's own (operator: any)."""
+        if self.role != "operator" and device_id != self.id:
+            raise CredentialError(403, f"{what}: {self.role} {self.id!r} may only act as "
+                                       f"itself, not as {device_id!r}")
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Credentials:
+    """The credential table in the SQLite file `path`, and the operator token."""
+
+    def __init__(self, path: Path, operator_token: str | None = None) -> None:
+        self.path = Path(path)
+        self._operator = operator_token.encode() if operator_token else None
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path, _SCHEMA)
+
+    def enroll(self, device_id: str, role: str = "device") -> str:
+        """A new token for `device_id` in `role`, returned once; ValueError naming a bad id
+        or role, or an id already enrolled (rotate it instead)."""
+        from tierwise.registry.subscriber import check_device_id
+
+        check_device_id(device_id)
+        if role not in ROLES or (role == "operator" and device_id == OPERATOR_ID):
+            raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM credentials WHERE id = ? AND revoked_at IS NULL",
+                          (device_id,)).fetchone():
+                raise ValueError(f"{device_id!r} is enrolled already: rotate its token "
+                                 "(`tierwise devices rotate`) or revoke it first")
+            return self._issue(db, device_id, role)
+
+    def rotate(self, device_id: str, overlap_s: float = DEFAULT_OVERLAP_S) -> str:
+        """A new token for `device_id`; its current ones keep working for `overlap_s`."""
+        now = time.time()
+        with self._db() as db:
+            rows = db.execute("SELECT role FROM credentials WHERE id = ? AND revoked_at IS NULL "
+                              "AND (expires_at IS NULL OR expires_at > ?)",
+                              (device_id, now)).fetchall()
+            if not rows:
+                raise ValueError(f"{device_id!r}: no credential to rotate (`tierwise devices "
+                                 "enroll` it)")
+            db.execute("UPDATE credentials SET expires_at = MIN(COALESCE(expires_at, ?), ?) "
+                       "WHERE id = ? AND revoked_at IS NULL", (now + overlap_s,
+                                                               now + overlap_s, device_id))
+            token = self._issue(db, device_id, rows[0][0])
+        self._forget()
+        return token
+
+    def revoke(self, device_id: str) -> int:
+        """End every token of `device_id` now: how many there were."""
+        with self._db() as db:
+            changed = db.execute("UPDATE credentials SET revoked_at = ? WHERE id = ? AND "
+                                 "revoked_at IS NULL", (time.time(), device_id)).rowcount
+        self._forget()
+        if not changed:
+            raise ValueError(f"{device_id!r}: no credential to revoke")
+        return changed
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every credential (never its token): id, role, created, expires, revoked."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, role, created_at, expires_at, revoked_at FROM "
+                              "credentials ORDER BY id, created_at").fetchall()
+        return [{"id": i, "role": r, "created_at": c, "expires_at": e, "revoked_at": v}
+                for i, r, c, e, v in rows]
+
+    def authenticate(self, authorization: bytes | None) -> Principal:
+        """The principal of an `Authorization: Bearer <token>` header; CredentialError 401
+        for none, an unknown, expired or revoked token."""
+        if not authorization or not authorization.startswith(b"Bearer "):
+            raise CredentialError(401, "this endpoint needs Authorization: Bearer <token> (a "
+                                       "device's own token, or the operator's registry.token)")
+        token = authorization[len(b"Bearer "):]
+        if self._operator is not None and hmac.compare_digest(token, self._operator):
+            return Principal(OPERATOR_ID, "operator")
+        principal = self._lookup(_hash(token.decode("latin-1")))
+        if principal is None:
+            raise CredentialError(401, "unknown, expired or revoked token")
+        return principal
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _issue(self, db: sqlite3.Connection, device_id: str, role: str) -> str:
+        token = secrets.token_urlsafe(32)
+        db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?, NULL, NULL)",
+                   (_hash(token), device_id, role, time.time()))
+        return token
+
+    def _lookup(self, token_hash: str) -> Principal | None:
+        now = time.time()
+        with self._lock:
+            cached = self._cache.get(token_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        principal = None
+        if self.path.is_file():
+            with self._db() as db:
+                row = db.execute("SELECT id, role FROM credentials WHERE token_hash = ? AND "
+                                 "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+                                 (token_hash, now)).fetchone()
+            principal = Principal(*row) if row else None
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[token_hash] = (now + CACHE_S, principal)
+        return principal
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def bearer(scope: dict[str, Any]) -> bytes | None:
+    """The Authorization header of an ASGI request, if any."""
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def as_http_errors() -> Iterator[None]:
+    """CredentialError as the cloud's HTTPError (401 with WWW-Authenticate, or 403)."""
+    from tierwise.server.app import HTTPError
+
+    try:
+        yield
+    except CredentialError as error:
+        headers = [(b"www-authenticate", b'Bearer realm="tierwise"')] \
+            if error.status == 401 else []
+        raise HTTPError(error.status, str(error), headers) from None

@@ -1,0 +1,135 @@
+"""Per-device credentials against the real cloud routes: every route and role, enrolment,
+rotation with an overlap window, revocation (issue "Hardening", identity)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tierwise.config import Config
+from tierwise.registry.credentials import Credentials
+from tierwise.registry.signing import keygen
+from tierwise.registry.store import Registry
+from tierwise.registry.subscriber import registry_token
+from waiting import wait_for
+
+DIGEST = "0" * 64
+
+
+@pytest.fixture
+def cloud(small_config: Config, tmp_path: Path) -> Iterator[tuple[str, Config]]:
+    from tierwise.cloud import hosted
+    from tierwise.server.app import TierServer, serve_in_thread
+
+    config = small_config.model_copy(deep=True)
+    config.data_dir = str(tmp_path / "data")
+    config.registry.root = str(tmp_path / "registry")
+    keygen(config.registry_dir / "keys")
+    Registry(config.registry_dir).rollouts()  # an empty index
+    with serve_in_thread(hosted(TierServer("cloud", config.tier("cloud"), {}), config)) as url:
+        yield url, config
+
+
+def _trace() -> dict:
+    from tierwise.client.trace import StageTrace, Trace
+
+    return Trace(plan="local(m)", total_ms=1.0,
+                 stages=[StageTrace("local", "device", "m", "1", 1.0, 1.0)]).to_dict()
+
+
+def _statuses(url: str, token: str | None) -> dict[str, int]:
+    """What each route answers this token (None: no Authorization header)."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        def traces(device: str) -> int:
+            body = orjson.dumps({"device": device, "traces": [_trace()]})
+            return http.post("/telemetry/v1/traces", content=body).status_code
+        return {
+            "models": http.get("/registry/v1/models").status_code,
+            "own deployment": http.get("/registry/v1/deployments/stable",
+                                       params={"device": "cam-1"}).status_code,
+            "other deployment": http.get("/registry/v1/deployments/stable",
+                                         params={"device": "cam-2"}).status_code,
+            "blob": http.get(f"/registry/v1/blobs/sha256/{DIGEST}").status_code,
+            "own traces": traces("cam-1"),
+            "other traces": traces("cam-2"),
+            "summary": http.get("/telemetry/v1/summary").status_code,
+        }
+
+
+def test_every_route_refuses_a_credential_outside_its_scope(
+        cloud: tuple[str, Config]) -> None:
+    url, config = cloud
+    credentials = Credentials(Registry(config.registry_dir).index_path)
+    device = credentials.enroll("cam-1", "device")
+    edge = credentials.enroll("cam-1-edge", "edge")
+    operator = registry_token("", config.registry_dir)
+    seen = {role: _statuses(url, token) for role, token in
+            (("none", None), ("wrong", "not-a-token"), ("device", device), ("edge", edge),
+             ("operator", operator))}
+    for role, statuses in seen.items():
+        print(role, statuses)
+    assert set(seen["none"].values()) == {401}
+    assert set(seen["wrong"].values()) == {401}
+    # a device reads its own deployment and the blobs (404: allowed, no such blob) and
+    # writes its own traces; nothing else
+    assert seen["device"] == {"models": 403, "own deployment": 200, "other deployment": 403,
+                              "blob": 404, "own traces": 200, "other traces": 403,
+                              "summary": 403}
+    # an edge server's id is its own: another's deployment and any device's traces are not
+    assert seen["edge"] == {"models": 403, "own deployment": 403, "other deployment": 403,
+                            "blob": 404, "own traces": 403, "other traces": 403,
+                            "summary": 403}
+    with httpx.Client(base_url=url, headers={"authorization": f"Bearer {edge}"}) as http:
+        assert http.get("/registry/v1/deployments/stable",
+                        params={"device": "cam-1-edge"}).status_code == 200
+    assert seen["operator"] == {"models": 200, "own deployment": 200, "other deployment": 200,
+                                "blob": 404, "own traces": 200, "other traces": 200,
+                                "summary": 200}
+    # the dashboard is the operator's only
+    assert httpx.get(url + "/dashboard/data", params={"token": device}).status_code == 401
+    assert httpx.get(url + "/dashboard/data", params={"token": operator}).status_code == 200
+
+
+def test_a_rotated_token_overlaps_then_ends_and_a_revoked_one_ends_at_once(
+        cloud: tuple[str, Config]) -> None:
+    url, config = cloud
+    # another instance on the same table, as `tierwise devices` is another process
+    credentials = Credentials(Registry(config.registry_dir).index_path)
+
+    def deployment(token: str) -> int:
+        return httpx.get(url + "/registry/v1/deployments/stable", params={"device": "cam-1"},
+                         headers={"authorization": f"Bearer {token}"}).status_code
+    old = credentials.enroll("cam-1")
+    assert deployment(old) == 200
+    new = credentials.rotate("cam-1", overlap_s=1.5)
+    assert deployment(new) == 200 and deployment(old) == 200  # both, during the overlap
+    wait_for(lambda: deployment(old) == 401, timeout_s=10, what="the old token to expire")
+    assert deployment(new) == 200
+    credentials.revoke("cam-1")
+    started = time.monotonic()
+    wait_for(lambda: deployment(new) == 401, timeout_s=10, what="the revoked token refused")
+    print(f"revocation seen by the server after {time.monotonic() - started:.2f} s")
+    stored = credentials.list()
+    assert [row["id"] for row in stored] == ["cam-1", "cam-1"]
+    assert all(row["revoked_at"] for row in stored)
+    assert "token" not in str(stored)  # hashes only, never shown
+
+
+def test_enrolment_refuses_bad_ids_roles_and_a_second_enrolment(tmp_path: Path) -> None:
+    credentials = Credentials(tmp_path / "index.db")
+    credentials.enroll("cam-1")
+    for device, role, expected in (("cam-1", "device", "enrolled already"),
+                                   ("[x]", "device", "device_id"),
+                                   ("cam-2", "root", "role")):
+        with pytest.raises(ValueError, match=expected):
+            credentials.enroll(device, role)
+    with pytest.raises(ValueError, match="no credential to rotate"):
+        credentials.rotate("nobody")
+    with pytest.raises(ValueError, match="no credential to revoke"):
+        credentials.revoke("nobody")
