@@ -251,7 +251,8 @@ def test_the_collector_refuses_a_malformed_trace_naming_the_field(
         taken = http.post("/telemetry/v1/traces",
                           content=orjson.dumps({"device": "d1", "traces": [good]}))
         assert taken.status_code == 200 and taken.json()["accepted"] == 1
-        data = http.get("/dashboard/data", params={"token": token})
+        http.post("/dashboard/login", data={"token": token})  # a session cookie
+        data = http.get("/dashboard/data")
         assert data.status_code == 200, data.text  # the views over what was stored
     records = Collector(config.telemetry.collector_path(config.data_dir)).records()
     assert [r["id"] for r in records] == [good["id"]]  # the refused batch stored nothing

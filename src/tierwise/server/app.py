@@ -663,9 +663,10 @@ def _require_get(method: str, path: str) -> None:
 
 
 async def send_response(send: Send, status: int, body: bytes,
-                headers: list[tuple[bytes, bytes]]) -> None:
-    headers.append((b"content-length", b"%d" % len(body)))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+                        headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """One whole response: `headers` (not changed) and a Content-Length, then `body`."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body})
 
 
