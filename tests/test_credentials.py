@@ -133,3 +133,19 @@ def test_enrolment_refuses_bad_ids_roles_and_a_second_enrolment(tmp_path: Path) 
         credentials.rotate("nobody")
     with pytest.raises(ValueError, match="no credential to revoke"):
         credentials.revoke("nobody")
+
+
+def test_the_signing_key_and_the_api_token_are_replaced_apart(tmp_path: Path) -> None:
+    from tierwise.registry.signing import PRIVATE_KEY_FILE, TOKEN_FILE, rotate_token
+
+    keys = tmp_path / "keys"
+    keygen(keys)
+    key, token = (keys / PRIVATE_KEY_FILE).read_bytes(), (keys / TOKEN_FILE).read_bytes()
+    keygen(keys, overwrite=True)  # a new signing key: the token stays
+    assert (keys / PRIVATE_KEY_FILE).read_bytes() != key
+    assert (keys / TOKEN_FILE).read_bytes() == token
+    key = (keys / PRIVATE_KEY_FILE).read_bytes()
+    rotate_token(keys)  # a new token: the signing key stays
+    assert (keys / TOKEN_FILE).read_bytes() != token
+    assert (keys / PRIVATE_KEY_FILE).read_bytes() == key
+    assert oct((keys / TOKEN_FILE).stat().st_mode & 0o777) == "0o600"

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from tierwise.config import load_config
 from tierwise.registry.credentials import DEFAULT_OVERLAP_S, ROLES, Credentials
-from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
+from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key, rotate_token
 from tierwise.registry.store import CHANNELS, PushResult, Registry, Rollout
 
 
@@ -22,7 +22,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     registry = commands.add_parser("registry", help="signed model versions and their rollout")
     steps = registry.add_subparsers(dest="registry_command", required=True)
     keygen_parser = steps.add_parser("keygen", help="an Ed25519 signing key pair and API token")
-    keygen_parser.add_argument("--force", action="store_true", help="replace existing keys")
+    keygen_parser.add_argument("--force", action="store_true", help="replace the signing "
+                               "key pair (the API token stays)")
+    keygen_parser.add_argument("--rotate-token", action="store_true", help="replace only the "
+                               "operator's API token (the signing key stays)")
     push = steps.add_parser("push", help="store models as new signed versions and roll them out")
     push.add_argument("names", nargs="*", help="models (their heads and tails go with them)")
     push.add_argument("--all", action="store_true", help="every model in --models")
@@ -68,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry(config.registry_dir)
     console = Console()
     command = args.registry_command
-    if command == "keygen":
+    if command == "keygen" and args.rotate_token:
+        console.print(f"new operator API token in {rotate_token(registry.keys_dir)}; the "
+                      "signing key is unchanged")
+    elif command == "keygen":
         private, public, token = keygen(registry.keys_dir, overwrite=args.force)
         console.print(f"signing key {private} (keep it here), public key {public} (give it to "
                       f"every edge server and device: registry.public_key), API token {token}")

@@ -39,8 +39,9 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def keygen(keys_dir: Path, overwrite: bool = False) -> tuple[Path, Path, Path]:
-    """A new signing key pair and API token under `keys_dir`: (private key, public key,
-    token). The private key and token are readable by their owner only."""
+    """A new signing key pair under `keys_dir`, and an operator API token if there is none:
+    (private key, public key, token). `overwrite` replaces the key pair only, never the
+    token (`rotate_token` does that). Both are readable by their owner only."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     private_path, public_path = keys_dir / PRIVATE_KEY_FILE, keys_dir / PUBLIC_KEY_FILE
     token_path = keys_dir / TOKEN_FILE
@@ -53,9 +54,18 @@ def keygen(keys_dir: Path, overwrite: bool = False) -> tuple[Path, Path, Path]:
         serialization.NoEncryption()))
     public_path.write_bytes(private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    if not token_path.exists() or overwrite:
+    if not token_path.exists():  # a new signing key leaves the credentials alone
         _write_private(token_path, secrets.token_urlsafe(32).encode())
     return private_path, public_path, token_path
+
+
+def rotate_token(keys_dir: Path) -> Path:
+    """A new operator API token under `keys_dir`, the signing key untouched (a leaked
+    token is not a leaked key). Per-device tokens: `tierwise devices rotate`."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    token_path = keys_dir / TOKEN_FILE
+    _write_private(token_path, secrets.token_urlsafe(32).encode())
+    return token_path
 
 
 def _write_private(path: Path, data: bytes) -> None:
