@@ -60,6 +60,20 @@ class _Echo(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture
+def cloud_config(small_config: Config, tmp_path: Path) -> Config:
+    """The session's config with its own data directory and registry, keys made: what a
+    cloud server (registry, collector, dashboard) needs, with `registry_token("",
+    config.registry_dir)` as the operator's token."""
+    from tierwise.registry.signing import keygen
+
+    config = small_config.model_copy(deep=True)
+    config.data_dir = str(tmp_path / "data")
+    config.registry.root = str(tmp_path / "registry")
+    keygen(config.registry_dir / "keys")
+    return config
+
+
 @pytest.fixture(scope="module")
 def echo_url() -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)

@@ -22,14 +22,11 @@ DIGEST = "0" * 64
 
 
 @pytest.fixture
-def cloud(small_config: Config, tmp_path: Path) -> Iterator[tuple[str, Config]]:
+def cloud(cloud_config: Config) -> Iterator[tuple[str, Config]]:
     from tierwise.cloud import hosted
     from tierwise.server.app import TierServer, serve_in_thread
 
-    config = small_config.model_copy(deep=True)
-    config.data_dir = str(tmp_path / "data")
-    config.registry.root = str(tmp_path / "registry")
-    keygen(config.registry_dir / "keys")
+    config = cloud_config
     Registry(config.registry_dir).rollouts()  # an empty index
     with serve_in_thread(hosted(TierServer("cloud", config.tier("cloud"), {}), config)) as url:
         yield url, config
@@ -149,3 +146,29 @@ def test_the_signing_key_and_the_api_token_are_replaced_apart(tmp_path: Path) ->
     assert (keys / TOKEN_FILE).read_bytes() != token
     assert (keys / PRIVATE_KEY_FILE).read_bytes() == key
     assert oct((keys / TOKEN_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_dashboard_session_cookie_is_httponly_strict_and_needed(cloud_config: Config) -> None:
+    from tierwise.cloud import cloud_token, hosted
+    from tierwise.server.app import TierServer, serve_in_thread
+
+    config = cloud_config
+    app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
+        assert http.get("/dashboard/data").status_code == 401
+        assert http.get("/dashboard/").status_code == 303  # to the sign-in page
+        assert http.get("/dashboard/data", params={"token": cloud_token(config)}
+                        ).status_code == 401
+        assert http.post("/dashboard/login", data={"token": "wrong"}).status_code == 401
+        signed_in = http.post("/dashboard/login", data={"token": cloud_token(config)})
+        assert signed_in.status_code == 303
+        cookie = signed_in.headers["set-cookie"]
+        for attribute in ("HttpOnly", "SameSite=Strict", "Path=/dashboard"):
+            assert attribute in cookie
+        page = http.get("/dashboard/")
+        assert page.status_code == 200 and "token" not in page.text.lower().replace(
+            "operator token", "")
+        assert http.get("/dashboard/data").status_code == 200
+        assert http.get("/dashboard/plot/latency.png").status_code == 200
+        assert http.post("/dashboard/logout").status_code == 303
+        assert http.get("/dashboard/data").status_code == 401

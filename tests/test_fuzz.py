@@ -22,7 +22,6 @@ from tierwise.bench.processes import free_port, tier_server
 from tierwise.bench.serve import child_pid_on_port
 from tierwise.config import Config, write_config
 from tierwise.protocol.oip import HEADER_LENGTH, encode_infer_request
-from tierwise.registry.signing import keygen
 from tierwise.registry.subscriber import registry_token
 
 MODEL = "fmnist-edge"
@@ -133,11 +132,8 @@ def _oip_cases(rng: random.Random, images: np.ndarray) -> Callable[[], tuple[str
 
 
 def test_thousands_of_malformed_requests_get_no_5xx_and_leave_the_server_well(
-        small_config: Config, models_dir: Path, splits: Any, tmp_path: Path) -> None:
-    config = small_config.model_copy(deep=True)
-    config.data_dir = str(tmp_path / "data")
-    config.registry.root = str(tmp_path / "registry")
-    keygen(config.registry_dir / "keys")
+        cloud_config: Config, models_dir: Path, splits: Any, tmp_path: Path) -> None:
+    config = cloud_config
     token = registry_token("", config.registry_dir)
     config_path = str(write_config(config, tmp_path / "tierwise.toml"))
     rng = random.Random(SEED)

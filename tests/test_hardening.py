@@ -227,18 +227,14 @@ def _good_trace() -> dict:
     ({"confidence": 7}, "confidence"),
 ])
 def test_the_collector_refuses_a_malformed_trace_naming_the_field(
-        small_config: Config, tmp_path: Path, change: dict, field: str) -> None:
+        cloud_config: Config, change: dict, field: str) -> None:
     from tierwise.cloud import hosted
     from tierwise.monitor.collector import Collector
     from tierwise.monitor.report import compute_views
-    from tierwise.registry.signing import keygen
     from tierwise.registry.subscriber import registry_token
     from tierwise.server.app import TierServer
 
-    config = small_config.model_copy(deep=True)
-    config.data_dir = str(tmp_path / "data")
-    config.registry.root = str(tmp_path / "registry")
-    keygen(config.registry_dir / "keys")
+    config = cloud_config
     token = registry_token("", config.registry_dir)
     good, bad = _good_trace(), {**_good_trace(), **change}
     app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
@@ -276,16 +272,13 @@ def test_the_report_skips_a_stored_record_that_is_not_a_trace(small_config: Conf
 
 @pytest.mark.parametrize("device", ["[/]", "[link=https://evil]x", "a\x1bb", "../x", ""])
 def test_a_device_id_that_is_not_plain_is_refused_by_the_registry(
-        small_config: Config, tmp_path: Path, device: str) -> None:
+        cloud_config: Config, device: str) -> None:
     from tierwise.cloud import hosted
-    from tierwise.registry.signing import keygen
     from tierwise.registry.store import Registry
     from tierwise.registry.subscriber import registry_token
     from tierwise.server.app import TierServer
 
-    config = small_config.model_copy(deep=True)
-    config.registry.root = str(tmp_path / "registry")
-    keygen(config.registry_dir / "keys")
+    config = cloud_config
     Registry(config.registry_dir).rollouts()  # an empty registry index
     assert Registry(config.registry_dir).index_path.is_file()
     token = registry_token("", config.registry_dir)

@@ -89,22 +89,18 @@ def test_mutual_tls_refuses_a_device_without_a_certificate_from_the_ca(
     assert accepted.fallback is None and accepted.answered_by.tier == "edge"
 
 
-def test_telemetry_reaches_a_collector_over_tls(small_config: Config, certs: Path,
+def test_telemetry_reaches_a_collector_over_tls(cloud_config: Config, certs: Path,
                                                 tmp_path: Path) -> None:
     from tierwise.client.trace import StageTrace, Trace
     from tierwise.cloud import hosted
     from tierwise.monitor.collector import Collector
     from tierwise.monitor.telemetry import Telemetry
     from tierwise.net.tls import client_context
-    from tierwise.registry.signing import keygen
     from tierwise.registry.subscriber import registry_token
     from tierwise.server.app import TierServer
     from waiting import wait_for
 
-    config = small_config.model_copy(deep=True)
-    config.data_dir = str(tmp_path / "data")
-    config.registry.root = str(tmp_path / "registry")
-    keygen(config.registry_dir / "keys")
+    config = cloud_config
     app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
     with serve_in_thread(app, tls=_server_tls(certs)) as url:
         telemetry = Telemetry(url, device_id="tls-device",
