@@ -36,6 +36,7 @@ from tierwise.registry.signing import (
     VerificationError,
     keygen,
     load_private_key,
+    sign,
 )
 from tierwise.registry.store import Registry, in_canary_cohort
 from tierwise.registry.subscriber import Subscriber, registry_token
@@ -264,6 +265,7 @@ def _edit_version(config: Config, model: str, version: int,
 
 
 @pytest.mark.parametrize("attack, expected", [
+    ("signed-malformed", "files[0].sha256"),
     ("unsigned", "unsigned (no signature)"),
     ("altered", "the signature does not verify"),
     ("other-key", "not by the trusted key"),
@@ -273,7 +275,15 @@ def test_unsigned_altered_or_foreign_manifests_are_refused(
         config: Config, hosted_registry: str, tmp_path: Path, attack: str,
         expected: str) -> None:
     overrides: dict[str, Any] = {}
-    if attack == "unsigned":
+    if attack == "signed-malformed":  # the registry's own key, over a broken manifest
+        key = load_private_key(config.registry_dir / "keys" / PRIVATE_KEY_FILE)
+
+        def break_and_sign(manifest: dict[str, Any], signature: dict[str, Any]) -> None:
+            manifest["files"][0]["sha256"] = "../../etc/passwd"
+            signature.clear()
+            signature.update(sign(manifest, key))
+        _edit_version(config, DEVICE, 1, break_and_sign)
+    elif attack == "unsigned":
         _edit_version(config, DEVICE, 1, lambda m, s: s.clear())
     elif attack == "garbage":
         with sqlite3.connect(config.registry_dir / "index.db") as db:

@@ -46,6 +46,7 @@ from tierwise.models.store import (
 )
 from tierwise.profile.model_profile import PROFILE_FILE
 from tierwise.registry import RegistryError
+from tierwise.registry.documents import parse_manifest
 from tierwise.registry.signing import PRIVATE_KEY_FILE, load_private_key, sign
 from tierwise.sqlite import transaction
 
@@ -235,6 +236,7 @@ class Registry:
                     "metadata": info.model_copy(update={"version": str(version)}).model_dump(),
                     "files": entries,
                 }
+                parse_manifest(manifest)  # the one schema subscribers read it by
                 db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
                            (model, version, time.time(), orjson.dumps(manifest),
                             orjson.dumps(sign(manifest, private_key)), content_key))

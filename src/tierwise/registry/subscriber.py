@@ -39,6 +39,7 @@ import httpx
 from tierwise.config import DEVICE_TIER, Config
 from tierwise.models.store import MODEL_FILE, sha256_file
 from tierwise.net.tls import client_context
+from tierwise.registry.documents import parse_deployment, parse_manifest
 from tierwise.registry.signing import (
     PUBLIC_KEY_FILE,
     TOKEN_FILE,
@@ -243,7 +244,8 @@ class Subscriber:
             raise RegistryUnavailableError("the deployment is not an object with 'models'")
         try:
             self.check_deployment(document)
-        except VerificationError as error:
+            parse_deployment(document)  # signed and fresh: now its shape, field by field
+        except (VerificationError, ValueError) as error:
             raise RegistryUnavailableError(f"deployment refused: {error}") from None
         self._etag = response.headers.get("etag")
         self.last_error = None
@@ -321,36 +323,36 @@ class Subscriber:
     def _install(self, model: str, version: str, signed: dict[str, Any]) -> InstalledVersion:
         manifest, signature = signed["manifest"], signed.get("signature")
         verify(manifest, signature, self.trusted)
-        if manifest.get("model") != model or manifest.get("version") != version:
-            raise VerificationError(f"the manifest is for {manifest.get('model')!r} version "
-                                    f"{manifest.get('version')!r}, served as {model!r} "
+        try:  # signed, so the registry wrote it: its shape is still checked, field by field
+            parsed = parse_manifest(manifest)
+        except ValueError as error:
+            raise VerificationError(str(error)) from None
+        if parsed.model != model or parsed.version != version:
+            raise VerificationError(f"the manifest is for {parsed.model!r} version "
+                                    f"{parsed.version!r}, served as {model!r} "
                                     f"version {version!r}")
-        for name in (model, version, *manifest["runs_on"]):
-            if not isinstance(name, str) or not _plain(name):
-                raise VerificationError(f"manifest names {name!r}: not a plain file name")
         # keyed by what was signed: a registry made again from scratch, whose "version 1" is
         # other content, never reuses this one's install
         digest = hashlib.sha256(canonical_json(manifest)).hexdigest()[:16]
         target = self.cache_dir / "installs" / model / f"{version}-{digest}"
-        members = {name: target / name for name in manifest["runs_on"]}
-        installed = InstalledVersion(model, version, members, manifest["runs_on"], manifest)
+        members = {name: target / name for name in parsed.runs_on}
+        installed = InstalledVersion(model, version, members, dict(parsed.runs_on), manifest)
         if target.is_dir():
             return installed
         staging = Path(tempfile.mkdtemp(dir=_ensure(self.cache_dir / "staging")))
         try:
-            for entry in manifest["files"]:
-                relative = _safe_relative(entry["path"])
+            for entry in parsed.files:
+                relative = _safe_relative(entry.path)
                 member, file_name = relative.parts[0], relative.name
-                if file_name == MODEL_FILE and \
-                        self.tier not in manifest["runs_on"].get(member, []):
+                if file_name == MODEL_FILE and self.tier not in parsed.runs_on.get(member, []):
                     continue  # weights of a model that runs elsewhere
-                blob = self._blob(entry["sha256"], entry["size"])
+                blob = self._blob(entry.sha256, entry.size)
                 destination = staging / relative
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(blob, destination)
                 # the cache is on this device's disk: check the copy, not only the download
-                if sha256_file(destination) != entry["sha256"]:
-                    raise VerificationError(f"file {entry['path']}: sha256 of the installed "
+                if sha256_file(destination) != entry.sha256:
+                    raise VerificationError(f"file {entry.path}: sha256 of the installed "
                                             "copy differs from the manifest")
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)
