@@ -68,10 +68,13 @@ class Manifest(_Document):
 
 
 class SignedManifest(BaseModel):
+    """A manifest as it travels with its signature. Both are checked per version, by the
+    signature and `Manifest`, so one bad version is refused alone and the others install."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    manifest: dict[str, Any]
-    signature: dict[str, Any] | None = None
+    manifest: Any
+    signature: Any = None
 
 
 class RolloutState(BaseModel):
