@@ -172,3 +172,24 @@ def test_dashboard_session_cookie_is_httponly_strict_and_needed(cloud_config: Co
         assert http.get("/dashboard/plot/latency.png").status_code == 200
         assert http.post("/dashboard/logout").status_code == 303
         assert http.get("/dashboard/data").status_code == 401
+
+
+def test_a_rotated_operator_token_takes_effect_without_a_restart(
+        cloud: tuple[str, Config]) -> None:
+    from tierwise.registry.signing import rotate_token
+
+    url, config = cloud
+    old = registry_token("", config.registry_dir)
+
+    def models(token: str) -> int:
+        return httpx.get(url + "/registry/v1/models",
+                         headers={"authorization": f"Bearer {token}"}).status_code
+    assert models(old) == 200
+    rotate_token(config.registry_dir / "keys")
+    new = registry_token("", config.registry_dir)
+    assert models(new) == 200 and models(old) == 401
+    # an enrolled operator may sign in to the dashboard too; a device may not
+    credentials = Credentials(Registry(config.registry_dir).index_path)
+    operator = credentials.enroll("ops-1", "operator")
+    assert httpx.post(url + "/dashboard/login", data={"token": operator}).status_code == 303
+    assert httpx.post(url + "/dashboard/login", data={"token": old}).status_code == 401

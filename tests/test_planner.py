@@ -227,6 +227,13 @@ def test_a_measured_escalation_rate_replaces_the_profiled_one(small_config: Conf
     repriced = policy.predict(slo, measured)
     assert repriced[cascade][2] > predicted[cascade][2]
     assert repriced[cascade][1] == predicted[cascade][1]  # quality stays as profiled
+    # a run of confident answers (measured rate 0) prices the cascade like its first stage,
+    # but it still depends on its tier: with the cloud down too it is out
+    none_escalate = two_tier_state(down=("edge",), escalation_rate={cascade: 0.0})
+    assert policy.choose(slo, none_escalate).plan == cascade
+    both_down = two_tier_state(down=("edge", "cloud"), escalation_rate={cascade: 0.0})
+    out = policy.choose(slo, both_down)
+    assert out.plan == Local("small") and not out.feasible
 
 
 def test_the_prober_leaves_alone_a_tier_out_of_reach(small_config: Config,

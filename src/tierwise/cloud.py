@@ -13,6 +13,7 @@ from tierwise.monitor.dashboard import DashboardApp
 from tierwise.monitor.report import Views, views_for
 from tierwise.registry.credentials import Credentials
 from tierwise.registry.http import RegistryApp
+from tierwise.registry.signing import TOKEN_FILE
 from tierwise.registry.store import Registry
 from tierwise.registry.subscriber import registry_token
 from tierwise.server.app import TierServer
@@ -37,7 +38,11 @@ def hosted(app: TierServer, config: Config) -> Any:
         return views_for(config, since=time.time() - window_s)
 
     registry = Registry(config.registry_dir)
-    # one credential table for every route: the registry's index
-    credentials = Credentials(registry.index_path, token)
+    # one credential table for every route: the registry's index; the operator's token
+    # from the config, else from its file, read again when it is rotated
+    credentials = Credentials(
+        registry.index_path, config.registry.token or None,
+        None if config.registry.token else registry.keys_dir / TOKEN_FILE)
     return RegistryApp(registry, token, TelemetryApp(
-        collector, token, DashboardApp(views, token, app), credentials), credentials)
+        collector, token, DashboardApp(views, token, app, credentials=credentials),
+        credentials), credentials)

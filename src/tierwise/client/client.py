@@ -72,6 +72,7 @@ from tierwise.tasks import ClassificationResult, Task
 
 # Measured escalation rates follow the last ~10 escalation decisions of a cascade.
 ESCALATION_ALPHA = 0.2
+ESCALATION_MIN_SAMPLES = 5  # before these, the profiled rate prices the cascade
 
 # Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
 # importable from here for the callers that did before the split.
@@ -403,7 +404,8 @@ class Client:
     def _planning_state(self, exclude: set[str] | None) -> PlanningState:
         return planning_state(self.link_estimators, self.server_estimators,
                               self._device_ratio, self.down | (exclude or set()),
-                              {plan: ewma.value for plan, ewma in self._escalation.items()})
+                              {plan: ewma.value for plan, ewma in self._escalation.items()
+                               if ewma.samples >= ESCALATION_MIN_SAMPLES})
 
     def policy(self) -> Policy:
         """The policy over every plan the profiles support (loaded on first use)."""

@@ -32,6 +32,7 @@ import orjson
 
 from tierwise.monitor.report import PLOTS, STYLE, Views, summary_html
 from tierwise.protocol.oip import encode_error
+from tierwise.registry.credentials import CredentialError, Credentials
 from tierwise.server.app import HTTPError, Receive, Scope, Send, send_response
 
 PREFIX = "/dashboard"
@@ -78,9 +79,13 @@ class DashboardApp:
     """ASGI: the dashboard under /dashboard, everything else to `app`."""
 
     def __init__(self, views: Callable[[], Views], token: str | None, app: Any,
-                 refresh_s: float = 2.0, session_s: float = SESSION_S) -> None:
+                 refresh_s: float = 2.0, session_s: float = SESSION_S,
+                 credentials: Credentials | None = None) -> None:
+        """`credentials`: who may sign in (any operator-role credential, the operator's
+        token as it is now); without them, `token` alone."""
         self._compute = views
         self._token = token
+        self.credentials = credentials
         self.app = app
         self.refresh_s = refresh_s
         self.session_s = session_s
@@ -154,8 +159,7 @@ class DashboardApp:
             if not message.get("more_body"):
                 break
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
-        assert self._token is not None
-        if not hmac.compare_digest(token.encode(), self._token.encode()):
+        if not await asyncio.to_thread(self._is_operator, token):
             raise HTTPError(401, "that is not the operator's token (registry.token)")
         session = secrets.token_urlsafe(32)
         now = time.monotonic()
@@ -171,6 +175,16 @@ class DashboardApp:
         await send_response(send, 303, b"", [(b"location", f"{PREFIX}/".encode()),
                                              (b"set-cookie", cookie.encode()),
                                              (b"cache-control", b"no-store")])
+
+    def _is_operator(self, token: str) -> bool:
+        if self.credentials is None:
+            return self._token is not None and hmac.compare_digest(token.encode(),
+                                                                   self._token.encode())
+        try:
+            principal = self.credentials.authenticate(b"Bearer " + token.encode())
+        except CredentialError:
+            return False
+        return principal.role == "operator"
 
     def _signed_in(self, scope: Scope) -> bool:
         session = _cookie(scope)

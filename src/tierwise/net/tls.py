@@ -54,6 +54,7 @@ def _write_key(path: Path, key: Any) -> None:
                              serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # also when the file existed with looser permissions
     with os.fdopen(descriptor, "wb") as out:
         out.write(data)
 

@@ -242,7 +242,11 @@ class Policy:
                ) -> tuple[list[Plan], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(plans, latency_ms, accuracy, cost_usd, allowed) of every candidate."""
         accuracy, weight, plans = self._for_floor(slo.min_accuracy)
-        if state.escalation_rate:  # measured escalation replaces the profiled rate
+        # whether a plan may reach its remote stage at all is the profile's to say: a
+        # measured rate of 0 (a run of confident answers) must not make a cascade "local",
+        # exempt from its tier being down and from the deadline of its escalated path
+        escalated = weight > 0
+        if state.escalation_rate:  # measured escalation replaces the profiled rate in cost
             measured = [(i, state.escalation_rate.get(plans[i])) for i in self._cascades]
             if any(rate is not None for _, rate in measured):
                 weight = weight.copy()
@@ -268,7 +272,6 @@ class Policy:
         # escalates: its latency counts it, its expected cost by the escalation rate
         device_spent_ms = (self._device_ms - (1 - weight) * self._escalated_device_ms
                            ) * device_scale
-        escalated = weight > 0
         network_ms = rtt + ((self._payload_p95 + overhead) / up + response / down) * 1e3
         latency = device_ms + np.where(escalated, server_ms + queue + network_ms, 0.0)
         remote_usd = (server_ms * self._usd_per_ms + (self._payload_mean + overhead)

@@ -83,10 +83,15 @@ def _hash(token: str) -> str:
 class Credentials:
     """The credential table in the SQLite file `path`, and the operator token."""
 
-    def __init__(self, path: Path, operator_token: str | None = None) -> None:
+    def __init__(self, path: Path, operator_token: str | None = None,
+                 operator_token_file: Path | None = None) -> None:
+        """`operator_token`: fixed; or `operator_token_file`, read again whenever it changes
+        (so `registry keygen --rotate-token` takes effect without a restart)."""
         self.path = Path(path)
         self._operator = operator_token.encode() if operator_token else None
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._operator_file = operator_token_file
+        self._operator_stamp: float | None = None
+        self._cache: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
 
     def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
@@ -149,7 +154,8 @@ class Credentials:
             raise CredentialError(401, "this endpoint needs Authorization: Bearer <token> (a "
                                        "device's own token, or the operator's registry.token)")
         token = authorization[len(b"Bearer "):]
-        if self._operator is not None and hmac.compare_digest(token, self._operator):
+        operator = self._operator_token()
+        if operator is not None and hmac.compare_digest(token, operator):
             return Principal(OPERATOR_ID, "operator")
         principal = self._lookup(_hash(token.decode("latin-1")))
         if principal is None:
@@ -157,6 +163,19 @@ class Credentials:
         return principal
 
     # -- internals ------------------------------------------------------------------------
+
+    def _operator_token(self) -> bytes | None:
+        if self._operator_file is None:
+            return self._operator
+        try:
+            stamp = self._operator_file.stat().st_mtime_ns
+        except OSError:
+            return None
+        if stamp != self._operator_stamp:
+            with self._lock:
+                self._operator = self._operator_file.read_bytes().strip() or None
+                self._operator_stamp = stamp
+        return self._operator
 
     def _issue(self, db: sqlite3.Connection, device_id: str, role: str) -> str:
         token = secrets.token_urlsafe(32)
@@ -170,13 +189,22 @@ class Credentials:
             cached = self._cache.get(token_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
-        principal = None
-        if self.path.is_file():
-            with self._db() as db:
-                row = db.execute("SELECT id, role FROM credentials WHERE token_hash = ? AND "
-                                 "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
-                                 (token_hash, now)).fetchone()
-            principal = Principal(*row) if row else None
+        # read-only, no write lock: a flood of made-up tokens must not queue behind pushes
+        try:
+            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        except sqlite3.Error:
+            return None  # no index yet: nobody enrolled
+        try:
+            row = connection.execute(
+                "SELECT id, role FROM credentials WHERE token_hash = ? AND revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now)).fetchone()
+        except sqlite3.Error:  # no credentials table yet
+            row = None
+        finally:
+            connection.close()
+        if row is None:
+            return None  # unknown tokens are not cached: they cannot crowd out known ones
+        principal = Principal(*row)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()

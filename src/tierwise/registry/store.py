@@ -457,9 +457,12 @@ class Registry:
         return document
 
     def _signing_key(self) -> Any:
-        if self._private_key is None:
-            self._private_key = load_private_key(self.keys_dir / PRIVATE_KEY_FILE)
-        return self._private_key
+        """The private key, loaded again when `registry keygen --force` replaced it."""
+        path = self.keys_dir / PRIVATE_KEY_FILE
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
+        if self._private_key is None or stamp != self._private_key[0]:
+            self._private_key = (stamp, load_private_key(path))
+        return self._private_key[1]
 
     # -- internals ------------------------------------------------------------------------
 
