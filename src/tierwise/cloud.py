@@ -44,5 +44,5 @@ def hosted(app: TierServer, config: Config) -> Any:
         registry.index_path, config.registry.token or None,
         None if config.registry.token else registry.keys_dir / TOKEN_FILE)
     return RegistryApp(registry, token, TelemetryApp(
-        collector, token, DashboardApp(views, token, app, credentials=credentials),
+        collector, token, DashboardApp(views, token, app, credentials),
         credentials), credentials)

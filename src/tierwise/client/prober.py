@@ -88,16 +88,20 @@ class Prober:
         for tier, estimator in client.link_estimators.items():
             if tier not in client.tier_urls and client.config.tier(tier).port == 0:
                 continue  # nowhere to probe
-            if not force and not client.within_reach(tier):
+            now = time.monotonic()
+            down = tier in client.down
+            due = now - self._last_try.get(tier, -1e9) >= self.down_interval_s if down \
+                else estimator.stale(now)
+            if not (force or due):
+                continue
+            if not force and not client.within_reach(tier):  # asked only when a probe is due
                 self.skipped += 1
                 continue  # not even a perfect link there would change a decision
-            now = time.monotonic()
-            if tier in client.down:
-                if force or now - self._last_try.get(tier, -1e9) >= self.down_interval_s:
-                    self._last_try[tier] = now
-                    if self.health(tier) is not None:
-                        client.mark(tier, up=True)
-            elif force or estimator.stale(now):
+            if down:
+                self._last_try[tier] = now
+                if self.health(tier) is not None:
+                    client.mark(tier, up=True)
+            else:
                 small = self.health(tier)
                 large = self.bandwidth(tier) if small is not None else None
                 if small is None:

@@ -407,7 +407,12 @@ def summarize(config: Config, events: list[dict[str, Any]], federation: Federati
     previous = start["wire"]
     rounds, wall = [], 0.0
     total_up = total_down = 0
-    for event in (e for e in events if e["event"] == "round"):
+    round_events = [e for e in events if e["event"] == "round"]
+    # node id -> partition (client index), from every answer of the run: which clients a
+    # round was sent to, even one that never answered it
+    partition_of = {node: int(metrics["partition-id"]) for event in round_events
+                    for node, metrics in event["clients"].items()}
+    for event in round_events:
         up = sum(w["bytes_up"] - previous[k]["bytes_up"] for k, w in event["wire"].items())
         down = sum(w["bytes_down"] - previous[k]["bytes_down"] for k, w in event["wire"].items())
         previous = event["wire"]
@@ -418,6 +423,8 @@ def summarize(config: Config, events: list[dict[str, Any]], federation: Federati
             "round_s": event["round_s"], "wall_s": wall, "bytes_up": up, "bytes_down": down,
             "cumulative_bytes_up": total_up, "cumulative_bytes_down": total_down,
             "sent": len(event["sent"]), "answered": len(event["answered"]),
+            "sent_clients": sorted(partition_of[str(node)] for node in event["sent"]
+                                   if str(node) in partition_of),
             "answered_clients": sorted(int(c["partition-id"]) for c in event["clients"].values()),
             "aggregated": event["aggregated"], "failed": event["failed"], "late": event["late"],
             "missed": event["missed"],

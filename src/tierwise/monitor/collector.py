@@ -108,12 +108,12 @@ class TelemetryApp:
     """ASGI: the collector's API under /telemetry/v1/, everything else to `app`."""
 
     def __init__(self, collector: Collector, token: str | None, app: Any,
-                 credentials: Credentials | None = None) -> None:
-        """`token`: the operator's; `credentials`: devices write their own traces only."""
+                 credentials: Credentials) -> None:
+        """`token`: the operator's (None: not made yet, 503); `credentials`: who may write
+        which device's traces (the registry's, `tierwise.cloud.hosted`)."""
         self.collector = collector
         self._token = token
-        self.credentials = credentials or Credentials(Path(collector.path).with_name(
-            "credentials.db"), token)
+        self.credentials = credentials
         self.app = app
         # drift over all the traffic, as it arrives; alerts counted in the server's metrics
         self.drift = DriftMonitor()

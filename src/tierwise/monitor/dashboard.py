@@ -20,7 +20,6 @@ page.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import secrets
 import threading
 import time
@@ -79,10 +78,10 @@ class DashboardApp:
     """ASGI: the dashboard under /dashboard, everything else to `app`."""
 
     def __init__(self, views: Callable[[], Views], token: str | None, app: Any,
-                 refresh_s: float = 2.0, session_s: float = SESSION_S,
-                 credentials: Credentials | None = None) -> None:
-        """`credentials`: who may sign in (any operator-role credential, the operator's
-        token as it is now); without them, `token` alone."""
+                 credentials: Credentials, refresh_s: float = 2.0,
+                 session_s: float = SESSION_S) -> None:
+        """`token`: the operator's (None: not made yet, 503); `credentials`: who may sign
+        in (any operator-role credential, the operator's token as it is now)."""
         self._compute = views
         self._token = token
         self.credentials = credentials
@@ -177,9 +176,6 @@ class DashboardApp:
                                              (b"cache-control", b"no-store")])
 
     def _is_operator(self, token: str) -> bool:
-        if self.credentials is None:
-            return self._token is not None and hmac.compare_digest(token.encode(),
-                                                                   self._token.encode())
         try:
             principal = self.credentials.authenticate(b"Bearer " + token.encode())
         except CredentialError:

@@ -40,6 +40,22 @@ RAW_IMAGE_BYTES = 784
 BATCH_64 = 64
 
 
+class _Sessions:
+    """The models under `models_dir` (`found`: name -> (info, path)), each ONNX Runtime
+    session made on first use and kept."""
+
+    def __init__(self, models_dir: Path, threads: int = 1) -> None:
+        self.found = list_models(models_dir)
+        self.threads = threads
+        self._loaded: dict[str, OnnxModel] = {}
+
+    def __call__(self, name: str) -> OnnxModel:
+        if name not in self._loaded:
+            info, path = self.found[name]
+            self._loaded[name] = OnnxModel(path, info, threads=self.threads)
+        return self._loaded[name]
+
+
 def _batch64_ms(model: OnnxModel, images: np.ndarray, runs: int = 30) -> float:
     batch = images[:BATCH_64]
     model.run(batch)
@@ -59,14 +75,8 @@ def build_report(config: Config, out_dir: Path, *, test_images: int = 10000,
     splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
     images, labels = splits.test_x[:test_images], splits.test_y[:test_images]
     models_dir = config.models_dir
-    found = list_models(models_dir)
-    loaded: dict[str, OnnxModel] = {}
-
-    def model(name: str) -> OnnxModel:
-        if name not in loaded:
-            info, path = found[name]
-            loaded[name] = OnnxModel(path, info)
-        return loaded[name]
+    model = _Sessions(models_dir)
+    found = model.found
 
     def accuracy_with(name: str) -> Callable[[np.ndarray], float]:
         return lambda inputs: float((model(name).run_batched(inputs).argmax(1) == labels).mean())
@@ -255,14 +265,8 @@ def bottleneck_report(config: Config, outcomes: list[ImportedBottleneckOutcome],
         raise ValueError("outcomes: no bottlenecks to report")
     device = outcomes[0].model
     models_dir = config.models_dir
-    found = list_models(models_dir)
-    loaded: dict[str, OnnxModel] = {}
-
-    def load(model: str) -> OnnxModel:
-        if model not in loaded:
-            info, path = found[model]
-            loaded[model] = OnnxModel(path, info, threads=2)
-        return loaded[model]
+    load = _Sessions(models_dir, threads=2)
+    found = load.found
 
     info = found[device][0]
     judges = {"validation": Judge(eval_set_for(info, config.profile.eval_limit), load)}

@@ -31,8 +31,10 @@ Usd = Annotated[float, Field(ge=0, le=MAX_USD, allow_inf_nan=False)]
 Finite = Annotated[float, Field(ge=-1e12, le=1e12, allow_inf_nan=False)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Text = Annotated[str, StringConstraints(max_length=4096)]
-# the device id rule of `tierwise.registry.subscriber.check_device_id`
-DeviceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@-]{1,128}$")]
+# The one rule for names that become file names and get printed (device ids, model names,
+# versions): these characters only (`tierwise.registry.subscriber.check_device_id`).
+PLAIN_CHARACTERS = "A-Za-z0-9._@-"
+DeviceId = Annotated[str, StringConstraints(pattern=rf"^[{PLAIN_CHARACTERS}]{{1,128}}$")]
 
 
 class _Document(BaseModel):

@@ -20,7 +20,7 @@ from pydantic import (
     ValidationError,
 )
 
-from tierwise.protocol.traces import describe_errors
+from tierwise.protocol.traces import PLAIN_CHARACTERS, describe_errors
 
 
 def _not_dots(name: str) -> str:
@@ -30,7 +30,7 @@ def _not_dots(name: str) -> str:
 
 
 # one path component of letters, digits, '.', '_', '@' or '-' (the device id rule)
-PlainName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@-]{1,200}$"),
+PlainName = Annotated[str, StringConstraints(pattern=rf"^[{PLAIN_CHARACTERS}]{{1,200}}$"),
                       AfterValidator(_not_dots)]
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 VersionNumber = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}$")]

@@ -49,13 +49,13 @@ def keygen(keys_dir: Path, overwrite: bool = False) -> tuple[Path, Path, Path]:
         raise FileExistsError(f"{private_path} exists; pass --force to replace it (every "
                               "subscriber must then be given the new public key)")
     private = Ed25519PrivateKey.generate()
-    _write_private(private_path, private.private_bytes(
+    write_private(private_path, private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     public_path.write_bytes(private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     if not token_path.exists():  # a new signing key leaves the credentials alone
-        _write_private(token_path, secrets.token_urlsafe(32).encode())
+        write_private(token_path, secrets.token_urlsafe(32).encode())
     return private_path, public_path, token_path
 
 
@@ -64,11 +64,12 @@ def rotate_token(keys_dir: Path) -> Path:
     token is not a leaked key). Per-device tokens: `tierwise devices rotate`."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     token_path = keys_dir / TOKEN_FILE
-    _write_private(token_path, secrets.token_urlsafe(32).encode())
+    write_private(token_path, secrets.token_urlsafe(32).encode())
     return token_path
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` readable by its owner only (0600, also over a looser file)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)  # also when the file existed with looser permissions
     with os.fdopen(descriptor, "wb") as stream:

@@ -39,6 +39,7 @@ import httpx
 from tierwise.config import DEVICE_TIER, Config
 from tierwise.models.store import MODEL_FILE, sha256_file
 from tierwise.net.tls import client_context
+from tierwise.protocol.traces import PLAIN_CHARACTERS
 from tierwise.registry.documents import parse_deployment, parse_manifest
 from tierwise.registry.signing import (
     PUBLIC_KEY_FILE,
@@ -52,7 +53,7 @@ from tierwise.registry.signing import (
 log = logging.getLogger("tierwise.registry")
 
 TOKEN_ENV = "TIERWISE_REGISTRY_TOKEN"
-_NAME = re.compile(r"^[A-Za-z0-9@._-]+$")  # model, version, device id and file names
+_NAME = re.compile(rf"^[{PLAIN_CHARACTERS}]+$")  # model, version, device id and file names
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 CHUNK_BYTES = 1 << 16
 
