@@ -163,8 +163,8 @@ def test_dashboard_session_cookie_is_httponly_strict_and_needed(cloud_config: Co
         signed_in = http.post("/dashboard/login", data={"token": cloud_token(config)})
         assert signed_in.status_code == 303
         cookie = signed_in.headers["set-cookie"]
-        for attribute in ("HttpOnly", "SameSite=Strict", "Path=/dashboard"):
-            assert attribute in cookie
+        for attribute in ("httponly", "samesite=strict", "path=/dashboard"):
+            assert attribute in cookie.lower()  # attribute names: any case (RFC 6265)
         page = http.get("/dashboard/")
         assert page.status_code == 200 and "token" not in page.text.lower().replace(
             "operator token", "")
@@ -185,11 +185,54 @@ def test_a_rotated_operator_token_takes_effect_without_a_restart(
         return httpx.get(url + "/registry/v1/models",
                          headers={"authorization": f"Bearer {token}"}).status_code
     assert models(old) == 200
+    browser = httpx.Client(base_url=url)  # a dashboard session signed in with the old token
+    assert browser.post("/dashboard/login", data={"token": old}).status_code == 303
+    assert browser.get("/dashboard/data").status_code == 200
     rotate_token(config.registry_dir / "keys")
     new = registry_token("", config.registry_dir)
     assert models(new) == 200 and models(old) == 401
+    # the session ends with its token (checked again on every request)
+    assert browser.get("/dashboard/data").status_code == 401
+    browser.close()
     # an enrolled operator may sign in to the dashboard too; a device may not
     credentials = Credentials(Registry(config.registry_dir).index_path)
     operator = credentials.enroll("ops-1", "operator")
     assert httpx.post(url + "/dashboard/login", data={"token": operator}).status_code == 303
     assert httpx.post(url + "/dashboard/login", data={"token": old}).status_code == 401
+
+
+def test_an_operator_enrols_rotates_and_revokes_devices_over_http(
+        cloud: tuple[str, Config]) -> None:
+    url, config = cloud
+    operator = {"authorization": f"Bearer {registry_token('', config.registry_dir)}"}
+    with httpx.Client(base_url=url, headers=operator) as http:
+        made = http.post("/devices/v1/cam-9", json={"role": "device"})
+        assert made.status_code == 201 and made.headers["cache-control"] == "no-store"
+        token = made.json()["token"]
+        assert http.post("/devices/v1/cam-9", json={"role": "device"}).status_code == 409
+        for bad, field in ((b'{"role": "king"}', "role"), (b'{"role": 3}', "role"),
+                           (b'{"colour": "red"}', "colour"), (b"[1]", "object"),
+                           (b"{", "JSON")):
+            answer = http.post("/devices/v1/cam-10", content=bad)
+            assert answer.status_code == 400 and field in answer.json()["error"], bad
+        assert http.post("/devices/v1/a%20b").status_code == 400  # not a plain id
+        device = {"authorization": f"Bearer {token}"}
+        # a device may not enrol anyone, itself included
+        assert httpx.get(url + "/devices/v1", headers=device).status_code == 403
+        assert httpx.post(url + "/devices/v1/cam-11", headers=device).status_code == 403
+        assert any(row["id"] == "cam-9" for row in http.get("/devices/v1").json())
+        rotated = http.post("/devices/v1/cam-9/rotate", json={"overlap_s": 0})
+        assert rotated.status_code == 200
+        new = {"authorization": f"Bearer {rotated.json()['token']}"}
+        own = {"device": "cam-9"}
+        wait_for(lambda: httpx.get(url + "/registry/v1/deployments/stable", params=own,
+                                   headers=device).status_code == 401, timeout_s=10)
+        assert httpx.get(url + "/registry/v1/deployments/stable", params=own,
+                         headers=new).status_code == 200
+        # both of its tokens: the one rotated away and the new one
+        assert http.delete("/devices/v1/cam-9").json() == {"id": "cam-9", "revoked": 2}
+        assert http.delete("/devices/v1/cam-9").status_code == 404
+        wait_for(lambda: httpx.get(url + "/registry/v1/deployments/stable", params=own,
+                                   headers=new).status_code == 401, timeout_s=10)
+        assert http.post("/devices/v1/nobody/rotate").status_code == 404
+        assert http.put("/devices/v1/cam-9").status_code == 405

@@ -249,12 +249,11 @@ def _change(config: Config, registry: Registry, key: Any, builds: list[Path], lo
 
 def _download_bytes(config: Config, pushed: list[Any]) -> dict[str, int]:
     """Bytes a fresh subscriber on each tier downloads for the whole zoo (in-process)."""
-    from tierwise.registry.http import RegistryApp
+    from tierwise.cloud import hosted
     from tierwise.server.app import TierServer, serve_in_thread
 
     registry = Registry(config.registry_dir)
-    app = RegistryApp(registry, registry_token("", registry.root),
-                      TierServer("cloud", config.tier("cloud"), {}))
+    app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
     out = {}
     with serve_in_thread(app) as url:
         for tier in ("device", "edge", "cloud"):

@@ -1,5 +1,5 @@
 """`tierwise report`: what the collector has seen, as one HTML file with plots; the same
-views feed the cloud server's live dashboard (`monitor.dashboard`).
+views feed the cloud server's live dashboard (`tierwise.cloud.dashboard`).
 
 From the stored traces: the latency distribution per plan kind, the tier mix over time, cost
 over time against all-cloud (the ledger), and the confidence and drift scores over time with

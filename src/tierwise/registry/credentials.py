@@ -47,6 +47,10 @@ CREATE INDEX IF NOT EXISTS credentials_id ON credentials (id);
 """
 
 
+class AlreadyEnrolled(ValueError):
+    """`enroll` of an id that has a live credential (rotate or revoke it instead)."""
+
+
 class CredentialError(ValueError):
     """A request that credentials cannot allow: `status` 401 (who are you) or 403 (not
     yours)."""
@@ -76,8 +80,11 @@ class Principal:
                                        f"itself, not as {device_id!r}")
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+def token_hash(token: str | bytes) -> str:
+    """The SHA-256 (hex) a token is stored and compared as."""
+    return hashlib.sha256(token.encode("latin-1") if isinstance(token, str) else token
+                          ).hexdigest()
+
 
 
 class Credentials:
@@ -108,7 +115,7 @@ class Credentials:
         with self._db() as db:
             if db.execute("SELECT 1 FROM credentials WHERE id = ? AND revoked_at IS NULL",
                           (device_id,)).fetchone():
-                raise ValueError(f"{device_id!r} is enrolled already: rotate its token "
+                raise AlreadyEnrolled(f"{device_id!r} is enrolled already: rotate its token "
                                  "(`tierwise devices rotate`) or revoke it first")
             return self._issue(db, device_id, role)
 
@@ -153,14 +160,23 @@ class Credentials:
         if not authorization or not authorization.startswith(b"Bearer "):
             raise CredentialError(401, "this endpoint needs Authorization: Bearer <token> (a "
                                        "device's own token, or the operator's registry.token)")
-        token = authorization[len(b"Bearer "):]
-        operator = self._operator_token()
-        if operator is not None and hmac.compare_digest(token, operator):
-            return Principal(OPERATOR_ID, "operator")
-        principal = self._lookup(_hash(token.decode("latin-1")))
+        principal = self.principal_of(token_hash(authorization[len(b"Bearer "):]))
         if principal is None:
             raise CredentialError(401, "unknown, expired or revoked token")
         return principal
+
+    def principal_of(self, digest: str) -> Principal | None:
+        """Whose token has this SHA-256 (hex) now: None for an unknown, expired or revoked
+        one. A dashboard session keeps only the hash and asks again on every request, so
+        revoking or rotating a token away ends its sessions too."""
+        operator = self._operator_token()
+        if operator is not None and hmac.compare_digest(digest, token_hash(operator)):
+            return Principal(OPERATOR_ID, "operator")
+        return self._lookup(digest)
+
+    def is_ready(self) -> bool:
+        """Whether there is an operator token yet (`registry keygen`, or `registry.token`)."""
+        return self._operator_token() is not None
 
     # -- internals ------------------------------------------------------------------------
 
@@ -180,13 +196,13 @@ class Credentials:
     def _issue(self, db: sqlite3.Connection, device_id: str, role: str) -> str:
         token = secrets.token_urlsafe(32)
         db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?, NULL, NULL)",
-                   (_hash(token), device_id, role, time.time()))
+                   (token_hash(token), device_id, role, time.time()))
         return token
 
-    def _lookup(self, token_hash: str) -> Principal | None:
+    def _lookup(self, digest: str) -> Principal | None:
         now = time.time()
         with self._lock:
-            cached = self._cache.get(token_hash)
+            cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
         # read-only, no write lock: a flood of made-up tokens must not queue behind pushes
@@ -197,7 +213,7 @@ class Credentials:
         try:
             row = connection.execute(
                 "SELECT id, role FROM credentials WHERE token_hash = ? AND revoked_at IS NULL "
-                "AND (expires_at IS NULL OR expires_at > ?)", (token_hash, now)).fetchone()
+                "AND (expires_at IS NULL OR expires_at > ?)", (digest, now)).fetchone()
         except sqlite3.Error:  # no credentials table yet
             row = None
         finally:
@@ -208,7 +224,7 @@ class Credentials:
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[token_hash] = (now + CACHE_S, principal)
+            self._cache[digest] = (now + CACHE_S, principal)
         return principal
 
     def _forget(self) -> None:

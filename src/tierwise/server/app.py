@@ -728,7 +728,8 @@ def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
     return uvicorn.Config(
-        RequestLimits(app), loop="uvloop", http="httptools", interface="asgi3", lifespan="on",
+        RequestLimits(app), loop="uvloop", http="httptools", ws="none", interface="asgi3",
+        lifespan="on",
         access_log=False, proxy_headers=False, server_header=False, log_level="warning",
         **kwargs)
 

@@ -1,0 +1,112 @@
+"""Device enrolment over HTTP (`/devices/v1`), a route table of the control plane: what
+`tierwise devices enroll | rotate | revoke | ls` does at the registry's own machine, for an
+operator elsewhere. Every route needs the scope devices:admin (an operator).
+
+  GET    /devices/v1                   every credential (never a token)
+  POST   /devices/v1/{id}              {"role": "device"|"edge"|"operator"} -> 201
+                                       {"id", "role", "token"}; 409 if it has one
+  POST   /devices/v1/{id}/rotate       {"overlap_s": s} (optional) -> {"id", "token"}; the
+                                       old tokens keep working `overlap_s` (default a day)
+  DELETE /devices/v1/{id}              every token of id ends now -> {"id", "revoked"}
+
+A token is shown once, in the answer that made it (`cache-control: no-store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tierwise.cloud.auth import scoped
+from tierwise.cloud.http import read_body
+from tierwise.registry.credentials import (
+    DEFAULT_OVERLAP_S,
+    ROLES,
+    AlreadyEnrolled,
+    Credentials,
+)
+from tierwise.server.app import HTTPError
+
+PREFIX = "/devices/v1"
+_SECRET = {"cache-control": "no-store"}
+
+
+def _json(document: Any, status: int = 200, headers: dict[str, str] | None = None
+          ) -> Response:
+    return Response(orjson.dumps(document), status, headers, media_type="application/json")
+
+
+async def _options(request: Request, allowed: dict[str, tuple[type, ...]]
+                   ) -> dict[str, Any]:
+    """The JSON object body (empty: {}), each field of a type `allowed` names."""
+    body = await read_body(request, 4096, "a devices request")
+    if not body.strip():
+        return {}
+    try:
+        options = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise HTTPError(400, f"the body is not JSON: {error}") from None
+    if not isinstance(options, dict):
+        raise HTTPError(400, f"the body: expected a JSON object, got {type(options).__name__}")
+    for name, value in options.items():
+        kinds = allowed.get(name)
+        if kinds is None:
+            raise HTTPError(400, f"{name}: unknown field; expected {sorted(allowed)}")
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise HTTPError(400, f"{name}: expected {' or '.join(k.__name__ for k in kinds)}"
+                                 f", got {value!r}")
+    return options
+
+
+def devices_routes(credentials: Credentials) -> list[BaseRoute]:
+    """Enrolment over `credentials` (the registry index's table)."""
+
+    @scoped("devices:admin")
+    async def listed(request: Request) -> Response:
+        return _json(await asyncio.to_thread(credentials.list))
+
+    @scoped("devices:admin")
+    async def enroll(request: Request) -> Response:
+        device = request.path_params["id"]
+        role = (await _options(request, {"role": (str,)})).get("role", "device")
+        if role not in ROLES:
+            raise HTTPError(400, f"role: expected one of {list(ROLES)}, got {role!r}")
+        try:
+            token = await asyncio.to_thread(credentials.enroll, device, role)
+        except AlreadyEnrolled as error:
+            raise HTTPError(409, str(error)) from None
+        except ValueError as error:
+            raise HTTPError(400, f"{device!r}: {error}") from None
+        return _json({"id": device, "role": role, "token": token}, 201, _SECRET)
+
+    @scoped("devices:admin")
+    async def rotate(request: Request) -> Response:
+        device = request.path_params["id"]
+        options = await _options(request, {"overlap_s": (int, float)})
+        overlap_s = options.get("overlap_s", DEFAULT_OVERLAP_S)
+        if overlap_s < 0:
+            raise HTTPError(400, f"overlap_s: expected seconds >= 0, got {overlap_s!r}")
+        try:
+            token = await asyncio.to_thread(credentials.rotate, device, float(overlap_s))
+        except ValueError as error:
+            raise HTTPError(404, str(error)) from None
+        return _json({"id": device, "token": token}, 200, _SECRET)
+
+    @scoped("devices:admin")
+    async def revoke(request: Request) -> Response:
+        device = request.path_params["id"]
+        try:
+            revoked = await asyncio.to_thread(credentials.revoke, device)
+        except ValueError as error:
+            raise HTTPError(404, str(error)) from None
+        return _json({"id": device, "revoked": revoked})
+
+    return [Route(PREFIX, listed, methods=["GET"]),
+            Route(f"{PREFIX}/{{id}}", enroll, methods=["POST"]),
+            Route(f"{PREFIX}/{{id}}", revoke, methods=["DELETE"]),
+            Route(f"{PREFIX}/{{id}}/rotate", rotate, methods=["POST"])]
