@@ -236,3 +236,101 @@ def test_an_operator_enrols_rotates_and_revokes_devices_over_http(
                                    headers=new).status_code == 401, timeout_s=10)
         assert http.post("/devices/v1/nobody/rotate").status_code == 404
         assert http.put("/devices/v1/cam-9").status_code == 405
+
+
+# -- tier servers that require a credential (tiers.<tier>.require_auth) ----------------------
+
+
+def _infer(url: str, token: str | None) -> httpx.Response:
+    import numpy as np
+
+    from tierwise.protocol.oip import encode_infer_request
+
+    body, headers = encode_infer_request({"image": np.zeros((1, 1, 28, 28), np.uint8)},
+                                         binary=True)
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return httpx.post(url + "/v2/models/fmnist-edge/infer", content=body, headers=headers,
+                      timeout=30)
+
+
+def test_an_edge_that_requires_auth_asks_the_cloud_whose_a_token_is(
+        cloud: tuple[str, Config], models_dir: Path, splits) -> None:
+    from tierwise.client import Client
+    from tierwise.cloud import token_verifier
+    from tierwise.config import ConfigError
+    from tierwise.planner.plans import Remote
+    from tierwise.runtime.session import load_models
+    from tierwise.server.app import create_app, serve_in_thread
+
+    cloud_url, config = cloud
+    credentials = Credentials(Registry(config.registry_dir).index_path)
+    device = credentials.enroll("cam-1", "device")
+    other = credentials.enroll("cam-2", "device")
+    edge_token = credentials.enroll("edge-1", "edge")
+    config = config.model_copy(deep=True)
+    config.tiers["edge"].require_auth = True
+    with pytest.raises(ConfigError, match=r"registry\.url"):
+        token_verifier("edge", config.tier("edge"), config)
+    config.registry.url = cloud_url
+    config.registry.token = edge_token
+    verifier = token_verifier("edge", config.tier("edge"), config)
+    assert verifier is not None
+    verifier.cache_s = 0.2  # a revocation shows within this long
+    models = load_models(models_dir, names=["fmnist-edge"])
+    with serve_in_thread(create_app("edge", config.tier("edge"), models, verifier=verifier)
+                         ) as edge:
+        assert _infer(edge, None).status_code == 401
+        assert "Bearer" in _infer(edge, None).headers["www-authenticate"]
+        assert _infer(edge, "not-a-token").status_code == 401
+        assert _infer(edge, device).status_code == 200
+        assert httpx.get(edge + "/v2/health/ready").status_code == 200  # probes stay open
+        assert httpx.get(edge + "/v2/models/fmnist-edge").status_code == 401
+        metrics = {"authorization": f"Bearer {device}"}
+        assert httpx.get(edge + "/metrics", headers=metrics).status_code == 403
+        # the device's Client sends its own token to a tier that requires one
+        device_config = config.model_copy(deep=True)
+        device_config.registry.token = other
+        device_config.registry.url = ""  # no registry subscription: only the edge link
+        with Client(device_config, models_dir=models_dir, tier_urls={"edge": edge},
+                    probe=False, collector_url="") as client:
+            trace = client.infer(splits.test_x[0], Remote("edge", "fmnist-edge")).trace
+        assert trace.fallback is None and trace.stages[0].error is None, trace
+        credentials.revoke("cam-1")
+        wait_for(lambda: _infer(edge, device).status_code == 401, timeout_s=10,
+                 what="the revoked token refused at the edge")
+        assert _infer(edge, other).status_code == 200
+    # a device's token cannot introspect: the edge says so (503), it does not crash
+    config.registry.token = other
+    misconfigured = token_verifier("edge", config.tier("edge"), config)
+    with serve_in_thread(create_app("edge", config.tier("edge"), models,
+                                    verifier=misconfigured)) as edge:
+        refused = _infer(edge, other)
+        assert refused.status_code == 503 and "introspection" in refused.json()["error"]
+
+
+def test_a_cloud_that_requires_auth_keys_its_client_limit_on_the_credential(
+        cloud_config: Config, models_dir: Path) -> None:
+    from tierwise.cloud import hosted, token_verifier
+    from tierwise.runtime.session import load_models
+    from tierwise.server.app import TierServer, _client_key, serve_in_thread
+    from tierwise.server.auth import Principal
+
+    config = cloud_config
+    config.tiers["cloud"].require_auth = True
+    Registry(config.registry_dir).rollouts()
+    device = Credentials(Registry(config.registry_dir).index_path).enroll("cam-1")
+    operator = registry_token("", config.registry_dir)
+    server = TierServer("cloud", config.tier("cloud"), load_models(models_dir,
+                        names=["fmnist-edge"]),
+                        verifier=token_verifier("cloud", config.tier("cloud"), config))
+    with serve_in_thread(hosted(server, config)) as url:
+        assert _infer(url, None).status_code == 401
+        assert _infer(url, device).status_code == 200
+        assert httpx.get(url + "/metrics", headers={
+            "authorization": f"Bearer {operator}"}).status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 401
+    # with a credential, the header a client picks freely no longer names it
+    spoofed = {"headers": [(b"tierwise-device", b"someone-else")], "client": ("10.0.0.1", 1)}
+    assert _client_key(spoofed, Principal("cam-1", "device")) == b"id:cam-1"
+    assert _client_key(spoofed, None) == b"device:someone-else"

@@ -209,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
         "compute_scale": args.compute_scale, "max_body_bytes": args.max_body_bytes,
+        "require_auth": True if args.require_auth else None,
     }
     tier_settings = {**config.tier(args.tier).model_dump(),
                      **{k: v for k, v in overrides.items() if v is not None}}
@@ -230,10 +231,12 @@ def _serve(args: argparse.Namespace) -> int:
 
         def wrap(app: object) -> object:
             return hosted(app, config)  # type: ignore[arg-type]
+    from tierwise.cloud import token_verifier
+
     models_dir = Path(args.models) if args.models else config.models_dir
     serve(args.tier, tier, models_dir, host=args.host or tier.host,
           port=args.port if args.port is not None else tier.port, threads=args.threads,
-          wrap=wrap, tls=config.tls)
+          wrap=wrap, tls=config.tls, verifier=token_verifier(args.tier, tier, config))
     return 0
 
 
@@ -476,6 +479,8 @@ def _parser() -> argparse.ArgumentParser:
                        "registry.url; none: serve --models)")
     serve.add_argument("--channel", choices=["stable", "canary"], help="default registry.channel")
     serve.add_argument("--device-id", help="this server's id for canary cohorts")
+    serve.add_argument("--require-auth", action="store_true", help="inference and /metrics "
+                       "need a bearer token (tiers.<tier>.require_auth; see the README)")
     serve.set_defaults(run=_serve)
 
     from tierwise.models.cli import add_commands as add_models_commands

@@ -91,8 +91,14 @@ class TierConfig(_Section):
         256, ge=1, le=1_000_000, description="batch rows one infer request may carry; more "
         "are refused with 400 before anything is decoded")
     max_in_flight_per_client: int = Field(
-        256, ge=1, le=100_000, description="infer requests one client (its device id, else "
-        "its address) may have in the server at once; more are answered 429 with Retry-After")
+        256, ge=1, le=100_000, description="infer requests one client (its credential's id "
+        "with require_auth, else its device id header, else its address) may have in the "
+        "server at once; more are answered 429 with Retry-After")
+    require_auth: bool = Field(
+        False, description="inference, model metadata and /metrics need `Authorization: "
+        "Bearer <token>` (/metrics: an operator's); clients send their registry.token to this "
+        "tier. The cloud checks its credential table; an edge server asks the cloud at "
+        "registry.url (RFC 7662) with its own registry.token. Health checks stay open")
     models: list[str] = Field(
         default_factory=list,
         description="the models this tier runs for the planner, besides those whose metadata "

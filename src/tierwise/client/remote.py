@@ -120,8 +120,21 @@ class TierConnections:
                                            verify=self.tls or True)
                     if self.device_id:
                         client.headers["tierwise-device"] = self.device_id
+                    if self.config.tier(tier).require_auth:
+                        client.headers["authorization"] = f"Bearer {self._token(tier)}"
                     self._clients[tier] = client
         return client
+
+    def _token(self, tier: str) -> str:
+        """This device's own credential, the one it polls the registry with."""
+        from tierwise.registry.subscriber import registry_token
+
+        try:
+            return registry_token(self.config.registry.token, self.config.registry_dir)
+        except FileNotFoundError:
+            raise RemoteStageError(f"tier {tier!r} requires a token (tiers.{tier}.require_auth)"
+                                   " and this device has none: set registry.token to its own "
+                                   "(`tierwise devices enroll`)", tier) from None
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -29,10 +29,16 @@ from tierwise.cloud.devices import devices_routes
 from tierwise.cloud.http import EXCEPTION_HANDLERS, authentication_failed, error
 from tierwise.cloud.registry import registry_routes
 from tierwise.cloud.telemetry import TelemetryAPI
-from tierwise.config import Config
+from tierwise.config import Config, ConfigError, TierConfig
 from tierwise.monitor.collector import Collector
 from tierwise.monitor.report import Views, views_for
-from tierwise.registry.credentials import Credentials
+from tierwise.net.tls import client_context
+from tierwise.registry.credentials import (
+    Credentials,
+    Introspection,
+    TokenVerifier,
+    local_lookup,
+)
 from tierwise.registry.signing import TOKEN_FILE
 from tierwise.registry.store import Registry
 from tierwise.registry.subscriber import TOKEN_ENV, registry_token
@@ -48,6 +54,29 @@ def cloud_token(config: Config) -> str | None:
         return registry_token(config.registry.token, config.registry_dir)
     except FileNotFoundError:
         return None
+
+
+def token_verifier(tier_name: str, tier: TierConfig, config: Config) -> TokenVerifier | None:
+    """What a tier server with `tier.require_auth` checks bearer tokens with (None without
+    it): the cloud its own credential table; an edge server the cloud at `registry.url`
+    (RFC 7662 introspection), with its own token (`registry.token`). ConfigError naming
+    the setting that is missing."""
+    if not tier.require_auth:
+        return None
+    if tier_name == "cloud":
+        return TokenVerifier(local_lookup(cloud_credentials(config)))
+    if not config.registry.url:
+        raise ConfigError(f"tiers.{tier_name}.require_auth: an edge server asks the cloud whose "
+                          "a token is; set registry.url to the cloud server")
+    try:
+        own = registry_token(config.registry.token, config.registry_dir)
+    except FileNotFoundError:
+        raise ConfigError(f"tiers.{tier_name}.require_auth: this server needs its own "
+                          "credential to ask the cloud: set registry.token to a token "
+                          "enrolled with the edge role (`tierwise devices enroll ID --role "
+                          "edge`)") from None
+    return TokenVerifier(Introspection(config.registry.url, own,
+                                       client_context(config.tls) or True))
 
 
 def cloud_credentials(config: Config) -> Credentials:

@@ -39,11 +39,14 @@ from starlette.responses import RedirectResponse, Response
 from tierwise.registry.credentials import CredentialError, Credentials, Principal, token_hash
 
 DEVICE_SCOPES = frozenset({"deployments:read", "blobs:read", "traces:write"})
+# an edge server reports its own traces too, and asks whose a device's token is when it
+# requires one (tokens:introspect, RFC 7662)
+EDGE_SCOPES = DEVICE_SCOPES | {"tokens:introspect"}
 ROLE_SCOPES: dict[str, frozenset[str]] = {
     "device": DEVICE_SCOPES,
-    "edge": DEVICE_SCOPES,  # an edge server reports its own traces too
-    "operator": DEVICE_SCOPES | {"models:read", "telemetry:read", "dashboard:read",
-                                 "devices:admin"},
+    "edge": EDGE_SCOPES,
+    "operator": EDGE_SCOPES | {"models:read", "telemetry:read", "dashboard:read",
+                               "devices:admin"},
 }
 SESSION_COOKIE = "tierwise_session"
 SESSION_S = 12 * 3600.0

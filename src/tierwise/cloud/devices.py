@@ -1,6 +1,7 @@
 """Device enrolment over HTTP (`/devices/v1`), a route table of the control plane: what
 `tierwise devices enroll | rotate | revoke | ls` does at the registry's own machine, for an
-operator elsewhere. Every route needs the scope devices:admin (an operator).
+operator elsewhere. Every route but introspection needs the scope devices:admin (an
+operator).
 
   GET    /devices/v1                   every credential (never a token)
   POST   /devices/v1/{id}              {"role": "device"|"edge"|"operator"} -> 201
@@ -8,6 +9,10 @@ operator elsewhere. Every route needs the scope devices:admin (an operator).
   POST   /devices/v1/{id}/rotate       {"overlap_s": s} (optional) -> {"id", "token"}; the
                                        old tokens keep working `overlap_s` (default a day)
   DELETE /devices/v1/{id}              every token of id ends now -> {"id", "revoked"}
+  POST   /devices/v1/introspect        token=T (a form): whose T is now, RFC 7662 ->
+                                       {"active": true, "sub": id, "role"} or
+                                       {"active": false}; scope tokens:introspect (an edge
+                                       server that requires device tokens, or an operator)
 
 A token is shown once, in the answer that made it (`cache-control: no-store`).
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from starlette.requests import Request
@@ -29,6 +35,7 @@ from tierwise.registry.credentials import (
     ROLES,
     AlreadyEnrolled,
     Credentials,
+    token_hash,
 )
 from tierwise.server.app import HTTPError
 
@@ -106,7 +113,19 @@ def devices_routes(credentials: Credentials) -> list[BaseRoute]:
             raise HTTPError(404, str(error)) from None
         return _json({"id": device, "revoked": revoked})
 
-    return [Route(PREFIX, listed, methods=["GET"]),
+    @scoped("tokens:introspect")
+    async def introspect(request: Request) -> Response:
+        body = await read_body(request, 4096, "an introspection request")
+        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
+        if not token:
+            raise HTTPError(400, "token: the form needs token=<the token to check> (RFC 7662)")
+        found = await asyncio.to_thread(credentials.principal_of, token_hash(token))
+        document = {"active": True, "sub": found.id, "role": found.role} if found else \
+            {"active": False}
+        return _json(document, 200, _SECRET)
+
+    return [Route(f"{PREFIX}/introspect", introspect, methods=["POST"]),
+            Route(PREFIX, listed, methods=["GET"]),
             Route(f"{PREFIX}/{{id}}", enroll, methods=["POST"]),
             Route(f"{PREFIX}/{{id}}", revoke, methods=["DELETE"]),
             Route(f"{PREFIX}/{{id}}/rotate", rotate, methods=["POST"])]

@@ -21,23 +21,28 @@ depend on it and is never replaced with it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tierwise.server.auth import (  # noqa: F401 (re-exported: the cloud's names)
+    CACHE_S,
+    CredentialError,
+    Introspection,
+    Principal,
+    TokenVerifier,
+    token_hash,
+)
 from tierwise.sqlite import transaction
 
 ROLES = ("device", "edge", "operator")
 OPERATOR_ID = "operator"  # the registry API token's principal
 DEFAULT_OVERLAP_S = 24 * 3600.0
-CACHE_S = 2.0  # a revocation takes effect within this long on a running server
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (
@@ -49,42 +54,6 @@ CREATE INDEX IF NOT EXISTS credentials_id ON credentials (id);
 
 class AlreadyEnrolled(ValueError):
     """`enroll` of an id that has a live credential (rotate or revoke it instead)."""
-
-
-class CredentialError(ValueError):
-    """A request that credentials cannot allow: `status` 401 (who are you) or 403 (not
-    yours)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request is from."""
-
-    id: str
-    role: str
-
-    def require(self, *roles: str) -> None:
-        """CredentialError 403 unless this principal has one of `roles` (operator always)."""
-        if self.role != "operator" and self.role not in roles:
-            raise CredentialError(403, f"{self.role} {self.id!r} may not do this (needs "
-                                       f"{' or '.join(roles) or 'operator'})")
-
-    def require_self(self, device_id: str, what: str) -> None:
-        """CredentialError 403 unless `device_id` is this principal's own (operator: any)."""
-        if self.role != "operator" and device_id != self.id:
-            raise CredentialError(403, f"{what}: {self.role} {self.id!r} may only act as "
-                                       f"itself, not as {device_id!r}")
-
-
-def token_hash(token: str | bytes) -> str:
-    """The SHA-256 (hex) a token is stored and compared as."""
-    return hashlib.sha256(token.encode("latin-1") if isinstance(token, str) else token
-                          ).hexdigest()
-
 
 
 class Credentials:
@@ -232,22 +201,6 @@ class Credentials:
             self._cache.clear()
 
 
-def bearer(scope: dict[str, Any]) -> bytes | None:
-    """The Authorization header of an ASGI request, if any."""
-    for key, value in scope["headers"]:
-        if key == b"authorization":
-            return value
-    return None
-
-
-@contextlib.contextmanager
-def as_http_errors() -> Iterator[None]:
-    """CredentialError as the cloud's HTTPError (401 with WWW-Authenticate, or 403)."""
-    from tierwise.server.app import HTTPError
-
-    try:
-        yield
-    except CredentialError as error:
-        headers = [(b"www-authenticate", b'Bearer realm="tierwise"')] \
-            if error.status == 401 else []
-        raise HTTPError(error.status, str(error), headers) from None
+def local_lookup(credentials: Credentials) -> Callable[[str], Principal | None]:
+    """A `TokenVerifier` lookup in this machine's credential table (the cloud's)."""
+    return lambda token: credentials.principal_of(token_hash(token))

@@ -89,10 +89,10 @@ def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: s
                         device_id: str | None = None) -> None:
     """Serve what the registry at `url` deploys to this tier, hot-swapping new versions, until
     interrupted."""
-    from tierwise.cloud import hosted
+    from tierwise.cloud import hosted, token_verifier
     from tierwise.server.app import run
 
-    app = TierServer(tier_name, tier, {})
+    app = TierServer(tier_name, tier, {}, verifier=token_verifier(tier_name, tier, config))
     subscriber = subscriber_for(config, tier_name, url, channel=channel,
                                 device_id=device_id or f"{tier_name}-{host}-{port}")
     subscriber.on_change = ServerSync(app, tier_name, threads, config.registry.retire_grace_s)

@@ -63,6 +63,7 @@ from tierwise.protocol.oip import (
 )
 from tierwise.runtime.batcher import DynamicBatcher
 from tierwise.runtime.session import LoadFailure, OnnxModel, load_repository
+from tierwise.server.auth import CredentialError, Principal, TokenVerifier
 from tierwise.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tierwise.server.metrics import UNKNOWN_MODEL, ServerMetrics
 from tierwise.tasks import TaskError, classification_strings
@@ -132,9 +133,13 @@ class TierServer:
     `unavailable` (files that did not load) in its repository index."""
 
     def __init__(self, tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel],
-                 unavailable: Sequence[LoadFailure] = ()) -> None:
+                 unavailable: Sequence[LoadFailure] = (),
+                 verifier: TokenVerifier | None = None) -> None:
+        """`verifier`: who a request is from; with one, every route but the health checks
+        needs a bearer token (`tiers.<tier>.require_auth`), /metrics an operator's."""
         self.tier_name = tier_name
         self.tier = tier
+        self.verifier = verifier
         self.metrics = ServerMetrics(tier_name, tier.compute_scale)
         # name -> version -> served; `default_version[name]` answers unversioned requests
         self.models: dict[str, dict[str, _Served]] = {}
@@ -274,6 +279,9 @@ class TierServer:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        principal = None
+        if self.verifier is not None and not path.startswith(OPEN_PATHS):
+            principal = await self._authenticate(scope, path)
         if path.startswith("/v2/models/"):
             try:
                 served, action = self._model_route(path)
@@ -285,7 +293,7 @@ class TierServer:
                 if method != "POST":
                     raise HTTPError(405, f"{path}: use POST, not {method}",
                                     [(b"allow", b"POST")])
-                client = _client_key(scope)
+                client = _client_key(scope, principal)
                 held = self._client_in_flight.get(client, 0)
                 if held >= self.tier.max_in_flight_per_client:
                     served.metrics.observe_error(429, 0)
@@ -333,6 +341,23 @@ class TierServer:
         _require_get(method, path)
         body, content_type = route()
         await send_response(send, 200, body, [(b"content-type", content_type)])
+
+    async def _authenticate(self, scope: Scope, path: str) -> Principal:
+        """The request's principal (HTTPError 401/403/503 otherwise): from the verifier's
+        cache on the event loop, else looked up in a worker thread."""
+        assert self.verifier is not None
+        header = _header(scope, b"authorization")
+        principal = self.verifier.cached(header)
+        try:
+            if principal is None:
+                principal = await asyncio.to_thread(self.verifier.authenticate, header)
+            if path == "/metrics":
+                principal.require()  # an operator's
+        except CredentialError as error:
+            challenge = [(b"www-authenticate", b'Bearer realm="tierwise"')] \
+                if error.status == 401 else []
+            raise HTTPError(error.status, str(error), challenge) from None
+        return principal
 
     def _retry_after_s(self, served: _Served) -> int:
         """Retry-After (whole seconds, RFC 9110): the time to work off what the model holds,
@@ -641,18 +666,29 @@ def _version_order(version: str) -> tuple[int, str]:
 
 
 DEVICE_HEADER = b"tierwise-device"
+# open with require_auth too: orchestrators' liveness and readiness probes carry no token
+OPEN_PATHS = ("/v2/health/",)
 # JSON bodies longer than this are parsed in a worker thread (a binary body's JSON header
 # is short, whatever its tensors weigh)
 OFF_LOOP_BODY_BYTES = 64 * 1024
 
 
-def _client_key(scope: Scope) -> bytes:
-    """Whose request this is, for the per-client limit: the device id the client sends
-    (`tierwise-device`), else its address. (A device credential, once there is one, is the
-    key that cannot be chosen freely.)"""
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope["headers"]:
-        if name == DEVICE_HEADER:
-            return b"device:" + value[:128]
+        if name == wanted:
+            return value
+    return None
+
+
+def _client_key(scope: Scope, principal: Principal | None) -> bytes:
+    """Whose request this is, for the per-client limit: its credential's id when the server
+    requires one (a key the client cannot choose), else the device id it sends
+    (`tierwise-device`), else its address."""
+    if principal is not None:
+        return b"id:" + principal.id.encode()
+    device = _header(scope, DEVICE_HEADER)
+    if device is not None:
+        return b"device:" + device[:128]
     client = scope.get("client")
     return f"addr:{client[0] if client else ''}".encode()
 
@@ -674,10 +710,12 @@ async def send_response(send: Send, status: int, body: bytes,
 
 
 def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel],
-               unavailable: Sequence[LoadFailure] = ()) -> TierServer:
+               unavailable: Sequence[LoadFailure] = (),
+               verifier: TokenVerifier | None = None) -> TierServer:
     """The ASGI app serving `models` as tier `tier_name`; `unavailable`: files that did not
-    load, listed by its repository index."""
-    return TierServer(tier_name, tier, models, unavailable)
+    load, listed by its repository index; `verifier`: checks bearer tokens
+    (`require_auth`)."""
+    return TierServer(tier_name, tier, models, unavailable, verifier)
 
 
 class RequestLimits:
@@ -736,7 +774,7 @@ def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
 
 def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: int,
           threads: int = 1, wrap: Callable[[TierServer], Any] | None = None,
-          tls: TlsConfig | None = None) -> None:
+          tls: TlsConfig | None = None, verifier: TokenVerifier | None = None) -> None:
     """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools);
     `wrap` puts another ASGI layer in front (the cloud's registry API). A model file that
     does not load is logged and listed UNAVAILABLE; the others are served."""
@@ -745,7 +783,7 @@ def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: i
         raise FileNotFoundError(f"{models_dir}: no models to serve (expected "
                                 "<name>/model.onnx, with or without metadata.json, or "
                                 "<name>.onnx; `tierwise models add`, `tierwise zoo train`)")
-    app = create_app(tier_name, tier, models, unavailable)
+    app = create_app(tier_name, tier, models, unavailable, verifier)
     run(wrap(app) if wrap else app, host, port,
         f"tierwise serve: tier {tier_name}, models {sorted(models)}", tls)
 
@@ -760,6 +798,8 @@ def run(app: Any, host: str, port: int, banner: str, tls: TlsConfig | None = Non
     bound_port = sock.getsockname()[1]
     tier: TierConfig = app.tier
     mutual = " (mutual TLS)" if "ssl_ca_certs" in options else ""
+    if tier.require_auth:
+        mutual += " (bearer tokens required)"
     print(f"{banner} on {'https' if options else 'http'}://{host}:{bound_port}{mutual} "
           f"max_batch_size {tier.max_batch_size} max_queue_delay_ms "
           f"{tier.max_queue_delay_ms:g} compute_scale {tier.compute_scale:g}", flush=True)
