@@ -128,3 +128,25 @@ def test_bench_serve_refuses_a_bad_max_batch_size(models_dir: Path, tmp_path: Pa
         check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert finished.returncode != 0
     assert "--max-batch-size" in finished.stderr and "'many'" in finished.stderr
+
+
+def test_bench_routing_measures_oip_hand_written_and_through_starlette(
+        models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    finished = subprocess.run(
+        [sys.executable, "-m", "tierwise.cli", "bench", "routing", "--models", str(models_dir),
+         "--concurrency", "1,4", "--rounds", "2", "--duration-s", "0.5", "--warmup-s", "0.2",
+         "--out", str(out)],
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads((out / "results.json").read_text())
+    rows = {(row["mode"], row["concurrency"]): row for row in results["rows"]}
+    assert set(rows) == {(mode, level) for mode in ("hand-written", "starlette")
+                         for level in (1, 4)}
+    for row in rows.values():  # both routings answered every request with 200
+        assert row["errors"] == 0 and row["requests"] > 10, row
+    for ratio in results["ratios"]:
+        print(ratio)
+        assert 0.1 < ratio["throughput_ratio"] < 10  # generous: a loaded host stays in it
+    assert (out / "routing.png").stat().st_size > 0
+    assert "through Starlette" in (out / "table.md").read_text()

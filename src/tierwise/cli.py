@@ -332,6 +332,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_routing(args: argparse.Namespace) -> int:
+    from tierwise.bench.routing import run_bench_routing
+
+    run_bench_routing(load_config(args.config), args)
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from tierwise.bench.serve import run_bench_serve
 
@@ -537,6 +544,18 @@ def _parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--max-queue-delay-ms", type=float, help="the batching server's "
                              "(default: a quarter of one request's in-process compute)")
     bench_serve.set_defaults(run=_bench_serve)
+
+    routing = bench_commands.add_parser(
+        "routing", help="OIP inference through the hand-written ASGI vs through Starlette, "
+        "side by side")
+    routing.add_argument("--model", default="fmnist-edge")
+    routing.add_argument("--models", help="default <data_dir>/models")
+    routing.add_argument("--concurrency", default="1,8", help="comma-separated client counts")
+    routing.add_argument("--rounds", type=_positive(int), default=3)
+    routing.add_argument("--duration-s", type=_positive(float), default=5.0)
+    routing.add_argument("--warmup-s", type=float, default=1.0)
+    routing.add_argument("--out", default="reports/bench-routing")
+    routing.set_defaults(run=_bench_routing)
 
     bandwidth = bench_commands.add_parser(
         "bandwidth", help="every strategy across a sweep of uplink bandwidth, with an oracle")

@@ -41,13 +41,15 @@ def tier_server(
     config_path: str | None = None,
     ready_timeout_s: float = 30.0,
     popen: Callable[..., subprocess.Popen[Any]] = subprocess.Popen,
+    module: str = "tierwise.cli",
 ) -> Iterator[str]:
     """Run `tierwise serve --tier <tier>` as a child process; yield its base URL once ready.
 
     `popen` starts the process (default: here; `namespaced_tier_server` passes one that runs
-    it inside a network namespace)."""
+    it inside a network namespace); `module`: another entry point taking the same `serve`
+    arguments (a benchmark's own server)."""
     port = port or free_port(host)
-    command = [sys.executable, "-m", "tierwise.cli"]
+    command = [sys.executable, "-m", module]
     if config_path:
         command += ["--config", config_path]
     command += ["serve", "--tier", tier, "--host", host, "--port", str(port),
