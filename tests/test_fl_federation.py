@@ -127,3 +127,35 @@ def test_a_server_app_that_dies_before_writing_is_reported_not_waited_on(tmp_pat
         federation.submit({"no": "progress file named"})  # main() fails on its first line
         with pytest.raises(FederationError, match="ended without a result"):
             federation.follow(tmp_path / "run" / "progress.jsonl", timeout_s=180)
+
+
+def test_flower_links_run_over_tls_when_the_config_has_certificates(tmp_path):
+    from tierwise.net.tls import init_certs
+
+    issued = init_certs(tmp_path / "certs", ["127.0.0.1", "localhost"], [])
+    config = _config(tmp_path, clients=2, rounds=1)
+    config.tls.ca, config.tls.cert, config.tls.key = (
+        str(issued.ca), str(issued.server_cert), str(issued.server_key))
+    uplink = bytearray()
+    lock = threading.Lock()
+
+    def tap(direction: str, data: bytes) -> None:
+        if direction == "up":
+            with lock:
+                uplink.extend(data)
+
+    summary = run_federation(config, tmp_path / "run", taps={0: tap}, timeout_s=300)
+    (round_,) = summary["rounds"]
+    assert round_["answered"] == 2 and round_["aggregated"]
+    sent = bytes(uplink)
+    # what client 0 put on the wire is TLS records (a handshake first), never plaintext
+    # HTTP/2 (gRPC's connection preface)
+    assert sent[:1] == b"\x16" and sent[1:3] in (b"\x03\x01", b"\x03\x03"), sent[:8]
+    assert b"PRI * HTTP/2.0" not in sent and len(sent) > 16_000
+
+
+def test_flower_tls_needs_the_ca_and_the_key_too(tmp_path):
+    config = _config(tmp_path, clients=2, rounds=1)
+    config.tls.cert = str(tmp_path / "server.pem")
+    with pytest.raises(FederationError, match=r"tls\.ca"):
+        Federation(config, tmp_path / "run")

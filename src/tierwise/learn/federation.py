@@ -190,6 +190,12 @@ class Federation:
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  taps: dict[int, Callable[[str, bytes], None]] | None = None) -> None:
         self.config, self.fl = config, config.fl
+        # TLS on every Flower link when [tls] has a server certificate (`tierwise certs init`)
+        self.tls = config.tls if config.tls.cert else None
+        if self.tls is not None and not (self.tls.key and self.tls.ca):
+            raise FederationError("tls: Flower's links need tls.cert, tls.key and tls.ca "
+                                  "together (the SuperNodes verify the SuperLink against the "
+                                  "CA); `tierwise certs init` prints all three")
         self.taps = taps or {}
         self.work = work_dir
         self.schedule = schedule or Schedule()
@@ -233,10 +239,23 @@ class Federation:
         home.mkdir()
         log = self.work / "logs" / "superlink.log"
         self.superlink = _start(
-            [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-             str(self.port), "--disable-runtime-dependency-installation"],
+            [_bin("flower-superlink"), *self._superlink_tls(), "--host", "127.0.0.1",
+             "--port", str(self.port), "--disable-runtime-dependency-installation"],
             log, {**self.env, "FLWR_HOME": str(home)})  # state in memory: no SQLite per poll
         _wait_port(self.port, self.superlink, log, "flower-superlink")
+
+    def _superlink_tls(self) -> list[str]:
+        """The SuperLink's TLS flags (Fleet, Control and ServerAppIo APIs): the [tls]
+        certificate, key and CA when set, else plain gRPC on loopback."""
+        if self.tls is None:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", self.tls.ca, "--ssl-certfile", self.tls.cert,
+                "--ssl-keyfile", self.tls.key]
+
+    def _supernode_tls(self) -> list[str]:
+        """A SuperNode verifies the SuperLink against the [tls] CA (through its proxy, which
+        relays TLS records untouched)."""
+        return ["--root-certificates", self.tls.ca] if self.tls else ["--insecure"]
 
     def _client(self, index: int) -> Client:
         proxy = ShapingProxy(("127.0.0.1", self.port), self.fl.uplink, self.fl.downlink_rate,
@@ -256,7 +275,8 @@ class Federation:
                            f'compute-scale={client.compute_scale} '
                            f'data-dir="{self.config.data.path or ""}"')
             client.supernode = _start(
-                [_bin("flower-supernode"), "--insecure", "--superlink", f"{host}:{port}",
+                [_bin("flower-supernode"), *self._supernode_tls(), "--superlink",
+                 f"{host}:{port}",
                  "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
                  "--node-config", node_config], self._log(client), self._client_env(client))
         data = self.config.data
@@ -293,7 +313,8 @@ class Federation:
         cli_home.mkdir(exist_ok=True)
         (cli_home / "config.toml").write_text(
             '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{self.port}"\n' + (
+                f'root-certificates = "{self.tls.ca}"\n' if self.tls else 'insecure = true\n'))
         done = subprocess.run(
             [_bin("flwr"), "run", str(app_directory(self.work)), "local", "--format", "json",
              "--run-config", f'spec="{spec_path}"'],
