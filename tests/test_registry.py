@@ -356,6 +356,57 @@ def test_a_replayed_expired_altered_or_foreign_deployment_is_refused(
         subscriber.stop()
 
 
+def test_a_rebuilt_registry_is_followed_and_lists_from_the_index_it_replaced_are_refused(
+        config: Config, models_dir: Path, tmp_path: Path) -> None:
+    """A registry made again from nothing counts its sequence from 0 under a new index id:
+    its lists are taken once issued after the last one taken, and lists replayed from the
+    index it replaced are refused (they are signed with the same key)."""
+    registry = Registry(config.registry_dir)
+    registry.deployment_step_s = 0.2  # issue times move on quickly here
+    for build in ("a1", "a2"):
+        _push(config, rebuild(models_dir, tmp_path / build, [DEVICE]), DEVICE,
+              channel="stable")
+    before = registry.deployment("stable", "unit")
+    subscriber = _subscriber(config, "http://127.0.0.1:9", tmp_path)  # no polling here
+    subscriber.check_deployment(before)
+    subscriber._remember(before)
+    registry.index_path.unlink()  # rebuilt: the same keys, a new index
+    rebuilt_registry = Registry(config.registry_dir)
+    rebuilt_registry.deployment_step_s = 0.2
+    _push(config, models_dir, DEVICE)
+    time.sleep(0.3)
+    rebuilt = rebuilt_registry.deployment("stable", "unit")
+    assert rebuilt["registry"] != before["registry"]
+    assert rebuilt["sequence"] < before["sequence"]  # counting again
+    subscriber.check_deployment(rebuilt)  # followed
+    subscriber._remember(rebuilt)
+    with pytest.raises(VerificationError, match="index left behind"):
+        subscriber.check_deployment(before)  # a replay from the index it replaced
+    restarted = _subscriber(config, "http://127.0.0.1:9", tmp_path)
+    with pytest.raises(VerificationError, match="index left behind"):
+        restarted.check_deployment(before)  # also after a restart
+    restarted.check_deployment(rebuilt)
+    subscriber.stop()
+    restarted.stop()
+
+
+def test_a_304_does_not_keep_an_expired_list_alive(
+        config: Config, hosted_registry: str, tmp_path: Path) -> None:
+    subscriber = _subscriber(config, hosted_registry, tmp_path)
+    try:
+        subscriber.poll_once()
+        assert subscriber.state.current[DEVICE].version == "1"
+        fresh_until = subscriber._etag_expires_at
+        assert fresh_until is not None and fresh_until > time.time()
+        # the list behind the ETag has expired: "unchanged" is not taken, the list is
+        # fetched in full (and a fresh one, signed again, comes back)
+        subscriber._etag_expires_at = time.time() - 1
+        subscriber.poll_once()
+        assert subscriber._etag_expires_at == fresh_until and subscriber.last_error is None
+    finally:
+        subscriber.stop()
+
+
 def test_an_interrupted_download_resumes_where_it_stopped(
         config: Config, hosted_registry: str, tmp_path: Path) -> None:
     full = _subscriber(config, hosted_registry, tmp_path / "full")

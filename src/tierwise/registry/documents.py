@@ -38,7 +38,10 @@ Tier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class _Document(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # A field this version does not know is ignored, so a newer registry can add one without
+    # breaking older subscribers. That is safe here: the signature was checked over the whole
+    # document as sent, so whatever it holds, the registry signed it.
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
 
 class FileEntry(_Document):
@@ -71,7 +74,7 @@ class SignedManifest(BaseModel):
     """A manifest as it travels with its signature. Both are checked per version, by the
     signature and `Manifest`, so one bad version is refused alone and the others install."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     manifest: Any
     signature: Any = None
@@ -98,6 +101,7 @@ class Deployment(_Document):
     channel: Annotated[str, StringConstraints(pattern=r"^(stable|canary)$")]
     device: PlainName
     models: dict[PlainName, DeployedModel]
+    registry: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # its index
     sequence: Annotated[int, Field(ge=0)]
     issued_at: float
     expires_at: float

@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL, model TEXT NOT NULL, channel TEXT NOT NULL, version INTEGER NOT NULL,
     seen_at REAL NOT NULL, PRIMARY KEY (device, model));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('instance', lower(hex(randomblob(16))));
 """
 
 
@@ -416,7 +418,9 @@ class Registry:
         version has a server). Records what each device was given.
 
         The document itself is signed, with the registry's `sequence` (the last event's id:
-        it grows with every change), `issued_at` and `expires_at` (epoch s), so a subscriber
+        it grows with every change) counted in its index `registry` (a random instance id,
+        new when the index is made again), `issued_at` and `expires_at` (epoch s), so a
+        subscriber
         refuses a replayed older list (a downgrade), a list for another device, a list held
         back past its expiry (a freeze), and any list altered on the way, emptied or not —
         The Update Framework's timestamp and snapshot roles, in one document."""
@@ -449,9 +453,12 @@ class Registry:
             # every change of any rollout is an event: their last id orders the registry's
             # states, never going back (AUTOINCREMENT does not reuse ids)
             sequence = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            # which index the sequence counts in: a registry rebuilt from nothing starts
+            # counting again, under a new instance id
+            instance = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0]
         issued_at = math.floor(now / self.deployment_step_s) * self.deployment_step_s
         document = {"channel": channel, "device": device_id, "models": models,
-                    "sequence": int(sequence), "issued_at": issued_at,
+                    "registry": instance, "sequence": int(sequence), "issued_at": issued_at,
                     "expires_at": issued_at + self.deployment_ttl_s}
         document["signature"] = sign(document, self._signing_key())
         return document

@@ -20,6 +20,7 @@ models that run on its tier, so that every device finds the version it was given
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -155,6 +156,7 @@ class Subscriber:
         self.bytes_downloaded = 0
         self.last_error: str | None = None
         self._etag: str | None = None
+        self._etag_expires_at: float | None = None  # when the list behind `_etag` expires
         self._sequence_file = self.cache_dir / "deployment-sequence"
         self._taken = True  # whether on_change took the current state
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
@@ -237,6 +239,11 @@ class Subscriber:
         response = self._http.get(f"/registry/v1/deployments/{self.channel}",
                                   params={"device": self.device_id}, headers=headers)
         if response.status_code == 304:
+            if self._etag_expires_at is not None and time.time() > self._etag_expires_at:
+                # "unchanged" must not keep a list alive past its expiry (a freeze replayed
+                # as 304s): ask in full; only the registry can sign a fresh one
+                self._etag = None
+                return self._fetch_deployment()
             return None
         if response.status_code != 200:
             raise RegistryUnavailableError(f"{response.status_code}: {response.text[:200]}")
@@ -249,8 +256,9 @@ class Subscriber:
         except (VerificationError, ValueError) as error:
             raise RegistryUnavailableError(f"deployment refused: {error}") from None
         self._etag = response.headers.get("etag")
+        self._etag_expires_at = float(document["expires_at"])
         self.last_error = None
-        self._taken_sequence(document["sequence"])
+        self._remember(document)
         return document
 
     def check_deployment(self, document: dict[str, Any], now: float | None = None) -> None:
@@ -270,23 +278,54 @@ class Subscriber:
         if now > expires_at:
             raise VerificationError(f"the deployment expired {now - expires_at:,.0f} s ago "
                                     "(held back, or this clock is wrong)")
-        last = self._last_sequence()
-        if sequence < last:
-            raise VerificationError(f"the deployment is older (sequence {sequence}) than one "
-                                    f"already taken ({last}): a replay or a downgrade")
+        last = self._last_taken()
+        instance, issued_at = body.get("registry"), body.get("issued_at")
+        if last["registry"] in (None, instance):
+            if sequence < last["sequence"]:
+                raise VerificationError(f"the deployment is older (sequence {sequence}) than "
+                                        f"one already taken ({last['sequence']}): a replay or "
+                                        "a downgrade")
+        # another index (the registry rebuilt): its sequence counts from 0 again, so it is
+        # taken only when issued after the last one taken, which an old list replayed from
+        # an index this subscriber left never is
+        elif instance in last["left"] or not isinstance(issued_at, int | float) or \
+                issued_at <= last["issued_at"]:
+            raise VerificationError(f"the deployment is from registry index {instance!r}, "
+                                    f"issued before the last one taken (from "
+                                    f"{last['registry']!r}): a replay from an index left "
+                                    "behind")
 
-    def _last_sequence(self) -> int:
+    def _last_taken(self) -> dict[str, Any]:
+        """The last deployment taken: its registry index, sequence and issue time, and the
+        indexes left before it; kept across restarts, so a replay after one fails too."""
+        empty: dict[str, Any] = {"registry": None, "sequence": 0, "issued_at": 0.0,
+                                  "left": []}
         try:
-            return int(self._sequence_file.read_text())
-        except (OSError, ValueError):
-            return 0
+            text = self._sequence_file.read_text()
+        except OSError:
+            return empty
+        try:
+            kept = json.loads(text)
+        except ValueError:
+            return empty
+        if isinstance(kept, int):  # written by an older tierwise: a bare sequence
+            return {**empty, "sequence": kept}
+        return {**empty, **kept} if isinstance(kept, dict) else empty
 
-    def _taken_sequence(self, sequence: int) -> None:
-        if sequence > self._last_sequence():  # kept across restarts: a replay after one fails
-            _ensure(self.cache_dir)
-            staged = self._sequence_file.with_suffix(".tmp")
-            staged.write_text(str(sequence))
-            staged.replace(self._sequence_file)
+    def _remember(self, document: dict[str, Any]) -> None:
+        last = self._last_taken()
+        instance = document.get("registry")
+        left = list(last["left"])
+        if last["registry"] not in (None, instance):
+            left = [*left, last["registry"]][-100:]
+        elif document["sequence"] < last["sequence"]:
+            return
+        _ensure(self.cache_dir)
+        staged = self._sequence_file.with_suffix(".tmp")
+        staged.write_text(json.dumps({"registry": instance, "sequence": document["sequence"],
+                                      "issued_at": document.get("issued_at", 0.0),
+                                      "left": left}))
+        staged.replace(self._sequence_file)
 
     def _apply(self, deployment: dict[str, Any]) -> SubscriberState:
         state = SubscriberState()
