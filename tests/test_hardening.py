@@ -27,7 +27,7 @@ from tierwise.server.app import create_app, serve_in_thread
 MODEL = "fmnist-edge"
 INFER = f"/v2/models/{MODEL}/infer"
 LIMITS = TierConfig(max_rows_per_request=64, max_header_bytes=8 * 1024, body_timeout_s=1.0,
-                    max_in_flight_per_client=2, compute_scale=100.0)
+                    body_deadline_s=3.0, max_in_flight_per_client=2, compute_scale=100.0)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,60 @@ def test_a_stalled_body_is_answered_408_and_frees_the_server(server: str) -> Non
     assert answer.startswith(b"HTTP/1.1 408")
     assert b"body_timeout_s" in answer
     assert 0.5 < waited < 20  # body_timeout_s 1 s, on a loaded machine
+    _alive(server)
+
+
+def test_a_header_still_arriving_is_refused_once_past_the_limit(server: str) -> None:
+    # the head never ends: the server must answer while it arrives, not hold it all first
+    host, port = server.removeprefix("http://").split(":")
+    sent = 0
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-padding: ")
+        try:
+            while sent < 1024 * 1024:
+                sock.sendall(b"a" * 1024)
+                sent += 1024
+                time.sleep(0.002)
+                sock.setblocking(False)
+                try:
+                    answer = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                finally:
+                    sock.setblocking(True)
+                break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if not answer:
+            answer = sock.recv(65536)
+    print(f"answered after {sent:,} header bytes: {answer[:60]!r}")
+    assert answer.startswith(b"HTTP/1.1 431") and b"max_header_bytes" in answer
+    assert sent < 512 * 1024  # refused within a few reads of the 8 KB limit, not at the end
+    _alive(server)
+
+
+def test_a_body_that_trickles_in_is_answered_408_at_its_deadline(server: str) -> None:
+    # a byte every 0.3 s never stalls for body_timeout_s (1 s); the deadline (3 s) ends it
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     f"content-length: 1000\r\n\r\n".encode())
+        started = time.perf_counter()
+        sock.setblocking(False)
+        answer = b""
+        while not answer and time.perf_counter() - started < 20:
+            try:
+                sock.send(b" ")
+                answer = sock.recv(65536)
+            except BlockingIOError:
+                time.sleep(0.3)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        waited = time.perf_counter() - started
+    print(f"answered after {waited:.2f} s: {answer[:80]!r}")
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_deadline_s" in answer
+    assert 2.5 < waited < 20
     _alive(server)
 
 

@@ -87,6 +87,9 @@ class TierConfig(_Section):
         "together; a longer request is answered 431")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body that "
                                   "stops arriving for this long is answered 408")
+    body_deadline_s: float = Field(300.0, gt=0, le=86_400, description="a request body not "
+                                   "whole this long after its headers is answered 408 (a "
+                                   "trickle of a byte now and then)")
     max_rows_per_request: int = Field(
         256, ge=1, le=1_000_000, description="batch rows one infer request may carry; more "
         "are refused with 400 before anything is decoded")

@@ -721,14 +721,17 @@ def create_app(tier_name: str, tier: TierConfig, models: Mapping[str, OnnxModel]
 class RequestLimits:
     """The outermost ASGI layer of every server (`tierwise serve`, the cloud's hosted APIs):
     a request whose header block is over `tier.max_header_bytes` is answered 431 (RFC 6585)
-    before any route runs, and a body that stops arriving for `tier.body_timeout_s` ends
-    the request with 408, so a slow or incomplete upload cannot hold the server."""
+    before any route runs (a longer one already while it arrives, `_bounded_http_protocol`),
+    and a body that stops arriving for `tier.body_timeout_s`, or is not whole after
+    `tier.body_deadline_s`, ends the request with 408, so a slow or incomplete upload
+    cannot hold the server."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         tier: TierConfig = app.tier
         self.max_header_bytes = tier.max_header_bytes
         self.body_timeout_s = tier.body_timeout_s
+        self.body_deadline_s = tier.body_deadline_s
 
     def __getattr__(self, name: str) -> Any:  # the wrapped server's API (tier, update, ...)
         return getattr(self.app, name)
@@ -746,14 +749,20 @@ class RequestLimits:
             return
         body_done = False
         timeout_s = self.body_timeout_s
+        deadline = time.monotonic() + self.body_deadline_s
 
         async def receive_in_time() -> Message:
             nonlocal body_done
             if body_done:  # after the body, a receive waits for the disconnect: no limit
                 return await receive()
+            left_s = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, min(timeout_s, left_s)))
             except TimeoutError:
+                if left_s < timeout_s:  # a body trickling in, a little now and then
+                    raise HTTPError(408, f"the request body took over "
+                                         f"{self.body_deadline_s:g} s (body_deadline_s)",
+                                    [_CLOSE]) from None
                 raise HTTPError(408, f"the request body stalled: nothing arrived for "
                                      f"{timeout_s:g} s (body_timeout_s)", [_CLOSE]) from None
             body_done = message["type"] != "http.request" or not message.get("more_body")
@@ -762,12 +771,51 @@ class RequestLimits:
         await self.app(scope, receive_in_time, send)
 
 
+def _bounded_http_protocol(max_head_bytes: int) -> type:
+    """uvicorn's httptools protocol, refusing a request head (request line and headers)
+    longer than `max_head_bytes` while it is still arriving: 431, and the connection closed.
+    httptools keeps a header's bytes until the header ends, so without this an 8 MB header
+    would be held whole before any ASGI layer could refuse it. Counted per read, so a head
+    is refused within one read (at most a socket buffer) past the limit."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _in_head = True
+        _head_bytes = 0
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > max_head_bytes:
+                message = encode_error(
+                    f"the request line and headers are over {max_head_bytes:,} bytes, the "
+                    "most this server takes (max_header_bytes)")
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: "
+                    b"application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(message) + message)
+                self.transport.close()
+
+    return BoundedHttpToolsProtocol
+
+
 def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
     import uvicorn
 
+    tier: TierConfig = app.tier
     return uvicorn.Config(
-        RequestLimits(app), loop="uvloop", http="httptools", ws="none", interface="asgi3",
-        lifespan="on",
+        RequestLimits(app), loop="uvloop", http=_bounded_http_protocol(tier.max_header_bytes),
+        ws="none", interface="asgi3", lifespan="on",
         access_log=False, proxy_headers=False, server_header=False, log_level="warning",
         **kwargs)
 
