@@ -157,7 +157,7 @@ def test_the_signing_key_and_the_api_token_are_replaced_apart(tmp_path: Path) ->
 
 
 def test_dashboard_session_cookie_is_httponly_strict_and_needed(cloud_config: Config) -> None:
-    from tierwise.cloud import cloud_token, hosted
+    from tierwise.cloud import hosted
     from tierwise.server.app import TierServer, serve_in_thread
 
     config = cloud_config
@@ -165,10 +165,10 @@ def test_dashboard_session_cookie_is_httponly_strict_and_needed(cloud_config: Co
     with serve_in_thread(app) as url, httpx.Client(base_url=url) as http:
         assert http.get("/dashboard/data").status_code == 401
         assert http.get("/dashboard/").status_code == 303  # to the sign-in page
-        assert http.get("/dashboard/data", params={"token": cloud_token(config)}
-                        ).status_code == 401
+        operator = registry_token("", config.registry_dir)
+        assert http.get("/dashboard/data", params={"token": operator}).status_code == 401
         assert http.post("/dashboard/login", data={"token": "wrong"}).status_code == 401
-        signed_in = http.post("/dashboard/login", data={"token": cloud_token(config)})
+        signed_in = http.post("/dashboard/login", data={"token": operator})
         assert signed_in.status_code == 303
         cookie = signed_in.headers["set-cookie"]
         for attribute in ("httponly", "samesite=strict", "path=/dashboard"):
@@ -243,7 +243,15 @@ def test_an_operator_enrols_rotates_and_revokes_devices_over_http(
         wait_for(lambda: httpx.get(url + "/registry/v1/deployments/stable", params=own,
                                    headers=new).status_code == 401, timeout_s=10)
         assert http.post("/devices/v1/nobody/rotate").status_code == 404
-        assert http.put("/devices/v1/cam-9").status_code == 405
+        wrong = http.put("/devices/v1/cam-9")  # the methods of every route of the path
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "DELETE, POST"
+        assert "use POST, not GET" in http.get("/devices/v1/cam-9/rotate").json()["error"]
+        # a token that is not even ASCII is nobody's, not a crash
+        euro = {"content-type": "application/x-www-form-urlencoded"}
+        assert http.post("/devices/v1/introspect", content=b"token=%E2%82%AC",
+                         headers=euro).json() == {"active": False}
+        assert httpx.post(url + "/dashboard/login", content=b"token=%E2%82%AC",
+                          headers=euro).status_code == 401
 
 
 # -- tier servers that require a credential (tiers.<tier>.require_auth) ----------------------
@@ -291,6 +299,9 @@ def test_an_edge_that_requires_auth_asks_the_cloud_whose_a_token_is(
         assert _infer(edge, None).status_code == 401
         assert "Bearer" in _infer(edge, None).headers["www-authenticate"]
         assert _infer(edge, "not-a-token").status_code == 401
+        for empty in ("Bearer", "Basic abc", "bearer"):  # refused here, not asked about
+            answer = httpx.get(edge + "/v2/models/fmnist-edge", headers={"authorization": empty})
+            assert answer.status_code == 401, empty
         assert _infer(edge, device).status_code == 200
         assert httpx.get(edge + "/v2/health/ready").status_code == 200  # probes stay open
         assert httpx.get(edge + "/v2/models/fmnist-edge").status_code == 401
@@ -315,6 +326,9 @@ def test_an_edge_that_requires_auth_asks_the_cloud_whose_a_token_is(
                                     verifier=misconfigured)) as edge:
         refused = _infer(edge, other)
         assert refused.status_code == 503 and "introspection" in refused.json()["error"]
+    # the servers closed their verifiers' connections to the cloud on shutdown
+    for used in (verifier, misconfigured):
+        assert used is not None and used.lookup._http.is_closed
 
 
 def test_a_cloud_that_requires_auth_keys_its_client_limit_on_the_credential(

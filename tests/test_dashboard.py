@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from tierwise.client import Client
-from tierwise.cloud import cloud_token, hosted
+from tierwise.cloud import hosted
 from tierwise.config import Config
 from tierwise.data import Splits
 from tierwise.monitor.collector import Collector
 from tierwise.planner.plans import Local
 from tierwise.registry.signing import keygen
+from tierwise.registry.subscriber import registry_token
 from tierwise.server.app import TierServer, serve_in_thread
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,7 +54,7 @@ def test_dashboard_shows_the_current_request_count_without_console_errors(
         traces = [client.infer(image).trace.to_dict() for image in splits.test_x[:350]]
     collector.ingest("browser-test", traces[:300])
     app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
-    token = cloud_token(config)
+    token = registry_token("", config.registry_dir)
     with serve_in_thread(app) as url:
         # signs in with the token in the fragment (never sent to the server), then holds
         # a session cookie: the page and its image links carry no credential

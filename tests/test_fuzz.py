@@ -1,7 +1,9 @@
 """A bounded, seeded fuzzer against a real cloud server process (tier server, registry API,
 telemetry collector): thousands of malformed OIP requests (every field, type, size and
-encoding) and malformed trace batches. Nothing may answer 5xx, the server must stay up, and
-its memory must stay within 2x of what it used idle (issue "Hardening", targets)."""
+encoding), malformed trace batches, and malformed control-plane requests (enrolment,
+introspection, sign-in, deployments, blob ranges). Nothing may answer 5xx, the server must
+stay up, and its memory must stay within 2x of what it used idle (issue "Hardening",
+targets)."""
 
 from __future__ import annotations
 
@@ -77,6 +79,43 @@ def _mutate(document: Any, rng: random.Random, depth: int = 0) -> Any:
             changed[index], rng, depth + 1)
         return changed
     return rng.choice(ODD_VALUES)
+
+
+def _control_cases(rng: random.Random, token: str
+                   ) -> Callable[[], tuple[str, str, bytes, dict[str, str]]]:
+    """Malformed control-plane requests: odd ids, bodies, queries and ranges on the
+    registry, enrolment, introspection and sign-in routes, with the operator's token (so
+    they reach the routes' own checks) or an odd credential."""
+    auth = {"authorization": f"Bearer {token}"}
+    odd_ids = ["", ".", "..", "a/b", "%00", "%2e%2e", "[/]", "\x1b", "a" * 300, "ü",
+               "introspect", "cam-1"]
+    odd_bodies = [b"", b"{", b"[]", b"null", b'{"role": 7}', b'{"role": "god"}',
+                  b'{"overlap_s": -1}', b'{"overlap_s": 1e400}', b'{"overlap_s": true}',
+                  b"token=", b"token=" + b"a" * 5000, b"\xff\xfe", b"a" * 10_000]
+
+    def one() -> tuple[str, str, bytes, dict[str, str]]:
+        body = rng.choice(odd_bodies)
+        headers = dict(auth) if rng.random() < 0.8 else {
+            "authorization": rng.choice(["Bearer", "Bearer ", "Basic abc", "Bearer \u00ff",
+                                         "bearer " + token])}
+        name = rng.choice(odd_ids)
+        query = rng.choice(["", "?device=", f"?device={name}", "?device=a&device=b",
+                            "?device=%ff"])
+        ranges = ["bytes=0-", "bytes=-5", "bytes=5-1", "bytes=0-1,2-3", "bytes=x-",
+                  "bytes=99999999999999999999-", "items=0-"]
+        form = {**headers, "content-type": "application/x-www-form-urlencoded"}
+        return rng.choice([
+            ("POST", f"/devices/v1/{name}", body, headers),
+            ("POST", f"/devices/v1/{name}/rotate", body, headers),
+            ("DELETE", f"/devices/v1/{name}", body, headers),
+            ("POST", "/devices/v1/introspect", body, form),
+            ("POST", "/dashboard/login", body, form),
+            ("GET", f"/registry/v1/deployments/{rng.choice(['stable', 'x', ''])}{query}", b"",
+             headers),
+            ("GET", f"/registry/v1/blobs/sha256/{rng.choice(['0' * 64, name])}", b"",
+             {**headers, "range": rng.choice(ranges)}),
+        ])
+    return one
 
 
 def _oip_cases(rng: random.Random, images: np.ndarray) -> Callable[[], tuple[str, bytes,
@@ -155,18 +194,22 @@ def test_thousands_of_malformed_requests_get_no_5xx_and_leave_the_server_well(
                              headers=valid_headers).status_code == 200
         idle_kib = _rss_kib(pid)
         oip = _oip_cases(rng, images)
+        control = _control_cases(rng, token)
         for index in range(REQUESTS):
+            method = "POST"
             if index % 5 == 4:  # a trace batch with something wrong in it
                 batch = _mutate({"device": "fuzz", "traces": [trace, trace]}, rng)
                 path, body = "/telemetry/v1/traces", _dumps(batch)
                 headers = {"authorization": f"Bearer {token}",
                            "content-type": "application/json"}
+            elif index % 5 == 3:  # the control plane's other routes
+                method, path, body, headers = control()
             else:
                 path, body, headers = oip()
-            answer = http.post(path, content=body, headers=headers)
+            answer = http.request(method, path, content=body, headers=headers)
             statuses[answer.status_code] += 1
             if answer.status_code >= 500:
-                fives.append(f"{path} {headers} {body[:120]!r} -> {answer.status_code} "
+                fives.append(f"{method} {path} {headers} {body[:120]!r} -> {answer.status_code} "
                              f"{answer.text[:200]}")
         after_kib = _rss_kib(pid)
         assert http.get("/v2/health/ready").status_code == 200

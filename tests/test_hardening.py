@@ -171,6 +171,29 @@ def test_a_header_still_arriving_is_refused_once_past_the_limit(server: str) -> 
     _alive(server)
 
 
+def test_a_keep_alive_request_behind_a_long_body_is_not_taken_for_a_long_head(
+        server: str) -> None:
+    # one read holds the end of request 1's 20 KB body and the start of request 2's head:
+    # the body's bytes are not the head's (the limit is 8 KB)
+    host, port = server.removeprefix("http://").split(":")
+    body = orjson.dumps({"ready": False, "padding": "a" * 20_000})
+    first = (f"POST /v2/repository/index HTTP/1.1\r\nhost: x\r\ncontent-type: "
+             f"application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+    second = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n"
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(first + second)
+        time.sleep(0.2)
+        sock.sendall(b"\r\n")
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answers += chunk
+    print(answers[:200])
+    assert answers.startswith(b"HTTP/1.1 200") and answers.count(b"HTTP/1.1 200") == 2
+
+
 def test_a_body_that_trickles_in_is_answered_408_at_its_deadline(server: str) -> None:
     # a byte every 0.3 s never stalls for body_timeout_s (1 s); the deadline (3 s) ends it
     host, port = server.removeprefix("http://").split(":")

@@ -402,7 +402,7 @@ def test_a_304_does_not_keep_an_expired_list_alive(
         # fetched in full (and a fresh one, signed again, comes back)
         subscriber._etag_expires_at = time.time() - 1
         subscriber.poll_once()
-        assert subscriber._etag_expires_at == fresh_until and subscriber.last_error is None
+        assert subscriber._etag_expires_at >= fresh_until and subscriber.last_error is None
     finally:
         subscriber.stop()
 
@@ -461,9 +461,12 @@ def test_the_api_needs_the_token_answers_304_when_unchanged_and_refuses_bad_rang
         past = http.get(f"/registry/v1/blobs/sha256/{digest}",
                         headers={**auth, "range": "bytes=99999999-"})
         assert past.status_code == 416 and past.headers["content-range"].startswith("bytes */")
+        other_unit = http.get(f"/registry/v1/blobs/sha256/{digest}",
+                              headers={**auth, "range": "lines=1-"})
+        assert other_unit.status_code == 200  # ignored, as RFC 9110 asks: the whole blob
         malformed = http.get(f"/registry/v1/blobs/sha256/{digest}",
-                             headers={**auth, "range": "lines=1-"})
-        assert malformed.status_code == 400
+                             headers={**auth, "range": "bytes=x-"})
+        assert malformed.status_code in (400, 416)
         assert http.get("/registry/v1/blobs/sha256/not-a-digest",
                         headers=auth).status_code == 404
         # the tier server behind it still answers OIP

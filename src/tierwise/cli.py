@@ -216,27 +216,29 @@ def _serve(args: argparse.Namespace) -> int:
     # validated like a config file, so a bad flag is named: tiers.edge.max_batch_size: ...
     tier = config_from_dict({"tiers": {args.tier: tier_settings}}, "command line").tiers[args.tier]
     registry_url = args.registry_url or (config.registry.url if not args.models else "")
+    from tierwise.cloud import cloud_credentials, hosted, token_verifier
+
+    # the cloud's control plane and its tier server check tokens against one table
+    credentials = cloud_credentials(config) if args.tier == "cloud" else None
+    verifier = token_verifier(args.tier, tier, config, cloud_url=registry_url or None,
+                              credentials=credentials)
+    wrap = None
+    if args.tier == "cloud":  # the cloud also hosts the control plane
+
+        def wrap(app: object) -> object:
+            return hosted(app, config, credentials)  # type: ignore[arg-type]
+    host = args.host or tier.host
+    port = args.port if args.port is not None else tier.port
     if registry_url:
         from tierwise.registry.serving import serve_from_registry
 
-        serve_from_registry(args.tier, tier, config, registry_url,
-                            host=args.host or tier.host,
-                            port=args.port if args.port is not None else tier.port,
+        serve_from_registry(args.tier, tier, config, registry_url, host=host, port=port,
                             threads=args.threads, channel=args.channel,
-                            device_id=args.device_id)
+                            device_id=args.device_id, wrap=wrap, verifier=verifier)
         return 0
-    wrap = None
-    if args.tier == "cloud":  # the cloud also hosts the registry and the collector
-        from tierwise.cloud import hosted
-
-        def wrap(app: object) -> object:
-            return hosted(app, config)  # type: ignore[arg-type]
-    from tierwise.cloud import token_verifier
-
     models_dir = Path(args.models) if args.models else config.models_dir
-    serve(args.tier, tier, models_dir, host=args.host or tier.host,
-          port=args.port if args.port is not None else tier.port, threads=args.threads,
-          wrap=wrap, tls=config.tls, verifier=token_verifier(args.tier, tier, config))
+    serve(args.tier, tier, models_dir, host=host, port=port, threads=args.threads,
+          wrap=wrap, tls=config.tls, verifier=verifier)
     return 0
 
 

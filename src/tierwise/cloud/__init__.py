@@ -48,24 +48,20 @@ from tierwise.server.app import TierServer
 PREFIXES = ("/registry/", "/telemetry/", "/devices/", "/dashboard")
 
 
-def cloud_token(config: Config) -> str | None:
-    """The cloud API token, or None before `tierwise registry keygen` made one."""
-    try:
-        return registry_token(config.registry.token, config.registry_dir)
-    except FileNotFoundError:
-        return None
-
-
-def token_verifier(tier_name: str, tier: TierConfig, config: Config) -> TokenVerifier | None:
+def token_verifier(tier_name: str, tier: TierConfig, config: Config, *,
+                   cloud_url: str | None = None,
+                   credentials: Credentials | None = None) -> TokenVerifier | None:
     """What a tier server with `tier.require_auth` checks bearer tokens with (None without
-    it): the cloud its own credential table; an edge server the cloud at `registry.url`
-    (RFC 7662 introspection), with its own token (`registry.token`). ConfigError naming
-    the setting that is missing."""
+    it): the cloud its own credential table (`credentials`, shared with its control plane
+    so that both see a revocation at once); an edge server the cloud at `cloud_url`
+    (default `registry.url`; RFC 7662 introspection), with its own token (`registry.token`).
+    ConfigError naming the setting that is missing."""
     if not tier.require_auth:
         return None
     if tier_name == "cloud":
-        return TokenVerifier(local_lookup(cloud_credentials(config)))
-    if not config.registry.url:
+        return TokenVerifier(local_lookup(credentials or cloud_credentials(config)))
+    cloud_url = cloud_url or config.registry.url
+    if not cloud_url:
         raise ConfigError(f"tiers.{tier_name}.require_auth: an edge server asks the cloud whose "
                           "a token is; set registry.url to the cloud server")
     try:
@@ -75,8 +71,7 @@ def token_verifier(tier_name: str, tier: TierConfig, config: Config) -> TokenVer
                           "credential to ask the cloud: set registry.token to a token "
                           "enrolled with the edge role (`tierwise devices enroll ID --role "
                           "edge`)") from None
-    return TokenVerifier(Introspection(config.registry.url, own,
-                                       client_context(config.tls) or True))
+    return TokenVerifier(Introspection(cloud_url, own, client_context(config.tls) or True))
 
 
 def cloud_credentials(config: Config) -> Credentials:
@@ -137,7 +132,6 @@ def control_plane(config: Config, metrics: Any = None,
                                backend=CredentialBackend(credentials, sessions),
                                on_error=authentication_failed)],
         exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
-    app.state.telemetry = telemetry
     app.state.dashboard = dashboard
     return app
 
@@ -159,7 +153,9 @@ class CloudServer:
             await self.server(scope, receive, send)
 
 
-def hosted(app: TierServer, config: Config) -> CloudServer:
-    """`app` with the control plane in front of it. Until there is a token, the control
-    plane's endpoints answer 503 saying how to make one."""
-    return CloudServer(app, control_plane(config, app.metrics.registry))
+def hosted(app: TierServer, config: Config,
+           credentials: Credentials | None = None) -> CloudServer:
+    """`app` with the control plane in front of it (`credentials`: default the cloud's,
+    `cloud_credentials`). Until there is a token, the control plane's endpoints answer 503
+    saying how to make one."""
+    return CloudServer(app, control_plane(config, app.metrics.registry, credentials))

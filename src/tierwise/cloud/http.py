@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import logging
-
 from starlette.exceptions import HTTPException
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from tierwise.registry.credentials import CredentialError
 from tierwise.registry.store import RegistryError
 from tierwise.server.app import HTTPError
 
-log = logging.getLogger("tierwise.cloud")
 CHALLENGE = {"www-authenticate": 'Bearer realm="tierwise"'}
 
 
@@ -21,11 +19,15 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     """The whole body, refused with 413 as soon as it passes `limit` bytes (a client that
     lies in Content-Length, or sends none, is cut off all the same)."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"{what} is at most {limit:,} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"{what} is at most {limit:,} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPError(400, f"{what}: the client disconnected before sending all of it"
+                        ) from None
     return b"".join(chunks)
 
 
@@ -41,13 +43,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _starlette_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)  # 404 no route, 405 wrong method
-    detail = exc.detail
+    detail, headers = exc.detail, dict(exc.headers or {})
     if exc.status_code == 404:
         detail = f"no such endpoint: {request.url.path}"
     elif exc.status_code == 405:
-        allowed = (exc.headers or {}).get("allow", "GET")
-        detail = f"{request.url.path}: use {allowed}, not {request.method}"
-    return error(exc.status_code, detail, dict(exc.headers or {}))
+        # every route of this path, not only the first one Starlette tried
+        allowed = sorted({method for route in request.app.router.routes
+                          if route.matches(request.scope)[0] != Match.NONE
+                          for method in getattr(route, "methods", None) or ()})
+        headers = {key: value for key, value in headers.items() if key.lower() != "allow"}
+        headers["allow"] = ", ".join(allowed)
+        detail = f"{request.url.path}: use {' or '.join(allowed)}, not {request.method}"
+    return error(exc.status_code, detail, headers)
 
 
 async def _credential_error(request: Request, exc: Exception) -> Response:
@@ -60,8 +67,8 @@ async def _registry_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    # e.g. the index locked or damaged: say so, log it, keep serving
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    # e.g. the index locked or damaged: say so and keep serving (Starlette raises it on
+    # after this answer, and uvicorn logs it once)
     return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 

@@ -14,9 +14,11 @@ import asyncio
 import hashlib
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from tierwise.cloud.auth import principal, scoped
 from tierwise.registry.store import CHANNELS, Registry
@@ -24,6 +26,18 @@ from tierwise.registry.subscriber import check_device_id
 from tierwise.server.app import HTTPError
 
 PREFIX = "/registry/v1"
+
+
+class _BlobResponse(FileResponse):
+    """A blob, whole or by byte ranges; a Range of another unit is ignored (the whole blob,
+    200), as RFC 9110 §14.2 asks of a server that does not know the unit."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ranged = Headers(scope=scope).get("range")
+        if ranged is not None and not ranged.strip().lower().startswith("bytes="):
+            scope = {**scope, "headers": [(name, value) for name, value in scope["headers"]
+                                          if name != b"range"]}
+        await super().__call__(scope, receive, send)
 
 
 def registry_routes(registry: Registry) -> list[BaseRoute]:
@@ -62,8 +76,8 @@ def registry_routes(registry: Registry) -> list[BaseRoute]:
         path = registry.blob_path(digest)  # RegistryError (404) for a malformed digest
         if not path.is_file():
             raise HTTPError(404, f"no blob sha256:{digest}")
-        return FileResponse(path, media_type="application/octet-stream",
-                            headers={"etag": f'"{digest}"'})
+        return _BlobResponse(path, media_type="application/octet-stream",
+                             headers={"etag": f'"{digest}"'})
 
     return [Route(f"{PREFIX}/models", models, methods=["GET"]),
             Route(f"{PREFIX}/deployments/{{channel}}", deployment, methods=["GET"]),

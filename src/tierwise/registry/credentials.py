@@ -1,14 +1,15 @@
 """Per-device credentials at the cloud: each device and each edge server its own bearer
 token, stored only as a hash, scoped by role, revocable, rotated with an overlap window.
 
-Roles and what they may do (checked by the cloud's routes through `Principal`):
+Roles (each route's scope and each role's scopes: `tierwise.cloud.auth.ROLE_SCOPES`):
 
 - `device`: read its own deployments (`?device=` its id) and the blobs, write telemetry
   under its own id;
-- `edge`: read its own deployments and the blobs;
-- `operator`: everything, including the model list, the collector's summary and the
-  dashboard. The registry's API token (`registry keygen`, `keys/token`) is an operator
-  credential, as before.
+- `edge`: the same for its own id, and ask whose a device's token is (introspection, for
+  an edge server that requires tokens);
+- `operator`: everything, including the model list, the collector's summary, enrolment and
+  the dashboard. The registry's API token (`registry keygen`, `keys/token`) is an operator
+  credential.
 
 A token is 32 random bytes (`secrets.token_urlsafe`), shown once at enrolment and stored as
 its SHA-256 (a stolen index holds no usable token; a high-entropy token needs no slow hash).
@@ -36,6 +37,7 @@ from tierwise.server.auth import (  # noqa: F401 (re-exported: the cloud's names
     Introspection,
     Principal,
     TokenVerifier,
+    bearer_token,
     token_hash,
 )
 from tierwise.sqlite import transaction
@@ -126,10 +128,11 @@ class Credentials:
     def authenticate(self, authorization: bytes | None) -> Principal:
         """The principal of an `Authorization: Bearer <token>` header; CredentialError 401
         for none, an unknown, expired or revoked token."""
-        if not authorization or not authorization.startswith(b"Bearer "):
+        token = bearer_token(authorization)
+        if not token:
             raise CredentialError(401, "this endpoint needs Authorization: Bearer <token> (a "
                                        "device's own token, or the operator's registry.token)")
-        principal = self.principal_of(token_hash(authorization[len(b"Bearer "):]))
+        principal = self.principal_of(token_hash(token))
         if principal is None:
             raise CredentialError(401, "unknown, expired or revoked token")
         return principal

@@ -101,7 +101,9 @@ class Deployment(_Document):
     channel: Annotated[str, StringConstraints(pattern=r"^(stable|canary)$")]
     device: PlainName
     models: dict[PlainName, DeployedModel]
-    registry: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # its index
+    # its index (None: from a registry older than instance ids, which the subscriber then
+    # orders by sequence alone)
+    registry: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = None
     sequence: Annotated[int, Field(ge=0)]
     issued_at: float
     expires_at: float

@@ -140,6 +140,7 @@ class TierServer:
         self.tier_name = tier_name
         self.tier = tier
         self.verifier = verifier
+        self._lookups = asyncio.Semaphore(MAX_TOKEN_LOOKUPS)
         self.metrics = ServerMetrics(tier_name, tier.compute_scale)
         # name -> version -> served; `default_version[name]` answers unversioned requests
         self.models: dict[str, dict[str, _Served]] = {}
@@ -247,6 +248,8 @@ class TierServer:
         for versions in self.models.values():
             for served in versions.values():
                 served.batcher.close()
+        if self.verifier is not None:
+            self.verifier.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -350,9 +353,12 @@ class TierServer:
         principal = self.verifier.cached(header)
         try:
             if principal is None:
-                principal = await asyncio.to_thread(self.verifier.authenticate, header)
+                # a few lookups at a time: a flood of made-up tokens (each a query, or a
+                # round trip to the cloud) must not take every worker thread
+                async with self._lookups:
+                    principal = await asyncio.to_thread(self.verifier.authenticate, header)
             if path == "/metrics":
-                principal.require()  # an operator's
+                principal.require_operator()
         except CredentialError as error:
             challenge = [(b"www-authenticate", b'Bearer realm="tierwise"')] \
                 if error.status == 401 else []
@@ -668,6 +674,7 @@ def _version_order(version: str) -> tuple[int, str]:
 DEVICE_HEADER = b"tierwise-device"
 # open with require_auth too: orchestrators' liveness and readiness probes carry no token
 OPEN_PATHS = ("/v2/health/",)
+MAX_TOKEN_LOOKUPS = 4  # uncached token checks in flight at once, per server
 # JSON bodies longer than this are parsed in a worker thread (a binary body's JSON header
 # is short, whatever its tensors weigh)
 OFF_LOOP_BODY_BYTES = 64 * 1024
@@ -776,26 +783,32 @@ def _bounded_http_protocol(max_head_bytes: int) -> type:
     longer than `max_head_bytes` while it is still arriving: 431, and the connection closed.
     httptools keeps a header's bytes until the header ends, so without this an 8 MB header
     would be held whole before any ASGI layer could refuse it. Counted per read, so a head
-    is refused within one read (at most a socket buffer) past the limit."""
+    is refused within two reads (each at most a socket buffer) past the limit; a head
+    between the limit and that is refused by `RequestLimits`, which sees it whole."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _in_head = True
         _head_bytes = 0
+        _began = False  # a message began in the read being parsed
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_head, self._head_bytes = True, 0
+            self._in_head, self._head_bytes, self._began = True, 0, True
 
         def on_headers_complete(self) -> None:
             self._in_head = False
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
+            self._began = False
             super().data_received(data)
             if not self._in_head or self.transport.is_closing():
                 return
-            self._head_bytes += len(data)
+            # the read a head began in may also hold the previous message's body: counted
+            # from the next read on, so a head is refused within one read past the limit
+            if not self._began:
+                self._head_bytes += len(data)
             if self._head_bytes > max_head_bytes:
                 message = encode_error(
                     f"the request line and headers are over {max_head_bytes:,} bytes, the "

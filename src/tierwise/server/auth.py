@@ -31,11 +31,11 @@ class Principal:
     id: str
     role: str
 
-    def require(self, *roles: str) -> None:
-        """CredentialError 403 unless this principal has one of `roles` (operator always)."""
-        if self.role != "operator" and self.role not in roles:
-            raise CredentialError(403, f"{self.role} {self.id!r} may not do this (needs "
-                                       f"{' or '.join(roles) or 'operator'})")
+    def require_operator(self) -> None:
+        """CredentialError 403 unless this is an operator's credential."""
+        if self.role != "operator":
+            raise CredentialError(403, f"{self.role} {self.id!r} may not do this (an "
+                                       "operator's credential only)")
 
     def require_self(self, device_id: str, what: str) -> None:
         """CredentialError 403 unless `device_id` is this principal's own (operator: any)."""
@@ -45,9 +45,9 @@ class Principal:
 
 
 def token_hash(token: str | bytes) -> str:
-    """The SHA-256 (hex) a token is stored and compared as."""
-    return hashlib.sha256(token.encode("latin-1") if isinstance(token, str) else token
-                          ).hexdigest()
+    """The SHA-256 (hex) a token is stored and compared as (a str as UTF-8: the tokens made
+    here are ASCII, so any other is simply nobody's)."""
+    return hashlib.sha256(token.encode() if isinstance(token, str) else token).hexdigest()
 
 
 
@@ -65,37 +65,58 @@ class TokenVerifier:
         self.lookup = lookup
         self.cache_s = cache_s
         self.max_cached = max_cached
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        # kept apart, so made-up tokens can never crowd out the ones that work
+        self._known: dict[str, tuple[float, Principal]] = {}
+        self._unknown: dict[str, float] = {}
 
     def cached(self, authorization: bytes | None) -> Principal | None:
         """The principal from the cache, without I/O (for the event loop); None when the
         answer is not cached, or is "nobody" (`authenticate` then says which)."""
-        if not authorization or not authorization.startswith(b"Bearer "):
+        token = bearer_token(authorization)
+        if not token:
             return None
-        kept = self._cache.get(token_hash(authorization[len(b"Bearer "):]))
+        kept = self._known.get(token_hash(token))
         return kept[1] if kept is not None and kept[0] > time.monotonic() else None
 
     def authenticate(self, authorization: bytes | None) -> Principal:
         """The principal of an `Authorization: Bearer <token>` header; CredentialError 401
         for none or a token nobody has, 503 when it cannot be checked now. Blocking: call it
         off the event loop."""
-        if not authorization or not authorization.startswith(b"Bearer "):
+        token = bearer_token(authorization)
+        if not token:
             raise CredentialError(401, "this server requires Authorization: Bearer <token> "
                                        "(the device's own token; tiers.<tier>.require_auth)")
-        token = authorization[len(b"Bearer "):]
         digest = token_hash(token)
         now = time.monotonic()
-        kept = self._cache.get(digest)
+        kept = self._known.get(digest)
         if kept is not None and kept[0] > now:
-            principal = kept[1]
-        else:
-            principal = self.lookup(token.decode("latin-1"))
-            if len(self._cache) >= self.max_cached:
-                self._cache.clear()
-            self._cache[digest] = (now + self.cache_s, principal)
-        if principal is None:
+            return kept[1]
+        if self._unknown.get(digest, 0.0) > now:
             raise CredentialError(401, "unknown, expired or revoked token")
+        principal = self.lookup(token.decode("latin-1"))
+        if principal is None:
+            if len(self._unknown) >= self.max_cached:
+                self._unknown.clear()
+            self._unknown[digest] = now + self.cache_s
+            raise CredentialError(401, "unknown, expired or revoked token")
+        if len(self._known) >= self.max_cached:
+            self._known.clear()
+        self._known[digest] = (now + self.cache_s, principal)
         return principal
+
+    def close(self) -> None:
+        """Close the lookup's connections, if it holds any (`Introspection`)."""
+        close = getattr(self.lookup, "close", None)
+        if close is not None:
+            close()
+
+
+def bearer_token(authorization: bytes | None) -> bytes:
+    """The token of `Authorization: Bearer <token>` (RFC 6750: the scheme in any case), or
+    b"" for none."""
+    if not authorization or authorization[:7].lower() != b"bearer ":
+        return b""
+    return authorization[7:].strip()
 
 
 class Introspection:
