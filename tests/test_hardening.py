@@ -194,6 +194,13 @@ def test_a_keep_alive_request_behind_a_long_body_is_not_taken_for_a_long_head(
     assert answers.startswith(b"HTTP/1.1 200") and answers.count(b"HTTP/1.1 200") == 2
 
 
+def test_a_malformed_binary_header_outside_infer_is_a_400(server: str) -> None:
+    # found by the fuzzer: the repository index reads the body as infer does
+    answer = httpx.post(server + "/v2/repository/index", content=b"{}",
+                        headers={"inference-header-content-length": "abc"}, timeout=30)
+    assert answer.status_code == 400 and "Inference-Header-Content-Length" in answer.text
+
+
 def test_a_body_that_trickles_in_is_answered_408_at_its_deadline(server: str) -> None:
     # a byte every 0.3 s never stalls for body_timeout_s (1 s); the deadline (3 s) ends it
     host, port = server.removeprefix("http://").split(":")

@@ -259,6 +259,8 @@ class TierServer:
             except HTTPError as error:
                 await send_response(send, error.status, encode_error(error.message),
                             [_JSON, *error.headers])
+            except ProtocolError as error:  # a malformed request outside the infer path
+                await send_response(send, error.status, encode_error(error.message), [_JSON])
             except Exception as error:  # a bug: answer it, log it, keep serving
                 log.exception("%s %s failed", scope["method"], scope["path"])
                 await send_response(send, 500, encode_error(
