@@ -5,6 +5,7 @@ processes on loopback, each client behind its own shaping proxy at the default e
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ def _config(tmp_path: Path, **fl: object) -> Config:
         "round_deadline_s": 60, **fl}})
 
 
-def test_three_clients_two_rounds_over_real_processes_then_a_registry_version(tmp_path):
-    config = _config(tmp_path, clients=3, rounds=2)
+def _uplink_tap() -> tuple[bytearray, Callable[[str, bytes], None]]:
+    """(what a client sends, the proxy tap that records it)."""
     uplink = bytearray()
     lock = threading.Lock()
 
@@ -45,7 +46,12 @@ def test_three_clients_two_rounds_over_real_processes_then_a_registry_version(tm
         if direction == "up":
             with lock:
                 uplink.extend(data)
+    return uplink, tap
 
+
+def test_three_clients_two_rounds_over_real_processes_then_a_registry_version(tmp_path):
+    config = _config(tmp_path, clients=3, rounds=2)
+    uplink, tap = _uplink_tap()
     summary = run_federation(config, tmp_path / "run", taps={0: tap}, timeout_s=400)
 
     rounds = summary["rounds"]
@@ -136,14 +142,7 @@ def test_flower_links_run_over_tls_when_the_config_has_certificates(tmp_path):
     config = _config(tmp_path, clients=2, rounds=1)
     config.tls.ca, config.tls.cert, config.tls.key = (
         str(issued.ca), str(issued.server_cert), str(issued.server_key))
-    uplink = bytearray()
-    lock = threading.Lock()
-
-    def tap(direction: str, data: bytes) -> None:
-        if direction == "up":
-            with lock:
-                uplink.extend(data)
-
+    uplink, tap = _uplink_tap()
     summary = run_federation(config, tmp_path / "run", taps={0: tap}, timeout_s=300)
     (round_,) = summary["rounds"]
     assert round_["answered"] == 2 and round_["aggregated"]
