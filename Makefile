@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-camera test dataset browser photos lint bench-serve clean
+.PHONY: demo demo-camera test dataset browser photos postgres lint bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ photos:
 	       echo "no opencv-doc: the pretrained-model tests will be skipped (apt-get install opencv-doc)"; \
 	     fi; }
 
+# A PostgreSQL server for the shared-state tests (Debian postgresql; the tests start their
+# own on loopback and are skipped, with the reason, without it).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	|| { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	       echo "installing PostgreSQL (Debian package postgresql) for the shared-state tests"; \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	     else \
+	       echo "no PostgreSQL: its tests will be skipped (apt-get install postgresql)"; \
+	     fi; }
+
 # The Fashion-MNIST table, then the camera's (pretrained EfficientNet-Lite on street-camera
 # frames; exported, checked and profiled on first use).
 demo: dataset photos
@@ -55,7 +66,7 @@ demo: dataset photos
 demo-camera: photos $(STAMP)
 	$(BIN)/tierwise demo --workload camera
 
-test: dataset browser photos
+test: dataset browser photos postgres
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -q
 

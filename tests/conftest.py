@@ -81,3 +81,31 @@ def echo_url() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A PostgreSQL server on loopback for the whole session (skipped, with the reason,
+    where one cannot be started)."""
+    from postgres import postgres_server
+
+    try:
+        server = postgres_server()
+        url = server.__enter__()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    try:
+        yield url
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives, on each backend: an SQLite file, and a new PostgreSQL
+    database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    from postgres import new_database
+
+    return new_database(request.getfixturevalue("postgres_server_url"))
