@@ -67,7 +67,7 @@ def _statuses(url: str, token: str | None) -> dict[str, int]:
 def test_every_route_refuses_a_credential_outside_its_scope(
         cloud: tuple[str, Config]) -> None:
     url, config = cloud
-    credentials = Credentials(Registry(config.registry_dir).index_path)
+    credentials = Credentials(Registry(config.registry_dir).index_location)
     device = credentials.enroll("cam-1", "device")
     edge = credentials.enroll("cam-1-edge", "edge")
     operator = registry_token("", config.registry_dir)
@@ -105,7 +105,7 @@ def test_a_rotated_token_overlaps_then_ends_and_a_revoked_one_ends_at_once(
         cloud: tuple[str, Config]) -> None:
     url, config = cloud
     # another instance on the same table, as `tierwise devices` is another process
-    credentials = Credentials(Registry(config.registry_dir).index_path)
+    credentials = Credentials(Registry(config.registry_dir).index_location)
 
     def deployment(token: str) -> int:
         return httpx.get(url + "/registry/v1/deployments/stable", params={"device": "cam-1"},
@@ -203,7 +203,7 @@ def test_a_rotated_operator_token_takes_effect_without_a_restart(
     assert browser.get("/dashboard/data").status_code == 401
     browser.close()
     # an enrolled operator may sign in to the dashboard too; a device may not
-    credentials = Credentials(Registry(config.registry_dir).index_path)
+    credentials = Credentials(Registry(config.registry_dir).index_location)
     operator = credentials.enroll("ops-1", "operator")
     assert httpx.post(url + "/dashboard/login", data={"token": operator}).status_code == 303
     assert httpx.post(url + "/dashboard/login", data={"token": old}).status_code == 401
@@ -280,7 +280,7 @@ def test_an_edge_that_requires_auth_asks_the_cloud_whose_a_token_is(
     from tierwise.server.app import create_app, serve_in_thread
 
     cloud_url, config = cloud
-    credentials = Credentials(Registry(config.registry_dir).index_path)
+    credentials = Credentials(Registry(config.registry_dir).index_location)
     device = credentials.enroll("cam-1", "device")
     other = credentials.enroll("cam-2", "device")
     edge_token = credentials.enroll("edge-1", "edge")
@@ -341,7 +341,7 @@ def test_a_cloud_that_requires_auth_keys_its_client_limit_on_the_credential(
     config = cloud_config
     config.tiers["cloud"].require_auth = True
     Registry(config.registry_dir).rollouts()
-    device = Credentials(Registry(config.registry_dir).index_path).enroll("cam-1")
+    device = Credentials(Registry(config.registry_dir).index_location).enroll("cam-1")
     operator = registry_token("", config.registry_dir)
     server = TierServer("cloud", config.tier("cloud"), load_models(models_dir,
                         names=["fmnist-edge"]),

@@ -364,7 +364,7 @@ def test_a_device_id_that_is_not_plain_is_refused_by_the_registry(
 
     config = cloud_config
     Registry(config.registry_dir).rollouts()  # an empty registry index
-    assert Registry(config.registry_dir).index_path.is_file()
+    assert Registry(config.registry_dir).index_location.is_file()
     token = registry_token("", config.registry_dir)
     app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
     with serve_in_thread(app) as url:

@@ -370,7 +370,7 @@ def test_a_rebuilt_registry_is_followed_and_lists_from_the_index_it_replaced_are
     subscriber = _subscriber(config, "http://127.0.0.1:9", tmp_path)  # no polling here
     subscriber.check_deployment(before)
     subscriber._remember(before)
-    registry.index_path.unlink()  # rebuilt: the same keys, a new index
+    registry.index_location.unlink()  # rebuilt: the same keys, a new index
     rebuilt_registry = Registry(config.registry_dir)
     rebuilt_registry.deployment_step_s = 0.2
     _push(config, models_dir, DEVICE)

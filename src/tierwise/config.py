@@ -300,6 +300,10 @@ class RegistryConfig(_Section):
     retire_grace_s: float = Field(
         30.0, ge=0, le=3600, description="how long a server keeps serving a version after it "
         "left the channel, for devices that have not polled since")
+    database: str = Field("", description="the registry's index (versions, rollouts, "
+                          "credentials) at the cloud: empty, <root>/index.db (SQLite); or a "
+                          "postgresql:// URL that several cloud servers share (the blobs stay "
+                          "under root, which they must then share too)")
     token: str = Field("", description="bearer token of the registry API; empty: "
                        "$TIERWISE_REGISTRY_TOKEN, else <root>/keys/token")
     public_key: str = Field("", description="the Ed25519 public key (PEM file) manifests must be "
@@ -318,12 +322,16 @@ class TelemetryConfig(_Section):
     batch_size: int = Field(500, ge=1, le=100_000, description="most traces per request")
     commit_s: float = Field(0.05, gt=0, le=60, description="durability bound: a trace is in "
                             "the device's outbox on disk within this (plus one commit)")
-    collector_db: str = Field("", description="the collector's SQLite file at the cloud; "
-                              "empty: <data_dir>/telemetry/collector.db")
+    collector_db: str = Field("", description="the collector's store at the cloud: an "
+                              "SQLite file, or a postgresql:// URL that several cloud servers "
+                              "share; empty: <data_dir>/telemetry/collector.db")
     dashboard_window_s: float = Field(3600.0, gt=0, description="the dashboard shows the "
                                       "traces of the last this many seconds")
 
-    def collector_path(self, data_dir: str) -> Path:
+    def collector_path(self, data_dir: str) -> str | Path:
+        """Where the collector's store is: a path, or a postgresql:// URL."""
+        if self.collector_db.startswith(("postgresql://", "postgres://")):
+            return self.collector_db
         return Path(self.collector_db) if self.collector_db else \
             Path(data_dir) / "telemetry" / "collector.db"
 

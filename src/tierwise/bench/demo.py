@@ -34,7 +34,7 @@ from tierwise.planner.policy import cascade_point
 from tierwise.profile.model_profile import load_profile
 from tierwise.registry.cli import describe_push
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
-from tierwise.registry.store import PushResult, Registry
+from tierwise.registry.store import PushResult, registry_of
 
 
 @dataclass
@@ -287,7 +287,7 @@ def run_demo(config: Config, report_dir: Path | None = None, console: Console | 
 def publish(config: Config, console: Console) -> list[PushResult]:
     """Push every model in the models directory to the registry (a signing key is made on
     first use); pushing what is already there changes nothing."""
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     key_path = registry.keys_dir / PRIVATE_KEY_FILE
     if not key_path.is_file():
         keygen(registry.keys_dir)

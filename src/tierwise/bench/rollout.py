@@ -42,7 +42,7 @@ from tierwise.data import load_splits
 from tierwise.models.store import list_models, save_info, sha256_file
 from tierwise.protocol.oip import encode_infer_request, infer_path
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
-from tierwise.registry.store import Registry
+from tierwise.registry.store import Registry, registry_of
 from tierwise.registry.subscriber import Subscriber, registry_token
 from tierwise.zoo.names import model_name
 
@@ -155,7 +155,7 @@ def _run(config: Config, out_dir: Path, work: Path, duration_s: float, swap_ever
     config.registry.root = str(work / "registry")
     config.registry.poll_s = poll_s
     config.registry.retire_grace_s = poll_s * 2
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     keygen(registry.keys_dir)
     key = load_private_key(registry.keys_dir / PRIVATE_KEY_FILE)
     started = time.perf_counter()
@@ -252,7 +252,7 @@ def _download_bytes(config: Config, pushed: list[Any]) -> dict[str, int]:
     from tierwise.cloud import hosted
     from tierwise.server.app import TierServer, serve_in_thread
 
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
     out = {}
     with serve_in_thread(app) as url:

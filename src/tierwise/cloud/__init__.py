@@ -40,7 +40,7 @@ from tierwise.registry.credentials import (
     local_lookup,
 )
 from tierwise.registry.signing import TOKEN_FILE
-from tierwise.registry.store import Registry
+from tierwise.registry.store import Registry, registry_of
 from tierwise.registry.subscriber import TOKEN_ENV, registry_token
 from tierwise.server.app import TierServer
 
@@ -78,9 +78,9 @@ def cloud_credentials(config: Config) -> Credentials:
     """Every credential the cloud accepts: those enrolled in the registry's index, and the
     operator's token: `registry.token`, else $TIERWISE_REGISTRY_TOKEN, else the registry's
     keys/token file, read again when it is rotated."""
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     fixed = config.registry.token or os.environ.get(TOKEN_ENV, "")
-    return Credentials(registry.index_path, fixed or None,
+    return Credentials(registry.index_location, fixed or None,
                        None if fixed else registry.keys_dir / TOKEN_FILE)
 
 
@@ -99,8 +99,7 @@ class _Readiness:
             if not self.credentials.is_ready():
                 answer = error(503, "the cloud has no API token yet: run `tierwise registry "
                                     "keygen` (or set registry.token)")
-            elif scope["path"].startswith("/registry/") and \
-                    not self.registry.index_path.is_file():
+            elif scope["path"].startswith("/registry/") and not self.registry.index.exists():
                 answer = error(503, f"no registry at {self.registry.root} yet: run `tierwise "
                                     "registry push` there")
             if answer is not None:
@@ -113,7 +112,7 @@ def control_plane(config: Config, metrics: Any = None,
                   credentials: Credentials | None = None) -> Starlette:
     """The control plane's Starlette app for `config` (its registry, collector and
     dashboard); `metrics`: the Prometheus registry its counters join."""
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     credentials = credentials or cloud_credentials(config)
     sessions = Sessions(credentials)
     collector = Collector(config.telemetry.collector_path(config.data_dir))

@@ -41,12 +41,12 @@ def export_global(config: Config, weights_file: Path, models_dir: Path, name: st
 def push_global(config: Config, models_dir: Path, name: str) -> dict[str, Any] | None:
     """Push `name` to the registry as a device model; None where there is no registry."""
     from tierwise.registry.signing import PRIVATE_KEY_FILE, load_private_key
-    from tierwise.registry.store import Registry
+    from tierwise.registry.store import registry_of
 
     key_file = config.registry_dir / "keys" / PRIVATE_KEY_FILE
     if not key_file.is_file():
         return None
-    result = Registry(config.registry_dir).push(
+    result = registry_of(config).push(
         config, models_dir, name, load_private_key(key_file), tiers=[DEVICE_TIER])
     return {"model": result.model, "version": result.version, "channel": result.channel,
             "new": result.new}

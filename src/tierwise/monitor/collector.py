@@ -8,36 +8,37 @@ batch a device sends again is not stored twice. Its HTTP API is the control plan
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from tierwise.database import Connection, Database
 from tierwise.protocol.traces import TraceBatch, TraceRecord, parse_batch
-from tierwise.sqlite import transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS traces (
-    id TEXT PRIMARY KEY, device TEXT NOT NULL, received_at REAL NOT NULL,
-    started_at REAL NOT NULL, plan TEXT NOT NULL, tier TEXT NOT NULL, model TEXT NOT NULL,
-    model_version TEXT NOT NULL, total_ms REAL NOT NULL, bytes_up INTEGER NOT NULL,
-    bytes_down INTEGER NOT NULL, cost_usd REAL NOT NULL, escalated INTEGER NOT NULL,
-    fallback INTEGER NOT NULL, deadline_missed INTEGER NOT NULL, label INTEGER,
-    confidence REAL, input_mean REAL, input_std REAL, record BLOB NOT NULL);
+    id TEXT PRIMARY KEY, device TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL, plan TEXT NOT NULL, tier TEXT NOT NULL,
+    model TEXT NOT NULL, model_version TEXT NOT NULL, total_ms DOUBLE PRECISION NOT NULL,
+    bytes_up BIGINT NOT NULL, bytes_down BIGINT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+    escalated INTEGER NOT NULL, fallback INTEGER NOT NULL, deadline_missed INTEGER NOT NULL,
+    label BIGINT, confidence DOUBLE PRECISION, input_mean DOUBLE PRECISION,
+    input_std DOUBLE PRECISION, record {blob} NOT NULL);
 CREATE INDEX IF NOT EXISTS traces_started ON traces (started_at);
 """
 
 
 class Collector:
-    """The trace store at `path`."""
+    """The trace store at `location`: an SQLite path, or a postgresql:// URL that several
+    cloud servers share (`telemetry.collector_db`)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, location: str | Path) -> None:
+        self.database = Database(location, _SCHEMA, "collector")
 
-    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path, _SCHEMA)
+    def _db(self) -> contextlib.AbstractContextManager[Connection]:
+        return self.database.transaction()
 
     def ingest(self, device: str, traces: list[dict[str, Any]]) -> tuple[int, int]:
         """Store `traces` from `device`: (stored, already there). ValueError naming the
@@ -51,10 +52,9 @@ class Collector:
         received_at = time.time()
         rows = [_row(batch.device, received_at, trace) for trace in batch.traces]
         with self._db() as db:
-            before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO traces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                           "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            stored = db.total_changes - before
+            stored = db.executemany("INSERT INTO traces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                                    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                                    rows)
         return stored, len(rows) - stored
 
     def count(self) -> int:

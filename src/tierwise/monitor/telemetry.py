@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import ssl
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 import httpx
 import orjson
 
-from tierwise.sqlite import transaction
+from tierwise.database import Connection, Database
 
 if TYPE_CHECKING:  # the client imports this module
     from tierwise.client.trace import Trace
@@ -37,9 +36,9 @@ log = logging.getLogger("tierwise.telemetry")
 
 TRACES_PATH = "/telemetry/v1/traces"
 _OUTBOX_SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, record BLOB NOT NULL);
+    seq {serial}, id TEXT UNIQUE NOT NULL, record {blob} NOT NULL);
 CREATE TABLE IF NOT EXISTS refused (
-    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, record BLOB NOT NULL);"""
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, record {blob} NOT NULL);"""
 
 
 class Telemetry:
@@ -64,6 +63,7 @@ class Telemetry:
         self.url = url.rstrip("/")
         self.device_id = device_id
         self.outbox_path = Path(outbox_path)
+        self._outbox = Database(self.outbox_path, _OUTBOX_SCHEMA, "outbox")
         self.flush_s = flush_s
         self.batch_size = batch_size
         self.commit_s = commit_s
@@ -181,8 +181,8 @@ class Telemetry:
         try:
             started = time.perf_counter()
             with self._db() as db:
-                db.executemany("INSERT OR IGNORE INTO outbox (id, record) VALUES (?, ?)",
-                               pending)
+                db.executemany("INSERT INTO outbox (id, record) VALUES (?, ?) ON CONFLICT (id) "
+                               "DO NOTHING", pending)
             self.commit_seconds += time.perf_counter() - started
             self.commits += 1
             self.committed += len(pending)
@@ -210,5 +210,5 @@ class Telemetry:
         self.last_error = None
         return True
 
-    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.outbox_path, _OUTBOX_SCHEMA)
+    def _db(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._outbox.transaction()

@@ -15,7 +15,7 @@ from rich.table import Table
 from tierwise.config import load_config
 from tierwise.registry.credentials import DEFAULT_OVERLAP_S, ROLES, Credentials
 from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key, rotate_token
-from tierwise.registry.store import CHANNELS, PushResult, Registry, Rollout
+from tierwise.registry.store import CHANNELS, PushResult, Registry, Rollout, registry_of
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -68,7 +68,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     console = Console()
     command = args.registry_command
     if command == "keygen" and args.rotate_token:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_devices(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    credentials = Credentials(Registry(config.registry_dir).index_path)
+    credentials = Credentials(registry_of(config).index_location)
     console = Console()
     command = args.devices_command
     try:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tierwise.database import Connection, Database, DatabaseError
 from tierwise.server.auth import (  # noqa: F401 (re-exported: the cloud's names)
     CACHE_S,
     CredentialError,
@@ -40,7 +40,6 @@ from tierwise.server.auth import (  # noqa: F401 (re-exported: the cloud's names
     bearer_token,
     token_hash,
 )
-from tierwise.sqlite import transaction
 
 ROLES = ("device", "edge", "operator")
 OPERATOR_ID = "operator"  # the registry API token's principal
@@ -49,7 +48,8 @@ DEFAULT_OVERLAP_S = 24 * 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (
     token_hash TEXT PRIMARY KEY, id TEXT NOT NULL, role TEXT NOT NULL,
-    created_at REAL NOT NULL, expires_at REAL, revoked_at REAL);
+    created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
+    revoked_at DOUBLE PRECISION);
 CREATE INDEX IF NOT EXISTS credentials_id ON credentials (id);
 """
 
@@ -59,21 +59,22 @@ class AlreadyEnrolled(ValueError):
 
 
 class Credentials:
-    """The credential table in the SQLite file `path`, and the operator token."""
+    """The credential table in the registry's index at `location` (an SQLite path or a
+    postgresql:// URL), and the operator token."""
 
-    def __init__(self, path: Path, operator_token: str | None = None,
+    def __init__(self, location: str | Path, operator_token: str | None = None,
                  operator_token_file: Path | None = None) -> None:
         """`operator_token`: fixed; or `operator_token_file`, read again whenever it changes
         (so `registry keygen --rotate-token` takes effect without a restart)."""
-        self.path = Path(path)
+        self.database = Database(location, _SCHEMA, "credentials")
         self._operator = operator_token.encode() if operator_token else None
         self._operator_file = operator_token_file
         self._operator_stamp: float | None = None
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
 
-    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return transaction(self.path, _SCHEMA)
+    def _db(self) -> contextlib.AbstractContextManager[Connection]:
+        return self.database.transaction()
 
     def enroll(self, device_id: str, role: str = "device") -> str:
         """A new token for `device_id` in `role`, returned once; ValueError naming a bad id
@@ -100,9 +101,10 @@ class Credentials:
             if not rows:
                 raise ValueError(f"{device_id!r}: no credential to rotate (`tierwise devices "
                                  "enroll` it)")
-            db.execute("UPDATE credentials SET expires_at = MIN(COALESCE(expires_at, ?), ?) "
-                       "WHERE id = ? AND revoked_at IS NULL", (now + overlap_s,
-                                                               now + overlap_s, device_id))
+            ends = now + overlap_s  # an earlier expiry stays
+            db.execute("UPDATE credentials SET expires_at = CASE WHEN expires_at IS NOT NULL "
+                       "AND expires_at < ? THEN expires_at ELSE ? END WHERE id = ? AND "
+                       "revoked_at IS NULL", (ends, ends, device_id))
             token = self._issue(db, device_id, rows[0][0])
         self._forget()
         return token
@@ -165,7 +167,7 @@ class Credentials:
                 self._operator_stamp = stamp
         return self._operator
 
-    def _issue(self, db: sqlite3.Connection, device_id: str, role: str) -> str:
+    def _issue(self, db: Connection, device_id: str, role: str) -> str:
         token = secrets.token_urlsafe(32)
         db.execute("INSERT INTO credentials VALUES (?, ?, ?, ?, NULL, NULL)",
                    (token_hash(token), device_id, role, time.time()))
@@ -179,17 +181,12 @@ class Credentials:
             return cached[1]
         # read-only, no write lock: a flood of made-up tokens must not queue behind pushes
         try:
-            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-        except sqlite3.Error:
-            return None  # no index yet: nobody enrolled
-        try:
-            row = connection.execute(
-                "SELECT id, role FROM credentials WHERE token_hash = ? AND revoked_at IS NULL "
-                "AND (expires_at IS NULL OR expires_at > ?)", (digest, now)).fetchone()
-        except sqlite3.Error:  # no credentials table yet
+            with self.database.transaction(write=False) as db:
+                row = db.execute(
+                    "SELECT id, role FROM credentials WHERE token_hash = ? AND revoked_at IS "
+                    "NULL AND (expires_at IS NULL OR expires_at > ?)", (digest, now)).fetchone()
+        except DatabaseError:  # no index or no credentials table yet: nobody enrolled
             row = None
-        finally:
-            connection.close()
         if row is None:
             return None  # unknown tokens are not cached: they cannot crowd out known ones
         principal = Principal(*row)

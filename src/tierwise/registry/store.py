@@ -23,9 +23,9 @@ import hashlib
 import math
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 
 from tierwise.config import DEVICE_TIER, Config
+from tierwise.database import Connection, Database
 from tierwise.models.store import (
     METADATA_FILE,
     MODEL_FILE,
@@ -48,7 +49,6 @@ from tierwise.profile.model_profile import PROFILE_FILE
 from tierwise.registry import RegistryError
 from tierwise.registry.documents import parse_manifest
 from tierwise.registry.signing import PRIVATE_KEY_FILE, load_private_key, sign
-from tierwise.sqlite import transaction
 
 MANIFEST_SCHEMA = 1
 DEPLOYMENT_TTL_S = 24 * 3600.0  # TUF's default for its timestamp role: a day
@@ -57,20 +57,20 @@ CHANNELS = ("stable", "canary")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
-    model TEXT NOT NULL, version INTEGER NOT NULL, created_at REAL NOT NULL,
-    manifest BLOB NOT NULL, signature BLOB NOT NULL, content_key TEXT NOT NULL,
+    model TEXT NOT NULL, version INTEGER NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+    manifest {blob} NOT NULL, signature {blob} NOT NULL, content_key TEXT NOT NULL,
     PRIMARY KEY (model, version));
 CREATE TABLE IF NOT EXISTS rollouts (
-    model TEXT PRIMARY KEY, stable INTEGER, canary INTEGER, canary_share REAL NOT NULL DEFAULT 0,
-    paused INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL);
+    model TEXT PRIMARY KEY, stable INTEGER, canary INTEGER,
+    canary_share DOUBLE PRECISION NOT NULL DEFAULT 0, paused INTEGER NOT NULL DEFAULT 0,
+    updated_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, model TEXT NOT NULL,
+    id {serial}, at DOUBLE PRECISION NOT NULL, model TEXT NOT NULL,
     action TEXT NOT NULL, version INTEGER, detail TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT NOT NULL, model TEXT NOT NULL, channel TEXT NOT NULL, version INTEGER NOT NULL,
-    seen_at REAL NOT NULL, PRIMARY KEY (device, model));
+    seen_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (device, model));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('instance', lower(hex(randomblob(16))));
 """
 
 
@@ -132,14 +132,22 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-class Registry:
-    """The registry under `root`: blobs/sha256/<hash>, index.db, keys/."""
+def registry_of(config: Config) -> Registry:
+    """The registry `config` names: its root (blobs, keys) and its index (`registry.database`:
+    empty, the root's index.db; or a postgresql:// URL that several cloud servers share)."""
+    return Registry(config.registry_dir, config.registry.database or None)
 
-    def __init__(self, root: Path) -> None:
+
+class Registry:
+    """The registry under `root`: blobs/sha256/<hash>, keys/, and its index: `database` (an
+    SQLite path or a postgresql:// URL; default `root`/index.db)."""
+
+    def __init__(self, root: Path, database: str | Path | None = None) -> None:
         self.root = Path(root)
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.keys_dir = self.root / "keys"
-        self.index_path = self.root / "index.db"
+        self.index_location = database or self.root / "index.db"
+        self.index = Database(self.index_location, _SCHEMA, "registry")
         # how long a signed deployment stays fresh, and how often its timestamp moves on (so
         # that an unchanged deployment keeps its ETag for that long)
         self.deployment_ttl_s = DEPLOYMENT_TTL_S
@@ -148,9 +156,9 @@ class Registry:
 
     # -- storage ------------------------------------------------------------------------
 
-    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One connection, one immediate transaction per operation."""
-        return transaction(self.index_path, _SCHEMA)
+    def _db(self) -> contextlib.AbstractContextManager[Connection]:
+        """One connection, one serialized transaction per operation."""
+        return self.index.transaction()
 
     def blob_path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -248,7 +256,7 @@ class Registry:
         return PushResult(model, version, True, channel, share, len(entries),
                           sum(f["size"] for f in entries))
 
-    def _publish(self, db: sqlite3.Connection, model: str, version: int,
+    def _publish(self, db: Connection, model: str, version: int,
                  rollout: Rollout | None, channel: str | None, canary_share: float | None,
                  config: Config) -> tuple[str, float]:
         """Put `version` on `channel` (default canary; stable when the model has none)."""
@@ -267,7 +275,7 @@ class Registry:
             self._event(db, model, "canary", version, f"share {share:g}")
         return channel, share
 
-    def _unchanged(self, db: sqlite3.Connection, model: str, version: int,
+    def _unchanged(self, db: Connection, model: str, version: int,
                    rollout: Rollout | None, channel: str | None, canary_share: float | None,
                    config: Config) -> PushResult:
         """A push of what is already `version`: nothing new is stored. It goes on `channel`
@@ -339,7 +347,7 @@ class Registry:
             return self._required(db, model)
 
     @staticmethod
-    def _stable_stack(db: sqlite3.Connection, model: str) -> list[int]:
+    def _stable_stack(db: Connection, model: str) -> list[int]:
         """The stable versions in the order they became stable, each rollback popping one:
         the last is the current stable version, the one before it what a rollback restores."""
         stack: list[int] = []
@@ -374,7 +382,7 @@ class Registry:
             return self._signed(db, model, version)
 
     @staticmethod
-    def _signed(db: sqlite3.Connection, model: str, version: int
+    def _signed(db: Connection, model: str, version: int
                 ) -> tuple[dict[str, Any], dict[str, str]]:
         row = db.execute("SELECT manifest, signature FROM versions WHERE model = ? AND "
                          "version = ?", (model, version)).fetchone()
@@ -455,7 +463,7 @@ class Registry:
             sequence = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
             # which index the sequence counts in: a registry rebuilt from nothing starts
             # counting again, under a new instance id
-            instance = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0]
+            instance = self._instance(db)
         issued_at = math.floor(now / self.deployment_step_s) * self.deployment_step_s
         document = {"channel": channel, "device": device_id, "models": models,
                     "registry": instance, "sequence": int(sequence), "issued_at": issued_at,
@@ -474,19 +482,26 @@ class Registry:
     # -- internals ------------------------------------------------------------------------
 
     @staticmethod
-    def _rollout(db: sqlite3.Connection, model: str) -> Rollout | None:
+    def _instance(db: Connection) -> str:
+        """This index's random id, made with it."""
+        db.execute("INSERT INTO meta VALUES ('instance', ?) ON CONFLICT (key) DO NOTHING",
+                   (uuid.uuid4().hex,))
+        return str(db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0])
+
+    @staticmethod
+    def _rollout(db: Connection, model: str) -> Rollout | None:
         row = db.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE model = ?",
                          (model,)).fetchone()
         return _rollout_of(row) if row else None
 
-    def _required(self, db: sqlite3.Connection, model: str) -> Rollout:
+    def _required(self, db: Connection, model: str) -> Rollout:
         rollout = self._rollout(db, model)
         if rollout is None:
             known = [row[0] for row in db.execute("SELECT model FROM rollouts ORDER BY model")]
             raise RegistryError(f"no model {model!r} in the registry; it has {known}")
         return rollout
 
-    def _canary_of(self, db: sqlite3.Connection, model: str, action: str) -> Rollout:
+    def _canary_of(self, db: Connection, model: str, action: str) -> Rollout:
         rollout = self._required(db, model)
         if rollout.canary is None:
             raise RegistryError(f"{model}: no canary to {action} (stable is version "
@@ -494,7 +509,7 @@ class Registry:
         return rollout
 
     @staticmethod
-    def _set(db: sqlite3.Connection, model: str, **values: Any) -> None:
+    def _set(db: Connection, model: str, **values: Any) -> None:
         db.execute("INSERT INTO rollouts (model, updated_at) VALUES (?, ?) ON CONFLICT (model) "
                    "DO NOTHING", (model, time.time()))
         assignments = ", ".join(f"{key} = ?" for key in values)
@@ -502,7 +517,7 @@ class Registry:
                    (*values.values(), time.time(), model))
 
     @staticmethod
-    def _event(db: sqlite3.Connection, model: str, action: str, version: int | None,
+    def _event(db: Connection, model: str, action: str, version: int | None,
                detail: str = "") -> None:
         db.execute("INSERT INTO events (at, model, action, version, detail) VALUES "
                    "(?, ?, ?, ?, ?)", (time.time(), model, action, version, detail))
