@@ -37,7 +37,7 @@ from tierwise.registry.signing import (
     load_private_key,
     sign,
 )
-from tierwise.registry.store import Registry, in_canary_cohort
+from tierwise.registry.store import in_canary_cohort, registry_of
 from tierwise.registry.subscriber import Subscriber, registry_token
 from tierwise.server.app import TierServer, serve_in_thread
 from waiting import wait_for
@@ -66,7 +66,7 @@ def _config_file(config: Config, path: Path) -> str:
 
 
 def _push(config: Config, models_dir: Path, model: str, **kwargs: Any) -> int:
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     key = load_private_key(registry.keys_dir / PRIVATE_KEY_FILE)
     return registry.push(config, models_dir, model, key, **kwargs).version
 
@@ -180,7 +180,7 @@ def test_canary_reaches_exactly_its_cohort_and_rolls_back_while_requests_stream(
             edge_meta = httpx.get(f"{edge_url}/v2/models/{EDGE}", trust_env=False).json()
             assert edge_meta["versions"] == ["1", "2"]
             devices = {d["device"]: d["version"] for d in
-                       Registry(config.registry_dir).devices(DEVICE)}
+                       registry_of(config).devices(DEVICE)}
             assert devices[inside] == 2 and devices[outside] == 1
 
             # rollback: everyone on v1 again, and the edge server lets v2 go
@@ -218,7 +218,7 @@ def test_a_flipped_byte_is_refused_and_the_running_version_keeps_serving(
         assert client.infer(splits.test_x[0]).trace.stages[0].model_version == "1"
         _push(config, rebuild(models_dir, tmp_path / "v2", [DEVICE]), DEVICE,
               channel="canary", canary_share=1.0)
-        registry = Registry(config.registry_dir)
+        registry = registry_of(config)
         manifest, _ = registry.manifest(DEVICE, 2)
         weights = next(f for f in manifest["files"] if f["path"].endswith(MODEL_FILE))
         blob = registry.blob_path(weights["sha256"])
@@ -361,7 +361,7 @@ def test_a_rebuilt_registry_is_followed_and_lists_from_the_index_it_replaced_are
     """A registry made again from nothing counts its sequence from 0 under a new index id:
     its lists are taken once issued after the last one taken, and lists replayed from the
     index it replaced are refused (they are signed with the same key)."""
-    registry = Registry(config.registry_dir)
+    registry = registry_of(config)
     registry.deployment_step_s = 0.2  # issue times move on quickly here
     for build in ("a1", "a2"):
         _push(config, rebuild(models_dir, tmp_path / build, [DEVICE]), DEVICE,
@@ -371,7 +371,7 @@ def test_a_rebuilt_registry_is_followed_and_lists_from_the_index_it_replaced_are
     subscriber.check_deployment(before)
     subscriber._remember(before)
     registry.index_location.unlink()  # rebuilt: the same keys, a new index
-    rebuilt_registry = Registry(config.registry_dir)
+    rebuilt_registry = registry_of(config)
     rebuilt_registry.deployment_step_s = 0.2
     _push(config, models_dir, DEVICE)
     time.sleep(0.3)
@@ -414,9 +414,9 @@ def test_an_interrupted_download_resumes_where_it_stopped(
     full.stop()
     assert full.state.current[DEVICE].version == "1"
 
-    manifest, _ = Registry(config.registry_dir).manifest(DEVICE, 1)
+    manifest, _ = registry_of(config).manifest(DEVICE, 1)
     weights = next(f for f in manifest["files"] if f["path"] == f"{DEVICE}/{MODEL_FILE}")
-    blob = Registry(config.registry_dir).blob_path(weights["sha256"]).read_bytes()
+    blob = registry_of(config).blob_path(weights["sha256"]).read_bytes()
     resumed = _subscriber(config, hosted_registry, tmp_path / "resumed")
     partial = resumed.cache_dir / "partial" / weights["sha256"]
     partial.parent.mkdir(parents=True)
@@ -498,8 +498,10 @@ def test_cohorts_follow_the_share_and_only_grow_when_it_rises() -> None:
     assert 0.3 < len(other & at_50) / len(at_50) < 0.7
 
 
-def test_pause_promote_and_rollback(config: Config, models_dir: Path, tmp_path: Path) -> None:
-    registry = Registry(config.registry_dir)
+def test_pause_promote_and_rollback(config: Config, models_dir: Path, tmp_path: Path,
+                                    database_location: str) -> None:
+    config.registry.database = database_location  # on SQLite, then on PostgreSQL
+    registry = registry_of(config)
     assert _push(config, models_dir, DEVICE) == 1
     assert _push(config, models_dir, DEVICE) == 1  # same content: no new version
     v2_dir = rebuild(models_dir, tmp_path / "v2", [DEVICE])

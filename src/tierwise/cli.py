@@ -11,6 +11,7 @@ from pathlib import Path
 from tierwise.bench.workload import WORKLOADS as WORKLOAD_CHOICES
 from tierwise.config import Config, ConfigError, load_config
 from tierwise.data.images import EvalDataError
+from tierwise.database import DatabaseError
 from tierwise.learn.federation import FederationError
 from tierwise.models.importer import ModelImportError
 from tierwise.models.inputs import InputError
@@ -632,10 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, RegistryError, FederationError, FileNotFoundError,
+    except (ConfigError, RegistryError, FederationError, DatabaseError, FileNotFoundError,
             FileExistsError, *TierwiseInputError) as error:
         # bad config, traces or registry input; DatasetMissingError; a federation that
-        # could not start or failed (its message says which log to read)
+        # could not start or failed (its message says which log to read); a database that
+        # does not connect or is of another schema version
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
