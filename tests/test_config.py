@@ -85,3 +85,76 @@ def test_serve_flags_are_validated_like_the_config(
     assert "tiers.edge.max_batch_size" in capsys.readouterr().err
     assert main(["serve", "--tier", "edge", "--models", str(tmp_path), "--port", "1"]) == 2
     assert "no models to serve" in capsys.readouterr().err
+
+
+# -- sites by name: kinds, regions, prices and their sources --------------------------------
+
+PARIS = {"tiers": {"edge-paris": {"kind": "edge", "region": "eu-west", "usd_per_hour": 0.5,
+                                  "price_source": "a colo quote, 2026"}},
+         "links": {"edge-paris": {"bandwidth_up": "1MB/s", "bandwidth_down": "2MB/s",
+                                  "rtt_ms": 8, "usd_per_gb_down": 0.01,
+                                  "price_source": "transit, 2026"}}}
+
+
+def test_sites_have_names_kinds_and_their_own_prices() -> None:
+    from tierwise.planner.cost import PriceTable
+
+    config = config_from_dict(PARIS, "test")
+    assert config.sites() == ["edge", "cloud", "edge-paris"]
+    assert config.sites("edge") == ["edge", "edge-paris"] and config.kind("edge-paris") == "edge"
+    table = PriceTable.of(config)
+    paris, edge, cloud = (table.site(name) for name in ("edge-paris", "edge", "cloud"))
+    assert paris.per_ms == pytest.approx(0.5 / 3.6e6)  # its own hour
+    assert edge.per_ms == pytest.approx(0.17 / 3.6e6)  # the price book's edge default
+    assert paris.per_byte_down == pytest.approx(0.01 / 1e9)  # its own link's price
+    assert paris.per_byte_up == 0.0  # the edge kind's default: free
+    assert cloud.per_byte_down == pytest.approx(0.09 / 1e9)
+    assert table.site("device").per_ms == 0.0 and table.site("nowhere").per_ms == 0.0
+
+
+def test_a_site_not_named_after_a_kind_must_say_which_it_is() -> None:
+    with pytest.raises(ConfigError, match=r"tiers\.paris\.kind"):
+        config_from_dict({"tiers": {"paris": {}}}, "test")
+    with pytest.raises(ConfigError, match=r"tiers\.phone\.kind"):
+        config_from_dict({"tiers": {"phone": {"kind": "device"}}}, "test")
+
+
+def test_the_policy_predicts_the_cost_the_trace_bills() -> None:
+    from tierwise.planner.cost import PriceTable
+    from tierwise.planner.estimators import LinkEstimate
+    from tierwise.planner.plans import Local, Remote
+    from tierwise.planner.policy import SLO, Candidate, PlanningState, Policy
+
+    config = config_from_dict(PARIS, "test")
+    prices = PriceTable.of(config)
+    policy = Policy([
+        Candidate(Local("small"), accuracy=0.80, device_model="small", device_ms=2.0),
+        Candidate(Remote("edge-paris", "big"), accuracy=0.95, device_model="big",
+                  device_ms=0.0, tier="edge-paris", server_model="big", server_ms=5.0,
+                  payload_mean_bytes=1000, payload_p95_bytes=1000),
+    ], prices)
+    link = LinkEstimate(rtt_ms=8.0, bandwidth_up=1e6, bandwidth_down=2e6,
+                        overhead_up_bytes=200.0, response_bytes=300.0)
+    decision = policy.choose(SLO(deadline_ms=500, min_accuracy=0.9),
+                             PlanningState(links={"edge-paris": link}))
+    assert decision.plan == Remote("edge-paris", "big")
+    billed = prices.compute_usd("edge-paris", 5.0) + prices.transfer_usd("edge-paris",
+                                                                        1000 + 200, 300)
+    assert decision.cost_usd == pytest.approx(billed, rel=1e-9)
+    assert billed > 0
+
+
+def test_serve_takes_any_configured_site_and_config_show_names_its_sources(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import tomli_w
+
+    file = tmp_path / "tierwise.toml"
+    file.write_text(tomli_w.dumps(PARIS))
+    assert main(["--config", str(file), "config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "tiers.edge-paris: a colo quote, 2026" in out
+    assert "links.edge-paris: transit, 2026" in out
+    assert main(["--config", str(file), "serve", "--tier", "device"]) == 2
+    assert "['edge', 'cloud', 'edge-paris']" in capsys.readouterr().err
+    assert main(["--config", str(file), "serve", "--tier", "edge-lyon"]) == 2
+    assert "tiers.edge-lyon: no such tier" in capsys.readouterr().err

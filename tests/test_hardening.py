@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tierwise.config import Config, TierConfig
+from tierwise.planner.cost import PriceTable
 from tierwise.planner.estimators import ServerEstimator
 from tierwise.protocol.oip import encode_infer_request
 from tierwise.runtime.session import load_models
@@ -336,7 +337,7 @@ def test_the_collector_refuses_a_malformed_trace_naming_the_field(
         assert data.status_code == 200, data.text  # the views over what was stored
     records = Collector(config.telemetry.collector_path(config.data_dir)).records()
     assert [r["id"] for r in records] == [good["id"]]  # the refused batch stored nothing
-    views = compute_views(records, config.prices, None)
+    views = compute_views(records, PriceTable.of(config), None)
     assert views.summary()["requests"] == 1
 
 
@@ -349,7 +350,7 @@ def test_the_report_skips_a_stored_record_that_is_not_a_trace(small_config: Conf
                 "model": "m", "model_version": "1", "input_mean": None, "input_std": None,
                 "confidence": None, "label": None, "cost_usd": 0.0,
                 "record": orjson.dumps(trace)} for trace in ({**good, "emulated": 5}, good)]
-    views = compute_views(records, small_config.prices, None)
+    views = compute_views(records, PriceTable.of(small_config), None)
     summary = views.summary()
     assert summary["requests"] == 1 and summary["unreadable_records"] == 1
 

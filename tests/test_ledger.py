@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tierwise.config import PriceBook
+from tierwise.config import Config, PriceBook
 from tierwise.monitor.ledger import AllCloudBaseline, Ledger, all_cloud_baseline
+from tierwise.planner.cost import PriceTable
 
 
 def _stage(tier: str, compute_ms: float, up: int = 0, down: int = 0,
@@ -22,7 +23,7 @@ def test_the_ledger_matches_a_hand_computation() -> None:
                        cloud_link_usd_per_gb_down=0.09, device_power_w=5.0,
                        electricity_usd_per_kwh=0.2)
     baseline = AllCloudBaseline(compute_ms=2.0, bytes_up=1200, bytes_down=400)
-    ledger = Ledger(prices, baseline)
+    ledger = Ledger(PriceTable.of(Config(prices=prices)), baseline)
     # a local answer: 1 ms on the device
     ledger.add({"stages": [_stage("device", 1.0)]})
     # a cascade that escalated to the cloud: 1 ms on the device, then the cloud model in a

@@ -31,6 +31,7 @@ from tierwise.optimize.distill import distill
 from tierwise.optimize.prune import prune_model
 from tierwise.optimize.quantize import quantize_model
 from tierwise.optimize.report import build_report
+from tierwise.planner.cost import PriceTable
 from tierwise.planner.estimators import LinkEstimator
 from tierwise.planner.plans import Remote, Split
 from tierwise.planner.policy import SLO, PlanningState, Policy, candidates_from_profiles
@@ -151,7 +152,7 @@ def test_planner_picks_the_learned_bottleneck_when_bandwidth_is_low(
     profiles = load_tier_profiles(config, config.models_dir)
     floor = profiles["fmnist-cloud"].split(4, "bottleneck-w2-4bit").codecs["packed-4bit"].accuracy
     assert profiles["fmnist-device"].accuracy < floor - 0.02  # the zoo's premise, checked
-    policy = Policy(candidates_from_profiles(config, profiles), config.prices)
+    policy = Policy(candidates_from_profiles(config, profiles), PriceTable.of(config))
     slow = LinkConfig(bandwidth_up="2KB/s", bandwidth_down="2KB/s", rtt_ms=20)
     state = PlanningState(links={t: LinkEstimator(slow).snapshot() for t in ("edge", "cloud")})
     # at 2 KB/s the bottleneck's 9 bytes are the smallest payload of any remote plan: give

@@ -18,6 +18,7 @@ from tierwise.codecs import codec_names, get_codec
 from tierwise.config import Config, LinkConfig
 from tierwise.data import Splits
 from tierwise.net.shaping import EmulatedLink
+from tierwise.planner.cost import PriceTable
 from tierwise.planner.estimators import LinkEstimate, LinkEstimator
 from tierwise.planner.plans import Cascade, Local, Remote, Split
 from tierwise.planner.policy import (
@@ -100,7 +101,7 @@ def hand_built_policy(config: Config) -> Policy:
                   device_model="big.head@2", device_ms=10.0, tier="cloud",
                   server_model="big.tail@2", server_ms=6.0,
                   payload_mean_bytes=2000, payload_p95_bytes=2000),
-    ], config.prices)
+    ], PriceTable.of(config))
 
 
 def state(bandwidth_up: float, rtt_ms: float = 10.0, down: tuple[str, ...] = ()) -> PlanningState:
@@ -141,7 +142,7 @@ def test_policy_sets_the_cascade_threshold_for_the_floor(small_config: Config,
                                                           models_dir: Path) -> None:
     profiles = {m: load_profile(models_dir, m)
                 for m in ("fmnist-device", "fmnist-edge", "fmnist-cloud")}
-    policy = Policy(candidates_from_profiles(small_config, profiles), small_config.prices)
+    policy = Policy(candidates_from_profiles(small_config, profiles), PriceTable.of(small_config))
     fast = PlanningState(links={t: LinkEstimator(small_config.link(t)).snapshot()
                                 for t in ("edge", "cloud")})
     device_accuracy = profiles["fmnist-device"].accuracy
@@ -173,7 +174,7 @@ def two_tier_policy(config: Config, escalation: float = 0.3,
         Candidate(Cascade(Local("small"), Remote("cloud", "big"), 0.0), accuracy=0.0,
                   tier="cloud", curve=curve, **{**cloud, "device_model": "small",
                                                 "device_ms": 2.0}),
-    ], config.prices)
+    ], PriceTable.of(config))
 
 
 def two_tier_state(edge_up: float = 1e6, cloud_up: float = 1e6, down: tuple[str, ...] = (),

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tierwise.bench.workload import WORKLOADS as WORKLOAD_CHOICES
-from tierwise.config import Config, ConfigError, load_config
+from tierwise.config import DEVICE_TIER, Config, ConfigError, load_config
 from tierwise.data.images import EvalDataError
 from tierwise.database import DatabaseError
 from tierwise.learn.federation import FederationError
@@ -37,6 +37,10 @@ def _config_show(args: argparse.Namespace) -> int:
     print("\n# price book sources")
     for field, source in sources.items():
         print(f"#   {field}: {source}")
+    for section in ("tiers", "links"):  # each site's own prices
+        for name, settings in getattr(config, section).items():
+            if settings.price_source:
+                print(f"#   {section}.{name}: {settings.price_source}")
     return 0
 
 
@@ -207,6 +211,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tierwise.server.app import serve
 
     config = load_config(args.config)
+    if config.kind(args.tier) == DEVICE_TIER:  # ConfigError for a tier not configured
+        raise ConfigError(f"--tier: the device tier runs inside the app; serve one of "
+                          f"{config.sites()}")
     overrides = {
         "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
         "compute_scale": args.compute_scale, "max_body_bytes": args.max_body_bytes,
@@ -220,11 +227,12 @@ def _serve(args: argparse.Namespace) -> int:
     from tierwise.cloud import cloud_credentials, hosted, token_verifier
 
     # the cloud's control plane and its tier server check tokens against one table
-    credentials = cloud_credentials(config) if args.tier == "cloud" else None
+    in_cloud = config.kind(args.tier) == "cloud"  # a cloud site hosts the control plane too
+    credentials = cloud_credentials(config) if in_cloud else None
     verifier = token_verifier(args.tier, tier, config, cloud_url=registry_url or None,
                               credentials=credentials)
     wrap = None
-    if args.tier == "cloud":  # the cloud also hosts the control plane
+    if in_cloud:
 
         def wrap(app: object) -> object:
             return hosted(app, config, credentials)  # type: ignore[arg-type]
@@ -476,7 +484,8 @@ def _parser() -> argparse.ArgumentParser:
     certs_init.set_defaults(run=_certs_init)
 
     serve = commands.add_parser("serve", help="run a tier server (OIP v2 over HTTP)")
-    serve.add_argument("--tier", required=True, choices=["edge", "cloud"])
+    serve.add_argument("--tier", required=True, help="which configured server tier (site) "
+                       "this is: edge, cloud, or a site of the config's [tiers] by its name")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--models", help="directory of models (default: <data_dir>/models)")

@@ -12,9 +12,17 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_ENV = "TIERWISE_CONFIG"
 DATA_ENV = "TIERWISE_DATA"
@@ -69,9 +77,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class TierConfig(_Section):
-    """One tier. The device tier runs inside the app; edge and cloud are `tierwise serve`."""
+KINDS = ("device", "edge", "cloud")
 
+
+class TierConfig(_Section):
+    """One tier, or site: the device (inside the app), or a server (`tierwise serve`) at an
+    edge site or in the cloud. Any number of edge and cloud sites, each by its own name."""
+
+    kind: Literal["device", "edge", "cloud"] | None = Field(
+        None, description="device, edge or cloud; default the tier's own name (a tier named "
+        "otherwise, e.g. 'edge-paris', must say)")
+    region: str = Field("", description="where this site processes data, e.g. 'eu-west'")
+    usd_per_hour: float | None = Field(
+        None, ge=0, description="what an hour of this site's server costs; default the price "
+        "book's for its kind (prices.edge_usd_per_hour, prices.cloud_usd_per_hour)")
+    price_source: str = Field("", description="where usd_per_hour comes from (printed by "
+                              "`tierwise config show`)")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0: the demo picks a free port")
     compute_scale: float = Field(
@@ -119,6 +140,11 @@ class LinkConfig(_Section):
     bandwidth_down: Rate = Field(description="tier → device")
     rtt_ms: float = Field(ge=0, le=60_000)
     emulate: bool = Field(True, description="enforce the rates in the client's transport")
+    usd_per_gb_up: float | None = Field(
+        None, ge=0, description="what a GB sent to this site costs; default the price book's "
+        "for its kind")
+    usd_per_gb_down: float | None = Field(None, ge=0, description="what a GB back costs")
+    price_source: str = Field("", description="where the per-GB prices come from")
 
 
 class PriceBook(_Section):
@@ -149,14 +175,15 @@ class PriceBook(_Section):
         }
     )
 
-    def usd_per_hour(self, tier: str) -> float:
-        return {"edge": self.edge_usd_per_hour, "cloud": self.cloud_usd_per_hour}.get(tier, 0.0)
+    def usd_per_hour(self, kind: str) -> float:
+        """The default hourly price of a server of `kind` (edge or cloud; a device: 0)."""
+        return {"edge": self.edge_usd_per_hour, "cloud": self.cloud_usd_per_hour}.get(kind, 0.0)
 
-    def link_usd_per_gb(self, tier: str) -> tuple[float, float]:
-        """(up, down) price per GB on the link from the device to `tier`."""
-        if tier == "edge":
+    def link_usd_per_gb(self, kind: str) -> tuple[float, float]:
+        """The default (up, down) price per GB on the link from the device to a `kind` site."""
+        if kind == "edge":
             return self.edge_link_usd_per_gb_up, self.edge_link_usd_per_gb_down
-        if tier == "cloud":
+        if kind == "cloud":
             return self.cloud_link_usd_per_gb_up, self.cloud_link_usd_per_gb_down
         return 0.0, 0.0
 
@@ -429,10 +456,39 @@ class Config(_Section):
     fl: FederatedConfig = FederatedConfig()
     tls: TlsConfig = TlsConfig()
 
+    @model_validator(mode="after")
+    def _kinds(self) -> Config:
+        """Every tier knows its kind: its name's, unless it names one itself."""
+        for name, tier in self.tiers.items():
+            if tier.kind is None:
+                if name not in KINDS:
+                    raise ValueError(f"tiers.{name}.kind: expected one of {list(KINDS)} (a "
+                                     "tier not named after its kind must say which it is)")
+                tier.kind = name  # type: ignore[assignment]
+            if (tier.kind == DEVICE_TIER) != (name == DEVICE_TIER):
+                raise ValueError(f"tiers.{name}.kind: the device tier is the one named "
+                                 f"{DEVICE_TIER!r}, and only it has kind {DEVICE_TIER!r}")
+        return self
+
     def tier(self, name: str) -> TierConfig:
         if name not in self.tiers:
             raise ConfigError(f"tiers.{name}: no such tier; configured: {sorted(self.tiers)}")
         return self.tiers[name]
+
+    def kind(self, tier: str) -> str:
+        """device, edge or cloud: what the tier (site) `tier` is."""
+        settings = self.tier(tier)
+        if settings.kind is not None:
+            return settings.kind
+        if tier in KINDS:  # a TierConfig put in after validation, under its kind's name
+            return tier
+        raise ConfigError(f"tiers.{tier}.kind: expected one of {list(KINDS)}")
+
+    def sites(self, kind: str | None = None) -> list[str]:
+        """The configured servers' tiers (every one but the device), in the config's order;
+        only those of `kind` if given."""
+        return [name for name in self.tiers if name != DEVICE_TIER
+                and (kind is None or self.kind(name) == kind)]
 
     def link(self, tier: str) -> LinkConfig:
         if tier not in self.links:

@@ -40,7 +40,6 @@ from tierwise.bench.harness import BenchReport, Column
 from tierwise.bench.network import (
     ADAPTIVE,
     ORACLE,
-    REMOTE_TIERS,
     STRATEGIES,
     Run,
     Testbed,
@@ -190,7 +189,7 @@ def _predictions(policy: Policy, config: Config, level: float, slo: SLO,
                  plans: list[Plan]) -> tuple[dict[str, float], dict[str, float]]:
     """Per plan: (profiled accuracy, latency predicted with the level's true link)."""
     true_links = {tier: LinkEstimator(config.link(tier).model_copy(
-        update={"bandwidth_up": level})).snapshot() for tier in REMOTE_TIERS}
+        update={"bandwidth_up": level})).snapshot() for tier in config.sites()}
     predicted = policy.predict(slo, PlanningState(links=true_links))
     return ({plan.describe(): predicted[plan][1] for plan in plans},
             {plan.describe(): predicted[plan][0] for plan in plans})
@@ -255,7 +254,7 @@ def run_bench_bandwidth(config: Config, out_dir: Path, settings: SweepSettings,
     emulated = [*compute_labels(config), *(
         f"link device->{tier}: uplink swept {low}..{high}, downlink "
         f"{format_rate(config.link(tier).bandwidth_down)}, RTT {config.link(tier).rtt_ms:g} ms"
-        for tier in REMOTE_TIERS), f"links {links_text}"]
+        for tier in config.sites()), f"links {links_text}"]
     report = BenchReport("bandwidth", out_dir, emulated, console=console)
     from tierwise.bench.findings import knees, plot_findings
 

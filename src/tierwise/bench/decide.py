@@ -21,6 +21,7 @@ from rich.table import Table
 
 from tierwise.client.planning import planning_state
 from tierwise.config import Config
+from tierwise.planner.cost import PriceTable
 from tierwise.planner.estimators import Ewma, LinkEstimator, ServerEstimator
 from tierwise.planner.plans import Cascade, Local, Remote, Split
 from tierwise.planner.policy import SLO, Candidate, Policy
@@ -75,7 +76,7 @@ def time_decisions(config: Config, count: int, repeats: int) -> dict[str, float]
     and what `Client.decide` runs — the estimates' snapshot (`planning_state`, over link and
     server estimators that have learned a compute ratio for every model) and the choice."""
     candidates = synthetic_candidates(count)
-    policy = Policy(candidates, config.prices)
+    policy = Policy(candidates, PriceTable.of(config))
     links = {tier: LinkEstimator(link) for tier, link in config.links.items()}
     servers = {tier: ServerEstimator() for tier in config.links}
     for candidate in candidates:

@@ -30,6 +30,7 @@ from tierwise.client import Client, InferenceResult
 from tierwise.config import Config, LinkConfig
 from tierwise.models.store import tier_models
 from tierwise.net.shaping import EmulatedLink
+from tierwise.planner.cost import PriceTable
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.planner.policy import (
     SLO,
@@ -40,7 +41,6 @@ from tierwise.planner.policy import (
 )
 from tierwise.profile.model_profile import load_tier_profiles
 
-REMOTE_TIERS = ("edge", "cloud")
 STRATEGIES = ("device-only", "edge-only", "cloud-only", "static-cascade", "static-split",
               "adaptive")
 ADAPTIVE = "adaptive"
@@ -67,7 +67,7 @@ class Testbed:
         rest as configured unless given. Under tc the kernel takes the rates (shared by all
         clients) and the links here add only the RTT."""
         links: dict[str, EmulatedLink | None] = {}
-        for tier in REMOTE_TIERS:
+        for tier in self.config.sites():
             base = self.config.link(tier)
             down = (bandwidth_down or {}).get(tier, base.bandwidth_down)
             link = LinkConfig(bandwidth_up=bandwidth_up, bandwidth_down=down,
@@ -101,13 +101,13 @@ def testbed(config: Config, link_mode: str = "emulated") -> Iterator[Testbed]:
             from tierwise.net.tc import NamespaceLinks
 
             rates = {tier: (config.link(tier).bandwidth_up, config.link(tier).bandwidth_down)
-                     for tier in REMOTE_TIERS}
-            namespaces = stack.enter_context(NamespaceLinks(list(REMOTE_TIERS), rates))
-            for tier in REMOTE_TIERS:
+                     for tier in config.sites()}
+            namespaces = stack.enter_context(NamespaceLinks(config.sites(), rates))
+            for tier in config.sites():
                 urls[tier] = stack.enter_context(
                     namespaced_tier_server(namespaces, tier, models_dir))
         elif link_mode == "emulated":
-            for tier in REMOTE_TIERS:
+            for tier in config.sites():
                 urls[tier] = stack.enter_context(tier_server(tier, models_dir))
         else:
             raise ValueError(f"link: expected 'emulated' or 'tc', got {link_mode!r}")
@@ -151,9 +151,10 @@ def static_plans(config: Config, slo: SLO, models: tuple[str, str, str] | None =
                  and c.plan.then == Remote("cloud", cloud))
     threshold, _, _ = cascade_point(curve, slo.min_accuracy)  # type: ignore[arg-type]
     # the split the policy would pick with the configured links, kept whatever happens
-    splits = Policy([c for c in candidates if isinstance(c.plan, Local | Split)], config.prices)
+    splits = Policy([c for c in candidates if isinstance(c.plan, Local | Split)],
+                    PriceTable.of(config))
     configured = PlanningState(links={t: LinkEstimator(config.link(t)).snapshot()
-                                      for t in REMOTE_TIERS})
+                                      for t in config.sites()})
     split = splits.choose(SLO(slo.deadline_ms, slo.min_accuracy, keep_input_on_device=True),
                           configured).plan
     if not isinstance(split, Split):  # nothing better than local: take the smallest payload
@@ -171,7 +172,7 @@ def static_plans(config: Config, slo: SLO, models: tuple[str, str, str] | None =
 def full_policy(config: Config) -> Policy:
     """The policy over every plan the profiles support: what the oracle picks from."""
     profiles = load_tier_profiles(config, config.models_dir)
-    return Policy(candidates_from_profiles(config, profiles), config.prices)
+    return Policy(candidates_from_profiles(config, profiles), PriceTable.of(config))
 
 
 @dataclass

@@ -74,7 +74,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tierwise.bench.harness import BenchReport, Column, latency_cdf
 from tierwise.bench.network import (
     ADAPTIVE,
-    REMOTE_TIERS,
     STRATEGIES,
     Run,
     Testbed,
@@ -229,7 +228,7 @@ def _check_for_tc(path: Path, points: list[TracePoint]) -> None:
 
 def _apply(bed: Testbed, links: list[dict[str, EmulatedLink | None]], point: TracePoint) -> None:
     wan_ms = max(0.0, bed.config.link("cloud").rtt_ms - bed.config.link("edge").rtt_ms)
-    for tier in REMOTE_TIERS:
+    for tier in bed.config.sites():
         rtt = point.rtt_ms + (wan_ms if tier == "cloud" else 0.0)
         if bed.tc is not None:
             bed.tc.set_rate(tier, point.bandwidth_up, point.bandwidth_down)
@@ -248,7 +247,7 @@ def _replay(bed: Testbed, strategies: dict[str, Plan | None], points: list[Trace
     count = int(bound.trace_s * settings.rate_per_s)
     all_links: dict[str, dict[str, EmulatedLink | None]] = {
         name: {tier: EmulatedLink(bed.config.link(tier), pace=bed.tc is None)
-               for tier in REMOTE_TIERS} for name in strategies}
+               for tier in bed.config.sites()} for name in strategies}
     clients = {name: bed.client(all_links[name], probe=plan is None)
                for name, plan in strategies.items()}
     for name, client in clients.items():  # connections up, sessions loaded, links known

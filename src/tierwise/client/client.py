@@ -49,6 +49,7 @@ from tierwise.monitor.drift import DriftMonitor
 from tierwise.monitor.metrics import ClientMetrics
 from tierwise.monitor.telemetry import Telemetry
 from tierwise.net.shaping import EmulatedLink
+from tierwise.planner.cost import PriceTable
 from tierwise.planner.estimators import Ewma, LinkEstimator, ServerEstimator
 from tierwise.planner.plans import Cascade, Local, Plan, RemoteStageError
 from tierwise.planner.policy import (
@@ -186,6 +187,8 @@ class Client:
         # The config is this client's parameters (its links and estimators are made from
         # it): the one file a constructor reads, and only when none is given.
         self.config = config or load_config()
+        # unit prices per site: what the policy predicts with and each trace bills with
+        self.prices = PriceTable.of(self.config)
         self.device_id = check_device_id(
             device_id or self.config.registry.device_id or default_device_id())
         self.registry_url = registry_url if registry_url is not None else \
@@ -417,7 +420,7 @@ class Client:
                                         "profile` (the policy reads nothing else about a model)")
             self.profiled_ms.update(profiled_compute_ms(profiles))
             self._policy = Policy(candidates_from_profiles(self.config, profiles),
-                                  self.config.prices)
+                                  self.prices)
             if self.prober is not None:
                 self.prober.start()
         return self._policy

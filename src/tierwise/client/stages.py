@@ -21,7 +21,6 @@ from tierwise.client.trace import StageTrace, Trace
 from tierwise.config import DEVICE_TIER
 from tierwise.models.inputs import as_batch, input_key
 from tierwise.models.store import ModelInfo
-from tierwise.planner.cost import compute_cost_usd, device_energy_cost_usd, transfer_cost_usd
 from tierwise.planner.plans import RemoteStageError, StageOutcome
 
 if TYPE_CHECKING:
@@ -56,14 +55,14 @@ def call_tier(client: Client, tier: str, model: str, tensor: np.ndarray, codec: 
     # A batch's compute is shared by its rows; this request pays for its own rows.
     rows = len(tensor)
     billed_ms = answer.compute_ms * rows / max(answer.batch_size, rows)
-    prices = client.config.prices
+    prices = client.prices
     stage = StageTrace(
         kind="remote", tier=tier, model=model, model_version=answer.model_version,
         total_ms=answer.total_ms, compute_ms=answer.compute_ms, queue_ms=answer.queue_ms,
         network_ms=answer.network_ms, bytes_up=answer.bytes_up, bytes_down=answer.bytes_down,
         batch_size=answer.batch_size, codec=codec,
-        cost_usd=compute_cost_usd(prices, tier, billed_ms)
-        + transfer_cost_usd(prices, tier, answer.bytes_up, answer.bytes_down))
+        cost_usd=prices.compute_usd(tier, billed_ms)
+        + prices.transfer_usd(tier, answer.bytes_up, answer.bytes_down))
     return answer.outputs, stage
 
 
@@ -117,7 +116,7 @@ class Execution:
         self.trace.stages.append(StageTrace(
             kind="local", tier=DEVICE_TIER, model=model, model_version=session.info.version,
             total_ms=total_ms, compute_ms=compute_ms,
-            cost_usd=device_energy_cost_usd(client.config.prices, compute_ms),
+            cost_usd=client.prices.device_energy_usd(compute_ms),
         ))
         return output
 

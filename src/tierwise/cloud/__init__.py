@@ -58,7 +58,7 @@ def token_verifier(tier_name: str, tier: TierConfig, config: Config, *,
     ConfigError naming the setting that is missing."""
     if not tier.require_auth:
         return None
-    if tier_name == "cloud":
+    if tier.kind == "cloud" or tier_name == "cloud":
         return TokenVerifier(local_lookup(credentials or cloud_credentials(config)))
     cloud_url = cloud_url or config.registry.url
     if not cloud_url:

@@ -1,6 +1,6 @@
 """The cost ledger: what the traffic cost, per tier and per link, and what it saved.
 
-Each trace's stages are priced from the price book (`planner.cost`, the same functions the
+Each trace's stages are priced from the price table (`planner.cost.PriceTable`, the one the
 planner scores plans with): a server's compute time × its hourly price (a batch's compute
 shared by its rows), bytes each way × the link's price per GB, and the device's compute ×
 its rated power × the electricity price. The savings compare with running every request in
@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tierwise.config import DEVICE_TIER, PriceBook
-from tierwise.planner.cost import compute_cost_usd, device_energy_cost_usd, transfer_cost_usd
-
-CLOUD_TIER = "cloud"
+from tierwise.config import DEVICE_TIER
+from tierwise.planner.cost import PriceTable
 
 
 @dataclass(frozen=True)
@@ -29,17 +27,18 @@ class AllCloudBaseline:
     compute_ms: float
     bytes_up: int
     bytes_down: int
+    site: str = "cloud"  # the cloud site it runs on
 
-    def cost_usd(self, prices: PriceBook) -> float:
-        return compute_cost_usd(prices, CLOUD_TIER, self.compute_ms) + \
-            transfer_cost_usd(prices, CLOUD_TIER, self.bytes_up, self.bytes_down)
+    def cost_usd(self, prices: PriceTable) -> float:
+        return prices.compute_usd(self.site, self.compute_ms) + \
+            prices.transfer_usd(self.site, self.bytes_up, self.bytes_down)
 
 
 @dataclass
 class Ledger:
     """Costs summed from traces (`add`), in USD."""
 
-    prices: PriceBook
+    prices: PriceTable
     baseline: AllCloudBaseline
     requests: int = 0
     compute_usd: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -54,13 +53,13 @@ class Ledger:
         for stage in trace["stages"]:
             tier = stage["tier"]
             if tier == DEVICE_TIER:
-                cost = device_energy_cost_usd(self.prices, stage["compute_ms"])
+                cost = self.prices.device_energy_usd(stage["compute_ms"])
                 self.device_energy_usd += cost
                 total += cost
                 continue
             billed_ms = stage["compute_ms"] / max(int(stage.get("batch_size") or 1), 1)
-            compute = compute_cost_usd(self.prices, tier, billed_ms)
-            link = transfer_cost_usd(self.prices, tier, stage["bytes_up"], stage["bytes_down"])
+            compute = self.prices.compute_usd(tier, billed_ms)
+            link = self.prices.transfer_usd(tier, stage["bytes_up"], stage["bytes_down"])
             self.compute_usd[tier] += compute
             self.link_usd[tier] += link
             self.link_bytes[tier][0] += stage["bytes_up"]
@@ -115,6 +114,6 @@ def all_cloud_baseline(models_dir: Path, model: str) -> AllCloudBaseline:
                       dtype=np.float32)
     answer, _ = encode_infer_response({info.outputs[0].name: logits}, model_name=model,
                                       model_version=info.version, binary_outputs=True)
-    return AllCloudBaseline(compute_ms=load_profile(models_dir, model).compute_ms[CLOUD_TIER],
+    return AllCloudBaseline(compute_ms=load_profile(models_dir, model).compute_ms["cloud"],
                             bytes_up=len(request) + HTTP_HEADER_BYTES,
                             bytes_down=len(answer) + HTTP_HEADER_BYTES)

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from tierwise.config import Config, PriceBook
+from tierwise.config import Config
 from tierwise.monitor.drift import DriftMonitor, DriftScore
 from tierwise.monitor.ledger import AllCloudBaseline, Ledger, all_cloud_baseline
 from tierwise.monitor.metrics import plan_kind
+from tierwise.planner.cost import PriceTable
 from tierwise.protocol.traces import TraceRecord
 
 TIERS = ("device", "edge", "cloud")
@@ -69,7 +70,7 @@ class Views:
         return summary
 
 
-def compute_views(records: list[dict[str, Any]], prices: PriceBook,
+def compute_views(records: list[dict[str, Any]], prices: PriceTable,
                   baseline: AllCloudBaseline | None) -> Views:
     ledger = Ledger(prices, baseline) if baseline is not None else None
     drift = DriftMonitor()
@@ -114,7 +115,7 @@ def views_for(config: Config, since: float = 0.0) -> Views:
             if cloud else None
     except FileNotFoundError:
         baseline = None  # no cloud model profile here: costs without savings
-    return compute_views(records, config.prices, baseline)
+    return compute_views(records, PriceTable.of(config), baseline)
 
 
 # -- plots --------------------------------------------------------------------------------
@@ -168,12 +169,14 @@ def plot_tier_mix(views: Views, buckets: int = 30) -> bytes:
     if len(seconds):
         edges = np.linspace(0, max(seconds.max(), 1e-3), buckets + 1)
         tiers = np.array([r["tier"] for r in views.records])
+        # the usual three first (stable colours), then every other site that answered
+        names = list(dict.fromkeys([*TIERS, *sorted(set(tiers) - {""})]))
         shares = []
-        for tier in TIERS:
+        for tier in names:
             counts = np.histogram(seconds[tiers == tier], edges)[0]
             shares.append(counts)
         totals = np.maximum(np.sum(shares, axis=0), 1)
-        ax.stackplot(edges[:-1], [s / totals for s in shares], labels=TIERS, step="post",
+        ax.stackplot(edges[:-1], [s / totals for s in shares], labels=names, step="post",
                      alpha=0.8)
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("seconds since the first request")

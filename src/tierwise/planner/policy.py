@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from tierwise.codecs import RAW
-from tierwise.config import DEVICE_TIER, Config, PriceBook
+from tierwise.config import DEVICE_TIER, Config
 from tierwise.models.store import tier_models
-from tierwise.planner.cost import BYTES_PER_GB, JOULES_PER_KWH
+from tierwise.planner.cost import FREE, PriceTable
 from tierwise.planner.estimators import LinkEstimate
 from tierwise.planner.plans import Cascade, Local, Plan, Remote, Split
 from tierwise.profile.model_profile import CascadeCurve, ModelProfile
@@ -183,7 +183,8 @@ class Policy:
     """Chooses among `candidates` per request. Construct once per client; `choose` is the hot
     path."""
 
-    def __init__(self, candidates: list[Candidate], prices: PriceBook) -> None:
+    def __init__(self, candidates: list[Candidate], prices: PriceTable) -> None:
+        """`prices`: unit prices per site (`PriceTable.of(config)`)."""
         if not any(isinstance(c.plan, Local) for c in candidates):
             raise ValueError("candidates: need at least one local plan (the offline fallback)")
         self.candidates = candidates
@@ -201,11 +202,11 @@ class Policy:
         self._raw_input = np.array([c.plan.sends_raw_input for c in candidates])
         self._cascades = [i for i, c in enumerate(candidates) if c.curve is not None]
         self._by_floor: dict[float, tuple[np.ndarray, np.ndarray, list[Plan]]] = {}
-        # prices, per candidate
-        per_tier_prices = np.array([[prices.usd_per_hour(t) / 3.6e6,
-                                     *np.array(prices.link_usd_per_gb(t)) / BYTES_PER_GB]
-                                    for t in self.tiers] + [[0.0, 0.0, 0.0]])[self._tier_of]
-        self._usd_per_ms, self._usd_per_byte_up, self._usd_per_byte_down = per_tier_prices.T
+        # prices, per candidate: the table the trace bills with (`planner.cost`)
+        site_prices = [prices.site(t) for t in self.tiers] + [FREE]
+        per_candidate = np.array([[price.per_ms, price.per_byte_up, price.per_byte_down]
+                                  for price in site_prices])[self._tier_of]
+        self._usd_per_ms, self._usd_per_byte_up, self._usd_per_byte_down = per_candidate.T
         # compute corrections are keyed (tier, model); gather them by index per candidate
         keys = [(DEVICE, c.device_model) for c in candidates] + [
             (c.tier or DEVICE, c.server_model or "") for c in candidates]
@@ -213,8 +214,7 @@ class Policy:
         index = {key: i for i, key in enumerate(self._ratio_keys)}
         self._device_key = np.array([index[key] for key in keys[:len(candidates)]])
         self._server_key = np.array([index[key] for key in keys[len(candidates):]])
-        self._device_usd_per_ms = (prices.device_power_w / 1e3 / JOULES_PER_KWH
-                                   * prices.electricity_usd_per_kwh)
+        self._device_usd_per_ms = prices.device_per_ms
 
     def plans_for(self, min_accuracy: float) -> list[Plan]:
         """Every candidate plan, cascade thresholds set for the floor `min_accuracy`."""
