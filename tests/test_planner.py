@@ -380,3 +380,27 @@ def test_a_request_that_would_miss_its_deadline_falls_back_in_time(
     # after the timeout the estimate dropped: later requests get another plan (the device, or
     # one whose payload fits 2 KB/s, such as a cascade escalating a 230-byte WebP)
     assert results[-1].trace.plan != first.plan
+
+
+def test_a_named_site_is_planned_from_its_kind_without_profiling_again(
+        small_config: Config, models_dir: Path) -> None:
+    from tierwise.config import TierConfig
+
+    config = small_config.model_copy(deep=True)
+    config.tiers["edge-paris"] = TierConfig(kind="edge", compute_scale=3.0)
+    config.links["edge-paris"] = config.links["edge"].model_copy()
+    profiles = {m: load_profile(models_dir, m)
+                for m in ("fmnist-device", "fmnist-edge", "fmnist-cloud")}
+    candidates = candidates_from_profiles(config, profiles)
+    by_plan = {c.plan: c for c in candidates}
+    paris = [c for c in candidates if c.tier == "edge-paris"]
+    assert paris, "a site of kind edge runs what the edge runs"
+    edge = profiles["fmnist-edge"]
+    whole = next(c for c in paris if isinstance(c.plan, Remote)
+                 and c.plan.model == "fmnist-edge")
+    same_at_edge = by_plan[Remote("edge", "fmnist-edge", whole.plan.input_codec)]
+    # this host's time at the site's own scale (3x), where the edge was profiled at its own
+    host_ms = edge.compute_ms["edge"] / edge.compute_scales["edge"]
+    codec_ms = same_at_edge.server_ms - edge.compute_ms["edge"]
+    assert whole.server_ms == pytest.approx(3.0 * host_ms + codec_ms)
+    assert {type(c.plan) for c in paris} >= {Remote, Split}

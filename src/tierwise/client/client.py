@@ -418,7 +418,8 @@ class Client:
             if not profiles:
                 raise FileNotFoundError(f"{self.models_dir}: no model profiles; run `tierwise "
                                         "profile` (the policy reads nothing else about a model)")
-            self.profiled_ms.update(profiled_compute_ms(profiles))
+            self.profiled_ms.update(profiled_compute_ms(profiles, {
+                site: self.config.tier(site).compute_scale for site in self.config.sites()}))
             self._policy = Policy(candidates_from_profiles(self.config, profiles),
                                   self.prices)
             if self.prober is not None:

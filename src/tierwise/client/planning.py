@@ -22,10 +22,13 @@ FALLBACK_MARGIN_MS = 2.0
 FALLBACK_MARGIN_SHARE = 0.05
 
 
-def profiled_compute_ms(profiles: Mapping[str, ModelProfile]) -> dict[tuple[str, str], float]:
+def profiled_compute_ms(profiles: Mapping[str, ModelProfile],
+                        scales: Mapping[str, float] | None = None
+                        ) -> dict[tuple[str, str], float]:
     """(tier, model) -> the batch-1 compute time the profiles measured: every whole model,
     and the head and tail of every profiled split (their own timing, else the sum of their
-    blocks)."""
+    blocks); for every site in `scales` (site -> compute_scale) that the profiles do not
+    name, the same from this host's time at its scale (`ModelProfile.site_ms`)."""
     profiled: dict[tuple[str, str], float] = {}
     for name, profile in profiles.items():
         for tier, compute_ms in profile.compute_ms.items():
@@ -36,6 +39,12 @@ def profiled_compute_ms(profiles: Mapping[str, ModelProfile]) -> dict[tuple[str,
                     tier, sum(blocks[:split.split_point]))
                 profiled[(tier, split.tail)] = split.tail_ms.get(
                     tier, sum(blocks[split.split_point:]))
+        for site, scale in (scales or {}).items():
+            if site in profile.compute_ms or not profile.compute_ms:
+                continue
+            profiled[(site, name)] = profile.site_ms(site, scale)[0]
+            for split in profile.splits:
+                profiled[(site, split.tail)] = profile.split_ms(split, site, scale, 1.0)[1]
     return profiled
 
 

@@ -246,9 +246,11 @@ def tier_models(config: Config, models: Mapping[str, _Placed]) -> dict[str, list
              if getattr(model, "role", "full") == "full" and not model.variant}
     out: dict[str, list[str]] = {}
     for tier, settings in config.tiers.items():
+        # a site runs what its own name or its kind is named for (`edge-paris`: edge's)
+        names = {tier, config.kind(tier)}
         listed = list(settings.models)
         listed += sorted(name for name, model in whole.items()
-                         if tier in model.runs_on and name not in listed)
+                         if names & set(model.runs_on) and name not in listed)
         out[tier] = variants_of(listed, parents) if settings.variants else listed
     return out
 

@@ -115,10 +115,12 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
         return [model for model in placed.get(tier, []) if model in profiles]
 
     device_models = runs_on(DEVICE)
+    device_scale = config.tier(DEVICE).compute_scale
     remote: list[Candidate] = []
-    for tier in config.tiers:
-        if tier == DEVICE or tier not in config.links:
+    for tier in config.sites():
+        if tier not in config.links:
             continue
+        scale = config.tier(tier).compute_scale
         served = runs_on(tier)
         for model in [*served, *(m for m in device_models if m not in served)]:
             profile = profiles.get(model)
@@ -130,16 +132,13 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
                     plan=Remote(tier, model, codec), accuracy=measured.accuracy,
                     device_model=model, device_ms=measured.encode_ms, tier=tier,
                     server_model=model,
-                    server_ms=profile.compute_ms[tier] + measured.decode_ms,
+                    server_ms=profile.site_ms(tier, scale)[0] + measured.decode_ms,
                     payload_mean_bytes=measured.bytes_mean,
                     payload_p95_bytes=measured.bytes_p95))
             for split in profile.splits:
                 if bottlenecks_only and split.bottleneck is None:
                     continue
-                head_ms = split.head_ms.get(DEVICE,
-                                            sum(profile.block_ms[DEVICE][:split.split_point]))
-                tail_ms = split.tail_ms.get(tier,
-                                            sum(profile.block_ms[tier][split.split_point:]))
+                head_ms, tail_ms = profile.split_ms(split, tier, scale, device_scale)
                 for codec, measured in split.codecs.items():
                     remote.append(Candidate(
                         plan=Split(tier, model, split.split_point, codec, split.bottleneck),

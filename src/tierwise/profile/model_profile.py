@@ -81,6 +81,37 @@ class ModelProfile(_Record):
     splits: list[SplitProfile] = Field(default_factory=list)
     cascades: list[CascadeCurve] = Field(default_factory=list)
 
+    def site_ms(self, site: str, scale: float) -> tuple[float, list[float]]:
+        """(whole-model ms, ms per block) at batch 1 on `site` at compute_scale `scale`: its
+        own profiled numbers where it was profiled at that scale, else this host's
+        (another tier's, over its scale) × `scale`. So a site added after profiling, or
+        named otherwise (`edge-paris`), is planned without profiling again."""
+        if self.compute_scales.get(site) == scale and site in self.compute_ms:
+            return self.compute_ms[site], list(self.block_ms.get(site, []))
+        reference = site if site in self.compute_ms else next(iter(self.compute_ms))
+        factor = scale / self.compute_scales.get(reference, 1.0)
+        return (self.compute_ms[reference] * factor,
+                [ms * factor for ms in self.block_ms.get(reference, [])])
+
+    def split_ms(self, split: SplitProfile, site: str, scale: float,
+                 device_scale: float) -> tuple[float, float]:
+        """(head ms on the device, tail ms on `site`) of `split` (its own timing where it was
+        measured, else the sum of its blocks), at those compute scales."""
+        def timed(measured: dict[str, float], tier: str, tier_scale: float,
+                  blocks: list[float], part: slice) -> float:
+            if tier in measured and self.compute_scales.get(tier) == tier_scale:
+                return measured[tier]
+            reference = next((t for t in measured if t in self.compute_scales), None)
+            if reference is not None:
+                return measured[reference] * tier_scale / self.compute_scales[reference]
+            return sum(blocks[part])
+
+        _, device_blocks = self.site_ms("device", device_scale)
+        _, site_blocks = self.site_ms(site, scale)
+        return (timed(split.head_ms, "device", device_scale, device_blocks,
+                      slice(None, split.split_point)),
+                timed(split.tail_ms, site, scale, site_blocks, slice(split.split_point, None)))
+
     def split(self, split_point: int, bottleneck: str | None = None) -> SplitProfile:
         for split in self.splits:
             if split.split_point == split_point and split.bottleneck == bottleneck:
