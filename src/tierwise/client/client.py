@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -312,7 +312,7 @@ class Client:
 
     def infer(self, image: np.ndarray, plan: Plan | None = None, *,
               deadline_ms: float | None = None, min_quality: float | None = None,
-              keep_input_on_device: bool = False,
+              keep_input_on_device: bool = False, regions: Iterable[str] | None = None,
               min_accuracy: float | None = None) -> InferenceResult:
         """Answer one input (an image of any size for a model with an image preprocessing,
         else one sample of the device model's input spec) with the task's result.
@@ -325,7 +325,10 @@ class Client:
         `deadline_ms` and `min_quality` (the quality floor in the task's metric as the
         profiles measured it: accuracy, mAP@0.5 or fidelity to a reference model;
         `min_accuracy` is its older name; default: the client's `slo`), and
-        `keep_input_on_device` (only local and split plans qualify).
+        `keep_input_on_device` (only local and split plans qualify), and `regions` (data
+        residency: only sites whose `tiers.<site>.region` is one of them, and the device;
+        a failed stage fails over only among them, else to the device). A `plan` that
+        breaks `keep_input_on_device` or `regions` is a ValueError.
         """
         model_set = self.model_set  # this request's models, whatever a swap does meanwhile
         device_info = model_set.infos[self.device_model]
@@ -334,7 +337,8 @@ class Client:
         slo = SLO(deadline_ms if deadline_ms is not None else self.slo.deadline_ms,
                   next((floor for floor in (min_quality, min_accuracy) if floor is not None),
                        self.slo.min_accuracy),
-                  keep_input_on_device or self.slo.keep_input_on_device)
+                  keep_input_on_device or self.slo.keep_input_on_device,
+                  frozenset(regions) if regions is not None else self.slo.regions)
         started = time.perf_counter()
         plan = plan or self.plan
         decision = None
@@ -344,6 +348,12 @@ class Client:
         elif keep_input_on_device and plan.sends_raw_input:
             raise ValueError(f"plan: {plan.describe()} sends the input off the device, which "
                              "keep_input_on_device forbids")
+        elif slo.regions is not None:
+            outside = [tier for tier in plan.tiers if tier != DEVICE_TIER
+                       and self.config.tier(tier).region not in slo.regions]
+            if outside:
+                raise ValueError(f"plan: {plan.describe()} runs at {outside}, outside the "
+                                 f"regions {sorted(slo.regions)} this request allows")
         trace = Trace(plan=plan.describe(), emulated=self._emulated,
                       slo={"deadline_ms": slo.deadline_ms, "min_accuracy": slo.min_accuracy,
                            "keep_input_on_device": slo.keep_input_on_device},
@@ -379,8 +389,7 @@ class Client:
         if adaptive:
             left_ms = slo.deadline_ms - (time.perf_counter() - started) * 1e3
             if left_ms > 0:
-                decision = self.decide(SLO(left_ms, slo.min_accuracy, slo.keep_input_on_device),
-                                       exclude=excluded)
+                decision = self.decide(replace(slo, deadline_ms=left_ms), exclude=excluded)
                 if decision.feasible:
                     return decision.plan, f"{decision.plan.describe()} (next feasible plan)"
         return Local(self.device_model), "the device model"
@@ -421,7 +430,8 @@ class Client:
             self.profiled_ms.update(profiled_compute_ms(profiles, {
                 site: self.config.tier(site).compute_scale for site in self.config.sites()}))
             self._policy = Policy(candidates_from_profiles(self.config, profiles),
-                                  self.prices)
+                                  self.prices, {site: self.config.tier(site).region
+                                                for site in self.config.sites()})
             if self.prober is not None:
                 self.prober.start()
         return self._policy

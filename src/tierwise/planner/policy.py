@@ -42,11 +42,15 @@ DEVICE = DEVICE_TIER
 @dataclass(frozen=True)
 class SLO:
     """What one request needs. `keep_input_on_device`: the raw input must not leave the
-    device (privacy), so only local and split plans qualify."""
+    device (privacy), so only local and split plans qualify. `regions`: where its data may
+    be processed (data residency, as the GDPR and its equivalents require): only plans whose
+    every remote stage runs at a site of one of these regions (`tiers.<site>.region`)
+    qualify, the device always; None: anywhere."""
 
     deadline_ms: float
     min_accuracy: float = 0.0
     keep_input_on_device: bool = False
+    regions: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.deadline_ms > 0:
@@ -182,8 +186,11 @@ class Policy:
     """Chooses among `candidates` per request. Construct once per client; `choose` is the hot
     path."""
 
-    def __init__(self, candidates: list[Candidate], prices: PriceTable) -> None:
-        """`prices`: unit prices per site (`PriceTable.of(config)`)."""
+    def __init__(self, candidates: list[Candidate], prices: PriceTable,
+                 regions: Mapping[str, str] | None = None) -> None:
+        """`prices`: unit prices per site (`PriceTable.of(config)`); `regions`: site -> the
+        region it processes data in (`tiers.<site>.region`; a site without one qualifies
+        for no request that limits regions)."""
         if not any(isinstance(c.plan, Local) for c in candidates):
             raise ValueError("candidates: need at least one local plan (the offline fallback)")
         self.candidates = candidates
@@ -206,6 +213,8 @@ class Policy:
         per_candidate = np.array([[price.per_ms, price.per_byte_up, price.per_byte_down]
                                   for price in site_prices])[self._tier_of]
         self._usd_per_ms, self._usd_per_byte_up, self._usd_per_byte_down = per_candidate.T
+        self._region = np.array([(regions or {}).get(t, "") for t in self.tiers] + [""]
+                                )[self._tier_of]
         # compute corrections are keyed (tier, model); gather them by index per candidate
         keys = [(DEVICE, c.device_model) for c in candidates] + [
             (c.tier or DEVICE, c.server_model or "") for c in candidates]
@@ -279,6 +288,8 @@ class Policy:
         allowed = (usable > 0) | ~escalated
         if slo.keep_input_on_device:
             allowed &= ~self._raw_input
+        if slo.regions is not None:  # a cascade's escalated path counts, however rare
+            allowed &= ~self._remote | np.isin(self._region, list(slo.regions))
         return plans, latency, accuracy, cost, allowed
 
     def predict(self, slo: SLO, state: PlanningState) -> dict[Plan, tuple[float, float, float]]:
