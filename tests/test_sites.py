@@ -81,3 +81,33 @@ def test_the_client_refuses_a_plan_outside_the_allowed_regions(
         # adaptive: the only answer allowed is the device's (no site is in eu-west)
         result = client.infer(splits.test_x[0], regions={"eu-west"})
         assert result.trace.answered_by.tier == "device"
+
+
+def test_a_hedged_request_is_answered_by_the_faster_site_and_both_are_counted(
+        small_config: Config, models_dir: Path, splits: Splits) -> None:
+    from tierwise.profile.model_profile import load_profile
+    from waiting import wait_for
+
+    config = small_config.model_copy(deep=True)
+    # the planner thinks both edge sites equally fast; "edge" is cheaper, so it is chosen,
+    # but its server is in fact 2000x slower than profiled (a stalled site)
+    config.tiers["edge-paris"] = TierConfig(kind="edge", usd_per_hour=5.0)
+    config.links["edge-paris"] = config.links["edge"].model_copy()
+    floor = load_profile(models_dir, "fmnist-edge").accuracy
+    with tier_server("edge", models_dir, extra_args=["--compute-scale", "2000"]) as slow, \
+            tier_server("edge", models_dir) as fast, \
+            Client(config, models_dir=models_dir, probe=False, collector_url="", hedge=True,
+                   tier_urls={"edge": slow, "edge-paris": fast}) as client:
+        result = client.infer(splits.test_x[0], deadline_ms=5000, min_quality=floor)
+        trace = result.trace
+        print(trace.plan, trace.hedge, trace.total_ms, [s.tier for s in trace.stages])
+        assert "edge" in trace.plan and "edge-paris" not in trace.plan  # the cheaper first
+        assert trace.hedge is not None and "edge-paris" in trace.hedge["plan"]
+        assert trace.hedge["won"] and trace.answered_by.tier == "edge-paris"
+        assert client.hedges.summary()["hedged"] == 1 and client.hedges.won == 1
+        # the loser's cost counts once it ends (the slow server still answers)
+        wait_for(lambda: client.hedges.loser_cost_usd > 0, timeout_s=60,
+                 what="the losing request billed")
+        # a hedge that is not needed never starts: the fast site first
+        fast_only = client.infer(splits.test_x[0], Remote("edge-paris", "fmnist-edge"))
+        assert fast_only.trace.hedge is None

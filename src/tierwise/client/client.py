@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -125,6 +126,36 @@ def emulation_labels(config: Config, links: dict[str, EmulatedLink | None] | Non
     return labels
 
 
+class HedgeStats:
+    """Hedged requests so far: how many, how many the hedge won, and what the losers cost
+    (the stages that ran while the winner answered)."""
+
+    def __init__(self) -> None:
+        self.hedged = 0
+        self.won = 0
+        self.loser_cost_usd = 0.0
+        self._lock = threading.Lock()
+
+    def count(self, won: bool) -> None:
+        with self._lock:
+            self.hedged += 1
+            self.won += int(won)
+
+    def bill_loser(self, future: Future[tuple[Plan, Any, Trace]]) -> None:
+        try:
+            _, _, own = future.result()
+            cost = own.cost_usd
+        except Exception:  # a loser that failed cost what its stages recorded: unknown here
+            cost = 0.0
+        with self._lock:
+            self.loser_cost_usd += cost
+
+    def summary(self) -> dict[str, float]:
+        with self._lock:
+            return {"hedged": self.hedged, "hedge_won": self.won,
+                    "hedge_loser_cost_usd": self.loser_cost_usd}
+
+
 class Client:
     """The device side of tierwise.
 
@@ -162,6 +193,11 @@ class Client:
             trace, the metrics and the telemetry.
         metrics_port: serve this client's Prometheus metrics at http://127.0.0.1:<port>/metrics
             (`client.metrics.exposition()` has them either way).
+        hedge: hedged requests (Dean & Barroso, "The Tail at Scale", CACM 2013): when the
+            policy's plan has not answered by its predicted latency (computed at the p95
+            payload), the policy's next plan without that plan's sites starts too, and the
+            first answer wins. Each hedge is in the trace (`hedge`) and counted, the loser's
+            cost too, in `hedges`.
     """
 
     def __init__(
@@ -183,6 +219,7 @@ class Client:
         collector_url: str | None = None,
         drift: DriftMonitor | bool = True,
         metrics_port: int | None = None,
+        hedge: bool = False,
     ) -> None:
         # The config is this client's parameters (its links and estimators are made from
         # it): the one file a constructor reads, and only when none is given.
@@ -227,6 +264,9 @@ class Client:
         self._escalation: dict[Plan, Ewma] = {}
         self._last_slo: SLO | None = None  # what the prober asks the policy about
         self._lock = threading.Lock()
+        self.hedge = hedge
+        self.hedges = HedgeStats()
+        self._hedge_pool: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
         self._started = False
         self._model_set: ModelSet | None = None  # replaced whole by a registry swap
@@ -300,6 +340,8 @@ class Client:
             self.telemetry.close()
         if self.prober is not None:
             self.prober.stop()
+        if self._hedge_pool is not None:
+            self._hedge_pool.shutdown(wait=True)
         self.connections.close()
 
     def __enter__(self) -> Client:
@@ -362,9 +404,13 @@ class Client:
         while True:
             fallback_ms = self.profiled_ms.get((DEVICE_TIER, self.device_model), 0.0)
             abort_at = remote_abort_at(started, slo, decision, fallback_ms, self.timeout_s)
-            execution = Execution(self, trace, abort_at, model_set, prepared)
             try:
-                outcome = plan.execute(execution, np.asarray(image))
+                if self.hedge and decision is not None and plan.tiers and not excluded:
+                    plan, outcome = self._hedged(plan, decision, slo, started, abort_at,
+                                                 trace, model_set, prepared, image)
+                else:
+                    execution = Execution(self, trace, abort_at, model_set, prepared)
+                    outcome = plan.execute(execution, np.asarray(image))
                 break
             except RemoteStageError as error:
                 excluded.add(error.tier)
@@ -381,6 +427,57 @@ class Client:
         trace.confidence = outcome.confidence
         self.monitor.submit(trace, batch)
         return InferenceResult(result, trace, outcome.confidence)
+
+    def _hedged(self, plan: Plan, decision: Decision, slo: SLO, started: float,
+                abort_at: float, trace: Trace, model_set: ModelSet,
+                prepared: dict[Any, np.ndarray], image: np.ndarray) -> tuple[Plan, Any]:
+        """(the plan that answered, its outcome): `plan`, or, when it has not answered by its
+        predicted latency, whichever of it and the policy's next plan (without its sites)
+        answers first. RemoteStageError when both fail (the first's)."""
+        if self._hedge_pool is None:
+            self._hedge_pool = ThreadPoolExecutor(max_workers=8,
+                                                  thread_name_prefix="tierwise-hedge")
+        pool = self._hedge_pool
+
+        def run(chosen: Plan) -> tuple[Plan, Any, Trace]:
+            own = Trace(plan=chosen.describe())  # its stages, merged if it wins
+            outcome = chosen.execute(Execution(self, own, abort_at, model_set, prepared),
+                                     np.asarray(image))
+            return chosen, outcome, own
+
+        running = {pool.submit(run, plan): plan}
+        hedge_after_s = decision.latency_ms / 1e3 - (time.perf_counter() - started)
+        done, _ = wait(running, timeout=max(0.0, hedge_after_s))
+        if not done:
+            left_ms = slo.deadline_ms - (time.perf_counter() - started) * 1e3
+            if left_ms > 0:
+                second = self.decide(replace(slo, deadline_ms=left_ms),
+                                     exclude=set(plan.tiers)).plan
+                if second != plan:
+                    running[pool.submit(run, second)] = second
+                    trace.hedge = {"plan": second.describe(), "after_ms": round(
+                        (time.perf_counter() - started) * 1e3, 3), "won": False}
+        first_error: RemoteStageError | None = None
+        pending = set(running)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    chosen, outcome, own = future.result()
+                except RemoteStageError as error:
+                    first_error = first_error or error
+                    continue
+                trace.stages.extend(own.stages)
+                if trace.hedge is not None:
+                    trace.hedge["won"] = chosen is not plan
+                    self.hedges.count(trace.hedge["won"])
+                    for loser in pending:  # its cost counts when it ends
+                        loser.add_done_callback(self.hedges.bill_loser)
+                return chosen, outcome
+        assert first_error is not None
+        if trace.hedge is not None:
+            self.hedges.count(False)
+        raise first_error
 
     def _fallback(self, slo: SLO, started: float, excluded: set[str],
                   adaptive: bool) -> tuple[Plan, str]:

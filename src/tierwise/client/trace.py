@@ -48,6 +48,8 @@ class Trace:
     attempts: list[str] = field(default_factory=list)  # plans tried after the first failed
     slo: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] | None = None  # the policy's prediction, when it chose the plan
+    # a hedged request: the second plan, when it started, and whether it answered first
+    hedge: dict[str, Any] | None = None
     emulated: tuple[str, ...] = ()
 
     @property

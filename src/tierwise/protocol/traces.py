@@ -85,6 +85,7 @@ class TraceRecord(_Document):
     attempts: Annotated[list[Text], Field(max_length=MAX_STAGES)] = []
     slo: SloRecord | None = None
     decision: dict[str, Any] | None = None
+    hedge: dict[str, Any] | None = None
     emulated: Annotated[list[Text], Field(max_length=32)] = []
     escalated: bool = False
     bytes_up: ByteCount = 0
