@@ -78,3 +78,35 @@ def test_a_postgres_url_that_does_not_connect_is_named_without_its_password() ->
     assert "cannot connect" in message and "s3cret" not in message
     assert "postgresql://admin:***@127.0.0.1" in message
     assert redacted("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+def test_stores_made_at_once_in_one_postgres_database_do_not_collide(
+        postgres_server_url: str) -> None:
+    # CREATE TABLE IF NOT EXISTS races itself in PostgreSQL; the schema lock prevents it
+    from postgres import new_database
+
+    errors: list[BaseException] = []
+    for _ in range(3):
+        url = new_database(postgres_server_url)
+
+        def make(name: str, url: str = url) -> None:
+            try:
+                with Database(url, SCHEMA, name).transaction() as db:
+                    db.execute("INSERT INTO events (what) VALUES (?)", (name,))
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=make, args=(f"store-{i}",)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+
+
+def test_a_password_is_hidden_wherever_the_url_carries_it() -> None:
+    assert redacted("postgresql://u:pw@h/d") == "postgresql://u:***@h/d"
+    assert redacted("postgresql://u@h/d?password=pw&sslmode=x") == \
+        "postgresql://u@h/d?password=***&sslmode=x"
+    assert redacted('invalid token "se%zzcret"', "postgresql://u:se%zzcret@h/d") == \
+        'invalid token "***"'
