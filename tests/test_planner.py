@@ -404,3 +404,11 @@ def test_a_named_site_is_planned_from_its_kind_without_profiling_again(
     codec_ms = same_at_edge.server_ms - edge.compute_ms["edge"]
     assert whole.server_ms == pytest.approx(3.0 * host_ms + codec_ms)
     assert {type(c.plan) for c in paris} >= {Remote, Split}
+    # what the server estimators compare answers with is what the planner predicted with,
+    # also for a tier whose compute_scale changed since it was profiled
+    from tierwise.client.planning import profiled_compute_ms
+
+    doubled = 2.0 * edge.compute_scales["edge"]
+    profiled = profiled_compute_ms(profiles, {"edge-paris": 3.0, "edge": doubled})
+    assert profiled[("edge-paris", "fmnist-edge")] == pytest.approx(3.0 * host_ms)
+    assert profiled[("edge", "fmnist-edge")] == pytest.approx(2.0 * edge.compute_ms["edge"])

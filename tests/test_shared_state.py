@@ -146,3 +146,14 @@ def test_a_postgres_url_that_does_not_connect_is_a_clear_error(
     err = capsys.readouterr().err
     print(err)
     assert "cannot connect" in err and "pw" not in err.replace("push", "")
+
+
+def test_credentials_that_cannot_be_checked_are_a_503_not_an_unknown_token() -> None:
+    from tierwise.bench.processes import free_port
+    from tierwise.registry.credentials import CredentialError
+
+    credentials = Credentials(f"postgresql://u:pw@127.0.0.1:{free_port()}/r")
+    with pytest.raises(CredentialError) as raised:
+        credentials.authenticate(b"Bearer some-token")
+    assert raised.value.status == 503 and "cannot check the token now" in str(raised.value)
+    assert "pw@" not in str(raised.value)

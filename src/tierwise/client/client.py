@@ -525,7 +525,7 @@ class Client:
                 raise FileNotFoundError(f"{self.models_dir}: no model profiles; run `tierwise "
                                         "profile` (the policy reads nothing else about a model)")
             self.profiled_ms.update(profiled_compute_ms(profiles, {
-                site: self.config.tier(site).compute_scale for site in self.config.sites()}))
+                tier: self.config.tier(tier).compute_scale for tier in self.config.tiers}))
             self._policy = Policy(candidates_from_profiles(self.config, profiles),
                                   self.prices, {site: self.config.tier(site).region
                                                 for site in self.config.sites()})

@@ -28,7 +28,8 @@ def profiled_compute_ms(profiles: Mapping[str, ModelProfile],
     """(tier, model) -> the batch-1 compute time the profiles measured: every whole model,
     and the head and tail of every profiled split (their own timing, else the sum of their
     blocks); for every site in `scales` (site -> compute_scale) that the profiles do not
-    name, the same from this host's time at its scale (`ModelProfile.site_ms`)."""
+    name or profiled at another scale, the same from this host's time at its scale
+    (`ModelProfile.site_ms`, `split_ms`): the numbers the planner predicts with."""
     profiled: dict[tuple[str, str], float] = {}
     for name, profile in profiles.items():
         for tier, compute_ms in profile.compute_ms.items():
@@ -39,12 +40,17 @@ def profiled_compute_ms(profiles: Mapping[str, ModelProfile],
                     tier, sum(blocks[:split.split_point]))
                 profiled[(tier, split.tail)] = split.tail_ms.get(
                     tier, sum(blocks[split.split_point:]))
-        for site, scale in (scales or {}).items():
-            if site in profile.compute_ms or not profile.compute_ms:
-                continue
+        if not profile.compute_ms:
+            continue
+        scales = scales or {}
+        device_scale = scales.get("device", profile.compute_scales.get("device", 1.0))
+        for site, scale in scales.items():
             profiled[(site, name)] = profile.site_ms(site, scale)[0]
             for split in profile.splits:
-                profiled[(site, split.tail)] = profile.split_ms(split, site, scale, 1.0)[1]
+                head_ms, tail_ms = profile.split_ms(split, site, scale, device_scale)
+                profiled[(site, split.tail)] = tail_ms
+                if site == "device":
+                    profiled[(site, split.head)] = head_ms
     return profiled
 
 

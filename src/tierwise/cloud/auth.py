@@ -53,6 +53,15 @@ SESSION_S = 12 * 3600.0
 MAX_SESSIONS = 1000
 
 
+class CredentialFailure(AuthenticationError):
+    """Why a credential was not taken, with its status: 401 (no one's), 503 (the store of
+    credentials cannot answer now)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class User(BaseUser):
     """Starlette's user for an authenticated principal."""
@@ -134,12 +143,15 @@ class CredentialBackend(AuthenticationBackend):
                 principal = await asyncio.to_thread(self.credentials.authenticate,
                                                     header.encode("latin-1"))
             except CredentialError as error:
-                raise AuthenticationError(str(error)) from None
+                raise CredentialFailure(error.status, str(error)) from None
         else:
             session = conn.cookies.get(SESSION_COOKIE)
             if not session or not conn.url.path.startswith("/dashboard"):
                 return None
-            found = await asyncio.to_thread(self.sessions.principal, session)
+            try:
+                found = await asyncio.to_thread(self.sessions.principal, session)
+            except CredentialError as error:
+                raise CredentialFailure(error.status, str(error)) from None
             if found is None:
                 return None
             principal = found

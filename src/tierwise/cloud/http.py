@@ -73,8 +73,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def authentication_failed(conn: HTTPConnection, exc: Exception) -> Response:
-    """AuthenticationMiddleware's answer to a token that is not one: 401."""
-    return error(401, str(exc), CHALLENGE)
+    """AuthenticationMiddleware's answer to a credential not taken: 401 for a token that is
+    no one's, 503 when the credentials cannot be checked now."""
+    status = getattr(exc, "status", 401)
+    return error(status, str(exc), CHALLENGE if status == 401 else None)
 
 
 EXCEPTION_HANDLERS = {HTTPError: _http_error, HTTPException: _starlette_error,

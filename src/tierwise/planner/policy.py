@@ -152,7 +152,8 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
                         payload_mean_bytes=measured.bytes_mean,
                         payload_p95_bytes=measured.bytes_p95))
     local = [Candidate(plan=Local(model), accuracy=profiles[model].accuracy, device_model=model,
-                       device_ms=profiles[model].compute_ms[DEVICE]) for model in device_models]
+                       device_ms=profiles[model].site_ms(DEVICE, device_scale)[0])
+             for model in device_models]
     cascades = []
     for first in local:
         assert isinstance(first.plan, Local)

@@ -185,8 +185,12 @@ class Credentials:
                 row = db.execute(
                     "SELECT id, role FROM credentials WHERE token_hash = ? AND revoked_at IS "
                     "NULL AND (expires_at IS NULL OR expires_at > ?)", (digest, now)).fetchone()
-        except DatabaseError:  # no index or no credentials table yet: nobody enrolled
-            row = None
+        except DatabaseError as error:
+            if self.database.dialect == "sqlite" and (
+                    not self.database.exists() or "no such table" in str(error)):
+                row = None  # no index or no credentials table yet: nobody enrolled
+            else:  # the store is there but cannot answer: say so, never "unknown token"
+                raise CredentialError(503, f"cannot check the token now: {error}") from None
         if row is None:
             return None  # unknown tokens are not cached: they cannot crowd out known ones
         principal = Principal(*row)
