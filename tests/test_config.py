@@ -112,9 +112,19 @@ def test_sites_have_names_kinds_and_their_own_prices() -> None:
     assert table.site("device").per_ms == 0.0 and table.site("nowhere").per_ms == 0.0
 
 
+def test_a_site_and_its_link_come_together() -> None:
+    with pytest.raises(ConfigError, match=r"links\.edge-x: a site needs its link"):
+        config_from_dict({"tiers": {"edge-x": {"kind": "edge"}}}, "test")
+    with pytest.raises(ConfigError, match=r"links\.edge-y: no such site"):
+        config_from_dict({"links": {"edge-y": {"bandwidth_up": "1MB/s",
+                                               "bandwidth_down": "1MB/s", "rtt_ms": 1}}},
+                         "test")
+
+
 def test_a_site_not_named_after_a_kind_must_say_which_it_is() -> None:
     with pytest.raises(ConfigError, match=r"tiers\.paris\.kind"):
-        config_from_dict({"tiers": {"paris": {}}}, "test")
+        config_from_dict({"tiers": {"paris": {}}, "links": {"paris": PARIS["links"][
+            "edge-paris"]}}, "test")
     with pytest.raises(ConfigError, match=r"tiers\.phone\.kind"):
         config_from_dict({"tiers": {"phone": {"kind": "device"}}}, "test")
 

@@ -64,3 +64,10 @@ def test_the_all_cloud_baseline_comes_from_the_profile_and_the_wire_format(
     # a raw 28x28 image and its header up, ten logits down, each with HTTP headers
     assert 784 + 300 < baseline.bytes_up < 784 + 300 + 400
     assert 40 + 300 < baseline.bytes_down < 40 + 300 + 400
+
+
+def test_a_site_the_config_does_not_price_is_billed_what_the_device_billed() -> None:
+    ledger = Ledger(PriceTable.of(Config()), AllCloudBaseline(1.0, 100, 10))
+    stage = {**_stage("edge-far", 4.0, 1000, 100), "cost_usd": 0.25}
+    assert ledger.add({"stages": [stage]}) == pytest.approx(0.25)
+    assert ledger.compute_usd["edge-far"] == pytest.approx(0.25)

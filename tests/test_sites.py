@@ -81,6 +81,11 @@ def test_the_client_refuses_a_plan_outside_the_allowed_regions(
         # adaptive: the only answer allowed is the device's (no site is in eu-west)
         result = client.infer(splits.test_x[0], regions={"eu-west"})
         assert result.trace.answered_by.tier == "device"
+        assert result.trace.slo["regions"] == ["eu-west"]  # on record, for an audit
+        import orjson
+
+        from tierwise.protocol.traces import parse_batch
+        parse_batch(orjson.dumps({"device": "d", "traces": [result.trace.to_dict()]}))
 
 
 def test_a_hedged_request_is_answered_by_the_faster_site_and_both_are_counted(
@@ -101,9 +106,9 @@ def test_a_hedged_request_is_answered_by_the_faster_site_and_both_are_counted(
         result = client.infer(splits.test_x[0], deadline_ms=5000, min_quality=floor)
         trace = result.trace
         print(trace.plan, trace.hedge, trace.total_ms, [s.tier for s in trace.stages])
-        assert "edge" in trace.plan and "edge-paris" not in trace.plan  # the cheaper first
         assert trace.hedge is not None and "edge-paris" in trace.hedge["plan"]
         assert trace.hedge["won"] and trace.answered_by.tier == "edge-paris"
+        assert "edge-paris" in trace.plan and "edge-paris" not in trace.hedge["instead_of"]
         assert client.hedges.summary()["hedged"] == 1 and client.hedges.won == 1
         # the loser's cost counts once it ends (the slow server still answers)
         wait_for(lambda: client.hedges.loser_cost_usd > 0, timeout_s=60,

@@ -468,6 +468,13 @@ class Config(_Section):
             if (tier.kind == DEVICE_TIER) != (name == DEVICE_TIER):
                 raise ValueError(f"tiers.{name}.kind: the device tier is the one named "
                                  f"{DEVICE_TIER!r}, and only it has kind {DEVICE_TIER!r}")
+            if name != DEVICE_TIER and name not in self.links:
+                raise ValueError(f"links.{name}: a site needs its link from the device "
+                                 "(bandwidth_up, bandwidth_down, rtt_ms)")
+        for name in self.links:
+            if name not in self.tiers or name == DEVICE_TIER:
+                raise ValueError(f"links.{name}: no such site; sites: "
+                                 f"{[t for t in self.tiers if t != DEVICE_TIER]}")
         return self
 
     def tier(self, name: str) -> TierConfig:

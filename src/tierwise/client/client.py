@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -141,14 +141,13 @@ class HedgeStats:
             self.hedged += 1
             self.won += int(won)
 
-    def bill_loser(self, future: Future[tuple[Plan, Any, Trace]]) -> None:
-        try:
-            _, _, own = future.result()
-            cost = own.cost_usd
-        except Exception:  # a loser that failed cost what its stages recorded: unknown here
-            cost = 0.0
+    def bill(self, cost_usd: float) -> None:
         with self._lock:
-            self.loser_cost_usd += cost
+            self.loser_cost_usd += cost_usd
+
+    def bill_loser(self, future: Future[tuple[Plan, Any, Trace, Exception | None]]) -> None:
+        """What a losing branch's stages cost, failed ones included, once it ends."""
+        self.bill(future.result()[2].cost_usd)
 
     def summary(self) -> dict[str, float]:
         with self._lock:
@@ -266,7 +265,6 @@ class Client:
         self._lock = threading.Lock()
         self.hedge = hedge
         self.hedges = HedgeStats()
-        self._hedge_pool: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
         self._started = False
         self._model_set: ModelSet | None = None  # replaced whole by a registry swap
@@ -340,8 +338,6 @@ class Client:
             self.telemetry.close()
         if self.prober is not None:
             self.prober.stop()
-        if self._hedge_pool is not None:
-            self._hedge_pool.shutdown(wait=True)
         self.connections.close()
 
     def __enter__(self) -> Client:
@@ -398,7 +394,9 @@ class Client:
                                  f"regions {sorted(slo.regions)} this request allows")
         trace = Trace(plan=plan.describe(), emulated=self._emulated,
                       slo={"deadline_ms": slo.deadline_ms, "min_accuracy": slo.min_accuracy,
-                           "keep_input_on_device": slo.keep_input_on_device},
+                           "keep_input_on_device": slo.keep_input_on_device,
+                           **({"regions": sorted(slo.regions)} if slo.regions is not None
+                              else {})},
                       decision=decision.to_dict() if decision else None)
         excluded: set[str] = set()
         while True:
@@ -407,7 +405,7 @@ class Client:
             try:
                 if self.hedge and decision is not None and plan.tiers and not excluded:
                     plan, outcome = self._hedged(plan, decision, slo, started, abort_at,
-                                                 trace, model_set, prepared, image)
+                                                 trace, model_set, prepared, image, excluded)
                 else:
                     execution = Execution(self, trace, abort_at, model_set, prepared)
                     outcome = plan.execute(execution, np.asarray(image))
@@ -430,54 +428,72 @@ class Client:
 
     def _hedged(self, plan: Plan, decision: Decision, slo: SLO, started: float,
                 abort_at: float, trace: Trace, model_set: ModelSet,
-                prepared: dict[Any, np.ndarray], image: np.ndarray) -> tuple[Plan, Any]:
+                prepared: dict[Any, np.ndarray], image: np.ndarray,
+                excluded: set[str]) -> tuple[Plan, Any]:
         """(the plan that answered, its outcome): `plan`, or, when it has not answered by its
-        predicted latency, whichever of it and the policy's next plan (without its sites)
-        answers first. RemoteStageError when both fail (the first's)."""
-        if self._hedge_pool is None:
-            self._hedge_pool = ThreadPoolExecutor(max_workers=8,
-                                                  thread_name_prefix="tierwise-hedge")
-        pool = self._hedge_pool
+        predicted latency, whichever of it and the policy's next feasible plan (without its
+        sites) answers first. Each runs in its own thread, so a stalled site holds only its
+        own. Failed stages go into `trace` and their sites into `excluded`; when both fail,
+        the first RemoteStageError is raised."""
+        def run(chosen: Plan) -> tuple[Plan, Any, Trace, Exception | None]:
+            own = Trace(plan=chosen.describe())  # its stages, merged into `trace`
+            try:
+                return chosen, chosen.execute(Execution(self, own, abort_at, model_set,
+                                                        prepared), np.asarray(image)), own, None
+            except Exception as error:  # recorded below; the other branch may answer
+                return chosen, None, own, error
 
-        def run(chosen: Plan) -> tuple[Plan, Any, Trace]:
-            own = Trace(plan=chosen.describe())  # its stages, merged if it wins
-            outcome = chosen.execute(Execution(self, own, abort_at, model_set, prepared),
-                                     np.asarray(image))
-            return chosen, outcome, own
+        def start(chosen: Plan) -> Future[tuple[Plan, Any, Trace, Exception | None]]:
+            future: Future[tuple[Plan, Any, Trace, Exception | None]] = Future()
+            future.set_running_or_notify_cancel()
+            threading.Thread(target=lambda: future.set_result(run(chosen)), daemon=True,
+                             name="tierwise-hedge").start()
+            return future
 
-        running = {pool.submit(run, plan): plan}
+        pending = {start(plan)}
         hedge_after_s = decision.latency_ms / 1e3 - (time.perf_counter() - started)
-        done, _ = wait(running, timeout=max(0.0, hedge_after_s))
+        done, _ = wait(pending, timeout=max(0.0, hedge_after_s))
         if not done:
             left_ms = slo.deadline_ms - (time.perf_counter() - started) * 1e3
             if left_ms > 0:
                 second = self.decide(replace(slo, deadline_ms=left_ms),
-                                     exclude=set(plan.tiers)).plan
-                if second != plan:
-                    running[pool.submit(run, second)] = second
-                    trace.hedge = {"plan": second.describe(), "after_ms": round(
-                        (time.perf_counter() - started) * 1e3, 3), "won": False}
-        first_error: RemoteStageError | None = None
-        pending = set(running)
+                                     exclude=excluded | set(plan.tiers))
+                if second.feasible and second.plan != plan:
+                    pending.add(start(second.plan))
+                    trace.hedge = {"plan": second.plan.describe(), "won": False, "after_ms":
+                                   round((time.perf_counter() - started) * 1e3, 3)}
+        errors: list[Exception] = []
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            answered = []
             for future in done:
-                try:
-                    chosen, outcome, own = future.result()
-                except RemoteStageError as error:
-                    first_error = first_error or error
+                chosen, outcome, own, error = future.result()
+                if error is None:
+                    answered.append((chosen, outcome, own))
                     continue
-                trace.stages.extend(own.stages)
-                if trace.hedge is not None:
-                    trace.hedge["won"] = chosen is not plan
-                    self.hedges.count(trace.hedge["won"])
-                    for loser in pending:  # its cost counts when it ends
-                        loser.add_done_callback(self.hedges.bill_loser)
-                return chosen, outcome
-        assert first_error is not None
+                trace.stages.extend(own.stages)  # its failed stage, for the record
+                errors.append(error)
+                if isinstance(error, RemoteStageError):
+                    excluded.add(error.tier)
+            if not answered:
+                continue
+            chosen, outcome, own = answered[0]
+            for _, _, late in answered[1:]:  # answered in the same instant: billed now
+                self.hedges.bill(late.cost_usd)
+            for loser in pending:  # billed when it ends
+                loser.add_done_callback(self.hedges.bill_loser)
+            trace.stages.extend(own.stages)
+            if trace.hedge is not None:
+                won = chosen is not plan
+                trace.hedge["won"] = won
+                if won:  # the trace describes what answered
+                    trace.hedge["instead_of"] = plan.describe()
+                    trace.plan = chosen.describe()
+                self.hedges.count(won)
+            return chosen, outcome
         if trace.hedge is not None:
             self.hedges.count(False)
-        raise first_error
+        raise next((e for e in errors if isinstance(e, RemoteStageError)), errors[0])
 
     def _fallback(self, slo: SLO, started: float, excluded: set[str],
                   adaptive: bool) -> tuple[Plan, str]:

@@ -57,9 +57,12 @@ class Ledger:
                 self.device_energy_usd += cost
                 total += cost
                 continue
-            billed_ms = stage["compute_ms"] / max(int(stage.get("batch_size") or 1), 1)
-            compute = self.prices.compute_usd(tier, billed_ms)
-            link = self.prices.transfer_usd(tier, stage["bytes_up"], stage["bytes_down"])
+            if tier in self.prices.sites:
+                billed_ms = stage["compute_ms"] / max(int(stage.get("batch_size") or 1), 1)
+                compute = self.prices.compute_usd(tier, billed_ms)
+                link = self.prices.transfer_usd(tier, stage["bytes_up"], stage["bytes_down"])
+            else:  # a site this config does not price: what the device billed it at
+                compute, link = float(stage.get("cost_usd") or 0.0), 0.0
             self.compute_usd[tier] += compute
             self.link_usd[tier] += link
             self.link_bytes[tier][0] += stage["bytes_up"]

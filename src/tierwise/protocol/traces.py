@@ -66,6 +66,7 @@ class SloRecord(_Document):
     deadline_ms: Milliseconds | None = None
     min_accuracy: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     keep_input_on_device: bool = False
+    regions: Annotated[list[Text], Field(max_length=64)] | None = None  # data residency
 
 
 class TraceRecord(_Document):
