@@ -168,3 +168,15 @@ def test_serve_takes_any_configured_site_and_config_show_names_its_sources(
     assert "['edge', 'cloud', 'edge-paris']" in capsys.readouterr().err
     assert main(["--config", str(file), "serve", "--tier", "edge-lyon"]) == 2
     assert "tiers.edge-lyon: no such tier" in capsys.readouterr().err
+
+
+def test_the_shared_database_url_may_come_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql://tierwise:secret@db:5432/tierwise"
+    monkeypatch.setenv("TIERWISE_DATABASE_URL", url)
+    config = load_config(None)
+    assert config.registry.database == url and config.telemetry.collector_db == url
+    file = tmp_path / "tierwise.toml"
+    file.write_text('[telemetry]\ncollector_db = "/var/traces.db"\n')  # the file's wins
+    config = load_config(str(file))
+    assert config.registry.database == url and config.telemetry.collector_db == "/var/traces.db"

@@ -26,6 +26,7 @@ from pydantic import (
 
 CONFIG_ENV = "TIERWISE_CONFIG"
 DATA_ENV = "TIERWISE_DATA"
+DATABASE_ENV = "TIERWISE_DATABASE_URL"  # registry.database and telemetry.collector_db
 DEFAULT_CONFIG_FILE = "tierwise.toml"
 DEVICE_TIER = "device"  # the tier inside the app; every other tier is a server
 
@@ -584,4 +585,10 @@ def load_config(path: str | Path | None = None) -> Config:
         config.data_dir = str((base / config.data_dir).resolve())
     if config.data.path is None and os.environ.get(DATA_ENV):
         config.data.path = os.environ[DATA_ENV]
+    # the shared database's URL holds a password: from the environment (a Secret), not the
+    # file, for whichever of the two stores the file leaves to the default
+    database = os.environ.get(DATABASE_ENV, "")
+    if database:
+        config.registry.database = config.registry.database or database
+        config.telemetry.collector_db = config.telemetry.collector_db or database
     return config
