@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from tierwise.config import DEVICE_TIER, Config
-from tierwise.database import Connection, Database
+from tierwise.database import Connection, Database, DatabaseError
 from tierwise.models.store import (
     METADATA_FILE,
     MODEL_FILE,
@@ -423,7 +423,8 @@ class Registry:
     def deployment(self, channel: str, device_id: str) -> dict[str, Any]:
         """What a subscriber on `channel` should run now: per model, its version and every
         active version's signed manifest (servers serve them all, so that every device's
-        version has a server). Records what each device was given.
+        version has a server). Records what each device was given, when that changed or a
+        minute has passed; a poll that changes nothing takes no write lock.
 
         The document itself is signed, with the registry's `sequence` (the last event's id:
         it grows with every change) counted in its index `registry` (a random instance id,
@@ -435,35 +436,28 @@ class Registry:
         if channel not in CHANNELS:
             raise RegistryError(f"channel: expected one of {CHANNELS}, got {channel!r}")
         now = time.time()
-        models: dict[str, Any] = {}
-        with self._db() as db:
-            given = {model: (version, seen) for model, version, seen in db.execute(
-                "SELECT model, version, seen_at FROM devices WHERE device = ?", (device_id,))}
-            for row in db.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY model"
-                                  ).fetchall():
-                rollout = _rollout_of(row)
-                before, seen_at = given.get(rollout.model, (None, 0.0))
-                version = rollout.version_for(channel, device_id, before)
-                if version is None:
-                    continue
-                manifests = {}
-                for active in rollout.active:
-                    manifest, signature = self._signed(db, rollout.model, active)
-                    manifests[str(active)] = {"manifest": manifest, "signature": signature}
-                models[rollout.model] = {"version": str(version), "rollout": asdict(rollout),
-                                         "versions": manifests}
-                # what each device was given (pause needs it); its last poll, to a minute
-                if version != before or now - seen_at > DEVICE_SEEN_RESOLUTION_S:
-                    db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT "
-                               "(device, model) DO UPDATE SET channel = excluded.channel, "
-                               "version = excluded.version, seen_at = excluded.seen_at",
-                               (device_id, rollout.model, channel, version, now))
-            # every change of any rollout is an event: their last id orders the registry's
-            # states, never going back (AUTOINCREMENT does not reuse ids)
-            sequence = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-            # which index the sequence counts in: a registry rebuilt from nothing starts
-            # counting again, under a new instance id
-            instance = self._instance(db)
+        # read without the write lock (a poll that changes nothing, the common one, must not
+        # queue behind every other), then write down what changed, if anything
+        writes: list[tuple[Any, ...]] = []
+        instance = None
+        if self.index.exists():
+            try:
+                with self.index.transaction(write=False) as db:
+                    models, writes, sequence, instance = self._deployment(db, channel,
+                                                                          device_id, now)
+            except DatabaseError:  # an index without the registry's tables yet
+                writes, instance = [], None
+        if writes or instance is None:
+            with self._db() as db:
+                if instance is None:  # a new index: made, and read, under the lock
+                    models, writes, sequence, _ = self._deployment(db, channel, device_id,
+                                                                   now)
+                    instance = self._instance(db)
+                if writes:
+                    db.executemany("INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT "
+                                   "(device, model) DO UPDATE SET channel = "
+                                   "excluded.channel, version = excluded.version, seen_at = "
+                                   "excluded.seen_at", writes)
         issued_at = math.floor(now / self.deployment_step_s) * self.deployment_step_s
         document = {"channel": channel, "device": device_id, "models": models,
                     "registry": instance, "sequence": int(sequence), "issued_at": issued_at,
@@ -480,6 +474,37 @@ class Registry:
         return self._private_key[1]
 
     # -- internals ------------------------------------------------------------------------
+
+    def _deployment(self, db: Connection, channel: str, device_id: str, now: float
+                    ) -> tuple[dict[str, Any], list[tuple[Any, ...]], int, str | None]:
+        """(models, the devices rows to write, sequence, index id or None) of `device_id`'s
+        deployment on `channel`, read in `db`."""
+        models: dict[str, Any] = {}
+        writes: list[tuple[Any, ...]] = []
+        given = {model: (version, seen) for model, version, seen in db.execute(
+            "SELECT model, version, seen_at FROM devices WHERE device = ?", (device_id,))}
+        for row in db.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts ORDER BY model"
+                              ).fetchall():
+            rollout = _rollout_of(row)
+            before, seen_at = given.get(rollout.model, (None, 0.0))
+            version = rollout.version_for(channel, device_id, before)
+            if version is None:
+                continue
+            manifests = {}
+            for active in rollout.active:
+                manifest, signature = self._signed(db, rollout.model, active)
+                manifests[str(active)] = {"manifest": manifest, "signature": signature}
+            models[rollout.model] = {"version": str(version), "rollout": asdict(rollout),
+                                     "versions": manifests}
+            # what each device was given (pause needs it); its last poll, to a minute
+            if version != before or now - seen_at > DEVICE_SEEN_RESOLUTION_S:
+                writes.append((device_id, rollout.model, channel, version, now))
+        # every change of any rollout is an event: their last id orders the registry's
+        # states, never going back (ids are never reused); the index's id says which
+        # registry the sequence counts in (one rebuilt from nothing counts again)
+        sequence = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+        row = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        return models, writes, sequence, str(row[0]) if row else None
 
     @staticmethod
     def _instance(db: Connection) -> str:
