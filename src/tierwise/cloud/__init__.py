@@ -33,16 +33,12 @@ from tierwise.config import Config, ConfigError, TierConfig
 from tierwise.monitor.collector import Collector
 from tierwise.monitor.report import Views, views_for
 from tierwise.net.tls import client_context
-from tierwise.registry.credentials import (
-    Credentials,
-    Introspection,
-    TokenVerifier,
-    local_lookup,
-)
+from tierwise.registry.credentials import Credentials, local_lookup
 from tierwise.registry.signing import TOKEN_FILE
 from tierwise.registry.store import Registry, registry_of
 from tierwise.registry.subscriber import TOKEN_ENV, registry_token
 from tierwise.server.app import TierServer
+from tierwise.server.auth import Introspection, TokenVerifier
 
 # the paths the control plane answers; every other one is the tier server's
 PREFIXES = ("/registry/", "/telemetry/", "/devices/", "/dashboard")

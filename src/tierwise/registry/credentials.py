@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from tierwise.database import Connection, Database, DatabaseError
-from tierwise.server.auth import (  # noqa: F401 (re-exported: the cloud's names)
+from tierwise.server.auth import (
     CACHE_S,
     CredentialError,
-    Introspection,
     Principal,
-    TokenVerifier,
     bearer_token,
     token_hash,
 )
