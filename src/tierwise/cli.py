@@ -208,7 +208,7 @@ def _optimize_camera(args: argparse.Namespace, base: Config) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from tierwise.config import config_from_dict
-    from tierwise.server.app import serve
+    from tierwise.serving import TierApp, serve
 
     config = load_config(args.config)
     if config.kind(args.tier) == DEVICE_TIER:  # ConfigError for a tier not configured
@@ -217,37 +217,22 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
         "compute_scale": args.compute_scale, "max_body_bytes": args.max_body_bytes,
-        "require_auth": True if args.require_auth else None,
+        "require_auth": True if args.require_auth else None, "engine": args.engine,
     }
     tier_settings = {**config.tier(args.tier).model_dump(),
                      **{k: v for k, v in overrides.items() if v is not None}}
+    if args.ray_address is not None:
+        tier_settings["ray"] = {**tier_settings["ray"], "address": args.ray_address}
     # validated like a config file, so a bad flag is named: tiers.edge.max_batch_size: ...
     tier = config_from_dict({"tiers": {args.tier: tier_settings}}, "command line").tiers[args.tier]
     registry_url = args.registry_url or (config.registry.url if not args.models else "")
-    from tierwise.cloud import cloud_credentials, hosted, token_verifier
-
-    # the cloud's control plane and its tier server check tokens against one table
-    in_cloud = config.kind(args.tier) == "cloud"  # a cloud site hosts the control plane too
-    credentials = cloud_credentials(config) if in_cloud else None
-    verifier = token_verifier(args.tier, tier, config, cloud_url=registry_url or None,
-                              credentials=credentials)
-    wrap = None
-    if in_cloud:
-
-        def wrap(app: object) -> object:
-            return hosted(app, config, credentials)  # type: ignore[arg-type]
     host = args.host or tier.host
     port = args.port if args.port is not None else tier.port
-    if registry_url:
-        from tierwise.registry.serving import serve_from_registry
-
-        serve_from_registry(args.tier, tier, config, registry_url, host=host, port=port,
-                            threads=args.threads, channel=args.channel,
-                            device_id=args.device_id, wrap=wrap, verifier=verifier)
-        return 0
-    models_dir = Path(args.models) if args.models else config.models_dir
-    serve(args.tier, tier, models_dir, host=host, port=port, threads=args.threads,
-          wrap=wrap, tls=config.tls, verifier=verifier)
+    spec = TierApp(args.tier, tier, config,
+                   models_dir=Path(args.models) if args.models else None,
+                   registry_url=registry_url, threads=args.threads, channel=args.channel,
+                   device_id=args.device_id or f"{args.tier}-{host}-{port}")
+    serve(spec, host, port)
     return 0
 
 
@@ -500,6 +485,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device-id", help="this server's id for canary cohorts")
     serve.add_argument("--require-auth", action="store_true", help="inference and /metrics "
                        "need a bearer token (tiers.<tier>.require_auth; see the README)")
+    serve.add_argument("--engine", choices=["process", "ray"], help="one process, or Ray "
+                       "Serve deployments with autoscaling (default tiers.<tier>.engine)")
+    serve.add_argument("--ray-address", help="with --engine ray: an existing Ray cluster "
+                       "(default tiers.<tier>.ray.address; empty: a local Ray instance)")
     serve.set_defaults(run=_serve)
 
     from tierwise.models.cli import add_commands as add_models_commands

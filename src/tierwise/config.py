@@ -81,6 +81,45 @@ class _Section(BaseModel):
 KINDS = ("device", "edge", "cloud")
 
 
+class RayServeConfig(_Section):
+    """How `tierwise serve --engine ray` runs a tier on Ray Serve: where, how many replicas,
+    and when Ray Serve's autoscaler adds or removes one (on ongoing requests per replica)."""
+
+    address: str = Field(
+        "", description="an existing Ray cluster: its GCS address ('host:6379'), 'auto', or "
+        "'ray://host:10001'; empty: start a local Ray instance for this server")
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(1, ge=1, le=1000)
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="requests in flight per replica the autoscaler steers to")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests one replica takes at once (its batcher's queue); "
+        "more wait in Ray Serve's proxy")
+    upscale_delay_s: float = Field(2.0, ge=0, description="how long load must stay above the "
+                                   "target before a replica is added")
+    downscale_delay_s: float = Field(20.0, ge=0, description="how long load must stay below "
+                                     "the target before a replica is removed")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often each replica "
+                                      "reports its ongoing requests to the autoscaler")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window ongoing requests "
+                                      "are averaged over before a decision; longer than "
+                                      "metrics_interval_s")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs each replica reserves")
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        "HeadOnly", description="where Ray Serve's HTTP proxy runs: HeadOnly answers at this "
+        "server's host:port; EveryNode on each node of the cluster at the same port")
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> RayServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s ({self.look_back_period_s:g}) must be longer "
+                             f"than metrics_interval_s ({self.metrics_interval_s:g})")
+        return self
+
+
 class TierConfig(_Section):
     """One tier, or site: the device (inside the app), or a server (`tierwise serve`) at an
     edge site or in the cloud. Any number of edge and cloud sites, each by its own name."""
@@ -124,6 +163,10 @@ class TierConfig(_Section):
         "Bearer <token>` (/metrics: an operator's); clients send their registry.token to this "
         "tier. The cloud checks its credential table; an edge server asks the cloud at "
         "registry.url (RFC 7662) with its own registry.token. Health checks stay open")
+    engine: Literal["process", "ray"] = Field(
+        "process", description="what `tierwise serve` runs this tier on: one process "
+        "(uvicorn), or Ray Serve deployments (`ray`, settings in `ray`)")
+    ray: RayServeConfig = Field(default_factory=RayServeConfig)
     models: list[str] = Field(
         default_factory=list,
         description="the models this tier runs for the planner, besides those whose metadata "

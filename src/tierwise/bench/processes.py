@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
@@ -42,19 +42,21 @@ def tier_server(
     ready_timeout_s: float = 30.0,
     popen: Callable[..., subprocess.Popen[Any]] = subprocess.Popen,
     module: str = "tierwise.cli",
+    log_path: Path | None = None,
 ) -> Iterator[str]:
     """Run `tierwise serve --tier <tier>` as a child process; yield its base URL once ready.
 
     `popen` starts the process (default: here; `namespaced_tier_server` passes one that runs
     it inside a network namespace); `module`: another entry point taking the same `serve`
-    arguments (a benchmark's own server)."""
+    arguments (a benchmark's own server); `log_path`: keep what it prints there (else in a
+    temporary file, shown if it fails to start)."""
     port = port or free_port(host)
     command = [sys.executable, "-m", module]
     if config_path:
         command += ["--config", config_path]
     command += ["serve", "--tier", tier, "--host", host, "--port", str(port),
                 "--models", str(models_dir), *(extra_args or [])]
-    log = tempfile.TemporaryFile()
+    log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
     process = popen(command, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://{host}:{port}"
@@ -96,6 +98,6 @@ def namespaced_tier_server(links: NamespaceLinks, tier: str, models_dir: Path, *
         yield url
 
 
-def _read(log: tempfile._TemporaryFileWrapper) -> str:  # type: ignore[type-arg]
+def _read(log: IO[bytes]) -> str:
     log.seek(0)
     return log.read().decode(errors="replace")[-4000:]

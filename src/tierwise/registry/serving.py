@@ -1,19 +1,15 @@
-"""Tier servers and the registry: hosting it (the cloud) and serving from it (any tier)."""
+"""Tier servers serving from the registry: what a subscriber installed, hot-swapped in."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from tierwise.config import Config, TierConfig
 from tierwise.models.store import MODEL_FILE, load_info
-from tierwise.registry.subscriber import SubscriberState, subscriber_for
+from tierwise.registry.subscriber import SubscriberState
 from tierwise.runtime.session import OnnxModel
 from tierwise.server.app import TierServer
-from tierwise.server.auth import TokenVerifier
 
 
 class ServerSync:
@@ -85,26 +81,3 @@ class ServerSync:
             if retire:
                 self.app.update([], retire)
                 print(f"tier {self.tier} retired {retire}", flush=True)
-
-
-def serve_from_registry(tier_name: str, tier: TierConfig, config: Config, url: str, *,
-                        host: str, port: int, threads: int = 1, channel: str | None = None,
-                        device_id: str | None = None,
-                        wrap: Callable[[TierServer], Any] | None = None,
-                        verifier: TokenVerifier | None = None) -> None:
-    """Serve what the registry at `url` deploys to this tier, hot-swapping new versions, until
-    interrupted; `wrap` puts another ASGI layer in front (the cloud's control plane),
-    `verifier` checks bearer tokens (`require_auth`)."""
-    from tierwise.server.app import run
-
-    app = TierServer(tier_name, tier, {}, verifier=verifier)
-    subscriber = subscriber_for(config, tier_name, url, channel=channel,
-                                device_id=device_id or f"{tier_name}-{host}-{port}")
-    subscriber.on_change = ServerSync(app, tier_name, threads, config.registry.retire_grace_s)
-    app.on_startup.append(subscriber.start)
-    try:
-        run(wrap(app) if wrap else app, host, port,
-            f"tierwise serve: tier {tier_name}, models from the registry {url} channel "
-            f"{subscriber.channel} (device id {subscriber.device_id})", config.tls)
-    finally:
-        subscriber.stop()

@@ -40,7 +40,6 @@ import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +61,7 @@ from tierwise.protocol.oip import (
     parse_header_length,
 )
 from tierwise.runtime.batcher import DynamicBatcher
-from tierwise.runtime.session import LoadFailure, OnnxModel, load_repository
+from tierwise.runtime.session import LoadFailure, OnnxModel
 from tierwise.server.auth import CredentialError, Principal, TokenVerifier
 from tierwise.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tierwise.server.metrics import UNKNOWN_MODEL, ServerMetrics
@@ -154,6 +153,7 @@ class TierServer:
         # called once the event loop runs (a registry subscriber starts there, so that its
         # first update already lands on the loop)
         self.on_startup: list[Callable[[], None]] = []
+        self.on_shutdown: list[Callable[[], None]] = []  # before the models close
         for model in models.values():
             self._install(model)
         self.server_metadata = orjson.dumps(
@@ -277,6 +277,8 @@ class TierServer:
                     hook()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                for hook in self.on_shutdown:
+                    hook()
                 self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -833,22 +835,6 @@ def _uvicorn_config(app: Any, **kwargs: Any) -> Any:
         ws="none", interface="asgi3", lifespan="on",
         access_log=False, proxy_headers=False, server_header=False, log_level="warning",
         **kwargs)
-
-
-def serve(tier_name: str, tier: TierConfig, models_dir: Path, host: str, port: int,
-          threads: int = 1, wrap: Callable[[TierServer], Any] | None = None,
-          tls: TlsConfig | None = None, verifier: TokenVerifier | None = None) -> None:
-    """Serve every model under `models_dir` until interrupted (uvicorn, uvloop, httptools);
-    `wrap` puts another ASGI layer in front (the cloud's registry API). A model file that
-    does not load is logged and listed UNAVAILABLE; the others are served."""
-    models, unavailable = load_repository(models_dir, threads=threads)
-    if not models and not unavailable:
-        raise FileNotFoundError(f"{models_dir}: no models to serve (expected "
-                                "<name>/model.onnx, with or without metadata.json, or "
-                                "<name>.onnx; `tierwise models add`, `tierwise zoo train`)")
-    app = create_app(tier_name, tier, models, unavailable, verifier)
-    run(wrap(app) if wrap else app, host, port,
-        f"tierwise serve: tier {tier_name}, models {sorted(models)}", tls)
 
 
 def run(app: Any, host: str, port: int, banner: str, tls: TlsConfig | None = None) -> None:
