@@ -288,6 +288,18 @@ def test_a_retry_after_penalty_runs_out() -> None:
     assert server.queue_estimate_ms(now=103.0) == 0.0
 
 
+def test_a_queue_reading_after_a_silence_replaces_the_old_estimate() -> None:
+    server = ServerEstimator()
+    for at in range(10):  # an overloaded site: every answer waited 80 ms in its queue
+        server.observe("m", 0.0, None, 80.0, now=100.0 + at * 0.1)
+    assert server.queue_estimate_ms(now=101.0) == pytest.approx(80.0)
+    server.observe_queue(0.0, now=101.2)  # within QUEUE_STALE_S: smoothed, still high
+    assert server.queue_estimate_ms(now=101.2) == pytest.approx(64.0)
+    # the client moved away; its probe, seconds later, finds the queue drained
+    server.observe_queue(0.5, now=105.0)
+    assert server.queue_estimate_ms(now=105.0) == pytest.approx(0.5)
+
+
 # -- telemetry and stored text --------------------------------------------------------------
 
 def _good_trace() -> dict:

@@ -336,9 +336,19 @@ def _bench_routing(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.engine == "ray":
+        from tierwise.bench.engines import run_bench_engines
+
+        if args.url or args.workload != "fashion-mnist":
+            raise ConfigError("bench serve --engine ray starts both servers itself on "
+                              "Fashion-MNIST: drop --url and --workload")
+        args.concurrency = args.concurrency or "1,8,32,128"
+        run_bench_engines(config, args)
+        return 0
     from tierwise.bench.serve import run_bench_serve
 
-    config = load_config(args.config)
+    args.concurrency = args.concurrency or "1,8,32"
     run_bench_serve(config, args)
     return 0
 
@@ -528,7 +538,16 @@ def _parser() -> argparse.ArgumentParser:
                              help="fashion-mnist: Fashion-MNIST images to fmnist-edge; camera: "
                              "street-camera frames to efficientnet-lite0 (needs opencv-doc)")
     bench_serve.add_argument("--model", help="default: fmnist-edge, efficientnet-lite0")
-    bench_serve.add_argument("--concurrency", default="1,8,32")
+    bench_serve.add_argument("--engine", choices=["process", "ray"], default="process",
+                             help="ray: the single-process server and Ray Serve (1 replica, "
+                             "then autoscaled to 2) side by side, with start-up, memory and "
+                             "time to scale up (reports/bench-serve-ray)")
+    bench_serve.add_argument("--compute-scale", type=float, default=1.0, help="--engine "
+                             "ray: emulate slower compute in both servers (a replica then "
+                             "holds each request longer, so replicas rather than the CPU limit "
+                             "throughput)")
+    bench_serve.add_argument("--concurrency", help="comma-separated client counts (default "
+                             "1,8,32; --engine ray: 1,8,32,128)")
     bench_serve.add_argument("--duration-s", type=float, default=5.0)
     bench_serve.add_argument("--out", help="default reports/bench-serve (camera: "
                              "reports/bench-serve-camera)")

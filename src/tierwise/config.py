@@ -93,8 +93,8 @@ class RayServeConfig(_Section):
     target_ongoing_requests: float = Field(
         4.0, gt=0, description="requests in flight per replica the autoscaler steers to")
     max_ongoing_requests: int = Field(
-        64, ge=1, description="requests one replica takes at once (its batcher's queue); "
-        "more wait in Ray Serve's proxy")
+        256, ge=1, description="requests one replica takes at once (its batcher queues them); "
+        "more wait in Ray Serve's proxy, which backs off while every replica is full")
     upscale_delay_s: float = Field(2.0, ge=0, description="how long load must stay above the "
                                    "target before a replica is added")
     downscale_delay_s: float = Field(20.0, ge=0, description="how long load must stay below "

@@ -11,8 +11,9 @@
   `stale_after_s`, typically because the planner stopped sending there) gets a probe pair:
   the same small GET, then a real inference of a blank input of ~8 KB on the tier's model
   cheapest to run (`probe_model`), from which the estimator solves RTT and uplink
-  bandwidth. Without it, a client that moved to the device when the link was poor would
-  never see the link recover.
+  bandwidth, and the server's queue header the queue estimate. Without it, a client that
+  moved to the device when the link was poor, or away from a site whose queue rose, would
+  never see the link or the site recover.
 
 Probe traffic crosses the same (emulated) link as requests and is counted in `totals`, so
 benchmarks charge it to the strategy that needs it.
@@ -139,6 +140,7 @@ class Prober:
                 client.mark(tier, up=False)
             return None
         self._count(stage.bytes_up, stage.bytes_down, stage.cost_usd)
+        client.server_estimators[tier].observe_queue(stage.queue_ms)  # overloaded still?
         return stage.bytes_up, stage.bytes_down, stage.network_ms
 
     def probe_model(self, tier: str) -> ModelInfo | None:

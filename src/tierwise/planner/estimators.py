@@ -154,6 +154,9 @@ class LinkEstimator:
             ewma.updated_at = self.seen_at
 
 
+QUEUE_STALE_S = 1.0  # a server's queue estimate older than this is history, not a state
+
+
 class ServerEstimator:
     """Per tier: queue delay (from the `tierwise-queue-ms` header), and per model the ratio of
     measured to profiled compute time, which corrects the profile online."""
@@ -180,13 +183,29 @@ class ServerEstimator:
         return max(self.queue_ms.value, (self.busy_until - now) * 1e3)
 
     def observe(self, model: str, compute_ms: float, profiled_ms: float | None,
-                queue_ms: float) -> None:
+                queue_ms: float, now: float | None = None) -> None:
+        """One answer's headers: its queue delay and, at batch 1, its compute time."""
         with self._lock:
-            self.queue_ms.update(queue_ms)
+            self._queue_reading(queue_ms, now)
             if profiled_ms and profiled_ms > 0 and compute_ms > 0:
                 ratio = self.compute_ratio.setdefault(model, Ewma(1.0, self.alpha))
                 # bounded: one outlier (a GC pause, a cold cache) must not swing plans
                 ratio.update(min(max(compute_ms / profiled_ms, 0.2), 5.0))
+
+    def observe_queue(self, queue_ms: float, now: float | None = None) -> None:
+        """A queue reading alone, from a probe (`tierwise.client.prober`): a site that lost
+        its traffic to an overload is only seen again by its probes."""
+        with self._lock:
+            self._queue_reading(queue_ms, now)
+
+    def _queue_reading(self, queue_ms: float, now: float | None) -> None:
+        # After QUEUE_STALE_S without a reading the estimate is the queue of a moment long
+        # gone: the reading replaces it, so a site whose queue drained wins traffic back at
+        # its first probe instead of after a dozen
+        now = time.monotonic() if now is None else now
+        if now - self.queue_ms.updated_at > QUEUE_STALE_S:
+            self.queue_ms.samples = 0
+        self.queue_ms.update(queue_ms, now)
 
     def ratio(self, model: str) -> float:
         ewma = self.compute_ratio.get(model)

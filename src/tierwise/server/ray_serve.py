@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tierwise.serving import TierApp
 
 DEPLOYMENT = "tier"
-STATUS_PERIOD_S = 1.0
+STATUS_PERIOD_S = 0.25
 CONNECT_TIMEOUT_S = 3.0
 
 
