@@ -61,6 +61,7 @@ def _statuses(url: str, token: str | None) -> dict[str, int]:
             "devices": http.get("/devices/v1").status_code,
             "enrol": http.post("/devices/v1/new-cam").status_code,
             "dashboard": http.get("/dashboard/data").status_code,
+            "fleet": http.get("/fleet/v1/sites").status_code,
         }
 
 
@@ -83,19 +84,19 @@ def test_every_route_refuses_a_credential_outside_its_scope(
     closed = {"introspect": 403, "devices": 403, "enrol": 403, "dashboard": 403}
     assert seen["device"] == {"models": 403, "own deployment": 200, "other deployment": 403,
                               "blob": 404, "own traces": 200, "other traces": 403,
-                              "summary": 403, **closed}
+                              "summary": 403, "fleet": 200, **closed}
     # an edge server's id is its own: another's deployment and any device's traces are not;
     # it may ask whose a device's token is (an unknown one: {"active": false})
     assert seen["edge"] == {"models": 403, "own deployment": 403, "other deployment": 403,
                             "blob": 404, "own traces": 403, "other traces": 403,
-                            "summary": 403, **closed, "introspect": 200}
+                            "summary": 403, "fleet": 200, **closed, "introspect": 200}
     with httpx.Client(base_url=url, headers={"authorization": f"Bearer {edge}"}) as http:
         assert http.get("/registry/v1/deployments/stable",
                         params={"device": "cam-1-edge"}).status_code == 200
     assert seen["operator"] == {"models": 200, "own deployment": 200, "other deployment": 200,
                                 "blob": 404, "own traces": 200, "other traces": 200,
                                 "summary": 200, "introspect": 200, "devices": 200,
-                                "enrol": 201, "dashboard": 200}
+                                "enrol": 201, "dashboard": 200, "fleet": 200}
     # the dashboard is the operator's only
     for token, status in ((device, 401), (operator, 303)):
         assert httpx.post(url + "/dashboard/login", data={"token": token}).status_code == status

@@ -135,6 +135,9 @@ class TierConfig(_Section):
                               "`tierwise config show`)")
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0: the demo picks a free port")
+    url: str = Field("", description="where devices reach this site, as the cloud publishes "
+                     "it in the fleet list (GET /fleet/v1/sites); empty: http(s)://host:port, "
+                     "and a site with port 0 is not published")
     compute_scale: float = Field(
         1.0, gt=0, description="emulated compute speed: measured compute time is stretched by this"
     )
@@ -366,6 +369,9 @@ class RegistryConfig(_Section):
     device_id: str = Field("", description="this subscriber's id, hashed into canary cohorts; "
                            "empty: the host name")
     poll_s: float = Field(5.0, gt=0, le=3600, description="how often subscribers poll")
+    fleet: bool = Field(False, description="clients also take the edge and cloud sites the "
+                        "cloud at `url` publishes (GET /fleet/v1/sites), polled every poll_s: "
+                        "sites added and removed while they run")
     canary_share: float = Field(0.1, gt=0, le=1,
                                 description="`registry push --channel canary` default share")
     retire_grace_s: float = Field(

@@ -18,6 +18,7 @@ models a request runs, kept current from a registry); `planning` (what the polic
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tierwise.client.fleet import FleetWatcher
 from tierwise.client.modelset import LoadedModels, ModelSet, follow, served_everywhere, subscribe
 from tierwise.client.monitoring import MONITOR_PERIOD_S, Monitor, telemetry_for
 from tierwise.client.planning import (
@@ -43,13 +45,14 @@ from tierwise.client.prober import Prober
 from tierwise.client.remote import HTTP_HEADER_BYTES, TierConnections
 from tierwise.client.stages import Execution, call_tier
 from tierwise.client.trace import Trace
-from tierwise.config import DEVICE_TIER, Config, load_config
+from tierwise.config import DEVICE_TIER, Config, ConfigError, TierConfig, load_config
 from tierwise.models.inputs import as_batch, input_key
 from tierwise.models.store import ModelInfo
 from tierwise.monitor.drift import DriftMonitor
 from tierwise.monitor.metrics import ClientMetrics
 from tierwise.monitor.telemetry import Telemetry
 from tierwise.net.shaping import EmulatedLink
+from tierwise.net.tls import client_context
 from tierwise.planner.cost import PriceTable
 from tierwise.planner.estimators import Ewma, LinkEstimator, ServerEstimator
 from tierwise.planner.plans import Cascade, Local, Plan, RemoteStageError
@@ -61,6 +64,7 @@ from tierwise.planner.policy import (
     candidates_from_profiles,
 )
 from tierwise.profile.model_profile import load_tier_profiles
+from tierwise.protocol.fleet import FleetSite
 from tierwise.registry.subscriber import (
     DeviceView,
     InstalledVersion,
@@ -68,9 +72,12 @@ from tierwise.registry.subscriber import (
     SubscriberState,
     check_device_id,
     default_device_id,
+    registry_token,
 )
 from tierwise.runtime.session import OnnxModel
 from tierwise.tasks import ClassificationResult, Task
+
+log = logging.getLogger(__name__)
 
 # Measured escalation rates follow the last ~10 escalation decisions of a cascade.
 ESCALATION_ALPHA = 0.2
@@ -197,6 +204,10 @@ class Client:
             payload), the policy's next plan without that plan's sites starts too, and the
             first answer wins. Each hedge is in the trace (`hedge`) and counted, the loser's
             cost too, in `hedges`.
+        fleet: also take the sites the cloud (`registry_url`, else `registry.url`) publishes (`GET
+            /fleet/v1/sites`), kept current by polling: a site added there is planned
+            here, one removed is not; default `registry.fleet`. A site the config names
+            keeps the config's settings.
     """
 
     def __init__(
@@ -219,6 +230,7 @@ class Client:
         drift: DriftMonitor | bool = True,
         metrics_port: int | None = None,
         hedge: bool = False,
+        fleet: bool | None = None,
     ) -> None:
         # The config is this client's parameters (its links and estimators are made from
         # it): the one file a constructor reads, and only when none is given.
@@ -273,6 +285,15 @@ class Client:
         self.connections = TierConnections(self.config, self.tier_urls, self.links,
                                            self.device_id)
         self._policy: Policy | None = None
+        self.fleet = self.config.registry.fleet if fleet is None else fleet
+        # the cloud: the registry's, even when the models come from a directory
+        self.fleet_url = self.registry_url or self.config.registry.url
+        if self.fleet and not self.fleet_url:
+            raise ConfigError("registry.fleet: the fleet list comes from the cloud; set "
+                              "registry.url (or pass registry_url)")
+        self.fleet_watcher: FleetWatcher | None = None  # from start(), with `fleet`
+        self._fleet_sites: frozenset[str] = frozenset()  # the sites the fleet list brought
+        self.retired: frozenset[str] = frozenset()  # fleet sites that left the list
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -317,6 +338,14 @@ class Client:
         self.monitor.start(telemetry)
         if subscriber is not None:
             subscriber.start()
+        if self.fleet:  # an unreachable cloud or a bad list is logged: the known sites serve
+            self.fleet_watcher = FleetWatcher(
+                self.fleet_url, registry_token(self.config.registry.token,
+                                                  self.config.registry_dir),
+                self.apply_fleet, poll_s=self.config.registry.poll_s,
+                verify=client_context(self.config.tls) or True, timeout_s=self.timeout_s)
+            self.fleet_watcher.poll()
+            self.fleet_watcher.start()
 
     def _install(self, view: DeviceView, taken: dict[str, InstalledVersion]) -> None:
         """New versions from the registry: requests already running finish on the model set
@@ -331,6 +360,8 @@ class Client:
         self.session(self.device_model)
 
     def close(self) -> None:
+        if self.fleet_watcher is not None:
+            self.fleet_watcher.stop()
         self.monitor.close()
         if self.subscriber is not None:
             self.subscriber.stop()
@@ -528,7 +559,8 @@ class Client:
 
     def _planning_state(self, exclude: set[str] | None) -> PlanningState:
         return planning_state(self.link_estimators, self.server_estimators,
-                              self._device_ratio, self.down | (exclude or set()),
+                              self._device_ratio,
+                              self.down | self.retired | (exclude or set()),
                               {plan: ewma.value for plan, ewma in self._escalation.items()
                                if ewma.samples >= ESCALATION_MIN_SAMPLES})
 
@@ -603,6 +635,50 @@ class Client:
         """The task that reads `model`'s outputs (by its metadata; cached per version), as
         this client has it now, or as in `model_set`."""
         return self.loaded.task(model_set or self.model_set, model)
+
+    def apply_fleet(self, sites: Iterable[FleetSite]) -> None:
+        """Plan with the fleet list's `sites` from the next request on: each new one gets
+        its kind's link settings (emulation included) until its estimators learn its own,
+        its published prices (else the price book's for its kind) and its URL; a fleet site
+        missing from the list is no longer planned. Sites the config names keep the
+        config's settings. Dictionaries that running requests read are replaced, not
+        changed, so a request never sees half a fleet."""
+        with self._lock:
+            tiers, links = dict(self.config.tiers), dict(self.config.links)
+            link_estimators, server_estimators = dict(self.link_estimators), \
+                dict(self.server_estimators)
+            taken = set()
+            for site in sites:
+                if site.name in tiers and site.name not in self._fleet_sites:
+                    continue  # the config's own site
+                kind_link = links.get(site.kind)
+                if kind_link is None:
+                    log.warning("fleet site %s: no links.%s to start its link from; "
+                                "skipped", site.name, site.kind)
+                    continue
+                tiers[site.name] = TierConfig(kind=site.kind, region=site.region,
+                                              usd_per_hour=site.usd_per_hour,
+                                              price_source=site.price_source)
+                link = kind_link.model_copy(update={
+                    "usd_per_gb_up": site.usd_per_gb_up, "usd_per_gb_down":
+                    site.usd_per_gb_down, "price_source": site.price_source})
+                if site.name not in links or links[site.name] != link:
+                    links[site.name] = link
+                    link_estimators[site.name] = LinkEstimator(link)
+                    self.links[site.name] = EmulatedLink(link) if link.emulate else None
+                server_estimators.setdefault(site.name, ServerEstimator())
+                if self.tier_urls.get(site.name) != site.url:
+                    self.tier_urls[site.name] = site.url
+                    self.connections.forget(site.name)
+                taken.add(site.name)
+            self.config = self.config.model_copy(update={"tiers": tiers, "links": links})
+            self.connections.config = self.config
+            self.prices = PriceTable.of(self.config)
+            self.link_estimators, self.server_estimators = link_estimators, server_estimators
+            self.retired = frozenset((self._fleet_sites | self.retired) - taken)
+            self._fleet_sites = frozenset(taken)
+            self._emulated = tuple(emulation_labels(self.config, self.links))
+            self._policy = None  # re-planned over the new sites at the next request
 
     def mark(self, tier: str, up: bool) -> None:
         """Mark `tier` up or down (a tier down is left out of every plan until it is up)."""

@@ -87,6 +87,8 @@ class Prober:
         """One round: health of down tiers, RTT and bandwidth of stale links."""
         client = self.client
         for tier, estimator in client.link_estimators.items():
+            if tier in client.retired:
+                continue  # left the fleet list
             if tier not in client.tier_urls and client.config.tier(tier).port == 0:
                 continue  # nowhere to probe
             now = time.monotonic()

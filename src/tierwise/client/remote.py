@@ -137,6 +137,13 @@ class TierConnections:
                                    " and this device has none: set registry.token to its own "
                                    "(`tierwise devices enroll`)", tier) from None
 
+    def forget(self, tier: str) -> None:
+        """Drop `tier`'s connection (its URL changed): the next request opens a new one."""
+        with self._lock:
+            client = self._clients.pop(tier, None)
+        if client is not None:
+            client.close()
+
     def close(self) -> None:
         for client in self._clients.values():
             client.close()

@@ -26,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from tierwise.cloud.auth import CredentialBackend, Sessions
 from tierwise.cloud.dashboard import Dashboard
 from tierwise.cloud.devices import devices_routes
+from tierwise.cloud.fleet import fleet_routes
 from tierwise.cloud.http import EXCEPTION_HANDLERS, authentication_failed, error
 from tierwise.cloud.registry import registry_routes
 from tierwise.cloud.telemetry import TelemetryAPI
@@ -41,7 +42,7 @@ from tierwise.server.app import TierServer
 from tierwise.server.auth import Introspection, TokenVerifier
 
 # the paths the control plane answers; every other one is the tier server's
-PREFIXES = ("/registry/", "/telemetry/", "/devices/", "/dashboard")
+PREFIXES = ("/registry/", "/telemetry/", "/devices/", "/fleet/", "/dashboard")
 
 
 def token_verifier(tier_name: str, tier: TierConfig, config: Config, *,
@@ -120,8 +121,8 @@ def control_plane(config: Config, metrics: Any = None,
     telemetry = TelemetryAPI(collector, metrics)
     dashboard = Dashboard(views, sessions)
     app = Starlette(
-        routes=[*registry_routes(registry), *devices_routes(credentials), *telemetry.routes,
-                *dashboard.routes],
+        routes=[*registry_routes(registry), *devices_routes(credentials), *fleet_routes(config),
+                *telemetry.routes, *dashboard.routes],
         middleware=[Middleware(_Readiness, credentials=credentials, registry=registry),
                     Middleware(AuthenticationMiddleware,
                                backend=CredentialBackend(credentials, sessions),

@@ -1,0 +1,59 @@
+"""The fleet list (`/fleet/v1`), a route table of the cloud's control plane: the server
+sites of the cloud's config, for clients that know only the cloud (`registry.fleet`).
+
+  GET /fleet/v1/sites    every published site: name, kind, URL,    fleet:read
+                         region, prices; an ETag, and 304 for a
+                         matching If-None-Match
+
+A site is published with `tiers.<site>.url`, else http(s)://host:port when its port is set
+(a site with port 0 has no address to publish). Wire format: `tierwise.protocol.fleet`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tierwise.cloud.auth import scoped
+from tierwise.config import Config
+from tierwise.protocol.fleet import FleetSite, encode_fleet
+
+PREFIX = "/fleet/v1"
+
+
+def published_sites(config: Config) -> list[FleetSite]:
+    """The sites `config` publishes, in its order, each with its own prices (None: the
+    client's price book for the kind)."""
+    sites = []
+    for name in config.sites():
+        tier = config.tier(name)
+        url = tier.url or (f"{'https' if config.tls.cert else 'http'}://{tier.host}:"
+                           f"{tier.port}" if tier.port else "")
+        if not url:
+            continue
+        link = config.links.get(name)
+        sources = [source for source in (tier.price_source, link.price_source if link else "")
+                   if source]
+        sites.append(FleetSite(
+            name=name, kind=config.kind(name), url=url.rstrip("/"), region=tier.region,
+            usd_per_hour=tier.usd_per_hour,
+            usd_per_gb_up=link.usd_per_gb_up if link else None,
+            usd_per_gb_down=link.usd_per_gb_down if link else None,
+            price_source="; ".join(sources)))
+    return sites
+
+
+def fleet_routes(config: Config) -> list[BaseRoute]:
+    body = encode_fleet(published_sites(config))
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+    @scoped("fleet:read")
+    async def sites(request: Request) -> Response:
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"etag": etag})
+        return Response(body, media_type="application/json", headers={"etag": etag})
+
+    return [Route(f"{PREFIX}/sites", sites, methods=["GET"])]
