@@ -224,7 +224,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ray_address is not None:
         tier_settings["ray"] = {**tier_settings["ray"], "address": args.ray_address}
     # validated like a config file, so a bad flag is named: tiers.edge.max_batch_size: ...
-    tier = config_from_dict({"tiers": {args.tier: tier_settings}}, "command line").tiers[args.tier]
+    # (with the site's link: a named site must have one)
+    section: dict[str, object] = {"tiers": {args.tier: tier_settings}}
+    if args.tier in config.links:
+        section["links"] = {args.tier: config.links[args.tier].model_dump()}
+    tier = config_from_dict(section, "command line").tiers[args.tier]
     registry_url = args.registry_url or (config.registry.url if not args.models else "")
     host = args.host or tier.host
     port = args.port if args.port is not None else tier.port
@@ -270,6 +274,21 @@ def _demo(args: argparse.Namespace) -> int:
                  workload=args.workload, images=args.images)
     except WorkloadError as error:
         raise SystemExit(f"tierwise demo --workload {args.workload}: {error}") from None
+    return 0
+
+
+def _bench_fleet(args: argparse.Namespace) -> int:
+    from tierwise.bench.fleet import STRATEGIES, FleetSettings, run_bench_fleet
+
+    strategies = tuple(name.strip() for name in (args.strategies or ",".join(STRATEGIES))
+                       .split(",") if name.strip())
+    if not strategies or any(name not in STRATEGIES for name in strategies):
+        raise ConfigError(f"--strategies: expected some of {', '.join(STRATEGIES)}, "
+                          f"got {args.strategies!r}")
+    settings = FleetSettings(duration_s=args.duration_s, rate=args.rate,
+                             deadline_ms=args.deadline_ms, compute_scale=args.compute_scale,
+                             flood=args.flood, strategies=strategies)
+    run_bench_fleet(load_config(args.config), settings, Path(args.out))
     return 0
 
 
@@ -627,6 +646,23 @@ def _parser() -> argparse.ArgumentParser:
     rollout.add_argument("--concurrency", type=_positive(int), default=4)
     rollout.add_argument("--out", default="reports/bench-rollout")
     rollout.set_defaults(run=_bench_rollout)
+
+    fleet = bench_commands.add_parser(
+        "fleet", help="edge sites on loopback, one overloaded and one killed mid-run: "
+        "tierwise against nearest-only, round-robin and least-RTT routing")
+    fleet.add_argument("--duration-s", type=_positive(float), default=30.0,
+                       help="length of each strategy's run (default 30)")
+    fleet.add_argument("--rate", type=_positive(float), default=30.0,
+                       help="Poisson arrivals per second (default 30)")
+    fleet.add_argument("--deadline-ms", type=_positive(float), default=40.0)
+    fleet.add_argument("--compute-scale", type=_positive(float), default=20.0,
+                       help="the sites' emulated compute, × this host's (default 20)")
+    fleet.add_argument("--flood", type=_positive(int), default=16,
+                       help="clients overloading the nearest site (default 16)")
+    fleet.add_argument("--strategies", help="comma-separated, of tierwise, nearest-only, "
+                       "round-robin, least-RTT (default all)")
+    fleet.add_argument("--out", default="reports/bench-fleet")
+    fleet.set_defaults(run=_bench_fleet)
 
     trace = bench_commands.add_parser(
         "trace", help="replay a bandwidth trace (CSV) while streaming requests")

@@ -142,6 +142,10 @@ class TierConfig(_Section):
         1.0, gt=0, description="emulated compute speed: measured compute time is stretched by this"
     )
     max_batch_size: int = Field(32, ge=1, le=4096)
+    cores: int = Field(0, ge=0, le=4096, description="the server's cores: at most this many "
+                       "batches compute at once, across all its models (with compute_scale, "
+                       "an emulated machine of this many cores); a batch waiting for one "
+                       "counts as queue time. 0: each model computes whenever it has work")
     max_queue_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a batch waits to fill; 0 batches what is queued"
     )

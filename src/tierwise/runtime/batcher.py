@@ -74,7 +74,10 @@ class DynamicBatcher:
         record metrics.
     inline_max_ms: a lone single-row request runs on the event loop when single rows of this
         model compute faster than this (running average; default 0.5 ms; 0 turns it off).
-        Never with compute_scale > 1, whose sleep must not block the loop.
+        Never with compute_scale > 1, whose sleep must not block the loop, nor with `cores`.
+    cores: the server's cores, shared by every model's batcher (`tiers.<tier>.cores`): a
+        batch computes (and sleeps out its compute_scale) only while it holds one, and the
+        wait for it counts as queue time. None: this model computes whenever it has work.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class DynamicBatcher:
         compute_scale: float = 1.0,
         on_batch: Callable[[int, float], None] | None = None,
         inline_max_ms: float = 0.5,
+        cores: threading.Semaphore | None = None,
     ) -> None:
         self.model = model
         self.batched = model.info.batched
@@ -94,6 +98,7 @@ class DynamicBatcher:
         self.compute_scale = compute_scale
         self.on_batch = on_batch
         self.inline_max_ms = inline_max_ms
+        self.cores = cores
         self._single_row_ms: float | None = None  # running average of single-row batches
         self._pending: deque[_Queued] = deque()
         self._pending_rows = 0
@@ -155,7 +160,7 @@ class DynamicBatcher:
         self._busy = True
         batch = self._take_batch()
         if (len(batch) == 1 and batch[0].rows == 1 and self.compute_scale <= 1
-                and self._single_row_ms is not None
+                and self.cores is None and self._single_row_ms is not None
                 and self._single_row_ms < self.inline_max_ms):
             self._run_inline(batch)
         else:
@@ -234,6 +239,8 @@ class DynamicBatcher:
         session = self.model.session
         names = self.model.output_names
         while (batch := self._jobs.get()) is not None:
+            if self.cores is not None:
+                self.cores.acquire()  # before `started`: the wait is queue time
             started = time.perf_counter()
             result: list[np.ndarray] | BaseException
             try:
@@ -249,6 +256,8 @@ class DynamicBatcher:
             if self.compute_scale > 1:
                 time.sleep((self.compute_scale - 1) * measured)
             finished = time.perf_counter()
+            if self.cores is not None:
+                self.cores.release()
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._finish, batch, result, started, finished)

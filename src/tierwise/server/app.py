@@ -154,6 +154,8 @@ class TierServer:
         # first update already lands on the loop)
         self.on_startup: list[Callable[[], None]] = []
         self.on_shutdown: list[Callable[[], None]] = []  # before the models close
+        # the cores every model's batches share (tiers.<tier>.cores), else none shared
+        self._cores = threading.Semaphore(tier.cores) if tier.cores else None
         for model in models.values():
             self._install(model)
         self.server_metadata = orjson.dumps(
@@ -214,7 +216,7 @@ class TierServer:
         batcher = DynamicBatcher(model, max_batch_size=self.tier.max_batch_size,
                                  max_queue_delay_ms=self.tier.max_queue_delay_ms,
                                  compute_scale=self.tier.compute_scale,
-                                 on_batch=model_metrics.observe_batch)
+                                 on_batch=model_metrics.observe_batch, cores=self._cores)
         versions = self.models.setdefault(name, {})
         replaced = versions.get(version)
         versions[version] = _Served(model, batcher, model_metrics)
