@@ -195,3 +195,26 @@ def _static_server(body: bytes) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def test_bench_fleet_loses_nothing_and_routes_around_the_overload(
+        small_config: Config, tmp_path: Path) -> None:
+    import json
+
+    from tierwise.bench.fleet import FleetSettings, run_bench_fleet
+
+    settings = FleetSettings(duration_s=10.0, rate=20.0,
+                             strategies=("tierwise", "least-RTT"))
+    run_bench_fleet(small_config, settings, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    summaries = {summary["strategy"]: summary for summary in results["summaries"]}
+    for summary in summaries.values():
+        print(summary)
+        assert summary["lost"] == 0 and summary["answered"] == summary["requests"] > 100
+    # least-RTT keeps sending to the flooded nearest site; tierwise sees its queue rise
+    assert summaries["least-RTT"]["share"]["edge-near"] == 1.0
+    assert summaries["tierwise"]["deadline_misses"] < summaries["least-RTT"]["deadline_misses"]
+    assert summaries["tierwise"]["site_p99_ms"] < summaries["least-RTT"]["site_p99_ms"]
+    table = (tmp_path / "table.md").read_text()
+    assert "link device->edge-near: emulated" in table
+    assert (tmp_path / "bench-fleet.png").stat().st_size > 0

@@ -204,6 +204,12 @@ def test_a_link_is_within_reach_only_when_a_perfect_one_would_change_the_decisio
     assert policy.within_reach(slo, two_tier_state(edge_up=1e3), "edge")
     # ... but not when the device meets the SLO: no link could beat it
     assert not policy.within_reach(SLO(100, 0.0), two_tier_state(), "edge")
+    # an edge left for its overload (a long queue, as last seen) is within reach: only a
+    # probe can see its queue drain
+    from dataclasses import replace as changed
+    overloaded = changed(two_tier_state(), queue_ms={"edge": 500.0})
+    assert policy.choose(slo, overloaded).plan != Remote("edge", "big")
+    assert policy.within_reach(slo, overloaded, "edge")
     # a perfect link is perfect in time, not in price: a cloud that computes for less than
     # the edge but bills every answer's bytes (cloud egress) stays out of reach
     cheaper_compute = two_tier_policy(small_config, escalation=1.0, cloud_ms=1.5)

@@ -251,3 +251,33 @@ def test_replica_bounds_are_checked_with_the_config(tmp_path: Path) -> None:
         config_from_dict({"tiers": {"edge": {"ray": {"min_replicas": 3}}}}, "test")
     with pytest.raises(ConfigError, match=r"tiers\.edge\.engine"):
         config_from_dict({"tiers": {"edge": {"engine": "kubernetes"}}}, "test")
+
+
+def test_bench_serve_engine_ray_reports_both_engines_side_by_side(
+        small_config: Config, models_dir: Path, tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from tierwise.bench.engines import run_bench_engines
+
+    # slow compute, one request at a time: a replica, not the CPU, limits throughput
+    args = argparse.Namespace(concurrency="1,8", duration_s=0.5, out=str(tmp_path),
+                              models=str(models_dir), threads=1, compute_scale=100.0,
+                              max_batch_size="1")
+    run_bench_engines(small_config, args)
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {(row["phase"], row["engine"], row["concurrency"]): row for row in results["rows"]}
+    assert set(rows) == {(phase, engine, level) for level in (1, 8) for phase, engine in
+                         (("1 replica", "process"), ("1 replica", "ray ×1"),
+                          ("2 replicas", "process"), ("2 replicas", "ray ×2"))}
+    for row in rows.values():
+        assert row["errors"] == 0 and row["requests"] > 0, row
+    engines = {engine["engine"]: engine for engine in results["engines"]}
+    assert engines["process"]["start_s"] > 0 and engines["process"]["server_mib"] > 0
+    assert len(engines["ray ×1"]["replica_mib"]) == 1
+    assert len(engines["ray ×2"]["replica_mib"]) == 2  # scaled up before it was measured
+    assert all(mib > 0 for mib in engines["ray ×2"]["replica_mib"])
+    assert results["scale_up"]["seconds"] is not None
+    print(results["notes"])
+    assert "edge compute: emulated at 100x" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "bench-engines.png").stat().st_size > 0

@@ -154,6 +154,7 @@ def _time_to_scale_up(engine: Engine, host: str, port: int, encoded: list[bytes]
 
 
 COLUMNS = [
+    Column("phase", "phase (Ray replicas)", left=True),
     Column("engine", "engine", left=True),
     Column("concurrency", "clients"),
     Column("requests_per_s", "req/s", "{:,.0f}"),
@@ -285,8 +286,7 @@ def _write(report: BenchReport, rows: list[dict[str, Any]], engines: list[dict[s
             f"{level} clients {ms:+.2f} ms" for level, ms in overhead.items()) + ".",
     ]
     title = f"tierwise bench serve --engine ray: process vs Ray Serve on {cpus} CPUs"
-    report.table([{**row, "engine": f"{row['engine']} ({row['phase']})"} for row in rows],
-                 COLUMNS, title=title, notes=notes)
+    report.table(rows, COLUMNS, title=title, notes=notes)
     for note in notes:
         report.console.print(f"- {note}", highlight=False)
     with report.figure("bench-engines.png", ncols=2, title=title) as (_, axes):

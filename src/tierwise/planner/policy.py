@@ -301,10 +301,13 @@ class Policy:
 
     def within_reach(self, slo: SLO, state: PlanningState, tier: str) -> bool:
         """Whether a plan on `tier` would be chosen were its link perfect (no RTT, unbounded
-        bandwidth, the same bytes crossing it) and the tier up, everything else as in
-        `state`. A link's estimate only moves the latency of the plans that use it, so when
-        even a perfect link would not win, measuring it cannot change a decision: the prober
-        leaves it alone (value of information; it keeps probing what could pay)."""
+        bandwidth, the same bytes crossing it), its queue empty and the tier up, everything
+        else as in `state`. A probe measures the link and the queue, and their estimates
+        only move the latency of the plans that use the tier, so when even that would not
+        win, probing cannot change a decision: the prober leaves it alone (value of
+        information; it keeps probing what could pay). The queue counts as empty because
+        the probe is what finds out: a site left for its overload is probed again, and wins
+        its traffic back once its queue drains."""
         if tier not in self.tiers:
             return False
         link = state.links[tier]
@@ -312,6 +315,7 @@ class Policy:
         perfect = replace(link, rtt_ms=0.0, bandwidth_up=float("inf"),
                           bandwidth_down=float("inf"))
         best = replace(state, links={**state.links, tier: perfect},
+                       queue_ms={**state.queue_ms, tier: 0.0},
                        unavailable=[t for t in state.unavailable if t != tier])
         return tier in self.choose(slo, best).plan.tiers
 
