@@ -218,3 +218,23 @@ def test_bench_fleet_loses_nothing_and_routes_around_the_overload(
     table = (tmp_path / "table.md").read_text()
     assert "link device->edge-near: emulated" in table
     assert (tmp_path / "bench-fleet.png").stat().st_size > 0
+
+
+def test_a_site_that_leaves_the_list_and_comes_back_is_planned_again(
+        small_config: Config, models_dir: Path) -> None:
+    from tierwise.protocol.fleet import FleetSite
+
+    paris = FleetSite("edge-paris", "edge", "http://127.0.0.1:9", region="eu-west")
+    own = FleetSite("edge", "cloud", "http://127.0.0.1:9")  # the config's own: left alone
+    with Client(small_config, models_dir=models_dir, probe=False, collector_url="",
+                registry_url="", drift=False) as client:
+        client.apply_fleet([paris, own])
+        assert "edge-paris" in client.config.tiers and not client.retired
+        assert client.config.kind("edge") == "edge" and "edge" not in client.tier_urls
+        client.apply_fleet([own])
+        assert client.retired == {"edge-paris"}
+        assert "edge-paris" not in client.decide(client.slo).plan.tiers
+        client.apply_fleet([paris])
+        assert not client.retired and client.tier_urls["edge-paris"] == paris.url
+        plans = {getattr(plan, "tier", None) for plan in client.policy().plans_for(0.0)}
+        assert "edge-paris" in plans

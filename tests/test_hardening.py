@@ -300,6 +300,23 @@ def test_a_queue_reading_after_a_silence_replaces_the_old_estimate() -> None:
     assert server.queue_estimate_ms(now=105.0) == pytest.approx(0.5)
 
 
+def test_the_abort_leaves_the_fallback_what_giving_up_has_taken() -> None:
+    from tierwise.client.planning import remote_abort_at
+    from tierwise.planner.plans import Remote
+    from tierwise.planner.policy import SLO, Decision
+
+    decision = Decision(Remote("edge", "m"), 20.0, 0.9, 0.0, True, "test", 3)
+    slo = SLO(40.0, 0.9)
+    # as profiled: 40 ms less the 1 ms fallback and the 2 ms margin
+    assert remote_abort_at(100.0, slo, decision, 1.0, 10.0) == pytest.approx(100.037)
+    # giving up and falling back has taken 9 ms on this (loaded) device: abort sooner
+    assert remote_abort_at(100.0, slo, decision, 1.0, 10.0, overrun_ms=9.0) == \
+        pytest.approx(100.029)
+    # an infeasible plan has no deadline to keep: the timeout bounds it
+    late = Decision(Remote("edge", "m"), 80.0, 0.9, 0.0, False, "test", 3)
+    assert remote_abort_at(100.0, slo, late, 1.0, 10.0, overrun_ms=9.0) == 110.0
+
+
 # -- telemetry and stored text --------------------------------------------------------------
 
 def _good_trace() -> dict:

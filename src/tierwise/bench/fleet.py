@@ -103,6 +103,7 @@ class Answer:
     # a fallback, or the policy's least-bad plan when none was feasible
     cost_usd: float
     plan: str = ""
+    fallback: str = ""  # why another plan answered, as the trace says
     lost: str = ""    # the exception, for a request that raised
 
 
@@ -275,10 +276,11 @@ def run_strategy(strategy: str, config: Config, settings: FleetSettings, sites: 
                 fallback = trace.fallback or ""
                 infeasible = trace.decision is not None and \
                     trace.decision["predicted_accuracy"] < floor
-                answer = Answer(at_s, (time.perf_counter() - started) * 1e3,
-                                trace.answered_by.tier, "failed" in fallback,
-                                fallback.endswith("the device model") or infeasible,
-                                trace.cost_usd, trace.plan)
+                site, failover = trace.answered_by.tier, "failed" in fallback
+                # the device model answered for a plan that needed a site: below the floor
+                answer = Answer(at_s, (time.perf_counter() - started) * 1e3, site, failover,
+                                (failover and site == "device") or infeasible,
+                                trace.cost_usd, trace.plan, fallback)
             except Exception as error:  # counted as lost, never raised
                 answer = Answer(at_s, math.nan, "", False, False, 0.0,
                                 lost=f"{type(error).__name__}: {error}")

@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 # Measured escalation rates follow the last ~10 escalation decisions of a cascade.
 ESCALATION_ALPHA = 0.2
 ESCALATION_MIN_SAMPLES = 5  # before these, the profiled rate prices the cascade
+FALLBACK_OVERRUN_ALPHA = 0.3
 
 # Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
 # importable from here for the callers that did before the split.
@@ -204,10 +205,10 @@ class Client:
             payload), the policy's next plan without that plan's sites starts too, and the
             first answer wins. Each hedge is in the trace (`hedge`) and counted, the loser's
             cost too, in `hedges`.
-        fleet: also take the sites the cloud (`registry_url`, else `registry.url`) publishes (`GET
-            /fleet/v1/sites`), kept current by polling: a site added there is planned
-            here, one removed is not; default `registry.fleet`. A site the config names
-            keeps the config's settings.
+        fleet: also take the sites the cloud (`registry_url`, else `registry.url`)
+            publishes (`GET /fleet/v1/sites`), kept current by polling: a site added there
+            is planned here, one removed is not; default `registry.fleet`. A site the
+            config names keeps the config's settings.
     """
 
     def __init__(
@@ -274,6 +275,8 @@ class Client:
         # when the requests differ from the profiling data)
         self._escalation: dict[Plan, Ewma] = {}
         self._last_slo: SLO | None = None  # what the prober asks the policy about
+        # ms from giving up on a remote stage at its abort time to the fallback's answer
+        self._fallback_overrun = Ewma(0.0, FALLBACK_OVERRUN_ALPHA)
         self._lock = threading.Lock()
         self.hedge = hedge
         self.hedges = HedgeStats()
@@ -292,6 +295,7 @@ class Client:
             raise ConfigError("registry.fleet: the fleet list comes from the cloud; set "
                               "registry.url (or pass registry_url)")
         self.fleet_watcher: FleetWatcher | None = None  # from start(), with `fleet`
+        self._own_sites = frozenset(self.config.tiers)  # the config's: the fleet's never change
         self._fleet_sites: frozenset[str] = frozenset()  # the sites the fleet list brought
         self.retired: frozenset[str] = frozenset()  # fleet sites that left the list
 
@@ -432,7 +436,8 @@ class Client:
         excluded: set[str] = set()
         while True:
             fallback_ms = self.profiled_ms.get((DEVICE_TIER, self.device_model), 0.0)
-            abort_at = remote_abort_at(started, slo, decision, fallback_ms, self.timeout_s)
+            abort_at = remote_abort_at(started, slo, decision, fallback_ms, self.timeout_s,
+                                       self._fallback_overrun.value)
             try:
                 if self.hedge and decision is not None and plan.tiers and not excluded:
                     plan, outcome = self._hedged(plan, decision, slo, started, abort_at,
@@ -448,6 +453,10 @@ class Client:
                 trace.attempts.append(plan.describe())
         if outcome.fallback:
             trace.fallback = outcome.fallback
+        overrun_s = time.perf_counter() - abort_at
+        if trace.fallback and overrun_s > 0:  # a stage was given up on at abort_at
+            with self._lock:  # what the next abort must leave for the fallback
+                self._fallback_overrun.update(overrun_s * 1e3)
         if isinstance(plan, Cascade) and outcome.escalated is not None:
             self.observe_escalation(plan, outcome.escalated)
         trace.total_ms = (time.perf_counter() - started) * 1e3
@@ -649,8 +658,8 @@ class Client:
                 dict(self.server_estimators)
             taken = set()
             for site in sites:
-                if site.name in tiers and site.name not in self._fleet_sites:
-                    continue  # the config's own site
+                if site.name in self._own_sites:
+                    continue
                 kind_link = links.get(site.kind)
                 if kind_link is None:
                     log.warning("fleet site %s: no links.%s to start its link from; "

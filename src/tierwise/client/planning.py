@@ -77,13 +77,15 @@ def planning_state(link_estimators: Mapping[str, LinkEstimator],
 
 
 def remote_abort_at(started: float, slo: SLO, decision: Decision | None,
-                    fallback_ms: float, timeout_s: float) -> float:
+                    fallback_ms: float, timeout_s: float, overrun_ms: float = 0.0) -> float:
     """When a remote stage of a request `started` at this `time.perf_counter()` must give
-    up: in time for the device fallback (`fallback_ms`, as profiled) to still meet the
-    deadline when the plan was predicted to, else after `timeout_s`."""
+    up: in time for the device fallback to still meet the deadline when the plan was
+    predicted to, else after `timeout_s`. The fallback takes `fallback_ms` (as profiled),
+    or `overrun_ms` if longer: what giving up and falling back has taken on this device, as
+    measured from the abort to the answer (a loaded device takes longer than its profile)."""
     if decision is not None and decision.feasible:
         margin_ms = max(FALLBACK_MARGIN_MS, FALLBACK_MARGIN_SHARE * slo.deadline_ms)
-        budget_ms = slo.deadline_ms - fallback_ms - margin_ms
+        budget_ms = slo.deadline_ms - max(fallback_ms, overrun_ms) - margin_ms
         if budget_ms > 0:
             return started + budget_ms / 1e3
     return started + timeout_s
