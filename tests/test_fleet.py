@@ -161,6 +161,12 @@ def test_fleet_needs_a_cloud_to_ask(small_config: Config, models_dir: Path) -> N
      r"sites\[0\]\.name: .*not 'device'"),
     (b'{"sites": [{"name": "a", "kind": "fog", "url": "http://a:1"}]}', r"sites\[0\]\.kind"),
     (b'{"sites": [{"name": "a", "kind": "edge", "url": "a:1"}]}', r"sites\[0\]\.url"),
+    (b'{"sites": [{"name": "a", "kind": "edge", "url": "http://[::1"}]}',
+     r"sites\[0\]\.url: expected an http"),
+    (b'{"sites": [{"name": "a", "kind": "edge", "url": "http://0.0.0.0:8000"}]}',
+     r"sites\[0\]\.url: 0\.0\.0\.0 is where a server listens"),
+    (b'{"sites": [{"name": "a", "kind": "edge", "url": "http://a:1", "require_auth": 1}]}',
+     r"sites\[0\]\.require_auth: expected true or false"),
     (b'{"sites": [{"name": "a", "kind": "edge", "url": "http://a:1", "usd_per_hour": -1}]}',
      r"sites\[0\]\.usd_per_hour: expected a number"),
     (b'{"sites": [{"name": "a", "kind": "edge", "url": "http://a:1"},'
@@ -222,6 +228,8 @@ def test_bench_fleet_loses_nothing_and_routes_around_the_overload(
 
 def test_a_site_that_leaves_the_list_and_comes_back_is_planned_again(
         small_config: Config, models_dir: Path) -> None:
+    from tierwise.planner.policy import SLO
+    from tierwise.profile.model_profile import load_profile
     from tierwise.protocol.fleet import FleetSite
 
     paris = FleetSite("edge-paris", "edge", "http://127.0.0.1:9", region="eu-west")
@@ -231,10 +239,31 @@ def test_a_site_that_leaves_the_list_and_comes_back_is_planned_again(
         client.apply_fleet([paris, own])
         assert "edge-paris" in client.config.tiers and not client.retired
         assert client.config.kind("edge") == "edge" and "edge" not in client.tier_urls
+        # only Paris is in eu-west, and the device model is below this floor
+        floor = load_profile(models_dir, EDGE).accuracy
+        in_europe = SLO(5000, floor, regions=frozenset({"eu-west"}))
+        assert "edge-paris" in client.decide(in_europe).plan.tiers
         client.apply_fleet([own])
         assert client.retired == {"edge-paris"}
-        assert "edge-paris" not in client.decide(client.slo).plan.tiers
+        assert not client.decide(in_europe).plan.tiers  # the device: nowhere else
         client.apply_fleet([paris])
         assert not client.retired and client.tier_urls["edge-paris"] == paris.url
-        plans = {getattr(plan, "tier", None) for plan in client.policy().plans_for(0.0)}
-        assert "edge-paris" in plans
+        assert "edge-paris" in client.decide(in_europe).plan.tiers
+
+
+def test_the_cloud_publishes_only_addresses_a_device_can_use(cloud_config: Config) -> None:
+    from tierwise.cloud.fleet import published_sites
+    from tierwise.config import ConfigError
+    from tierwise.protocol.fleet import encode_fleet
+
+    config = cloud_config.model_copy(deep=True)
+    config.tiers["edge-v6"] = TierConfig(kind="edge", host="::1", port=8000,
+                                         require_auth=True)
+    config.links["edge-v6"] = config.links["edge"].model_copy()
+    (site,) = [s for s in published_sites(config) if s.name == "edge-v6"]
+    assert site.url == "http://[::1]:8000" and site.require_auth
+    assert parse_fleet(encode_fleet(published_sites(config)))  # what it sends, it can read
+    config.tiers["edge-v6"].host = "0.0.0.0"
+    with pytest.raises(ConfigError, match=r"tiers\.edge-v6\.url: 0\.0\.0\.0 is where a server "
+                                          r"listens.*set tiers\.edge-v6\.url"):
+        published_sites(config)

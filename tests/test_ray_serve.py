@@ -237,10 +237,19 @@ def test_an_unreachable_or_malformed_ray_address_is_named(
     config_path = str(write_config(small_config, tmp_path / "tierwise.toml"))
     started = time.monotonic()
     code = main(["--config", config_path, "serve", "--tier", "edge", "--engine", "ray",
-                 "--ray-address", address, "--models", str(models_dir)])
+                 "--ray-address", address, "--port", str(free_port()),
+                 "--models", str(models_dir)])
     assert code == 2
     assert re.search(expected, capsys.readouterr().err)
     assert time.monotonic() - started < 30  # refused up front, not after Ray's long retries
+
+
+def test_ray_serve_needs_a_fixed_port(small_config: Config, models_dir: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    config_path = str(write_config(small_config, tmp_path / "tierwise.toml"))
+    assert main(["--config", config_path, "serve", "--tier", "edge", "--engine", "ray",
+                 "--port", "0", "--models", str(models_dir)]) == 2
+    assert "tiers.edge.port: Ray Serve's proxy needs a fixed port" in capsys.readouterr().err
 
 
 def test_replica_bounds_are_checked_with_the_config(tmp_path: Path) -> None:

@@ -233,7 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or tier.host
     port = args.port if args.port is not None else tier.port
     spec = TierApp(args.tier, tier, config,
-                   models_dir=Path(args.models) if args.models else None,
+                   # absolute: a Ray replica builds it in another working directory
+                   models_dir=Path(args.models).resolve() if args.models else None,
                    registry_url=registry_url, threads=args.threads, channel=args.channel,
                    device_id=args.device_id or f"{args.tier}-{host}-{port}")
     serve(spec, host, port)

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -126,6 +127,7 @@ def ray_server(config: Config, models_dir: Path, out: Path, name: str, min_repli
             os.environ.pop("RAY_TMPDIR", None)
         else:
             os.environ["RAY_TMPDIR"] = env_before
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _time_to_scale_up(engine: Engine, host: str, port: int, encoded: list[bytes],

@@ -165,6 +165,10 @@ class Site:
             self._stack.close()
             self._stack = None
 
+    @property
+    def stopped(self) -> bool:
+        return self._stack is None
+
 
 class Flood:
     """`clients` threads sending inference requests back to back to `url`, each request to
@@ -293,20 +297,28 @@ def run_strategy(strategy: str, config: Config, settings: FleetSettings, sites: 
             "overload starts": flood.start, "overload ends": flood.stop,
             "kill": victim.kill, "restart": victim.start}
         started = time.perf_counter()
-        with ThreadPoolExecutor(settings.workers) as pool:
-            for i, at in enumerate(arrivals):
-                while events and events[0][0] <= at:
-                    _, what = events.pop(0)
-                    threading.Thread(target=actions[what], daemon=True).start()
-                delay = started + at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                pool.submit(one, i, float(at), time.perf_counter())
-            for _, what in events:
+        happening: list[threading.Thread] = []  # events run beside the arrivals
+        try:
+            with ThreadPoolExecutor(settings.workers) as pool:
+                for i, at in enumerate(arrivals):
+                    while events and events[0][0] <= at:
+                        _, what = events.pop(0)
+                        happening.append(threading.Thread(target=actions[what], daemon=True))
+                        happening[-1].start()
+                    delay = started + at - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    pool.submit(one, i, float(at), time.perf_counter())
+            for thread in happening:  # a restart still starting, a flood still stopping
+                thread.join()
+            for _, what in events:  # due after the last arrival
                 actions[what]()
-        flood.stop()
-        if victim._stack is None:  # a run cut short before the restart
-            victim.start()
+        finally:  # the next strategy starts from the same fleet, whatever happened here
+            flood.stop()
+            for thread in happening:
+                thread.join()
+            if victim.stopped:
+                victim.start()
         progress.remove_task(task)
     result.answers.sort(key=lambda answer: answer.at_s)
     return result

@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 ESCALATION_ALPHA = 0.2
 ESCALATION_MIN_SAMPLES = 5  # before these, the profiled rate prices the cascade
 FALLBACK_OVERRUN_ALPHA = 0.3
+FALLBACK_OVERRUN_MAX_SHARE = 0.25  # of the deadline
 
 # Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
 # importable from here for the callers that did before the split.
@@ -288,6 +289,7 @@ class Client:
         self.connections = TierConnections(self.config, self.tier_urls, self.links,
                                            self.device_id)
         self._policy: Policy | None = None
+        self._generation = 0  # bumped by every change the policy is built from
         self.fleet = self.config.registry.fleet if fleet is None else fleet
         # the cloud: the registry's, even when the models come from a directory
         self.fleet_url = self.registry_url or self.config.registry.url
@@ -331,6 +333,13 @@ class Client:
                 telemetry = telemetry_for(self.config, self.collector_url, self.device_id)
             if self.metrics_port is not None:
                 self.metrics.serve(self.metrics_port)
+            watcher = None
+            if self.fleet:
+                watcher = FleetWatcher(
+                    self.fleet_url, registry_token(self.config.registry.token,
+                                                   self.config.registry_dir),
+                    self.apply_fleet, poll_s=self.config.registry.poll_s,
+                    verify=client_context(self.config.tls) or True, timeout_s=self.timeout_s)
         except BaseException:  # leave nothing running: a later start() tries afresh
             if telemetry is not None:
                 telemetry.close()
@@ -342,14 +351,10 @@ class Client:
         self.monitor.start(telemetry)
         if subscriber is not None:
             subscriber.start()
-        if self.fleet:  # an unreachable cloud or a bad list is logged: the known sites serve
-            self.fleet_watcher = FleetWatcher(
-                self.fleet_url, registry_token(self.config.registry.token,
-                                                  self.config.registry_dir),
-                self.apply_fleet, poll_s=self.config.registry.poll_s,
-                verify=client_context(self.config.tls) or True, timeout_s=self.timeout_s)
-            self.fleet_watcher.poll()
-            self.fleet_watcher.start()
+        if watcher is not None:  # a list it cannot have or read is logged, never raised
+            self.fleet_watcher = watcher
+            watcher.poll()
+            watcher.start()
 
     def _install(self, view: DeviceView, taken: dict[str, InstalledVersion]) -> None:
         """New versions from the registry: requests already running finish on the model set
@@ -360,6 +365,7 @@ class Client:
             self._model_set = ModelSet.read(view.directory)
             self.loaded.keep_only(self._model_set)
             self._policy = None
+            self._generation += 1
             self._escalation.clear()  # new models: new cascade curves
         self.session(self.device_model)
 
@@ -455,8 +461,10 @@ class Client:
             trace.fallback = outcome.fallback
         overrun_s = time.perf_counter() - abort_at
         if trace.fallback and overrun_s > 0:  # a stage was given up on at abort_at
-            with self._lock:  # what the next abort must leave for the fallback
-                self._fallback_overrun.update(overrun_s * 1e3)
+            with self._lock:  # what the next abort must leave for the fallback: at most
+                # a share of the deadline, so one stall cannot stop every abort
+                self._fallback_overrun.update(
+                    min(overrun_s * 1e3, FALLBACK_OVERRUN_MAX_SHARE * slo.deadline_ms))
         if isinstance(plan, Cascade) and outcome.escalated is not None:
             self.observe_escalation(plan, outcome.escalated)
         trace.total_ms = (time.perf_counter() - started) * 1e3
@@ -576,19 +584,26 @@ class Client:
     def policy(self) -> Policy:
         """The policy over every plan the profiles support (loaded on first use)."""
         self.start()
-        if self._policy is None:
-            profiles = load_tier_profiles(self.config, self.models_dir)
+        policy = self._policy
+        if policy is None:
+            # built from one snapshot, and kept only if no update (new models, a new fleet
+            # list) came meanwhile: otherwise the next request builds it again
+            with self._lock:
+                generation, config, prices = self._generation, self.config, self.prices
+            profiles = load_tier_profiles(config, self.models_dir)
             if not profiles:
                 raise FileNotFoundError(f"{self.models_dir}: no model profiles; run `tierwise "
                                         "profile` (the policy reads nothing else about a model)")
             self.profiled_ms.update(profiled_compute_ms(profiles, {
-                tier: self.config.tier(tier).compute_scale for tier in self.config.tiers}))
-            self._policy = Policy(candidates_from_profiles(self.config, profiles),
-                                  self.prices, {site: self.config.tier(site).region
-                                                for site in self.config.sites()})
+                tier: config.tier(tier).compute_scale for tier in config.tiers}))
+            policy = Policy(candidates_from_profiles(config, profiles), prices,
+                            {site: config.tier(site).region for site in config.sites()})
+            with self._lock:
+                if self._generation == generation:
+                    self._policy = policy
             if self.prober is not None:
                 self.prober.start()
-        return self._policy
+        return policy
 
     def probe_now(self) -> None:
         """Probe every remote tier once, now (health, RTT, bandwidth): an app-start warm-up."""
@@ -648,10 +663,11 @@ class Client:
     def apply_fleet(self, sites: Iterable[FleetSite]) -> None:
         """Plan with the fleet list's `sites` from the next request on: each new one gets
         its kind's link settings (emulation included) until its estimators learn its own,
-        its published prices (else the price book's for its kind) and its URL; a fleet site
-        missing from the list is no longer planned. Sites the config names keep the
-        config's settings. Dictionaries that running requests read are replaced, not
-        changed, so a request never sees half a fleet."""
+        its published prices (else the price book's for its kind), its URL and whether it
+        requires a token (the device's own is sent); a fleet site missing from the list is
+        no longer planned. Sites the config names keep the config's settings. The config
+        and the estimators' dictionaries are replaced whole, so a request never sees half
+        a fleet; a site's link and URL are set before it can be planned."""
         with self._lock:
             tiers, links = dict(self.config.tiers), dict(self.config.links)
             link_estimators, server_estimators = dict(self.link_estimators), \
@@ -665,20 +681,24 @@ class Client:
                     log.warning("fleet site %s: no links.%s to start its link from; "
                                 "skipped", site.name, site.kind)
                     continue
+                before = tiers.get(site.name)
                 tiers[site.name] = TierConfig(kind=site.kind, region=site.region,
                                               usd_per_hour=site.usd_per_hour,
-                                              price_source=site.price_source)
+                                              price_source=site.price_source,
+                                              require_auth=site.require_auth)
                 link = kind_link.model_copy(update={
                     "usd_per_gb_up": site.usd_per_gb_up, "usd_per_gb_down":
                     site.usd_per_gb_down, "price_source": site.price_source})
-                if site.name not in links or links[site.name] != link:
-                    links[site.name] = link
+                new = site.name not in links
+                links[site.name] = link  # prices may change; the shaping is the kind's
+                if new:
                     link_estimators[site.name] = LinkEstimator(link)
                     self.links[site.name] = EmulatedLink(link) if link.emulate else None
                 server_estimators.setdefault(site.name, ServerEstimator())
-                if self.tier_urls.get(site.name) != site.url:
+                if self.tier_urls.get(site.name) != site.url or before is None or \
+                        before.require_auth != site.require_auth:
                     self.tier_urls[site.name] = site.url
-                    self.connections.forget(site.name)
+                    self.connections.forget(site.name)  # reopened with the new settings
                 taken.add(site.name)
             self.config = self.config.model_copy(update={"tiers": tiers, "links": links})
             self.connections.config = self.config
@@ -688,6 +708,7 @@ class Client:
             self._fleet_sites = frozenset(taken)
             self._emulated = tuple(emulation_labels(self.config, self.links))
             self._policy = None  # re-planned over the new sites at the next request
+            self._generation += 1
 
     def mark(self, tier: str, up: bool) -> None:
         """Mark `tier` up or down (a tier down is left out of every plan until it is up)."""

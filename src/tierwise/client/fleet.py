@@ -45,8 +45,10 @@ class FleetWatcher:
         """Ask once; True when a new list was taken."""
         try:
             sites = self._fetch()
-        except FleetError as error:
-            message = f"registry.fleet: {error}; keeping the sites known"
+        except Exception as error:  # FleetError, and anything unforeseen: never the thread
+            reason = str(error) if isinstance(error, FleetError) else \
+                f"{type(error).__name__}: {error}"
+            message = f"registry.fleet: {reason}; keeping the sites known"
             if message != self.last_error:
                 log.warning("%s", message)
             self.last_error = message
@@ -54,13 +56,19 @@ class FleetWatcher:
         self.last_error = ""
         if sites is None:  # 304: unchanged
             return False
-        self.on_sites(sites)
-        self.sites = sites
+        sites, etag = sites
+        try:
+            self.on_sites(sites)
+        except Exception as error:  # not taken: asked in full again at the next poll
+            log.exception("registry.fleet: the fleet list could not be applied")
+            self.last_error = f"registry.fleet: could not apply the list: {error}"
+            return False
+        self.sites, self._etag = sites, etag  # only a list taken is acknowledged
         return True
 
-    def _fetch(self) -> list[FleetSite] | None:
-        """The new list, or None when it is unchanged; FleetError saying why none can be
-        taken."""
+    def _fetch(self) -> tuple[list[FleetSite], str] | None:
+        """The new list and its ETag, or None when it is unchanged; FleetError saying why
+        none can be taken."""
         try:
             response = self._http.get(self.url, headers={"if-none-match": self._etag}
                                       if self._etag else None)
@@ -82,8 +90,7 @@ class FleetWatcher:
         if not sites:
             raise FleetError(f"the cloud at {self.url} publishes no sites (tiers.<site>.url "
                              "or port in its config)")
-        self._etag = response.headers.get("etag", "")
-        return sites
+        return sites, response.headers.get("etag", "")
 
     def start(self) -> None:
         if self._thread is None:

@@ -89,6 +89,9 @@ class Prober:
         for tier, estimator in client.link_estimators.items():
             if tier in client.retired:
                 continue  # left the fleet list
+            server = client.server_estimators.get(tier)
+            if server is not None and server.busy_until > time.monotonic():
+                continue  # it answered 429 with Retry-After: not before then
             if tier not in client.tier_urls and client.config.tier(tier).port == 0:
                 continue  # nowhere to probe
             now = time.monotonic()

@@ -87,6 +87,9 @@ def retry_after_s(headers: httpx.Headers, default_s: float = 1.0) -> float:
     return max(0.0, when.timestamp() - time.time())
 
 
+FORGOTTEN_CLOSE_S = 120.0  # longer than any request's timeout
+
+
 class TierConnections:
     """One keep-alive httpx client per remote tier, made on first use, through the tier's
     link. A tier's URL is `tier_urls[tier]`, else `http://{host}:{port}` from `config`."""
@@ -138,11 +141,14 @@ class TierConnections:
                                    "(`tierwise devices enroll`)", tier) from None
 
     def forget(self, tier: str) -> None:
-        """Drop `tier`'s connection (its URL changed): the next request opens a new one."""
+        """Drop `tier`'s connection (its URL or settings changed): the next request opens a
+        new one. The old one is closed a while later, not now: a request may be using it."""
         with self._lock:
             client = self._clients.pop(tier, None)
         if client is not None:
-            client.close()
+            timer = threading.Timer(FORGOTTEN_CLOSE_S, client.close)
+            timer.daemon = True
+            timer.start()
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -3,7 +3,8 @@ take as sites of their own.
 
     {"sites": [{"name": "edge-paris", "kind": "edge", "url": "https://paris.example:8000",
                 "region": "eu-west", "usd_per_hour": 0.17, "usd_per_gb_up": 0.0,
-                "usd_per_gb_down": 0.0, "price_source": "..."}, ...]}
+                "usd_per_gb_down": 0.0, "price_source": "...", "require_auth": false},
+               ...]}
 
 Prices may be null (the client's price book for the kind then applies). A list is parsed
 whole or refused whole: a client keeps the sites it has rather than take half a list.
@@ -21,6 +22,7 @@ import orjson
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KINDS = ("edge", "cloud")
 MAX_SITES = 10_000
+WILDCARDS = ("0.0.0.0", "::")
 
 
 class FleetError(ValueError):
@@ -37,6 +39,7 @@ class FleetSite:
     usd_per_gb_up: float | None = None
     usd_per_gb_down: float | None = None
     price_source: str = ""
+    require_auth: bool = False  # the site wants the device's bearer token
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,9 +79,7 @@ def parse_fleet(body: bytes) -> list[FleetSite]:
         if kind not in KINDS:
             raise FleetError(f"{where}.kind: expected one of {list(KINDS)}, got {kind!r}")
         url = entry.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FleetError(f"{where}.url: expected an http(s)://host:port URL, got {url!r}")
+        check_site_url(url, f"{where}.url")
         region = entry.get("region", "")
         if not isinstance(region, str):
             raise FleetError(f"{where}.region: expected a string, got {region!r}")
@@ -91,6 +92,27 @@ def parse_fleet(body: bytes) -> list[FleetSite]:
                                  f"got {value!r}")
             prices[field] = None if value is None else float(value)
         source = entry.get("price_source", "")
+        require_auth = entry.get("require_auth", False)
+        if not isinstance(require_auth, bool):
+            raise FleetError(f"{where}.require_auth: expected true or false, got "
+                             f"{require_auth!r}")
         sites.append(FleetSite(name, kind, url.rstrip("/"), region, **prices,
-                               price_source=source if isinstance(source, str) else ""))
+                               price_source=source if isinstance(source, str) else "",
+                               require_auth=require_auth))
     return sites
+
+
+def check_site_url(url: object, where: str) -> None:
+    """FleetError naming `where` unless `url` is an http(s) URL with a host a device can
+    reach (not a wildcard bind address) and, if given, a valid port."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        port_ok = parts is not None and (parts.port is None or parts.port > 0)
+    except ValueError:  # a malformed IPv6 literal, a port that is not a number
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or not port_ok:
+        raise FleetError(f"{where}: expected an http(s)://host:port URL, got {url!r}")
+    if parts.hostname in WILDCARDS:
+        raise FleetError(f"{where}: {parts.hostname} is where a server listens, not an "
+                         f"address a device can reach, in {url!r}")

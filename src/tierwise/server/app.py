@@ -279,8 +279,8 @@ class TierServer:
                     hook()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                for hook in self.on_shutdown:
-                    hook()
+                for hook in self.on_shutdown:  # off the loop: a subscriber's stop joins a
+                    await asyncio.to_thread(hook)  # thread that may be waiting on the loop
                 self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -19,6 +19,7 @@ Ray Serve docs: https://docs.ray.io/en/latest/serve/ (autoscaling: serve/autosca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -51,8 +52,10 @@ def replica_builder(spec: TierApp) -> Callable[[], Any]:
 
         from tierwise.server.app import RequestLimits
 
-        try:
-            replica = serve.get_replica_context().replica_tag
+        try:  # the rank is reused by the replica that replaces one: its cache too
+            context = serve.get_replica_context()
+            rank = getattr(context, "rank", None)
+            replica = f"r{rank.rank}" if rank is not None else context.replica_tag
         except Exception:  # outside a replica (a local test): the process id names it
             replica = f"pid{os.getpid()}"
         app, _ = spec.build(replica=replica)
@@ -85,8 +88,7 @@ def check_address(tier_name: str, address: str) -> None:
 
 def _http_options(spec: TierApp, host: str, port: int) -> dict[str, Any]:
     tls = spec.config.tls
-    options: dict[str, Any] = {"host": host, "port": port,
-                               "location": spec.tier.ray.proxy_location}
+    options: dict[str, Any] = {"host": host, "port": port}
     if tls.client_ca:
         raise ConfigError("tls.client_ca: Ray Serve's HTTP proxy cannot require client "
                           "certificates; serve this tier with --engine process for mutual TLS")
@@ -131,48 +133,101 @@ def replica_states(tier_name: str) -> dict[str, int]:
 def serve_on_ray(spec: TierApp, host: str, port: int) -> None:
     """Serve `spec` on Ray Serve at host:port until SIGINT or SIGTERM; prints a line when
     the app answers and each time the number of running replicas changes. ConfigError for
-    an address nothing answers at, or settings Ray Serve cannot take."""
+    an address nothing answers at, a port of 0, a cluster whose Ray Serve already answers
+    elsewhere or serves another application, or replicas no node has the CPUs for."""
     settings = spec.tier.ray
-    check_address(spec.tier_name, settings.address)  # before Ray's retries
+    tier = spec.tier_name
+    if port == 0:
+        raise ConfigError(f"tiers.{tier}.port: Ray Serve's proxy needs a fixed port (--port)")
+    check_address(tier, settings.address)  # before Ray's retries
     import ray
     from ray import serve
 
     http_options = _http_options(spec, host, port)
     started = time.monotonic()
-    try:
-        ray.init(address=settings.address or None, include_dashboard=False,
+    try:  # "local": a new instance even where $RAY_ADDRESS names a shared cluster
+        ray.init(address=settings.address or "local", include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=True)
     except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError...
-        raise ConfigError(f"tiers.{spec.tier_name}.ray.address: could not join Ray at "
+        raise ConfigError(f"tiers.{tier}.ray.address: could not join Ray at "
                           f"{settings.address or 'a local instance'}: {error}") from None
     where = f"the Ray cluster at {settings.address}" if settings.address else \
         "a local Ray instance"
-    name = application_name(spec.tier_name)
+    name = application_name(tier)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serve.start(http_options=http_options, logging_config={"log_level": "WARNING"})
+        _check_capacity(spec, ray.cluster_resources())
+        serve.start(proxy_location=settings.proxy_location, http_options=http_options,
+                    logging_config={"log_level": "WARNING"})
+        _check_serve_instance(spec, host, port, where)
         deployment = serve.deployment(**deployment_options(spec))(
             serve.ingress(replica_builder(spec))())
         serve.run(deployment.bind(), name=name, route_prefix="/",
                   logging_config={"log_level": "WARNING"})
         scheme = "https" if spec.config.tls.cert else "http"
-        print(f"tierwise serve: tier {spec.tier_name} on Ray Serve ({where}), application "
+        print(f"tierwise serve: tier {tier} on Ray Serve ({where}), application "
               f"{name}, replicas {settings.min_replicas}..{settings.max_replicas} "
               f"target_ongoing_requests {settings.target_ongoing_requests:g} "
               f"max_batch_size {spec.tier.max_batch_size} compute_scale "
               f"{spec.tier.compute_scale:g} on {scheme}://{host}:{port} "
               f"(ready in {time.monotonic() - started:.1f} s)", flush=True)
-        _report_replicas(spec.tier_name, time.monotonic())
+        _report_replicas(tier, time.monotonic())
     except KeyboardInterrupt:
         pass
     finally:
-        try:
+        _leave(name, own_instance=not settings.address)
+
+
+def _check_capacity(spec: TierApp, resources: dict[str, float]) -> None:
+    """ConfigError when the cluster has not the CPUs for the first replicas: Ray Serve
+    would wait for them for ever."""
+    ray = spec.tier.ray
+    needed = ray.num_cpus * max(ray.min_replicas, 1)
+    have = resources.get("CPU", 0.0)
+    if have < needed:
+        raise ConfigError(f"tiers.{spec.tier_name}.ray.num_cpus: {max(ray.min_replicas, 1)} "
+                          f"replica(s) of {ray.num_cpus:g} CPUs need {needed:g}; the cluster "
+                          f"has {have:g}")
+
+
+def _check_serve_instance(spec: TierApp, host: str, port: int, where: str) -> None:
+    """ConfigError when Ray Serve already ran on the cluster with its proxy elsewhere (it
+    keeps its first HTTP settings), or serves another application at "/"."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    config = _get_global_client().http_config
+    if (config.host, config.port) != (host, port):
+        raise ConfigError(
+            f"tiers.{spec.tier_name}.port: Ray Serve on {where} already answers at "
+            f"{config.host}:{config.port}, and keeps that for as long as it runs; serve "
+            f"this tier with --host {config.host} --port {config.port}, or on a cluster of "
+            "its own")
+    others = [app for app in serve.status().applications
+              if app != application_name(spec.tier_name)]
+    if others:
+        raise ConfigError(f"tiers.{spec.tier_name}.ray.address: Ray Serve on {where} "
+                          f"already serves {others} at its one HTTP address; one tier per "
+                          "cluster")
+
+
+def _leave(name: str, own_instance: bool) -> None:
+    """Delete the application; stop Ray Serve where nothing else runs on it (its proxy,
+    so that the next server may take another port), and disconnect. Errors here must not
+    hide the one that ended the server."""
+    from ray import serve
+
+    try:
+        with contextlib.suppress(Exception):
             serve.delete(name)
-            if not settings.address:
+        with contextlib.suppress(Exception):
+            if own_instance or not serve.status().applications:
                 serve.shutdown()
-        finally:
-            ray.shutdown()
+    finally:
+        import ray
+
+        ray.shutdown()
 
 
 def _report_replicas(tier_name: str, ready_at: float) -> None:
