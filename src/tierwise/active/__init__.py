@@ -1,0 +1,1 @@
+"""Active learning from the field: samplers on the device and at the cloud (`samplers`)."""

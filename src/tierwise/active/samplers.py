@@ -1,0 +1,217 @@
+"""Samplers: which inputs are worth a label. One class per method, behind one interface.
+
+On the device, a `Sampler` scores each inference it has seen (an `Observation`: the task's
+confidence, a classifier's class probabilities, the answers of the device and of a server
+model, the user's feedback) and `select` keeps the best within a budget; nothing it does
+not select leaves the device. At the cloud, `CoreSet` picks a batch of the candidates the
+devices sent that covers them best, so a labelling budget is not spent on near-duplicates.
+
+Every device sampler works for any task with a confidence (`Task.has_confidence`): where an
+observation has no class probabilities (a detector), the uncertainty samplers fall back to
+least confidence, 1 − confidence (Lewis & Gale, SIGIR 1994).
+
+  entropy        Shannon entropy of the class probabilities, normalized to [0, 1]
+                 (uncertainty sampling; Settles, "Active Learning Literature Survey", 2009)
+  margin         1 − (p₁ − p₂), the two most probable classes' gap (Scheffer, Decomain &
+                 Wrobel, "Active Hidden Markov Models for Information Extraction", IDA 2001)
+  disagreement   the device model and a server model answered differently (query by
+                 committee with a committee of two; Seung, Opper & Sompolinsky, COLT 1992);
+                 free wherever a cascade escalated, since both answers are at hand
+  feedback       the user said the answer was wrong (`client.feedback`)
+  random         uniform, seeded: the baseline every other sampler is measured against
+  core-set       (cloud) greedy k-center over embeddings (Sener & Savarese, "Active Learning
+                 for Convolutional Neural Networks: A Core-Set Approach", ICLR 2018)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What the user said of an answer: `correct`, and the right `label` when known."""
+
+    correct: bool
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One inference as a sampler sees it.
+
+    confidence: the task's confidence in the answer, in [0, 1] (None: the task has none).
+    probabilities: a classifier's calibrated class probabilities, float [classes], or None.
+    device_label, server_label: the device model's and a server model's answers (class
+        indices), where both are known (a cascade that escalated); else None.
+    feedback: the user's, if any."""
+
+    trace_id: str
+    confidence: float | None = None
+    probabilities: np.ndarray | None = None
+    device_label: int | None = None
+    server_label: int | None = None
+    feedback: Feedback | None = None
+
+
+class Sampler(ABC):
+    """Scores observations: higher is more worth a label, None is not a candidate at all.
+    `select` takes the best `budget` of a window of them."""
+
+    name: ClassVar[str]
+    method: ClassVar[str]  # the paper or rule it implements
+
+    @abstractmethod
+    def score(self, observation: Observation) -> float | None:
+        """How much a label for this input is worth, in [0, 1]; None: never selected."""
+
+    def select(self, observations: Sequence[Observation], budget: int) -> list[int]:
+        """Indices of the at most `budget` observations of highest score (earliest first
+        among equal scores), in that order; never one scored None. ValueError for a
+        negative budget."""
+        if budget < 0:
+            raise ValueError(f"budget: expected a count ≥ 0, got {budget}")
+        scored = [(score, index) for index, observation in enumerate(observations)
+                  if (score := self.score(observation)) is not None]
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))
+        return [index for _, index in scored[:budget]]
+
+
+def _least_confidence(observation: Observation) -> float | None:
+    if observation.confidence is None:
+        return None
+    return float(min(max(1.0 - observation.confidence, 0.0), 1.0))
+
+
+class Entropy(Sampler):
+    name = "entropy"
+    method = "uncertainty sampling by entropy (Settles 2009); least confidence without " \
+             "class probabilities (Lewis & Gale 1994)"
+
+    def score(self, observation: Observation) -> float | None:
+        p = observation.probabilities
+        if p is None or len(p) < 2:
+            return _least_confidence(observation)
+        p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+        p = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
+        nonzero = p[p > 0]
+        return float(-(nonzero * np.log(nonzero)).sum() / math.log(len(p)))
+
+
+class Margin(Sampler):
+    name = "margin"
+    method = "margin sampling (Scheffer, Decomain & Wrobel 2001); least confidence without " \
+             "class probabilities (Lewis & Gale 1994)"
+
+    def score(self, observation: Observation) -> float | None:
+        p = observation.probabilities
+        if p is None or len(p) < 2:
+            return _least_confidence(observation)
+        first, second = np.sort(np.asarray(p, dtype=np.float64))[::-1][:2]
+        return float(min(max(1.0 - (first - second), 0.0), 1.0))
+
+
+class Disagreement(Sampler):
+    name = "disagreement"
+    method = "query by committee, a committee of the device and a server model (Seung, " \
+             "Opper & Sompolinsky 1992)"
+
+    def score(self, observation: Observation) -> float | None:
+        if observation.server_label is None or observation.device_label is None:
+            return None
+        return 1.0 if observation.server_label != observation.device_label else None
+
+
+class UserFeedback(Sampler):
+    name = "feedback"
+    method = "the user said the answer was wrong"
+
+    def score(self, observation: Observation) -> float | None:
+        feedback = observation.feedback
+        if feedback is None:
+            return None
+        wrong = not feedback.correct or (
+            feedback.label is not None and observation.device_label is not None
+            and feedback.label != observation.device_label)
+        return 1.0 if wrong else None
+
+
+class Random(Sampler):
+    """Uniform: each observation's score is drawn once, from a generator seeded with
+    `seed` and the observation's trace id, so a selection is reproducible."""
+
+    name = "random"
+    method = "uniform random sampling (the baseline)"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def score(self, observation: Observation) -> float | None:
+        digest = int.from_bytes(observation.trace_id.encode()[-16:].rjust(16, b"\0"), "big")
+        return float(np.random.default_rng([self.seed, digest % (2**63)]).random())
+
+
+DEVICE_SAMPLERS: dict[str, type[Sampler]] = {
+    sampler.name: sampler for sampler in (Entropy, Margin, Disagreement, UserFeedback, Random)}
+
+
+def device_sampler(name: str) -> Sampler:
+    """The device sampler called `name`; ValueError naming the known ones."""
+    if name not in DEVICE_SAMPLERS:
+        raise ValueError(f"sampler: expected one of {sorted(DEVICE_SAMPLERS)}, got {name!r}")
+    return DEVICE_SAMPLERS[name]()
+
+
+class CoreSet:
+    """Greedy k-center over embeddings (Sener & Savarese, ICLR 2018): each pick is the
+    candidate farthest (Euclidean) from everything labelled or picked so far, so the batch
+    covers the candidates with the smallest radius the greedy 2-approximation finds."""
+
+    name = "core-set"
+    method = "core-set by greedy k-center (Sener & Savarese 2018)"
+
+    def select(self, candidates: np.ndarray, budget: int,
+               labelled: np.ndarray | None = None) -> list[int]:
+        """Indices of at most `budget` rows of `candidates` (float [n, d]), in the order
+        picked. `labelled` (float [m, d]): what is already labelled, which the batch need
+        not cover again. ValueError for a negative budget or mismatched widths."""
+        candidates = np.asarray(candidates, dtype=np.float64)
+        if budget < 0:
+            raise ValueError(f"budget: expected a count ≥ 0, got {budget}")
+        if candidates.ndim != 2:
+            raise ValueError(f"candidates: expected [n, d] embeddings, got shape "
+                             f"{candidates.shape}")
+        n = len(candidates)
+        if n == 0 or budget == 0:
+            return []
+        if labelled is not None and len(labelled):
+            labelled = np.asarray(labelled, dtype=np.float64)
+            if labelled.ndim != 2 or labelled.shape[1] != candidates.shape[1]:
+                raise ValueError(f"labelled: expected [m, {candidates.shape[1]}] embeddings, "
+                                 f"got shape {labelled.shape}")
+            nearest = np.min(_distances(candidates, labelled), axis=1)
+            picked: list[int] = []
+        else:  # nothing to cover yet: start from the candidate nearest the mean
+            first = int(np.argmin(np.linalg.norm(candidates - candidates.mean(0), axis=1)))
+            nearest = np.linalg.norm(candidates - candidates[first], axis=1)
+            picked = [first]
+        while len(picked) < min(budget, n):
+            choice = int(np.argmax(nearest))
+            if nearest[choice] <= 0 and picked:
+                break  # everything left is a duplicate of what is covered
+            picked.append(choice)
+            nearest = np.minimum(nearest, np.linalg.norm(candidates - candidates[choice],
+                                                         axis=1))
+        return picked
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances, [len(a), len(b)]."""
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
