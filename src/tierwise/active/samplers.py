@@ -49,8 +49,9 @@ class Observation:
     confidence: the task's confidence in the answer, in [0, 1] (None: the task has none).
     probabilities: a classifier's calibrated class probabilities, float [classes], or None.
     device_label, server_label: the device model's and a server model's answers (class
-        indices), where both are known (a cascade that escalated); else None.
-    feedback: the user's, if any."""
+        indices), each where it is known (both: a cascade that escalated); else None.
+    feedback: the user's, if any.
+    classes: how many classes the answer's model has (0: a task without classes)."""
 
     trace_id: str
     confidence: float | None = None
@@ -58,6 +59,7 @@ class Observation:
     device_label: int | None = None
     server_label: int | None = None
     feedback: Feedback | None = None
+    classes: int = 0
 
 
 class Sampler(ABC):
@@ -136,9 +138,10 @@ class UserFeedback(Sampler):
         feedback = observation.feedback
         if feedback is None:
             return None
+        answered = observation.device_label if observation.server_label is None else \
+            observation.server_label
         wrong = not feedback.correct or (
-            feedback.label is not None and observation.device_label is not None
-            and feedback.label != observation.device_label)
+            feedback.label is not None and answered is not None and feedback.label != answered)
         return 1.0 if wrong else None
 
 

@@ -1,6 +1,7 @@
 """The device SDK: `Client`, `Trace`."""
 
-from tierwise.client.client import Client, InferenceResult, RemoteStageError
+from tierwise.client.client import Client, FeedbackError, InferenceResult, RemoteStageError
 from tierwise.client.trace import StageTrace, Trace
 
-__all__ = ["Client", "InferenceResult", "RemoteStageError", "StageTrace", "Trace"]
+__all__ = ["Client", "FeedbackError", "InferenceResult", "RemoteStageError", "StageTrace",
+           "Trace"]

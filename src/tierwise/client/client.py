@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tierwise.active.samplers import Feedback, Observation
 from tierwise.client.fleet import FleetWatcher
 from tierwise.client.modelset import LoadedModels, ModelSet, follow, served_everywhere, subscribe
 from tierwise.client.monitoring import MONITOR_PERIOD_S, Monitor, telemetry_for
@@ -84,12 +86,17 @@ ESCALATION_ALPHA = 0.2
 ESCALATION_MIN_SAMPLES = 5  # before these, the profiled rate prices the cascade
 FALLBACK_OVERRUN_ALPHA = 0.3
 FALLBACK_OVERRUN_MAX_SHARE = 0.25  # of the deadline
+RECENT_OBSERVATIONS = 1000  # inferences kept for samplers and feedback
+
+
+class FeedbackError(ValueError):
+    """Feedback that cannot be taken; the message names the argument."""
 
 # Client, InferenceResult, RemoteStageError and the labels are the API; the rest stay
 # importable from here for the callers that did before the split.
 __all__ = ["FALLBACK_MARGIN_MS", "FALLBACK_MARGIN_SHARE", "HTTP_HEADER_BYTES", "MONITOR_PERIOD_S",
-           "Client", "InferenceResult", "RemoteStageError", "call_tier", "compute_labels",
-           "emulation_labels"]
+           "Client", "FeedbackError", "InferenceResult", "RemoteStageError", "call_tier",
+           "compute_labels", "emulation_labels"]
 
 
 @dataclass
@@ -290,6 +297,8 @@ class Client:
                                            self.device_id)
         self._policy: Policy | None = None
         self._generation = 0  # bumped by every change the policy is built from
+        # trace id -> the inference as samplers see it, the last RECENT_OBSERVATIONS
+        self._observations: OrderedDict[str, Observation] = OrderedDict()
         self.fleet = self.config.registry.fleet if fleet is None else fleet
         # the cloud: the registry's, even when the models come from a directory
         self.fleet_url = self.registry_url or self.config.registry.url
@@ -468,6 +477,7 @@ class Client:
         if isinstance(plan, Cascade) and outcome.escalated is not None:
             self.observe_escalation(plan, outcome.escalated)
         trace.total_ms = (time.perf_counter() - started) * 1e3
+        self._observe(trace, outcome)
         result = outcome.result
         trace.label = int(result.label) if isinstance(result, ClassificationResult) else None
         trace.confidence = outcome.confidence
@@ -709,6 +719,79 @@ class Client:
             self._emulated = tuple(emulation_labels(self.config, self.links))
             self._policy = None  # re-planned over the new sites at the next request
             self._generation += 1
+
+    # -- what active learning's samplers see (`tierwise.active.samplers`) ----------------
+
+    def _observe(self, trace: Trace, outcome: Any) -> None:
+        """Keep this inference as a sampler sees it (the last RECENT_OBSERVATIONS). Where
+        the device model answered first (an escalated cascade), its confidence and class
+        probabilities are the ones kept: it is the model labels would improve."""
+        first = getattr(outcome, "first", None)
+        own = first if first is not None else outcome  # the device model's, where it ran
+        result = own.result
+        classified = isinstance(result, ClassificationResult)
+        label = int(result.label) if classified else None
+        device_label = server_label = None
+        if first is not None and classified and \
+                isinstance(outcome.result, ClassificationResult):
+            device_label, server_label = label, int(outcome.result.label)  # both answered
+        elif trace.answered_by.tier == DEVICE_TIER:
+            device_label = label
+        else:
+            server_label = label
+        observation = Observation(
+            trace.id, confidence=own.confidence,
+            probabilities=result.probabilities if classified else None,
+            device_label=device_label, server_label=server_label,
+            classes=len(result.probabilities) if classified else 0)
+        with self._lock:
+            self._observations[trace.id] = observation
+            while len(self._observations) > RECENT_OBSERVATIONS:
+                self._observations.popitem(last=False)
+
+    def observations(self) -> list[Observation]:
+        """The last RECENT_OBSERVATIONS inferences as samplers score them, oldest first:
+        confidence, class probabilities, the device's and a server's answers where known,
+        and the user's feedback (`feedback`)."""
+        with self._lock:
+            return list(self._observations.values())
+
+    def feedback(self, trace_id: str, correct: bool | None = None,
+                 label: int | None = None) -> None:
+        """What the user said of the answer of inference `trace_id` (`result.trace.id`):
+        whether it was `correct`, and the right class `label` (an index of the model's
+        classes) when known; a label other than the answer means it was wrong. The feedback
+        sampler selects what was called wrong.
+
+        Raises FeedbackError naming the argument: an id not among this client's last
+        RECENT_OBSERVATIONS inferences, neither `correct` nor `label`, a label outside the
+        classes or for a task without classes, or a label that contradicts `correct=True`."""
+        if correct is None and label is None:
+            raise FeedbackError("feedback: give correct=True/False, or the right label=k")
+        with self._lock:
+            observation = self._observations.get(trace_id)
+            if observation is None:
+                raise FeedbackError(
+                    f"trace_id: {trace_id!r} is not one of this client's last "
+                    f"{RECENT_OBSERVATIONS:,} inferences (feedback must come while the "
+                    "device still holds the inference)")
+            if label is not None:
+                if not observation.classes:
+                    raise FeedbackError("label: this inference's task has no classes; give "
+                                        "correct= only")
+                if isinstance(label, bool) or not isinstance(label, int | np.integer) or \
+                        not 0 <= label < observation.classes:
+                    raise FeedbackError(f"label: expected a class index 0..."
+                                        f"{observation.classes - 1}, got {label!r}")
+                answered = observation.device_label if observation.server_label is None \
+                    else observation.server_label
+                if correct is True and label != answered:
+                    raise FeedbackError(f"label: {label} is not the answer ({answered}), "
+                                        "yet correct=True")
+                correct = label == answered if correct is None else correct
+            self._observations[trace_id] = replace(
+                observation, feedback=Feedback(bool(correct),
+                                               None if label is None else int(label)))
 
     def mark(self, tier: str, up: bool) -> None:
         """Mark `tier` up or down (a tier down is left out of every plan until it is up)."""

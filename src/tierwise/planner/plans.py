@@ -39,6 +39,7 @@ class StageOutcome:
     confidence: float | None
     fallback: str | None = None  # set when the plan answered other than it was meant to
     escalated: bool | None = None  # a cascade's: whether its first stage handed the input on
+    first: StageOutcome | None = None  # an escalated cascade's first stage: its answer too
 
 
 class StageRunner(Protocol):
@@ -195,6 +196,7 @@ class Cascade:
                                 f"the first stage")
             return outcome
         escalated.escalated = True
+        escalated.first = outcome  # both models' answers: free disagreement for sampling
         return escalated
 
     @property
