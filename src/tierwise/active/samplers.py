@@ -85,37 +85,42 @@ class Sampler(ABC):
         return [index for _, index in scored[:budget]]
 
 
-def _least_confidence(observation: Observation) -> float | None:
-    if observation.confidence is None:
-        return None
-    return float(min(max(1.0 - observation.confidence, 0.0), 1.0))
+class Uncertainty(Sampler):
+    """An uncertainty sampler: a score from a classifier's class probabilities, else least
+    confidence, 1 − confidence (Lewis & Gale 1994), for tasks without them."""
+
+    def score(self, observation: Observation) -> float | None:
+        p = observation.probabilities
+        if p is not None and len(p) >= 2:
+            return self.from_probabilities(np.asarray(p, dtype=np.float64))
+        if observation.confidence is None:
+            return None
+        return float(min(max(1.0 - observation.confidence, 0.0), 1.0))
+
+    @abstractmethod
+    def from_probabilities(self, p: np.ndarray) -> float:
+        """The score, in [0, 1], of class probabilities `p` (float64 [classes], classes ≥ 2)."""
 
 
-class Entropy(Sampler):
+class Entropy(Uncertainty):
     name = "entropy"
     method = "uncertainty sampling by entropy (Settles 2009); least confidence without " \
              "class probabilities (Lewis & Gale 1994)"
 
-    def score(self, observation: Observation) -> float | None:
-        p = observation.probabilities
-        if p is None or len(p) < 2:
-            return _least_confidence(observation)
-        p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    def from_probabilities(self, p: np.ndarray) -> float:
+        p = np.clip(p, 0.0, 1.0)
         p = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
         nonzero = p[p > 0]
         return float(-(nonzero * np.log(nonzero)).sum() / math.log(len(p)))
 
 
-class Margin(Sampler):
+class Margin(Uncertainty):
     name = "margin"
     method = "margin sampling (Scheffer, Decomain & Wrobel 2001); least confidence without " \
              "class probabilities (Lewis & Gale 1994)"
 
-    def score(self, observation: Observation) -> float | None:
-        p = observation.probabilities
-        if p is None or len(p) < 2:
-            return _least_confidence(observation)
-        first, second = np.sort(np.asarray(p, dtype=np.float64))[::-1][:2]
+    def from_probabilities(self, p: np.ndarray) -> float:
+        first, second = np.sort(p)[::-1][:2]
         return float(min(max(1.0 - (first - second), 0.0), 1.0))
 
 
