@@ -40,6 +40,7 @@ from tierwise.bench.processes import free_port, tier_server
 from tierwise.bench.serve import (
     check_answers,
     child_pid_on_port,
+    concurrency_levels,
     encode_http_requests,
     load_samples,
     run_load,
@@ -172,7 +173,7 @@ def run_bench_engines(config: Config, args: argparse.Namespace) -> None:
     from tierwise.runtime.session import load_models
 
     console = Console()
-    levels = [int(level) for level in str(args.concurrency).split(",")]
+    levels = concurrency_levels(args.concurrency)
     model = "fmnist-edge"
     models_dir = Path(args.models) if getattr(args, "models", None) else config.models_dir
     if not (models_dir / model).is_dir():

@@ -426,7 +426,8 @@ def measure_curve(model: Any, samples: Sequence[np.ndarray], sizes: Sequence[int
 # -- the command --------------------------------------------------------------------------
 
 
-def _levels(concurrency: object) -> list[int]:
+def concurrency_levels(concurrency: object) -> list[int]:
+    """`--concurrency` ('1,8,32') as client counts; exits naming the flag otherwise."""
     try:
         levels = [int(level) for level in str(concurrency).split(",") if level]
     except ValueError:
@@ -683,7 +684,7 @@ def run_bench_serve(config: Config, args: argparse.Namespace) -> None:
     console = Console()
     if not console.is_terminal and console.width < 150:  # e.g. piped: keep the table whole
         console = Console(width=150)
-    levels = _levels(args.concurrency)
+    levels = concurrency_levels(args.concurrency)
     max_batch_size = getattr(args, "max_batch_size", None)
     if max_batch_size is not None and max_batch_size != AUTO and (
             not str(max_batch_size).isdigit() or int(max_batch_size) < 1):
