@@ -335,6 +335,22 @@ def _bench_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_active(args: argparse.Namespace) -> int:
+    from tierwise.bench.active import run_bench_active
+    from tierwise.zoo.build import ensure_zoo
+
+    config = load_config(args.config)
+    ensure_zoo(config, ("device", "cloud"))
+    samplers = tuple(name.strip() for name in args.samplers.split(",") if name.strip())
+    try:
+        run_bench_active(config, Path(args.out), devices=args.devices, rounds=args.rounds,
+                         stream=args.stream, budget=args.budget, seeds=args.seeds,
+                         test_size=args.test_size, samplers=samplers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import time
 
@@ -532,6 +548,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_fl_bench(add_fl_commands(commands))
 
+    from tierwise.active.cli import add_commands as add_labels_commands
+    from tierwise.active.cli import add_learn_commands
+
+    add_labels_commands(commands)
+    add_learn_commands(commands)
+
     report = commands.add_parser("report", help="one HTML file with plots of what the "
                                  "telemetry collector stored (latency, tier mix, cost, drift)")
     report.add_argument("--out", default="reports/report.html")
@@ -621,6 +643,24 @@ def _parser() -> argparse.ArgumentParser:
     drift.add_argument("--out", default="reports/bench-drift")
     drift.set_defaults(run=_bench_drift)
 
+    from tierwise.bench.active import SAMPLERS
+
+    active = bench_commands.add_parser(
+        "active", help="active learning: accuracy on a shifted stream against labels spent, "
+        "per sampler, beside random and labelling everything; bytes per device")
+    active.add_argument("--devices", type=_positive(int), default=4)
+    active.add_argument("--rounds", type=_positive(int), default=5)
+    active.add_argument("--stream", type=_positive(int), default=150,
+                        help="images each device sees per round")
+    active.add_argument("--budget", type=_positive(int), default=40,
+                        help="labels per round, all devices together")
+    active.add_argument("--seeds", type=_positive(int), default=3)
+    active.add_argument("--test-size", type=_positive(int), default=2000)
+    active.add_argument("--samplers", default=",".join(SAMPLERS),
+                        help=f"comma-separated, of {', '.join(SAMPLERS)}")
+    active.add_argument("--out", default="reports/bench-active")
+    active.set_defaults(run=_bench_active)
+
     decide = bench_commands.add_parser(
         "decide", help="the planner's decision time against the number of candidate plans")
     decide.add_argument("--candidates", default="50,100,200,400",
@@ -683,12 +723,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tierwise.active.cli import errors as active_errors
+
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
     except (ConfigError, RegistryError, FederationError, DatabaseError, FileNotFoundError,
-            FileExistsError, *TierwiseInputError) as error:
+            FileExistsError, *TierwiseInputError, *active_errors()) as error:
         # bad config, traces or registry input; DatasetMissingError; a federation that
         # could not start or failed (its message says which log to read); a database that
         # does not connect or is of another schema version

@@ -74,6 +74,21 @@ def format_rate(bytes_per_s: float) -> str:
 Rate = Annotated[float, BeforeValidator(parse_rate)]
 
 
+def parse_size(value: object) -> int:
+    """A number of bytes: '2MB', '512KiB', or a number (the units of `parse_rate`)."""
+    if isinstance(value, str) and not value.strip().endswith("/s"):
+        try:
+            return int(parse_rate(value.strip() + "/s"))
+        except ValueError:
+            raise ValueError(f"expected a size like '2MB', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"expected a size like '2MB', got {value!r}")
+    return int(value)
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -467,6 +482,75 @@ class FederatedConfig(_Section):
         return self.compute_scales[client % len(self.compute_scales)]
 
 
+PERIODS_S = {"hour": 3600.0, "day": 86_400.0, "week": 7 * 86_400.0}
+
+
+class RetrainConfig(_Section):
+    """`tierwise learn retrain`: fine-tuning the device model on the field's labels."""
+
+    min_labels: int = Field(50, ge=1, description="fewest new labels a retrain starts with")
+    replay: int = Field(2000, ge=0, description="samples of the old training data mixed in "
+                        "(experience replay: the model keeps what it knew)")
+    field_weight: int = Field(4, ge=1, le=100, description="each field label is seen this many "
+                              "times per epoch for each time a replay sample is")
+    holdout_share: float = Field(0.25, ge=0, lt=1, description="share of the field labels held "
+                                 "out (never trained on) to measure the canary with")
+    train: TrainConfig = TrainConfig(epochs=4, learning_rate=0.003, batch_size=64)
+    margin: float = Field(0.0, ge=0, le=1, description="the canary may be this much less "
+                          "accurate than stable (held-out data, and the cohort's feedback) and "
+                          "still be promoted")
+    min_feedback: int = Field(20, ge=0, description="verdicts on the canary's answers the "
+                              "promotion rule waits for (0: held-out data only)")
+    canary_share: float = Field(0.5, gt=0, le=1, description="the retrained canary's cohort")
+
+
+class ActiveConfig(_Section):
+    """Active learning from the field (`tierwise.active`): devices select the inputs worth a
+    label and send them within a budget; the cloud queues them for labelling and retrains."""
+
+    enabled: bool = Field(False, description="devices select and send samples")
+    samplers: list[str] = Field(["feedback", "disagreement", "margin"], min_length=1,
+                                description="device samplers; an input's score is the best "
+                                "of theirs (entropy, margin, disagreement, feedback, random)")
+    min_score: float = Field(0.5, ge=0, le=1, description="the least score that selects")
+    max_samples: int = Field(200, ge=0, description="samples a device sends per period")
+    max_bytes: Size = Field(2_000_000, description="bytes a device sends per period, e.g. '2MB'")
+    period: Literal["hour", "day", "week"] = Field("day", description="the budget's window "
+                                                   "(sliding)")
+    max_queued: int = Field(5000, ge=1, description="samples waiting on a device at most (the "
+                            "lowest-scored make room)")
+    keep_inputs: int = Field(256, ge=0, description="inputs held in memory for feedback "
+                             "that comes after the answer")
+    flush_s: float = Field(5.0, gt=0, le=3600, description="how often a device sends")
+    batch_size: int = Field(16, ge=1, le=1000, description="most samples per request")
+    url: str = Field("", description="the label queue (the cloud server); empty: "
+                     "telemetry.url, else registry.url")
+    label_dir: str = Field("", description="the label queue's samples at the cloud; empty: "
+                           "<data_dir>/labels")
+    label_db: str = Field("", description="its index: an SQLite file or a postgresql:// URL; "
+                          "empty: <label_dir>/labels.db")
+    select: Literal["core-set", "score"] = Field("core-set", description="how the cloud picks "
+                                                 "what to label from the candidates")
+    retrain: RetrainConfig = RetrainConfig()
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, value: list[str]) -> list[str]:
+        from tierwise.active.samplers import DEVICE_SAMPLERS
+
+        for name in value:
+            if name not in DEVICE_SAMPLERS:
+                raise ValueError(f"{name!r}: expected one of {sorted(DEVICE_SAMPLERS)}")
+        return value
+
+    @property
+    def period_s(self) -> float:
+        return PERIODS_S[self.period]
+
+    def label_root(self, data_dir: str) -> Path:
+        return Path(self.label_dir) if self.label_dir else Path(data_dir) / "labels"
+
+
 class TlsConfig(_Section):
     """TLS on every link (`tierwise.net.tls`; `tierwise certs init` makes the files). With
     `ca` empty, links are plain HTTP: the default, fit for loopback only."""
@@ -508,6 +592,7 @@ class Config(_Section):
     registry: RegistryConfig = RegistryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     fl: FederatedConfig = FederatedConfig()
+    active: ActiveConfig = ActiveConfig()
     tls: TlsConfig = TlsConfig()
 
     @model_validator(mode="after")

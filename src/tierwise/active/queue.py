@@ -28,7 +28,13 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS samples (
     score DOUBLE PRECISION NOT NULL, queued_at DOUBLE PRECISION NOT NULL,
     sample {blob} NOT NULL, observation {blob} NOT NULL);
 CREATE TABLE IF NOT EXISTS sent (
-    trace_id TEXT NOT NULL, bytes INTEGER NOT NULL, sent_at DOUBLE PRECISION NOT NULL)"""
+    trace_id TEXT NOT NULL, bytes INTEGER NOT NULL, sent_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (
+    trace_id TEXT PRIMARY KEY, model TEXT NOT NULL, model_version TEXT NOT NULL,
+    correct INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS refused (
+    trace_id TEXT NOT NULL, reason TEXT NOT NULL, sample {blob} NOT NULL,
+    observation {blob} NOT NULL)"""
 
 
 @dataclass(frozen=True)
@@ -65,19 +71,26 @@ class QueuedSample:
 
 
 class SampleQueue:
-    """Selected samples on disk at `path`, released within `budget`."""
+    """Selected samples on disk at `path`, released within `budget`; at most `max_queued`
+    wait (beyond it, the lowest-scored one makes room)."""
 
-    def __init__(self, path: Path, budget: SampleBudget) -> None:
+    def __init__(self, path: Path, budget: SampleBudget, max_queued: int = 10_000) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued: expected a count ≥ 1, got {max_queued}")
         self.path = Path(path)
         self.budget = budget
+        self.max_queued = max_queued
+        self.evicted = 0  # lower-scored samples that made room for better ones
         self._db = Database(self.path, _SCHEMA, "samples")
         with self._db.transaction():
             pass  # made now: a bad path fails here
 
     def offer(self, observation: Observation, sample: np.ndarray, sampler: str,
-              score: float, now: float | None = None) -> bool:
-        """Queue `sample` (the inference's input), which `sampler` selected with `score`;
-        False when it is already queued or sent (a trace is queued once)."""
+              score: float, now: float | None = None, model: str = "",
+              model_version: str = "") -> bool:
+        """Queue `sample` (the inference's input), which `sampler` selected with `score`
+        (`model` and `model_version`: what answered it); False when it is already queued or
+        sent (a trace is queued once), or when the queue is full of higher scores."""
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(sample), allow_pickle=False)
         record = orjson.dumps({
@@ -86,6 +99,7 @@ class SampleQueue:
             "server_label": observation.server_label, "classes": observation.classes,
             "feedback": None if observation.feedback is None else {
                 "correct": observation.feedback.correct, "label": observation.feedback.label},
+            "model": model, "model_version": model_version,
         })
         with self._db.transaction() as db:
             if db.execute("SELECT 1 FROM sent WHERE trace_id = ?",
@@ -96,7 +110,19 @@ class SampleQueue:
                 "observation) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING",
                 (observation.trace_id, sampler, float(score),
                  time.time() if now is None else now, buffer.getvalue(), record))
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            # full: the lowest score leaves (the newest among equals), perhaps this one
+            over = int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]) - \
+                self.max_queued
+            if over > 0:
+                lowest = [row[0] for row in db.execute(
+                    "SELECT seq FROM samples ORDER BY score, seq DESC LIMIT ?", (over,))]
+                db.executemany("DELETE FROM samples WHERE seq = ?", [(seq,) for seq in lowest])
+                self.evicted += len(lowest)
+                return db.execute("SELECT 1 FROM samples WHERE trace_id = ?",
+                                  (observation.trace_id,)).fetchone() is not None
+            return True
 
     def due(self, now: float | None = None) -> list[QueuedSample]:
         """The queued samples that may be sent now: highest score first (oldest first among
@@ -129,6 +155,41 @@ class SampleQueue:
                 db.execute("DELETE FROM samples WHERE trace_id = ?", (sample.trace_id,))
                 db.execute("INSERT INTO sent VALUES (?, ?, ?)",
                            (sample.trace_id, sample.size, now))
+
+    def set_aside(self, samples: list[QueuedSample], reason: str) -> None:
+        """The cloud refused `samples` for good (sending them again cannot change that):
+        out of the queue into the `refused` table, with why, so later samples still go."""
+        with self._db.transaction() as db:
+            for sample in samples:
+                db.execute("DELETE FROM samples WHERE trace_id = ?", (sample.trace_id,))
+                db.execute("INSERT INTO refused VALUES (?, ?, ?, ?)",
+                           (sample.trace_id, reason, sample.sample,
+                            orjson.dumps(sample.observation)))
+
+    def note_feedback(self, trace_id: str, model: str, model_version: str, correct: bool,
+                      now: float | None = None) -> None:
+        """Keep a user's verdict on an answer until the cloud takes it (the last one per
+        trace); it carries no input, so no budget holds it back."""
+        with self._db.transaction() as db:
+            db.execute("INSERT INTO feedback VALUES (?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO "
+                       "UPDATE SET correct = excluded.correct, at = excluded.at",
+                       (trace_id, model, model_version, int(correct),
+                        time.time() if now is None else now))
+
+    def feedback_due(self, limit: int = 10_000) -> list[dict[str, object]]:
+        """The verdicts not yet taken, oldest first, as the upload carries them."""
+        with self._db.transaction(write=False) as db:
+            rows = db.execute("SELECT trace_id, model, model_version, correct, at FROM "
+                              "feedback ORDER BY at LIMIT ?", (limit,)).fetchall()
+        return [{"trace_id": trace_id, "model": model, "model_version": version,
+                 "correct": bool(correct), "at": at}
+                for trace_id, model, version, correct, at in rows]
+
+    def feedback_sent(self, verdicts: list[dict[str, object]]) -> None:
+        with self._db.transaction() as db:
+            for verdict in verdicts:  # unless changed since it was read
+                db.execute("DELETE FROM feedback WHERE trace_id = ? AND at = ?",
+                           (verdict["trace_id"], verdict["at"]))
 
     def backlog(self) -> int:
         """Samples queued and not yet sent."""

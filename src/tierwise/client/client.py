@@ -32,10 +32,16 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tierwise.active.device import DeviceSampling
 from tierwise.active.samplers import Feedback, Observation
 from tierwise.client.fleet import FleetWatcher
 from tierwise.client.modelset import LoadedModels, ModelSet, follow, served_everywhere, subscribe
-from tierwise.client.monitoring import MONITOR_PERIOD_S, Monitor, telemetry_for
+from tierwise.client.monitoring import (
+    MONITOR_PERIOD_S,
+    Monitor,
+    sampling_for,
+    telemetry_for,
+)
 from tierwise.client.planning import (
     FALLBACK_MARGIN_MS,
     FALLBACK_MARGIN_SHARE,
@@ -213,6 +219,9 @@ class Client:
             payload), the policy's next plan without that plan's sites starts too, and the
             first answer wins. Each hedge is in the trace (`hedge`) and counted, the loser's
             cost too, in `hedges`.
+        active: select the inputs worth a label and send them to the cloud's label queue
+            within the budget (`tierwise.active.device`; the `active` config section);
+            default `active.enabled`.
         fleet: also take the sites the cloud (`registry_url`, else `registry.url`)
             publishes (`GET /fleet/v1/sites`), kept current by polling: a site added there
             is planned here, one removed is not; default `registry.fleet`. A site the
@@ -240,6 +249,7 @@ class Client:
         metrics_port: int | None = None,
         hedge: bool = False,
         fleet: bool | None = None,
+        active: bool | None = None,
     ) -> None:
         # The config is this client's parameters (its links and estimators are made from
         # it): the one file a constructor reads, and only when none is given.
@@ -309,6 +319,8 @@ class Client:
         self._own_sites = frozenset(self.config.tiers)  # the config's: the fleet's never change
         self._fleet_sites: frozenset[str] = frozenset()  # the sites the fleet list brought
         self.retired: frozenset[str] = frozenset()  # fleet sites that left the list
+        self.active = self.config.active.enabled if active is None else active
+        self.sampling: DeviceSampling | None = None  # from start(), with `active`
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -326,7 +338,7 @@ class Client:
         return self
 
     def _open(self) -> None:
-        subscriber, telemetry = None, None
+        subscriber, telemetry, sampling = None, None, None
         try:  # everything that can fail, before any thread of this client starts
             directory = self._models_dir
             if self.registry_url:
@@ -340,6 +352,9 @@ class Client:
             self.session(device_model, model_set)  # load eagerly: the fallback must be ready
             if self.collector_url:
                 telemetry = telemetry_for(self.config, self.collector_url, self.device_id)
+            if self.active:
+                sampling = sampling_for(self.config, self.config.active.url or
+                                        self.collector_url, self.device_id)
             if self.metrics_port is not None:
                 self.metrics.serve(self.metrics_port)
             watcher = None
@@ -350,13 +365,15 @@ class Client:
                     self.apply_fleet, poll_s=self.config.registry.poll_s,
                     verify=client_context(self.config.tls) or True, timeout_s=self.timeout_s)
         except BaseException:  # leave nothing running: a later start() tries afresh
+            if sampling is not None:
+                sampling.close()
             if telemetry is not None:
                 telemetry.close()
             if subscriber is not None:
                 subscriber.stop()
             raise
         self._model_set, self._device_model = model_set, device_model
-        self.subscriber, self.telemetry = subscriber, telemetry
+        self.subscriber, self.telemetry, self.sampling = subscriber, telemetry, sampling
         self.monitor.start(telemetry)
         if subscriber is not None:
             subscriber.start()
@@ -386,6 +403,8 @@ class Client:
             self.subscriber.stop()
         if self.telemetry is not None:
             self.telemetry.close()
+        if self.sampling is not None:
+            self.sampling.close()
         if self.prober is not None:
             self.prober.stop()
         self.connections.close()
@@ -477,7 +496,11 @@ class Client:
         if isinstance(plan, Cascade) and outcome.escalated is not None:
             self.observe_escalation(plan, outcome.escalated)
         trace.total_ms = (time.perf_counter() - started) * 1e3
-        self._observe(trace, outcome)
+        observation = self._observe(trace, outcome)
+        if self.sampling is not None:
+            answered = trace.answered_by
+            self.sampling.consider(observation, np.asarray(image), self.device_model,
+                                   device_info.version, (answered.model, answered.model_version))
         result = outcome.result
         trace.label = int(result.label) if isinstance(result, ClassificationResult) else None
         trace.confidence = outcome.confidence
@@ -722,7 +745,7 @@ class Client:
 
     # -- what active learning's samplers see (`tierwise.active.samplers`) ----------------
 
-    def _observe(self, trace: Trace, outcome: Any) -> None:
+    def _observe(self, trace: Trace, outcome: Any) -> Observation:
         """Keep this inference as a sampler sees it (the last RECENT_OBSERVATIONS). Where
         the device model answered first (an escalated cascade), its confidence and class
         probabilities are the ones kept: it is the model labels would improve."""
@@ -748,6 +771,7 @@ class Client:
             self._observations[trace.id] = observation
             while len(self._observations) > RECENT_OBSERVATIONS:
                 self._observations.popitem(last=False)
+        return observation
 
     def observations(self) -> list[Observation]:
         """The last RECENT_OBSERVATIONS inferences as samplers score them, oldest first:
@@ -789,9 +813,11 @@ class Client:
                     raise FeedbackError(f"label: {label} is not the answer ({answered}), "
                                         "yet correct=True")
                 correct = label == answered if correct is None else correct
-            self._observations[trace_id] = replace(
+            observation = self._observations[trace_id] = replace(
                 observation, feedback=Feedback(bool(correct),
                                                None if label is None else int(label)))
+        if self.sampling is not None:  # the feedback sampler may select it now
+            self.sampling.reconsider(observation)
 
     def mark(self, tier: str, up: bool) -> None:
         """Mark `tier` up or down (a tier down is left out of every plan until it is up)."""

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tierwise.active.device import DeviceSampling
+from tierwise.active.queue import SampleBudget, SampleQueue
+from tierwise.active.samplers import device_sampler
 from tierwise.client.trace import Trace
 from tierwise.config import Config
 from tierwise.monitor.drift import DriftMonitor
@@ -42,6 +45,22 @@ def telemetry_for(config: Config, url: str, device_id: str) -> Telemetry:
         outbox_path=Path(config.data_dir) / "telemetry" / f"outbox-{device_id}.db",
         flush_s=settings.flush_s, batch_size=settings.batch_size,
         commit_s=settings.commit_s, verify=client_context(config.tls) or True)
+
+
+def sampling_for(config: Config, url: str, device_id: str) -> DeviceSampling:
+    """Active learning on this device (the `active` config section): its samplers, its
+    sample queue under the data directory (one per device id), sending to the label queue at
+    `url` (empty: select and queue only)."""
+    settings = config.active
+    queue = SampleQueue(Path(config.data_dir) / "active" / f"queue-{device_id}.db",
+                        SampleBudget(settings.max_samples, settings.max_bytes,
+                                     settings.period_s), max_queued=settings.max_queued)
+    token = registry_token(config.registry.token, config.registry_dir) if url else ""
+    return DeviceSampling(
+        [device_sampler(name) for name in settings.samplers], queue, url or None,
+        device_id=device_id, token=token, min_score=settings.min_score,
+        keep_inputs=settings.keep_inputs, flush_s=settings.flush_s,
+        batch_size=settings.batch_size, verify=client_context(config.tls) or True)
 
 
 class Monitor:

@@ -1,5 +1,6 @@
 """The cloud's control plane, in front of its tier server: the registry API, device
-enrolment, the telemetry collector and the live dashboard, as one Starlette app.
+enrolment, the telemetry collector, the label queue and the live dashboard, as one Starlette
+app.
 
 Starlette brings the routing, the request parsing and the middleware, so each rule lives in
 one place: who a request is from (`auth.CredentialBackend`, in `AuthenticationMiddleware`),
@@ -23,6 +24,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tierwise.active.labels import LabelStore
+from tierwise.cloud.active import ActiveAPI
 from tierwise.cloud.auth import CredentialBackend, Sessions
 from tierwise.cloud.dashboard import Dashboard
 from tierwise.cloud.devices import devices_routes
@@ -42,7 +45,7 @@ from tierwise.server.app import TierServer
 from tierwise.server.auth import Introspection, TokenVerifier
 
 # the paths the control plane answers; every other one is the tier server's
-PREFIXES = ("/registry/", "/telemetry/", "/devices/", "/fleet/", "/dashboard")
+PREFIXES = ("/registry/", "/telemetry/", "/devices/", "/fleet/", "/active/", "/dashboard")
 
 
 def token_verifier(tier_name: str, tier: TierConfig, config: Config, *,
@@ -105,6 +108,11 @@ class _Readiness:
         await self.app(scope, receive, send)
 
 
+def label_store(config: Config) -> LabelStore:
+    """The cloud's label queue (`active.label_dir`, `active.label_db`)."""
+    return LabelStore(config.active.label_root(config.data_dir), config.active.label_db or None)
+
+
 def control_plane(config: Config, metrics: Any = None,
                   credentials: Credentials | None = None) -> Starlette:
     """The control plane's Starlette app for `config` (its registry, collector and
@@ -119,10 +127,11 @@ def control_plane(config: Config, metrics: Any = None,
         return views_for(config, since=time.time() - window_s)
 
     telemetry = TelemetryAPI(collector, metrics)
+    active = ActiveAPI(label_store(config), metrics)
     dashboard = Dashboard(views, sessions)
     app = Starlette(
         routes=[*registry_routes(registry), *devices_routes(credentials), *fleet_routes(config),
-                *telemetry.routes, *dashboard.routes],
+                *telemetry.routes, *active.routes, *dashboard.routes],
         middleware=[Middleware(_Readiness, credentials=credentials, registry=registry),
                     Middleware(AuthenticationMiddleware,
                                backend=CredentialBackend(credentials, sessions),

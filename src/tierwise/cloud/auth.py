@@ -38,7 +38,8 @@ from starlette.responses import RedirectResponse, Response
 
 from tierwise.registry.credentials import CredentialError, Credentials, Principal, token_hash
 
-DEVICE_SCOPES = frozenset({"deployments:read", "blobs:read", "traces:write", "fleet:read"})
+DEVICE_SCOPES = frozenset({"deployments:read", "blobs:read", "traces:write", "fleet:read",
+                           "samples:write"})
 # an edge server reports its own traces too, and asks whose a device's token is when it
 # requires one (tokens:introspect, RFC 7662)
 EDGE_SCOPES = DEVICE_SCOPES | {"tokens:introspect"}

@@ -303,9 +303,9 @@ class Registry:
 
     # -- rollout --------------------------------------------------------------------------
 
-    def promote(self, model: str, share: float | None = None) -> Rollout:
+    def promote(self, model: str, share: float | None = None, reason: str = "") -> Rollout:
         """Raise the canary's share to `share`, or (None or 1) make the canary stable. Also
-        resumes a paused canary."""
+        resumes a paused canary. `reason` goes into the history with it."""
         if share is not None and not 0 < share <= 1:
             raise RegistryError(f"share: expected a number in (0, 1], got {share!r}")
         with self._db() as db:
@@ -313,10 +313,12 @@ class Registry:
             if share is None or share >= 1:
                 self._set(db, model, stable=rollout.canary, canary=None, canary_share=0.0,
                           paused=0)
-                self._event(db, model, "stable", rollout.canary, "promoted from canary")
+                self._event(db, model, "stable", rollout.canary, "promoted from canary"
+                            + (f": {reason}" if reason else ""))
             else:
                 self._set(db, model, canary_share=share, paused=0)
-                self._event(db, model, "canary", rollout.canary, f"share {share:g}")
+                self._event(db, model, "canary", rollout.canary, f"share {share:g}"
+                            + (f": {reason}" if reason else ""))
             return self._required(db, model)
 
     def pause(self, model: str) -> Rollout:
@@ -327,15 +329,16 @@ class Registry:
             self._event(db, model, "pause", rollout.canary)
             return self._required(db, model)
 
-    def rollback(self, model: str) -> Rollout:
+    def rollback(self, model: str, reason: str = "") -> Rollout:
         """Drop the canary (every device back on stable); with no canary, make the stable
         version before the current one stable again (repeatable: each rollback goes one
-        further back)."""
+        further back). `reason` goes into the history with it."""
         with self._db() as db:
             rollout = self._required(db, model)
             if rollout.canary is not None:
                 self._set(db, model, canary=None, canary_share=0.0, paused=0)
-                self._event(db, model, "rollback", rollout.canary, "canary dropped")
+                self._event(db, model, "rollback", rollout.canary, "canary dropped"
+                            + (f": {reason}" if reason else ""))
             else:
                 stack = self._stable_stack(db, model)
                 if len(stack) < 2:

@@ -1,0 +1,243 @@
+"""Active learning on the device: which inputs to keep for a label, and sending them.
+
+`DeviceSampling` scores every inference the client answers with the configured samplers
+(`tierwise.active.samplers`): the best score wins and names the sampler. An input scored at
+least `min_score` is selected: copied and put in the sample queue on disk
+(`tierwise.active.queue.SampleQueue`, which keeps the best `max_queued`); no other input is
+stored or sent. The feedback sampler's signal comes after the answer: the inputs of the last
+`keep_inputs` inferences stay in memory for it, and `client.feedback` reconsiders one.
+
+A thread sends what the budget allows (`SampleQueue.due`: a count and bytes per sliding
+window) to the label queue at the cloud (`POST /active/v1/samples`), a few at a time. A sample
+leaves the queue only when the cloud took it (2xx), so a collector outage or a device restart
+loses nothing; one the cloud refuses for good (400) is set aside with why. What was sent is
+counted (`sent_samples`, `sent_bytes`, the client's Prometheus metrics) and the cloud counts
+it per device (`/active/v1/summary`, the cost ledger's uploads).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import orjson
+
+from tierwise.active.queue import QueuedSample, SampleQueue
+from tierwise.active.samplers import Observation, Sampler
+from tierwise.protocol.samples import encode_sample
+
+log = logging.getLogger("tierwise.active")
+SAMPLES_PATH = "/active/v1/samples"
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """An answered input, held in memory for the feedback sampler."""
+
+    sample: np.ndarray
+    model: str  # the device model: what a label of this input would improve
+    model_version: str
+    answered: tuple[str, str]  # the model and version whose answer the user saw
+
+
+class DeviceSampling:
+    """Selection and store-and-forward of one device's samples to the label queue at `url`.
+
+    Args:
+        samplers: scored in this order; an input's score is the best of theirs.
+        queue: the device's sample queue (its budget bounds what is sent).
+        url: the cloud server; None: select and queue only (nothing is sent).
+        device_id, token: who sends (the cloud API's bearer token, scope samples:write).
+        min_score: the least score that selects an input, in [0, 1].
+        keep_inputs: the last this many inputs stay in memory, for feedback that comes later.
+        flush_s: how often the thread sends what is due (backing off to 60 s while the
+            cloud cannot be reached).
+        batch_size: most samples per request.
+        verify: the TLS context an https cloud is verified with.
+    """
+
+    def __init__(self, samplers: Sequence[Sampler], queue: SampleQueue, url: str | None, *,
+                 device_id: str, token: str = "", min_score: float = 0.5,
+                 keep_inputs: int = 256, flush_s: float = 5.0, batch_size: int = 16,
+                 timeout_s: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:
+        if not samplers:
+            raise ValueError("samplers: expected at least one sampler")
+        if not 0 <= min_score <= 1:
+            raise ValueError(f"min_score: expected a score in [0, 1], got {min_score}")
+        self.samplers = list(samplers)
+        self.queue = queue
+        self.url = url.rstrip("/") if url else None
+        self.device_id = device_id
+        self.min_score = min_score
+        self.keep_inputs = keep_inputs
+        self.flush_s = flush_s
+        self.batch_size = batch_size
+        self.selected = 0  # inputs a sampler selected (queued, unless already there)
+        self.sent_samples = 0  # taken by the cloud
+        self.sent_bytes = 0
+        self.refused = 0  # set aside: the cloud refused them for good
+        self.last_error: str | None = None
+        self._kept: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
+                                  verify=verify,
+                                  headers={"authorization": f"Bearer {token}",
+                                           "content-type": "application/json"}) \
+            if self.url else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self._http is not None:
+            self._thread = threading.Thread(target=self._run, name="tierwise-samples",
+                                            daemon=True)
+            self._thread.start()
+
+    # -- selection (the request path: cheap unless selected) -----------------------------
+
+    def best(self, observation: Observation) -> tuple[float, str] | None:
+        """(score, sampler) of the sampler that scores `observation` highest; None when no
+        sampler makes it a candidate."""
+        best: tuple[float, str] | None = None
+        for sampler in self.samplers:
+            score = sampler.score(observation)
+            if score is not None and (best is None or score > best[0]):
+                best = (score, sampler.name)
+        return best
+
+    def consider(self, observation: Observation, sample: np.ndarray, model: str,
+                 model_version: str = "", answered: tuple[str, str] | None = None) -> bool:
+        """One answered inference and its input (`model`, `model_version`: the device
+        model's; `answered`: the model and version that gave the answer, default the
+        device model): queued if selected (True)."""
+        kept = _Kept(sample, model, model_version, answered or (model, model_version))
+        if self.keep_inputs:
+            with self._lock:
+                self._kept[observation.trace_id] = kept
+                while len(self._kept) > self.keep_inputs:
+                    self._kept.popitem(last=False)
+        return self._offer(observation, kept)
+
+    def reconsider(self, observation: Observation) -> bool:
+        """`observation` has the user's feedback now: the verdict is kept for the cloud
+        (it judges the version that answered), and the input queued if it is selected now
+        and still held (True)."""
+        with self._lock:
+            kept = self._kept.get(observation.trace_id)
+        if kept is None:
+            return False
+        if observation.feedback is not None:
+            self.queue.note_feedback(observation.trace_id, *kept.answered,
+                                     observation.feedback.correct)
+        return self._offer(observation, kept)
+
+    def _offer(self, observation: Observation, kept: _Kept) -> bool:
+        best = self.best(observation)
+        if best is None or best[0] < self.min_score:
+            return False
+        score, sampler = best
+        queued = self.queue.offer(observation, np.array(kept.sample, copy=True), sampler,
+                                  score, model=kept.model, model_version=kept.model_version)
+        self.selected += queued
+        return queued
+
+    # -- sending -------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Send everything the budget allows now; True when the cloud took all of it (or
+        nothing was due)."""
+        if self._http is None:
+            return True
+        with self._send_lock:
+            due, verdicts = self.queue.due(), self.queue.feedback_due()
+            batches = [due[start:start + self.batch_size]
+                       for start in range(0, len(due), self.batch_size)] or \
+                ([[]] if verdicts else [])
+            for batch in batches:
+                taken = self._send(batch, verdicts)
+                if taken is None:
+                    self.queue.set_aside(batch, self.last_error or "refused")
+                    self.refused += len(batch)
+                    log.error("the label queue refused %d samples, set aside in %s: %s",
+                              len(batch), self.queue.path, self.last_error)
+                    verdicts = []  # they stay for the next flush, with other samples
+                    continue
+                if not taken:
+                    return False
+                self.queue.mark_sent(batch)
+                self.queue.feedback_sent(verdicts)
+                verdicts = []
+                self.sent_samples += len(batch)
+                self.sent_bytes += sum(sample.size for sample in batch)
+            return True
+
+    def _send(self, batch: list[QueuedSample], verdicts: list[dict[str, object]]
+              ) -> bool | None:
+        """True: taken; False: try again later; None: refused for good."""
+        assert self._http is not None
+        body = orjson.dumps({"device": self.device_id,
+                             "samples": [upload_record(sample) for sample in batch],
+                             "feedback": verdicts})
+        try:
+            answer = self._http.post(SAMPLES_PATH, content=body)
+        except httpx.HTTPError as error:
+            self.last_error = f"label queue {self.url}: {type(error).__name__}: {error}"
+            return False
+        if answer.status_code // 100 != 2:
+            self.last_error = f"label queue answered {answer.status_code}: {answer.text[:200]}"
+            if 400 <= answer.status_code < 500 and answer.status_code not in (401, 403, 408,
+                                                                                429):
+                return None
+            return False
+        self.last_error = None
+        return True
+
+    def _run(self) -> None:
+        backoff_s = self.flush_s
+        while not self._stop.wait(backoff_s):
+            try:
+                taken = self.flush()
+            except Exception as error:  # never let sending end: say why, try again
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("sending samples failed")
+                taken = False
+            backoff_s = self.flush_s if taken else min(backoff_s * 2, 60.0)
+
+    def close(self) -> None:
+        """Stop the thread after one last attempt to send; what is not sent stays queued on
+        disk for the next run."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        try:
+            self.flush()
+        except Exception:  # a last try only
+            log.debug("final sample flush failed", exc_info=True)
+        if self._http is not None:
+            self._http.close()
+
+    def stats(self) -> dict[str, int]:
+        return {"selected": self.selected, "queued": self.queue.backlog(),
+                "sent_samples": self.sent_samples, "sent_bytes": self.sent_bytes,
+                "refused": self.refused, "evicted": self.queue.evicted}
+
+
+def upload_record(sample: QueuedSample) -> dict[str, object]:
+    """`sample` as the label queue takes it (`tierwise.protocol.samples.SampleRecord`)."""
+    observation = sample.observation
+    feedback = observation.get("feedback") or {}
+    digest, data = encode_sample(sample.sample)
+    return {"trace_id": sample.trace_id, "sampler": sample.sampler,
+            "score": min(max(sample.score, 0.0), 1.0),
+            "model": observation.get("model") or "unknown",
+            "model_version": observation.get("model_version") or "",
+            "confidence": observation.get("confidence"),
+            "device_label": observation.get("device_label"),
+            "server_label": observation.get("server_label"),
+            "feedback_correct": feedback.get("correct"), "feedback_label": feedback.get("label"),
+            "classes": observation.get("classes") or 0, "sha256": digest, "data": data}

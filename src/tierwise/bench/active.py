@@ -1,0 +1,337 @@
+"""`tierwise bench active`: how many labels each sampler needs on a shifted stream.
+
+The field has shifted from what the device model was trained on, in two ways at once: the
+class mix (half the stream is three classes, `bench.drift.CLASS_MIX`) and the rendering
+(every image rotated 30 degrees, `bench.drift.SHIFTS`), both applied here to real
+Fashion-MNIST test images (emulated). The test split is cut in two: a pool the devices'
+streams are drawn from, and a held-out set, shifted the same way, that every model is
+measured on.
+
+Each round, each of `devices` devices sees `stream` new images, answers them with the
+current model, and its sampler (`tierwise.active.samplers`) picks `budget / devices` of them
+(the core-set run: the device sends three times as many margin candidates, and the cloud's
+core-set picks the batch; Sener & Savarese 2018). The oracle labels what was picked; the
+device model is fine-tuned from its stable weights on every label so far plus the replay
+sample (`tierwise.active.retrain.fine_tune`, what `tierwise learn retrain` runs), and the next
+round's devices run it. "all" labels every image the devices saw: the most one could spend.
+Every sampler sees the same streams; each run is repeated over `seeds` and averaged.
+
+The target (issue 18): the best sampler reaches random sampling's final accuracy with at most
+half its labels (`labels_to_match_random`). Bytes are what each device uploaded: the samples
+it sent, as `.npy`, the way `DeviceSampling` sends them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tierwise.active.samplers import (
+    DEVICE_SAMPLERS,
+    CoreSet,
+    Observation,
+    Random,
+    device_sampler,
+)
+from tierwise.config import Config
+from tierwise.profile.calibration import softmax
+
+SAMPLERS = ("random", "entropy", "margin", "disagreement", "margin+core-set", "all")
+CANDIDATES_PER_PICK = 3  # margin candidates a device sends per label, for the core-set run
+MIX_SHARE = 0.5  # the share of the stream the class mix's three classes make up
+TARGET_RATIO = 2.0  # random's labels over the best sampler's, to reach random's accuracy
+NPY_HEADER_BYTES = 128
+
+
+def shifted(images: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """`count` of `images` drawn with the class mix (`MIX_SHARE` from `CLASS_MIX`), rotated:
+    (uint8 [count, 1, 28, 28], int64 [count])."""
+    from tierwise.bench.drift import CLASS_MIX, SHIFTS
+
+    mixed = np.isin(labels, CLASS_MIX)
+    take = min(round(count * MIX_SHARE), int(mixed.sum()))
+    chosen = np.concatenate([rng.choice(np.flatnonzero(mixed), take, replace=False),
+                             rng.choice(np.flatnonzero(~mixed), count - take, replace=False)])
+    rng.shuffle(chosen)
+    return SHIFTS["rotation (30 deg)"](images[chosen], rng), labels[chosen]
+
+
+def labels_to_reach(curve: list[tuple[float, float]], accuracy: float) -> float | None:
+    """The labels at which `curve` ([(labels, accuracy)], labels ascending) first reaches
+    `accuracy`, interpolated linearly between points; None if it never does."""
+    for (l0, a0), (l1, a1) in itertools.pairwise(curve):
+        if a0 >= accuracy:
+            return l0
+        if a1 >= accuracy:
+            return l0 + (l1 - l0) * (accuracy - a0) / (a1 - a0)
+    return curve[-1][0] if curve and curve[-1][1] >= accuracy else None
+
+
+class _Run:
+    """One sampler over the rounds, for one seed."""
+
+    def __init__(self, bench: ActiveBench, sampler: str, seed: int) -> None:
+        self.bench, self.sampler, self.seed = bench, sampler, seed
+        self.model = bench.stable
+        self.x: list[np.ndarray] = []
+        self.y: list[np.ndarray] = []
+        self.curve = [(0.0, bench.accuracy(bench.stable))]
+        self.bytes_per_device = np.zeros(bench.devices, dtype=np.int64)
+
+    def round(self, number: int) -> None:
+        bench = self.bench
+        picked_x, picked_y = [], []
+        for device in range(bench.devices):
+            x, y = bench.streams[self.seed][number][device]
+            chosen = self.pick(x, number, device)
+            self.bytes_per_device[device] += len(chosen) * bench.sample_bytes
+            picked_x.append(x[chosen])
+            picked_y.append(y[chosen])
+        x, y = np.concatenate(picked_x), np.concatenate(picked_y)
+        if self.sampler == "margin+core-set":  # the cloud picks a covering batch
+            labelled = np.concatenate(self.x) if self.x else None
+            vectors = bench.embed(self.model, np.concatenate([x, labelled])
+                                  if labelled is not None else x)
+            keep = CoreSet().select(vectors[:len(x)], bench.budget,
+                                    vectors[len(x):] if labelled is not None else None)
+            x, y = x[keep], y[keep]
+        self.x.append(x)
+        self.y.append(y)  # the oracle's labels: the stream's ground truth
+        field_x, field_y = np.concatenate(self.x), np.concatenate(self.y)
+        self.model, _ = bench.fine_tune(field_x, field_y, self.seed)
+        self.curve.append((float(len(field_x)), bench.accuracy(self.model)))
+
+    def pick(self, x: np.ndarray, number: int, device: int) -> np.ndarray:
+        """Indices into the device's stream `x` that it sends."""
+        bench = self.bench
+        if self.sampler == "all":
+            return np.arange(len(x))
+        quota = bench.budget // bench.devices
+        probabilities = softmax(bench.logits(self.model, x), bench.temperature)
+        server = bench.server_labels[self.seed][number][device] \
+            if self.sampler == "disagreement" else None
+        observations = [
+            Observation(f"{self.seed}-{number}-{device}-{i}", confidence=float(p.max()),
+                        probabilities=p, device_label=int(p.argmax()),
+                        server_label=None if server is None else int(server[i]), classes=10)
+            for i, p in enumerate(probabilities)]
+        name = "margin" if self.sampler == "margin+core-set" else self.sampler
+        sampler = Random(self.seed) if name == "random" else device_sampler(name)
+        if self.sampler == "margin+core-set":
+            quota *= CANDIDATES_PER_PICK
+        return np.asarray(sampler.select(observations, quota), dtype=np.int64)
+
+
+class ActiveBench:
+    """The shared parts: the stable model, the streams, the held-out set, the replay."""
+
+    def __init__(self, config: Config, *, devices: int, rounds: int, stream: int, budget: int,
+                 seeds: int, test_size: int) -> None:
+        from tierwise.data import load_splits
+        from tierwise.zoo.build import load_trained
+        from tierwise.zoo.names import model_name
+
+        self.config = config
+        self.devices, self.rounds, self.stream, self.budget = devices, rounds, stream, budget
+        splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
+        self.stable, info = load_trained(config.models_dir, model_name("device"))
+        assert info.trained is not None
+        self.architecture = info.trained.architecture
+        self.temperature = info.temperature
+        cloud, _ = load_trained(config.models_dir, model_name("cloud"))
+        rng = np.random.default_rng(1234)
+        order = rng.permutation(len(splits.test_x))
+        pool, held = order[:len(order) * 6 // 10], order[len(order) * 6 // 10:]
+        self.test_x, self.test_y = shifted(splits.test_x[held], splits.test_y[held],
+                                           test_size, rng)
+        self.sample_bytes = NPY_HEADER_BYTES + int(np.prod(splits.test_x.shape[1:]))
+        # streams[seed][round][device] = (x, y); the same for every sampler
+        self.streams: list[list[list[tuple[np.ndarray, np.ndarray]]]] = []
+        self.server_labels: list[list[list[np.ndarray]]] = []
+        self.replay: list[tuple[np.ndarray, np.ndarray]] = []
+        for seed in range(seeds):
+            seed_rng = np.random.default_rng(seed)
+            x, y = shifted(splits.test_x[pool], splits.test_y[pool],
+                           devices * rounds * stream, seed_rng)
+            parts = [[(x[k * stream:(k + 1) * stream], y[k * stream:(k + 1) * stream])
+                      for k in range(r * devices, (r + 1) * devices)] for r in range(rounds)]
+            self.streams.append(parts)
+            self.server_labels.append([[self.logits(cloud, px).argmax(1) for px, _ in row]
+                                       for row in parts])
+            replay = seed_rng.choice(len(splits.train_x), config.active.retrain.replay,
+                                     replace=False)
+            self.replay.append((splits.train_x[replay], splits.train_y[replay]))
+
+    @staticmethod
+    def logits(model: Any, x: np.ndarray) -> np.ndarray:
+        from tierwise.zoo.train import predict_logits
+
+        return predict_logits(model, x)
+
+    def accuracy(self, model: Any) -> float:
+        return float((self.logits(model, self.test_x).argmax(1) == self.test_y).mean())
+
+    def embed(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """The model's features before its classifier (float [n, d])."""
+        import torch
+        from torch import nn
+
+        trunk = nn.Sequential(*list(model.children())[:-1]).eval()
+        with torch.inference_mode():
+            return np.concatenate([trunk(torch.from_numpy(np.ascontiguousarray(
+                x[i:i + 512]))).reshape(len(x[i:i + 512]), -1).numpy()
+                for i in range(0, len(x), 512)])
+
+    def fine_tune(self, field_x: np.ndarray, field_y: np.ndarray, seed: int) -> tuple[Any, float]:
+        from tierwise.active.retrain import fine_tune
+
+        replay_x, replay_y = self.replay[seed]
+        return fine_tune(self.stable, self.architecture, field_x, field_y, replay_x, replay_y,
+                         self.config, seed, Progress(disable=True))  # the bench has its own
+
+
+def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds: int = 5,
+                     stream: int = 150, budget: int = 40, seeds: int = 3,
+                     test_size: int = 2000, samplers: tuple[str, ...] = SAMPLERS,
+                     console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    for name in samplers:
+        if name not in SAMPLERS:
+            raise ValueError(f"samplers: expected some of {SAMPLERS}, got {name!r}")
+    if budget < devices:
+        raise ValueError(f"budget: at least one label per device per round ({devices}), got "
+                         f"{budget}")
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench = ActiveBench(config, devices=devices, rounds=rounds, stream=stream, budget=budget,
+                        seeds=seeds, test_size=test_size)
+    runs: dict[str, list[_Run]] = {name: [] for name in samplers}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} retrains"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("bench active", total=len(samplers) * seeds * rounds)
+        for name in samplers:
+            for seed in range(seeds):
+                run = _Run(bench, name, seed)
+                for number in range(rounds):
+                    progress.update(task, description=f"{name}, seed {seed}, round {number + 1}")
+                    run.round(number)
+                    progress.advance(task)
+                runs[name].append(run)
+    results = summarize(runs, bench, seeds)
+    results.update({
+        "emulated": ["class-mix and rotation shifts applied to real Fashion-MNIST test images "
+                     "here; the oracle labels from ground truth"],
+        "setting": {"devices": devices, "rounds": rounds, "stream_per_device_round": stream,
+                    "labels_per_round": budget, "seeds": seeds, "test_size": test_size,
+                    "mix_share": MIX_SHARE, "replay": config.active.retrain.replay,
+                    "field_weight": config.active.retrain.field_weight,
+                    "train": config.active.retrain.train.model_dump(),
+                    "core_set_candidates_per_label": CANDIDATES_PER_PICK},
+        "methods": {name: DEVICE_SAMPLERS[name].method for name in DEVICE_SAMPLERS},
+        "bench_s": time.monotonic() - started})
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot = _plot(results, out_dir / "label-efficiency.png")
+    console.print(_table(results))
+    best = results["best"]
+    console.print(
+        f"random reaches {results['random_final_accuracy']:.2%} with "
+        f"{results['random_labels']:.0f} labels; " + (
+            f"{best['sampler']} with {best['labels']:.0f} ({best['ratio']:.2f}x fewer; target "
+            f"{TARGET_RATIO:g}x: {'met' if best['ratio'] >= TARGET_RATIO else 'NOT met'})"
+            if best else "no sampler reaches it") +
+        f". Shifts emulated. {results['bench_s']:.0f} s. Results {out_dir / 'results.json'}, "
+        f"plot {plot}")
+    return results
+
+
+def summarize(runs: dict[str, list[_Run]], bench: ActiveBench, seeds: int) -> dict[str, Any]:
+    """Mean curves over the seeds, labels to reach random's final accuracy, bytes per device."""
+    samplers: dict[str, Any] = {}
+    for name, seeded in runs.items():
+        labels = np.mean([[point[0] for point in run.curve] for run in seeded], axis=0)
+        accuracy = np.array([[point[1] for point in run.curve] for run in seeded])
+        samplers[name] = {
+            "labels": labels.tolist(), "accuracy": accuracy.mean(0).tolist(),
+            "accuracy_min": accuracy.min(0).tolist(), "accuracy_max": accuracy.max(0).tolist(),
+            "bytes_per_device": np.mean([run.bytes_per_device for run in seeded],
+                                        axis=0).tolist()}
+    out: dict[str, Any] = {"samplers": samplers, "best": None}
+    if "random" in samplers:
+        random = samplers["random"]
+        target, spent = random["accuracy"][-1], random["labels"][-1]
+        out.update({"random_final_accuracy": target, "random_labels": spent})
+        for row in samplers.values():
+            reached = labels_to_reach(list(zip(row["labels"], row["accuracy"], strict=True)),
+                                      target)
+            row["labels_to_match_random"] = reached
+            row["ratio_vs_random"] = spent / reached if reached else None
+        contenders = [(row["ratio_vs_random"], name) for name, row in samplers.items()
+                      if name not in ("random", "all") and row["ratio_vs_random"]]
+        if contenders:
+            ratio, name = max(contenders)
+            out["best"] = {"sampler": name, "ratio": ratio,
+                           "labels": samplers[name]["labels_to_match_random"],
+                           "target_ratio": TARGET_RATIO, "met": ratio >= TARGET_RATIO}
+    return out
+
+
+def _table(results: dict[str, Any]) -> Table:
+    table = Table(title="label efficiency on a shifted stream (class mix + rotation, emulated)")
+    for column in ("sampler", "labels", "start", "final", "labels to reach random's final",
+                   "vs random", "KB sent per device"):
+        table.add_column(column, justify="right")
+    for name, row in results["samplers"].items():
+        reached = row.get("labels_to_match_random")
+        ratio = row.get("ratio_vs_random")
+        table.add_row(name, f"{row['labels'][-1]:.0f}", f"{row['accuracy'][0]:.2%}",
+                      f"{row['accuracy'][-1]:.2%}",
+                      "-" if reached is None else f"{reached:.0f}",
+                      "-" if ratio is None else f"{ratio:.2f}x",
+                      f"{np.mean(row['bytes_per_device']) / 1e3:.1f}")
+    return table
+
+
+def _plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, sent) = plt.subplots(1, 2, figsize=(12, 4.5),
+                                       gridspec_kw={"width_ratios": [2, 1]})
+    for name, row in results["samplers"].items():
+        style = {"linestyle": "--", "color": "black"} if name == "all" else \
+            {"linestyle": ":", "color": "grey"} if name == "random" else {}
+        curves.plot(row["labels"], row["accuracy"], marker="o", markersize=3, label=name,
+                    **style)
+        curves.fill_between(row["labels"], row["accuracy_min"], row["accuracy_max"],
+                            alpha=0.12, color=style.get("color"))
+    if "random_final_accuracy" in results:
+        curves.axhline(results["random_final_accuracy"], color="grey", linewidth=0.8)
+    curves.set_xscale("symlog", linthresh=50)
+    curves.set_xlabel("labels spent (all devices)")
+    curves.set_ylabel("accuracy on the shifted held-out set")
+    curves.set_title("accuracy against labels (mean of seeds; band: min..max)", fontsize=9)
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    names = list(results["samplers"])
+    sent.bar(names, [np.mean(results["samplers"][n]["bytes_per_device"]) / 1e3 for n in names])
+    sent.set_ylabel("KB uploaded per device")
+    sent.set_yscale("log")
+    sent.tick_params(axis="x", labelrotation=45, labelsize=7)
+    sent.set_title("bytes per device (samples as .npy)", fontsize=9)
+    fig.text(0.01, 0.005, "shifts emulated on real Fashion-MNIST; oracle labels", fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
