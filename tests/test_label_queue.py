@@ -241,7 +241,6 @@ def test_retrain_pushes_a_better_canary_and_the_rule_promotes_it(
     field_x = SHIFTS["rotation (30 deg)"](splits.train_x[:160], np.random.default_rng(0))
     field_y = splits.train_y[:160]
     config.active.retrain.replay = 1500
-    config.active.retrain.margin = 0.02
     write_config(config, Path(path))
     store = label_store(config)
     _upload(store, field_x)
@@ -261,7 +260,7 @@ def test_retrain_pushes_a_better_canary_and_the_rule_promotes_it(
     assert rollout.stable == 2 and rollout.canary is None
     history = registry.events(DEVICE)
     assert [e["action"] for e in history][-3:] == ["push", "canary", "stable"]
-    assert "promoted from canary: validation" in history[-1]["detail"]
+    assert "promoted from canary: held-out field labels" in history[-1]["detail"]
     assert (config.models_dir / DEVICE / "model.onnx").read_bytes() != before  # new stable
     assert json.loads((config.models_dir / DEVICE / "metadata.json").read_text()
                       )["version"] == "2"
@@ -273,7 +272,7 @@ def test_the_rule_waits_for_the_cohort_then_rolls_back_a_canary_users_call_worse
     from tierwise.cloud import label_store
 
     config.active.retrain.min_feedback = 5
-    config.active.retrain.margin = 0.05  # held-out: within 5 points passes
+    config.active.retrain.margin = config.active.retrain.forgetting_margin = 0.05
     store = label_store(config)
     _upload(store, splits.train_x[:80])
     store.oracle(dataset_oracle(splits.train_x[:80], splits.train_y[:80]),

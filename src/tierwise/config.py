@@ -497,8 +497,12 @@ class RetrainConfig(_Section):
                                  "out (never trained on) to measure the canary with")
     train: TrainConfig = TrainConfig(epochs=4, learning_rate=0.003, batch_size=64)
     margin: float = Field(0.0, ge=0, le=1, description="the canary may be this much less "
-                          "accurate than stable (held-out data, and the cohort's feedback) and "
-                          "still be promoted")
+                          "accurate than stable on the held-out field labels, and called wrong "
+                          "this much more often by its cohort, and still be promoted")
+    forgetting_margin: float = Field(0.02, ge=0, le=1, description="the canary may be this "
+                                     "much less accurate than stable on the dataset's "
+                                     "validation split (what it was trained for before the "
+                                     "field shifted) and still be promoted")
     min_feedback: int = Field(20, ge=0, description="verdicts on the canary's answers the "
                               "promotion rule waits for (0: held-out data only)")
     canary_share: float = Field(0.5, gt=0, le=1, description="the retrained canary's cohort")
@@ -509,10 +513,14 @@ class ActiveConfig(_Section):
     label and send them within a budget; the cloud queues them for labelling and retrains."""
 
     enabled: bool = Field(False, description="devices select and send samples")
-    samplers: list[str] = Field(["feedback", "disagreement", "margin"], min_length=1,
+    samplers: list[str] = Field(["feedback", "margin"], min_length=1,
                                 description="device samplers; an input's score is the best "
-                                "of theirs (entropy, margin, disagreement, feedback, random)")
+                                "of theirs (entropy, margin, disagreement, feedback, random). "
+                                "`tierwise bench active` measures each")
     min_score: float = Field(0.5, ge=0, le=1, description="the least score that selects")
+    on_drift: bool = Field(False, description="select (but for feedback) only once this "
+                           "device's drift detector has raised an alert: bandwidth and labels "
+                           "go to the field's shift")
     max_samples: int = Field(200, ge=0, description="samples a device sends per period")
     max_bytes: Size = Field(2_000_000, description="bytes a device sends per period, e.g. '2MB'")
     period: Literal["hour", "day", "week"] = Field("day", description="the budget's window "

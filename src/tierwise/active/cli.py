@@ -69,6 +69,18 @@ def add_learn_commands(commands: argparse._SubParsersAction) -> None:  # type: i
                          "the cohort's feedback and decide (default: decide once, now)")
     retrain.add_argument("--json", help="write the result here too")
     retrain.set_defaults(run=_retrain)
+    loop = steps.add_parser("loop", help="the whole loop in one command, over real processes: "
+                            "drift alert, samples selected, labelled, retrained canary, "
+                            "promotion (shift, labels and feedback emulated)")
+    loop.add_argument("--devices", type=int, default=3)
+    loop.add_argument("--clean", type=int, default=300, help="clean images per device first")
+    loop.add_argument("--labels", type=int, default=120, help="labels the core-set picks")
+    loop.add_argument("--candidates", type=int, default=200,
+                      help="samples in the label queue before labelling starts")
+    loop.add_argument("--watch-s", type=float, default=180.0,
+                      help="the longest any step may take")
+    loop.add_argument("--out", default="reports/learn-loop")
+    loop.set_defaults(run=_loop)
     promote = steps.add_parser("promote", help="apply the promotion rule to the canary now")
     promote.add_argument("--model", help="default the device model")
     promote.set_defaults(run=_promote)
@@ -236,6 +248,17 @@ def _decide(config: Config, model: str, watch_s: float, console: Console) -> dic
     return {"action": decision.action, "reason": decision.reason, "canary": decision.canary}
 
 
+def _loop(args: argparse.Namespace) -> int:
+    from tierwise.active.loop import run_loop
+    from tierwise.zoo.build import ensure_zoo
+
+    config = load_config(args.config)
+    ensure_zoo(config, ("device", "cloud"))
+    run_loop(config, Path(args.out), devices=args.devices, clean=args.clean,
+             labels=args.labels, candidates=args.candidates, watch_s=args.watch_s)
+    return 0
+
+
 def _promote(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     decision = _decide(config, _model(config, args.model), 0.0, Console())
@@ -243,6 +266,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def errors() -> tuple[type[Exception], ...]:
+    from tierwise.active.loop import LoopError
     from tierwise.active.retrain import RetrainError
 
-    return (LabelError, RetrainError)
+    return (LabelError, RetrainError, LoopError)

@@ -21,7 +21,7 @@ import collections
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from tierwise.active.queue import QueuedSample, SampleQueue
-from tierwise.active.samplers import Observation, Sampler
+from tierwise.active.samplers import Combined, Observation, Sampler
 from tierwise.protocol.samples import encode_sample
 
 log = logging.getLogger("tierwise.active")
@@ -50,7 +50,8 @@ class DeviceSampling:
     """Selection and store-and-forward of one device's samples to the label queue at `url`.
 
     Args:
-        samplers: scored in this order; an input's score is the best of theirs.
+        samplers: an input's score is the best of theirs (`Combined`; the first among
+            equals names it).
         queue: the device's sample queue (its budget bounds what is sent).
         url: the cloud server; None: select and queue only (nothing is sent).
         device_id, token: who sends (the cloud API's bearer token, scope samples:write).
@@ -60,17 +61,18 @@ class DeviceSampling:
             cloud cannot be reached).
         batch_size: most samples per request.
         verify: the TLS context an https cloud is verified with.
+        gate: while it returns False, only the user's feedback selects (`active.on_drift`:
+            until the device's drift detector has raised an alert).
     """
 
     def __init__(self, samplers: Sequence[Sampler], queue: SampleQueue, url: str | None, *,
                  device_id: str, token: str = "", min_score: float = 0.5,
                  keep_inputs: int = 256, flush_s: float = 5.0, batch_size: int = 16,
-                 timeout_s: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:
-        if not samplers:
-            raise ValueError("samplers: expected at least one sampler")
+                 timeout_s: float = 30.0, verify: ssl.SSLContext | bool = True,
+                 gate: Callable[[], bool] | None = None) -> None:
         if not 0 <= min_score <= 1:
             raise ValueError(f"min_score: expected a score in [0, 1], got {min_score}")
-        self.samplers = list(samplers)
+        self.samplers = Combined(samplers)
         self.queue = queue
         self.url = url.rstrip("/") if url else None
         self.device_id = device_id
@@ -78,6 +80,7 @@ class DeviceSampling:
         self.keep_inputs = keep_inputs
         self.flush_s = flush_s
         self.batch_size = batch_size
+        self.gate = gate
         self.selected = 0  # inputs a sampler selected (queued, unless already there)
         self.sent_samples = 0  # taken by the cloud
         self.sent_bytes = 0
@@ -99,16 +102,6 @@ class DeviceSampling:
             self._thread.start()
 
     # -- selection (the request path: cheap unless selected) -----------------------------
-
-    def best(self, observation: Observation) -> tuple[float, str] | None:
-        """(score, sampler) of the sampler that scores `observation` highest; None when no
-        sampler makes it a candidate."""
-        best: tuple[float, str] | None = None
-        for sampler in self.samplers:
-            score = sampler.score(observation)
-            if score is not None and (best is None or score > best[0]):
-                best = (score, sampler.name)
-        return best
 
     def consider(self, observation: Observation, sample: np.ndarray, model: str,
                  model_version: str = "", answered: tuple[str, str] | None = None) -> bool:
@@ -137,7 +130,9 @@ class DeviceSampling:
         return self._offer(observation, kept)
 
     def _offer(self, observation: Observation, kept: _Kept) -> bool:
-        best = self.best(observation)
+        if observation.feedback is None and self.gate is not None and not self.gate():
+            return False
+        best = self.samplers.best(observation)
         if best is None or best[0] < self.min_score:
             return False
         score, sampler = best

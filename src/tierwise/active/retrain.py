@@ -11,7 +11,8 @@ exported the zoo's way (calibrated, ONNX, cut points) into a staging directory, 
 the stable model, and pushed to the registry as a canary on the device tier.
 
 `decide` is the promotion rule: the canary is promoted when it is at least as good as stable
-(less `margin`) on both held-out sets and, once `min_feedback` verdicts on its answers came
+on the held-out field labels (less `margin`), forgets little of what it knew (on the
+validation split, less `forgetting_margin`) and, once `min_feedback` verdicts on its answers came
 in from its cohort (`client.feedback`), its share of answers users called wrong is no
 higher than stable's over the same time (plus `margin`); it is rolled back as soon as either
 says it is worse. Either way the numbers go into the registry's history. A promoted
@@ -250,7 +251,7 @@ def decide(config: Config, store: LabelStore, model: str | None = None) -> Decis
                         f"{evaluation_file}); promote or roll it back by hand",
                         rollout.canary)
     evaluation = json.loads(evaluation_file.read_text())
-    numbers, worse = _held_out(evaluation, settings.margin)
+    numbers, worse = _held_out(evaluation, settings.margin, settings.forgetting_margin)
     if worse:
         return Decision("rollback", f"worse on {worse}: {numbers}", rollout.canary)
     verdicts = store.feedback(model, since=evaluation["pushed_at"])
@@ -259,15 +260,18 @@ def decide(config: Config, store: LabelStore, model: str | None = None) -> Decis
     return Decision(action, f"{numbers}; {said}", rollout.canary, verdicts)
 
 
-def _held_out(evaluation: dict[str, Any], margin: float) -> tuple[str, str | None]:
+def _held_out(evaluation: dict[str, Any], margin: float, forgetting_margin: float
+              ) -> tuple[str, str | None]:
     """(the held-out numbers, the first held-out set the candidate is worse on, or None)."""
     stable, candidate = evaluation["stable"], evaluation["candidate"]
-    checks = [("validation", stable["validation_accuracy"], candidate["validation_accuracy"])]
+    checks = [("validation", stable["validation_accuracy"], candidate["validation_accuracy"],
+               forgetting_margin)]
     if candidate["field_accuracy"] is not None:
-        checks.append(("held-out field labels", stable["field_accuracy"],
-                       candidate["field_accuracy"]))
-    numbers = "; ".join(f"{name} {new:.2%} vs stable {old:.2%}" for name, old, new in checks)
-    worse = next((name for name, old, new in checks if new < old - margin), None)
+        checks.insert(0, ("held-out field labels", stable["field_accuracy"],
+                          candidate["field_accuracy"], margin))
+    numbers = "; ".join(f"{name} {new:.2%} vs stable {old:.2%}"
+                        for name, old, new, _ in checks)
+    worse = next((name for name, old, new, allowed in checks if new < old - allowed), None)
     return numbers, worse
 
 

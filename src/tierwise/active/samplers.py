@@ -165,6 +165,34 @@ class Random(Sampler):
         return float(np.random.default_rng([self.seed, digest % (2**63)]).random())
 
 
+class Combined(Sampler):
+    """Several samplers as one: an observation's score is the best of theirs, and `best`
+    says whose it was. A device's configured samplers (`active.samplers`) run this way, so
+    feedback and disagreement (score 1) come before uncertainty."""
+
+    name = "combined"
+    method = "the best score of several samplers"
+
+    def __init__(self, samplers: Sequence[Sampler]) -> None:
+        if not samplers:
+            raise ValueError("samplers: expected at least one sampler")
+        self.samplers = list(samplers)
+
+    def best(self, observation: Observation) -> tuple[float, str] | None:
+        """(score, sampler name) of the sampler that scores `observation` highest (the
+        first among equals); None when none makes it a candidate."""
+        best: tuple[float, str] | None = None
+        for sampler in self.samplers:
+            score = sampler.score(observation)
+            if score is not None and (best is None or score > best[0]):
+                best = (score, sampler.name)
+        return best
+
+    def score(self, observation: Observation) -> float | None:
+        best = self.best(observation)
+        return None if best is None else best[0]
+
+
 DEVICE_SAMPLERS: dict[str, type[Sampler]] = {
     sampler.name: sampler for sampler in (Entropy, Margin, Disagreement, UserFeedback, Random)}
 
@@ -216,6 +244,53 @@ class CoreSet:
             picked.append(choice)
             nearest = np.minimum(nearest, np.linalg.norm(candidates - candidates[choice],
                                                          axis=1))
+        return picked
+
+
+class Badge:
+    """Batch Active learning by Diverse Gradient Embeddings (Ash, Zhang, Krishnamurthy,
+    Langford & Agarwal, ICLR 2020): each candidate's embedding is the gradient of the loss,
+    at the model's own answer, with respect to the last layer's weights, (p − onehot(ŷ)) ⊗ h
+    (its norm is the uncertainty); k-means++ seeding over them picks a batch that is both
+    uncertain and diverse."""
+
+    name = "badge"
+    method = "BADGE: k-means++ over gradient embeddings (Ash et al. 2020)"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    @staticmethod
+    def embeddings(probabilities: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Gradient embeddings, float [n, classes × d], of class probabilities (float
+        [n, classes]) and last-layer inputs (float [n, d])."""
+        p = np.asarray(probabilities, dtype=np.float64)
+        h = np.asarray(features, dtype=np.float64).reshape(len(p), -1)
+        residual = p.copy()
+        residual[np.arange(len(p)), p.argmax(1)] -= 1.0
+        return (residual[:, :, None] * h[:, None, :]).reshape(len(p), -1)
+
+    def select(self, embeddings: np.ndarray, budget: int) -> list[int]:
+        """Indices of at most `budget` rows of `embeddings` (float [n, D]), in the order
+        picked: the largest gradient first, then each next drawn with probability ∝ its
+        squared distance to the nearest picked (k-means++, Arthur & Vassilvitskii 2007)."""
+        g = np.asarray(embeddings, dtype=np.float64)
+        if budget < 0:
+            raise ValueError(f"budget: expected a count ≥ 0, got {budget}")
+        if g.ndim != 2:
+            raise ValueError(f"embeddings: expected [n, D], got shape {g.shape}")
+        if len(g) == 0 or budget == 0:
+            return []
+        rng = np.random.default_rng(self.seed)
+        picked = [int(np.argmax((g * g).sum(1)))]
+        nearest = ((g - g[picked[0]]) ** 2).sum(1)
+        while len(picked) < min(budget, len(g)):
+            total = nearest.sum()
+            if total <= 0:
+                break  # everything left is a duplicate of what is picked
+            choice = int(rng.choice(len(g), p=nearest / total))
+            picked.append(choice)
+            nearest = np.minimum(nearest, ((g - g[choice]) ** 2).sum(1))
         return picked
 
 

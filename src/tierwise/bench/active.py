@@ -3,18 +3,22 @@
 The field has shifted from what the device model was trained on, in two ways at once: the
 class mix (half the stream is three classes, `bench.drift.CLASS_MIX`) and the rendering
 (every image rotated 30 degrees, `bench.drift.SHIFTS`), both applied here to real
-Fashion-MNIST test images (emulated). The test split is cut in two: a pool the devices'
-streams are drawn from, and a held-out set, shifted the same way, that every model is
-measured on.
+Fashion-MNIST images the model was never trained on (emulated): a held-out set from the test
+split, which every model is measured on, and the devices' streams from the rest of the test
+split and the validation split, shifted the same way.
 
 Each round, each of `devices` devices sees `stream` new images, answers them with the
 current model, and its sampler (`tierwise.active.samplers`) picks `budget / devices` of them
 (the core-set run: the device sends three times as many margin candidates, and the cloud's
-core-set picks the batch; Sener & Savarese 2018). The oracle labels what was picked; the
-device model is fine-tuned from its stable weights on every label so far plus the replay
-sample (`tierwise.active.retrain.fine_tune`, what `tierwise learn retrain` runs), and the next
-round's devices run it. "all" labels every image the devices saw: the most one could spend.
-Every sampler sees the same streams; each run is repeated over `seeds` and averaged.
+core-set picks the batch; Sener & Savarese 2018). Users flag a share of the wrong answers
+(`FLAG_RATE`, emulated), which the feedback sampler and "combined" (the device's default
+samplers, `active.samplers`: feedback, then margin) see. Disagreement compares with the cloud
+model's answer on every input, as if every request escalated: its best case. The oracle
+labels what was picked; the device model is fine-tuned from its stable weights on every label
+so far plus the replay sample (`tierwise.active.retrain.fine_tune`, what `tierwise learn
+retrain` runs), and the next round's devices run it. "all" labels every image the devices
+saw: the most one could spend. Every sampler sees the same streams; each run is repeated over
+`seeds` and averaged.
 
 The target (issue 18): the best sampler reaches random sampling's final accuracy with at most
 half its labels (`labels_to_match_random`). Bytes are what each device uploaded: the samples
@@ -36,33 +40,54 @@ from rich.table import Table
 
 from tierwise.active.samplers import (
     DEVICE_SAMPLERS,
+    Badge,
+    Combined,
     CoreSet,
+    Feedback,
     Observation,
     Random,
+    Sampler,
     device_sampler,
 )
-from tierwise.config import Config
+from tierwise.config import ActiveConfig, Config
 from tierwise.profile.calibration import softmax
 
-SAMPLERS = ("random", "entropy", "margin", "disagreement", "margin+core-set", "all")
+SAMPLERS = ("random", "entropy", "margin", "disagreement", "feedback", "combined",
+            "margin+core-set", "margin+badge", "all")
+# emulated users: each wrong answer is flagged (`client.feedback(correct=False)`) with this
+# probability, a right one never
+FLAG_RATE = 0.3
 CANDIDATES_PER_PICK = 3  # margin candidates a device sends per label, for the core-set run
 MIX_SHARE = 0.5  # the share of the stream the class mix's three classes make up
+DEFAULT_SAMPLERS = ActiveConfig().samplers
 TARGET_RATIO = 2.0  # random's labels over the best sampler's, to reach random's accuracy
 NPY_HEADER_BYTES = 128
 
 
-def shifted(images: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` of `images` drawn with the class mix (`MIX_SHARE` from `CLASS_MIX`), rotated:
-    (uint8 [count, 1, 28, 28], int64 [count])."""
-    from tierwise.bench.drift import CLASS_MIX, SHIFTS
+def class_mixed(labels: np.ndarray, among: np.ndarray, count: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """`count` indices of `among` (into `labels`) with the class mix: `MIX_SHARE` of them of
+    `CLASS_MIX`'s classes, in random order. ValueError when there are too few."""
+    from tierwise.bench.drift import CLASS_MIX
 
-    mixed = np.isin(labels, CLASS_MIX)
-    take = min(round(count * MIX_SHARE), int(mixed.sum()))
-    chosen = np.concatenate([rng.choice(np.flatnonzero(mixed), take, replace=False),
-                             rng.choice(np.flatnonzero(~mixed), count - take, replace=False)])
+    mixed = np.isin(labels[among], CLASS_MIX)
+    take = round(count * MIX_SHARE)
+    if take > mixed.sum() or count - take > (~mixed).sum():
+        raise ValueError(f"stream: {count} images with the class mix need {take} of classes "
+                         f"{CLASS_MIX} and {count - take} of the others; there are "
+                         f"{int(mixed.sum())} and {int((~mixed).sum())}: fewer devices, "
+                         "rounds or images per round")
+    chosen = np.concatenate([rng.choice(among[mixed], take, replace=False),
+                             rng.choice(among[~mixed], count - take, replace=False)])
     rng.shuffle(chosen)
-    return SHIFTS["rotation (30 deg)"](images[chosen], rng), labels[chosen]
+    return chosen
+
+
+def rendered(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The rendering change: every image rotated 30 degrees (`bench.drift.SHIFTS`)."""
+    from tierwise.bench.drift import SHIFTS
+
+    return SHIFTS["rotation (30 deg)"](images, rng)
 
 
 def labels_to_reach(curve: list[tuple[float, float]], accuracy: float) -> float | None:
@@ -104,6 +129,11 @@ class _Run:
             keep = CoreSet().select(vectors[:len(x)], bench.budget,
                                     vectors[len(x):] if labelled is not None else None)
             x, y = x[keep], y[keep]
+        elif self.sampler == "margin+badge":
+            probabilities = softmax(bench.logits(self.model, x), bench.temperature)
+            keep = Badge(self.seed).select(
+                Badge.embeddings(probabilities, bench.embed(self.model, x)), bench.budget)
+            x, y = x[keep], y[keep]
         self.x.append(x)
         self.y.append(y)  # the oracle's labels: the stream's ground truth
         field_x, field_y = np.concatenate(self.x), np.concatenate(self.y)
@@ -116,17 +146,27 @@ class _Run:
         if self.sampler == "all":
             return np.arange(len(x))
         quota = bench.budget // bench.devices
+        cloud_picks = self.sampler in ("margin+core-set", "margin+badge")
         probabilities = softmax(bench.logits(self.model, x), bench.temperature)
-        server = bench.server_labels[self.seed][number][device] \
-            if self.sampler == "disagreement" else None
+        server = bench.server_labels[self.seed][number][device]
+        truth = bench.streams[self.seed][number][device][1]
+        flagged = bench.flags[self.seed][number][device]
         observations = [
             Observation(f"{self.seed}-{number}-{device}-{i}", confidence=float(p.max()),
                         probabilities=p, device_label=int(p.argmax()),
-                        server_label=None if server is None else int(server[i]), classes=10)
+                        server_label=int(server[i]) if self.sampler in (
+                            "disagreement", "combined") else None,
+                        feedback=Feedback(False) if flagged[i] and p.argmax() != truth[i]
+                        else None, classes=10)
             for i, p in enumerate(probabilities)]
-        name = "margin" if self.sampler == "margin+core-set" else self.sampler
-        sampler = Random(self.seed) if name == "random" else device_sampler(name)
-        if self.sampler == "margin+core-set":
+        sampler: Sampler
+        if self.sampler == "random":
+            sampler = Random(self.seed)
+        elif self.sampler == "combined":  # the device's default samplers
+            sampler = Combined([device_sampler(name) for name in DEFAULT_SAMPLERS])
+        else:
+            sampler = device_sampler("margin" if cloud_picks else self.sampler)
+        if cloud_picks:
             quota *= CANDIDATES_PER_PICK
         return np.asarray(sampler.select(observations, quota), dtype=np.int64)
 
@@ -148,25 +188,31 @@ class ActiveBench:
         self.architecture = info.trained.architecture
         self.temperature = info.temperature
         cloud, _ = load_trained(config.models_dir, model_name("cloud"))
+        # never trained on: the validation and test splits; the held-out set from the test
+        # split, the devices' streams from the rest
+        images = np.concatenate([splits.val_x, splits.test_x])
+        labels = np.concatenate([splits.val_y, splits.test_y])
         rng = np.random.default_rng(1234)
-        order = rng.permutation(len(splits.test_x))
-        pool, held = order[:len(order) * 6 // 10], order[len(order) * 6 // 10:]
-        self.test_x, self.test_y = shifted(splits.test_x[held], splits.test_y[held],
-                                           test_size, rng)
+        held = class_mixed(labels, np.arange(len(splits.val_x), len(images)), test_size, rng)
+        self.test_x, self.test_y = rendered(images[held], rng), labels[held]
+        pool = np.setdiff1d(np.arange(len(images)), held)
         self.sample_bytes = NPY_HEADER_BYTES + int(np.prod(splits.test_x.shape[1:]))
         # streams[seed][round][device] = (x, y); the same for every sampler
         self.streams: list[list[list[tuple[np.ndarray, np.ndarray]]]] = []
         self.server_labels: list[list[list[np.ndarray]]] = []
+        self.flags: list[list[list[np.ndarray]]] = []  # which answers a user would flag
         self.replay: list[tuple[np.ndarray, np.ndarray]] = []
         for seed in range(seeds):
             seed_rng = np.random.default_rng(seed)
-            x, y = shifted(splits.test_x[pool], splits.test_y[pool],
-                           devices * rounds * stream, seed_rng)
+            chosen = class_mixed(labels, pool, devices * rounds * stream, seed_rng)
+            x, y = rendered(images[chosen], seed_rng), labels[chosen]
             parts = [[(x[k * stream:(k + 1) * stream], y[k * stream:(k + 1) * stream])
                       for k in range(r * devices, (r + 1) * devices)] for r in range(rounds)]
             self.streams.append(parts)
             self.server_labels.append([[self.logits(cloud, px).argmax(1) for px, _ in row]
                                        for row in parts])
+            self.flags.append([[seed_rng.random(len(px)) < FLAG_RATE for px, _ in row]
+                               for row in parts])
             replay = seed_rng.choice(len(splits.train_x), config.active.retrain.replay,
                                      replace=False)
             self.replay.append((splits.train_x[replay], splits.train_y[replay]))
@@ -230,13 +276,15 @@ def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds:
     results = summarize(runs, bench, seeds)
     results.update({
         "emulated": ["class-mix and rotation shifts applied to real Fashion-MNIST test images "
-                     "here; the oracle labels from ground truth"],
+                     "here; the oracle labels from ground truth",
+                     f"users flag {FLAG_RATE:.0%} of wrong answers (feedback, combined)"],
         "setting": {"devices": devices, "rounds": rounds, "stream_per_device_round": stream,
                     "labels_per_round": budget, "seeds": seeds, "test_size": test_size,
                     "mix_share": MIX_SHARE, "replay": config.active.retrain.replay,
                     "field_weight": config.active.retrain.field_weight,
                     "train": config.active.retrain.train.model_dump(),
-                    "core_set_candidates_per_label": CANDIDATES_PER_PICK},
+                    "core_set_candidates_per_label": CANDIDATES_PER_PICK,
+                    "combined": DEFAULT_SAMPLERS, "flag_rate": FLAG_RATE},
         "methods": {name: DEVICE_SAMPLERS[name].method for name in DEVICE_SAMPLERS},
         "bench_s": time.monotonic() - started})
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -47,10 +47,12 @@ def telemetry_for(config: Config, url: str, device_id: str) -> Telemetry:
         commit_s=settings.commit_s, verify=client_context(config.tls) or True)
 
 
-def sampling_for(config: Config, url: str, device_id: str) -> DeviceSampling:
+def sampling_for(config: Config, url: str, device_id: str,
+                 drift: DriftMonitor | None = None) -> DeviceSampling:
     """Active learning on this device (the `active` config section): its samplers, its
     sample queue under the data directory (one per device id), sending to the label queue at
-    `url` (empty: select and queue only)."""
+    `url` (empty: select and queue only); with `active.on_drift`, selecting once `drift` has
+    raised an alert."""
     settings = config.active
     queue = SampleQueue(Path(config.data_dir) / "active" / f"queue-{device_id}.db",
                         SampleBudget(settings.max_samples, settings.max_bytes,
@@ -60,7 +62,8 @@ def sampling_for(config: Config, url: str, device_id: str) -> DeviceSampling:
         [device_sampler(name) for name in settings.samplers], queue, url or None,
         device_id=device_id, token=token, min_score=settings.min_score,
         keep_inputs=settings.keep_inputs, flush_s=settings.flush_s,
-        batch_size=settings.batch_size, verify=client_context(config.tls) or True)
+        batch_size=settings.batch_size, verify=client_context(config.tls) or True,
+        gate=(lambda: bool(drift.alerts)) if settings.on_drift and drift is not None else None)
 
 
 class Monitor:
