@@ -71,3 +71,17 @@ def test_a_site_the_config_does_not_price_is_billed_what_the_device_billed() -> 
     stage = {**_stage("edge-far", 4.0, 1000, 100), "cost_usd": 0.25}
     assert ledger.add({"stages": [stage]}) == pytest.approx(0.25)
     assert ledger.compute_usd["edge-far"] == pytest.approx(0.25)
+
+
+def test_active_learning_uploads_are_priced_on_the_cloud_link_per_device() -> None:
+    prices = PriceBook(cloud_link_usd_per_gb_up=0.05)
+    ledger = Ledger(PriceTable.of(Config(prices=prices)),
+                    AllCloudBaseline(compute_ms=1.0, bytes_up=1, bytes_down=1))
+    cost = ledger.add_sample_uploads({"cam-1": {"samples": 10, "bytes": 9120},
+                                      "cam-2": {"samples": 2, "bytes": 1824}}, "cloud")
+    assert cost == pytest.approx((9120 + 1824) / 1e9 * 0.05)
+    summary = ledger.summary()
+    assert summary["sample_uploads"] == {"cam-1": {"samples": 10, "bytes": 9120},
+                                         "cam-2": {"samples": 2, "bytes": 1824}}
+    assert summary["sample_upload_usd"] == pytest.approx(cost)
+    assert summary["total_usd"] == pytest.approx(cost)  # no inference traffic yet

@@ -217,12 +217,13 @@ class LabelStore:
                               parameters).fetchall()
         return {state: 0 for state in STATES} | {state: int(n) for state, n in rows}
 
-    def uploads(self) -> dict[str, dict[str, int]]:
-        """Per device: samples and bytes it sent (duplicates of content included; a trace
-        sent twice once)."""
+    def uploads(self, since: float = 0.0) -> dict[str, dict[str, int]]:
+        """Per device: samples and bytes it sent after `since` (epoch s; duplicates of content
+        included, a trace sent twice once)."""
         with self.database.transaction(write=False) as db:
             rows = db.execute("SELECT device, COUNT(*), COALESCE(SUM(bytes), 0) FROM received "
-                              "GROUP BY device ORDER BY device").fetchall()
+                              "WHERE received_at > ? GROUP BY device ORDER BY device",
+                              (since,)).fetchall()
         return {device: {"samples": int(n), "bytes": int(size)} for device, n, size in rows}
 
     def feedback(self, model: str, since: float = 0.0) -> dict[str, dict[str, int]]:

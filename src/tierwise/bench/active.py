@@ -61,6 +61,7 @@ CANDIDATES_PER_PICK = 3  # margin candidates a device sends per label, for the c
 MIX_SHARE = 0.5  # the share of the stream the class mix's three classes make up
 DEFAULT_SAMPLERS = ActiveConfig().samplers
 TARGET_RATIO = 2.0  # random's labels over the best sampler's, to reach random's accuracy
+POOL = 6000  # distinct field images
 NPY_HEADER_BYTES = 128
 
 
@@ -81,6 +82,14 @@ def class_mixed(labels: np.ndarray, among: np.ndarray, count: int,
                              rng.choice(among[~mixed], count - take, replace=False)])
     rng.shuffle(chosen)
     return chosen
+
+
+def _mixable(labels: np.ndarray, among: np.ndarray) -> int:
+    """The most images of `among` that `class_mixed` can draw."""
+    from tierwise.bench.drift import CLASS_MIX
+
+    mixed = int(np.isin(labels[among], CLASS_MIX).sum())
+    return int(min(mixed / MIX_SHARE, (len(among) - mixed) / (1 - MIX_SHARE)))
 
 
 def rendered(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -107,38 +116,37 @@ class _Run:
     def __init__(self, bench: ActiveBench, sampler: str, seed: int) -> None:
         self.bench, self.sampler, self.seed = bench, sampler, seed
         self.model = bench.stable
-        self.x: list[np.ndarray] = []
-        self.y: list[np.ndarray] = []
+        self.labelled = np.zeros(0, dtype=np.int64)  # indices into the field pool
         self.curve = [(0.0, bench.accuracy(bench.stable))]
         self.bytes_per_device = np.zeros(bench.devices, dtype=np.int64)
 
     def round(self, number: int) -> None:
         bench = self.bench
-        picked_x, picked_y = [], []
+        sent = []
         for device in range(bench.devices):
-            x, y = bench.streams[self.seed][number][device]
-            chosen = self.pick(x, number, device)
+            seen = bench.streams[self.seed][number][device]
+            chosen = seen[self.pick(bench.pool_x[seen], number, device)]
             self.bytes_per_device[device] += len(chosen) * bench.sample_bytes
-            picked_x.append(x[chosen])
-            picked_y.append(y[chosen])
-        x, y = np.concatenate(picked_x), np.concatenate(picked_y)
+            sent.append(chosen)
+        # the label queue is content-addressed: what is labelled already is not again
+        candidates = np.setdiff1d(np.concatenate(sent), self.labelled)
+        x = bench.pool_x[candidates]
         if self.sampler == "margin+core-set":  # the cloud picks a covering batch
-            labelled = np.concatenate(self.x) if self.x else None
+            labelled = bench.pool_x[self.labelled] if len(self.labelled) else None
             vectors = bench.embed(self.model, np.concatenate([x, labelled])
                                   if labelled is not None else x)
             keep = CoreSet().select(vectors[:len(x)], bench.budget,
                                     vectors[len(x):] if labelled is not None else None)
-            x, y = x[keep], y[keep]
+            candidates = candidates[keep]
         elif self.sampler == "margin+badge":
             probabilities = softmax(bench.logits(self.model, x), bench.temperature)
             keep = Badge(self.seed).select(
                 Badge.embeddings(probabilities, bench.embed(self.model, x)), bench.budget)
-            x, y = x[keep], y[keep]
-        self.x.append(x)
-        self.y.append(y)  # the oracle's labels: the stream's ground truth
-        field_x, field_y = np.concatenate(self.x), np.concatenate(self.y)
-        self.model, _ = bench.fine_tune(field_x, field_y, self.seed)
-        self.curve.append((float(len(field_x)), bench.accuracy(self.model)))
+            candidates = candidates[keep]
+        self.labelled = np.concatenate([self.labelled, candidates])  # the oracle labels them
+        self.model, _ = bench.fine_tune(bench.pool_x[self.labelled],
+                                        bench.pool_y[self.labelled], self.seed)
+        self.curve.append((float(len(self.labelled)), bench.accuracy(self.model)))
 
     def pick(self, x: np.ndarray, number: int, device: int) -> np.ndarray:
         """Indices into the device's stream `x` that it sends."""
@@ -149,7 +157,7 @@ class _Run:
         cloud_picks = self.sampler in ("margin+core-set", "margin+badge")
         probabilities = softmax(bench.logits(self.model, x), bench.temperature)
         server = bench.server_labels[self.seed][number][device]
-        truth = bench.streams[self.seed][number][device][1]
+        truth = bench.pool_y[bench.streams[self.seed][number][device]]
         flagged = bench.flags[self.seed][number][device]
         observations = [
             Observation(f"{self.seed}-{number}-{device}-{i}", confidence=float(p.max()),
@@ -197,21 +205,30 @@ class ActiveBench:
         self.test_x, self.test_y = rendered(images[held], rng), labels[held]
         pool = np.setdiff1d(np.arange(len(images)), held)
         self.sample_bytes = NPY_HEADER_BYTES + int(np.prod(splits.test_x.shape[1:]))
-        # streams[seed][round][device] = (x, y); the same for every sampler
-        self.streams: list[list[list[tuple[np.ndarray, np.ndarray]]]] = []
+        # streams[seed][round][device] = indices into the field pool; the same for every
+        # sampler
+        self.streams: list[list[list[np.ndarray]]] = []
         self.server_labels: list[list[list[np.ndarray]]] = []
         self.flags: list[list[list[np.ndarray]]] = []  # which answers a user would flag
         self.replay: list[tuple[np.ndarray, np.ndarray]] = []
+        # the field: this many distinct images, class-mixed and rotated; each round every
+        # device sees `stream` of them (no two devices the same one in a round), so a
+        # camera sees the same things again across rounds, as cameras do
+        field = class_mixed(labels, pool, min(POOL, _mixable(labels, pool)), rng)
+        self.pool_x, self.pool_y = rendered(images[field], rng), labels[field]
+        if devices * stream > len(field):
+            raise ValueError(f"stream: {devices} devices x {stream} images per round exceed "
+                             f"the {len(field)} distinct field images")
         for seed in range(seeds):
             seed_rng = np.random.default_rng(seed)
-            chosen = class_mixed(labels, pool, devices * rounds * stream, seed_rng)
-            x, y = rendered(images[chosen], seed_rng), labels[chosen]
-            parts = [[(x[k * stream:(k + 1) * stream], y[k * stream:(k + 1) * stream])
-                      for k in range(r * devices, (r + 1) * devices)] for r in range(rounds)]
+            parts = []
+            for _ in range(rounds):
+                order = seed_rng.permutation(len(field))
+                parts.append([order[k * stream:(k + 1) * stream] for k in range(devices)])
             self.streams.append(parts)
-            self.server_labels.append([[self.logits(cloud, px).argmax(1) for px, _ in row]
-                                       for row in parts])
-            self.flags.append([[seed_rng.random(len(px)) < FLAG_RATE for px, _ in row]
+            self.server_labels.append([[self.logits(cloud, self.pool_x[seen]).argmax(1)
+                                        for seen in row] for row in parts])
+            self.flags.append([[seed_rng.random(len(seen)) < FLAG_RATE for seen in row]
                                for row in parts])
             replay = seed_rng.choice(len(splits.train_x), config.active.retrain.replay,
                                      replace=False)

@@ -5,7 +5,9 @@ planner scores plans with): a server's compute time × its hourly price (a batch
 shared by its rows), bytes each way × the link's price per GB, and the device's compute ×
 its rated power × the electricity price. The savings compare with running every request in
 the cloud: the cloud model's profiled compute plus the raw input up and the answer down on
-the cloud link (`AllCloudBaseline`).
+the cloud link (`AllCloudBaseline`). What devices upload for active learning (the samples
+their samplers selected) is priced on the link to the cloud, per device
+(`add_sample_uploads`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ class Ledger:
     link_usd: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     link_bytes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     device_energy_usd: float = 0.0
+    # active learning: per device, [samples, bytes] it uploaded to the label queue, and the
+    # link those bytes are priced on
+    sample_uploads: dict[str, list[int]] = field(default_factory=dict)
+    sample_upload_usd: float = 0.0
+
+    def add_sample_uploads(self, uploads: dict[str, dict[str, int]], site: str) -> float:
+        """Price what devices uploaded to the label queue (`LabelStore.uploads`: per device,
+        samples and bytes) on the link to `site` (the cloud); its cost."""
+        cost = 0.0
+        for device, sent in uploads.items():
+            counted = self.sample_uploads.setdefault(device, [0, 0])
+            counted[0] += sent["samples"]
+            counted[1] += sent["bytes"]
+            cost += self.prices.transfer_usd(site, sent["bytes"], 0)
+        self.sample_upload_usd += cost
+        return cost
 
     def add(self, trace: dict[str, Any]) -> float:
         """Price one trace (a `Trace.to_dict()` or a collector record); its cost."""
@@ -73,7 +91,7 @@ class Ledger:
     @property
     def total_usd(self) -> float:
         return sum(self.compute_usd.values()) + sum(self.link_usd.values()) + \
-            self.device_energy_usd
+            self.device_energy_usd + self.sample_upload_usd
 
     @property
     def all_cloud_usd(self) -> float:
@@ -88,6 +106,9 @@ class Ledger:
             "link_bytes": {tier: {"up": up, "down": down}
                            for tier, (up, down) in self.link_bytes.items()},
             "device_energy_usd": self.device_energy_usd,
+            "sample_uploads": {device: {"samples": n, "bytes": size}
+                               for device, (n, size) in self.sample_uploads.items()},
+            "sample_upload_usd": self.sample_upload_usd,
             "total_usd": self.total_usd,
             "all_cloud_usd": all_cloud,
             "savings_usd": all_cloud - self.total_usd,

@@ -115,7 +115,14 @@ def views_for(config: Config, since: float = 0.0) -> Views:
             if cloud else None
     except FileNotFoundError:
         baseline = None  # no cloud model profile here: costs without savings
-    return compute_views(records, PriceTable.of(config), baseline)
+    views = compute_views(records, PriceTable.of(config), baseline)
+    labels_db = config.active.label_root(config.data_dir) / "labels.db"
+    clouds = config.sites("cloud")
+    if views.ledger is not None and clouds and (config.active.label_db or labels_db.is_file()):
+        from tierwise.cloud import label_store
+
+        views.ledger.add_sample_uploads(label_store(config).uploads(since), clouds[0])
+    return views
 
 
 # -- plots --------------------------------------------------------------------------------
