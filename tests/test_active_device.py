@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -252,3 +253,64 @@ def test_a_device_cannot_upload_as_another(config: Config, splits: Splits) -> No
             answer = http.post("/active/v1/samples", headers=headers, content=orjson.dumps(
                 {"device": device, "samples": [sample]}))
             assert answer.status_code == status, answer.text
+
+
+def test_sampling_never_costs_an_answer_and_keeps_what_requests_keep_on_the_device(
+        config: Config, models_dir: Path, splits: Splits) -> None:
+    config.active.samplers = ["random"]
+    config.active.min_score = 0.0  # every input selected, unless the request forbids it
+    config.active.keep_inputs = 2
+    with _client(config, models_dir, "", "private-1") as client:
+        assert client.sampling is not None
+        for image in splits.test_x[:5]:
+            client.infer(image, keep_input_on_device=True)
+            client.infer(image, regions={"eu-west"})
+        assert client.sampling.selected == 0 and client.sampling.queue.backlog() == 0
+        first = client.infer(splits.test_x[0])
+        for image in splits.test_x[1:5]:
+            client.infer(image)
+        assert client.sampling.selected == 5
+        # feedback on an inference whose input is no longer held: its verdict still counts
+        client.feedback(first.trace.id, correct=False)
+        verdicts = client.sampling.queue.feedback_due()
+        assert [v["trace_id"] for v in verdicts] == [first.trace.id]
+        assert verdicts[0]["correct"] is False and verdicts[0]["model"] == DEVICE
+        # the queue's file is gone and a directory is in its way: answers still come
+        path = client.sampling.queue.path
+        path.unlink()
+        path.mkdir()
+        result = client.infer(splits.test_x[7])
+        assert result.label is not None
+        assert client.sampling.errors >= 1 and "sample queue" in client.sampling.last_error
+        client.feedback(result.trace.id, correct=True)  # no exception either
+        path.rmdir()
+
+
+def test_a_sample_the_cloud_refuses_is_set_aside_and_the_rest_still_go(
+        config: Config, models_dir: Path, splits: Splits) -> None:
+    from tierwise.active.samplers import Observation
+    from tierwise.cloud import hosted
+    from tierwise.server.app import TierServer, serve_in_thread
+
+    config.active.samplers = ["random"]
+    config.active.min_score = 0.0
+    config.active.flush_s = 3600
+    app = hosted(TierServer("cloud", config.tier("cloud"), {}), config)
+    with serve_in_thread(app) as url, _client(config, models_dir, url, "refusal-1") as client:
+        assert client.sampling is not None
+        for image in splits.test_x[:4]:
+            client.infer(image)
+        # a sample whose answer is not one of its model's classes: the cloud refuses it
+        bad = Observation("bad-trace", device_label=12, classes=10)
+        assert client.sampling.queue.offer(bad, splits.test_x[9], "random", 1.0, model=DEVICE)
+        assert client.sampling.flush()
+        assert client.sampling.refused == 1 and client.sampling.sent_samples == 4
+        assert client.sampling.queue.backlog() == 0
+        with sqlite3.connect(client.sampling.queue.path) as db:
+            (reason,) = db.execute("SELECT reason FROM refused WHERE trace_id = 'bad-trace'"
+                                   ).fetchone()
+        assert "400" in reason and "samples[0].device_label" in reason  # kept, with why
+        # refused for good: offered again, it is not queued again
+        assert not client.sampling.queue.offer(bad, splits.test_x[9], "random", 1.0)
+    store = LabelStore(config.active.label_root(config.data_dir))
+    assert len(store.items()) == 4 and "bad-trace" not in {i.trace_id for i in store.items()}

@@ -649,7 +649,7 @@ def _parser() -> argparse.ArgumentParser:
         "active", help="active learning: accuracy on a shifted stream against labels spent, "
         "per sampler, beside random and labelling everything; bytes per device")
     active.add_argument("--devices", type=_positive(int), default=4)
-    active.add_argument("--rounds", type=_positive(int), default=5)
+    active.add_argument("--rounds", type=_positive(int), default=12)
     active.add_argument("--stream", type=_positive(int), default=150,
                         help="images each device sees per round")
     active.add_argument("--budget", type=_positive(int), default=40,

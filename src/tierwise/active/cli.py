@@ -17,6 +17,27 @@ from tierwise.config import Config, load_config
 from tierwise.learn.cli import wide_console
 
 
+def _count(text: str) -> int:
+    """A whole number ≥ 1, for argparse (which names the flag when this raises)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds ≥ 0, got {text}")
+    return value
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     labels = commands.add_parser("labels", help="the label queue at the cloud: the samples "
                                  "devices selected, labelling, Label Studio export and import")
@@ -24,13 +45,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     show = steps.add_parser("list", help="samples in the queue, highest score first")
     show.add_argument("--state", choices=STATES, help="only these (default all)")
     show.add_argument("--model", help="only this model's samples")
-    show.add_argument("--limit", type=int, default=50)
+    show.add_argument("--limit", type=_count, default=50)
     show.set_defaults(run=_list)
     summary = steps.add_parser("summary", help="samples per state, and per device the "
                                "samples and bytes it sent")
     summary.set_defaults(run=_summary)
     select = steps.add_parser("select", help="queue candidates for labelling")
-    select.add_argument("--budget", type=int, required=True, help="how many")
+    select.add_argument("--budget", type=_count, required=True, help="how many")
     select.add_argument("--method", choices=("core-set", "score"),
                         help="default active.select")
     select.add_argument("--model", help="default the device model")
@@ -65,19 +86,20 @@ def add_learn_commands(commands: argparse._SubParsersAction) -> None:  # type: i
                                "beside stable, push as a canary, apply the promotion rule")
     retrain.add_argument("--model", help="default the device model")
     retrain.add_argument("--no-push", action="store_true", help="train and measure only")
-    retrain.add_argument("--watch-s", type=float, default=0.0, help="then wait this long for "
+    retrain.add_argument("--watch-s", type=_seconds, default=0.0, help="then wait this long for "
                          "the cohort's feedback and decide (default: decide once, now)")
     retrain.add_argument("--json", help="write the result here too")
     retrain.set_defaults(run=_retrain)
     loop = steps.add_parser("loop", help="the whole loop in one command, over real processes: "
                             "drift alert, samples selected, labelled, retrained canary, "
                             "promotion (shift, labels and feedback emulated)")
-    loop.add_argument("--devices", type=int, default=3)
-    loop.add_argument("--clean", type=int, default=300, help="clean images per device first")
-    loop.add_argument("--labels", type=int, default=120, help="labels the core-set picks")
-    loop.add_argument("--candidates", type=int, default=200,
+    loop.add_argument("--devices", type=_count, default=3)
+    loop.add_argument("--clean", type=_count, default=300,
+                      help="clean images per device first")
+    loop.add_argument("--labels", type=_count, default=120, help="labels the core-set picks")
+    loop.add_argument("--candidates", type=_count, default=200,
                       help="samples in the label queue before labelling starts")
-    loop.add_argument("--watch-s", type=float, default=180.0,
+    loop.add_argument("--watch-s", type=_seconds, default=180.0,
                       help="the longest any step may take")
     loop.add_argument("--out", default="reports/learn-loop")
     loop.set_defaults(run=_loop)

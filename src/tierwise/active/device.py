@@ -23,6 +23,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -34,6 +35,10 @@ from tierwise.protocol.samples import encode_sample
 
 log = logging.getLogger("tierwise.active")
 SAMPLES_PATH = "/active/v1/samples"
+ANSWERS_KEPT = 1000  # which version answered, for feedback (the client's last inferences)
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # samples' bytes per request (the cloud takes 64 MiB,
+# base64 included)
+REFUSED_FOR_GOOD = (400, 413, 422)  # what sending the same request again cannot change
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,11 @@ class DeviceSampling:
         self.sent_samples = 0  # taken by the cloud
         self.sent_bytes = 0
         self.refused = 0  # set aside: the cloud refused them for good
+        self.errors = 0  # samples or verdicts the queue could not take (logged)
         self.last_error: str | None = None
         self._kept: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
+        self._answered: collections.OrderedDict[str, tuple[str, str]] = \
+            collections.OrderedDict()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, trust_env=False,
@@ -107,27 +115,39 @@ class DeviceSampling:
                  model_version: str = "", answered: tuple[str, str] | None = None) -> bool:
         """One answered inference and its input (`model`, `model_version`: the device
         model's; `answered`: the model and version that gave the answer, default the
-        device model): queued if selected (True)."""
+        device model): queued if selected (True). Never raises: a queue that cannot take
+        it is logged and counted (`errors`), and the answer stands."""
         kept = _Kept(sample, model, model_version, answered or (model, model_version))
-        if self.keep_inputs:
-            with self._lock:
+        with self._lock:
+            self._answered[observation.trace_id] = kept.answered
+            while len(self._answered) > ANSWERS_KEPT:
+                self._answered.popitem(last=False)
+            if self.keep_inputs:
                 self._kept[observation.trace_id] = kept
                 while len(self._kept) > self.keep_inputs:
                     self._kept.popitem(last=False)
-        return self._offer(observation, kept)
+        return self._guarded(self._offer, observation, kept)
 
     def reconsider(self, observation: Observation) -> bool:
-        """`observation` has the user's feedback now: the verdict is kept for the cloud
-        (it judges the version that answered), and the input queued if it is selected now
-        and still held (True)."""
+        """`observation` has the user's feedback now: the verdict is kept for the cloud (it
+        judges the version that answered), and the input queued if it is selected now and
+        still held (True). Never raises, as `consider`."""
         with self._lock:
             kept = self._kept.get(observation.trace_id)
-        if kept is None:
+            answered = self._answered.get(observation.trace_id)
+        if observation.feedback is not None and answered is not None:
+            self._guarded(self.queue.note_feedback, observation.trace_id, *answered,
+                          observation.feedback.correct)
+        return kept is not None and self._guarded(self._offer, observation, kept)
+
+    def _guarded(self, step: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return step(*args)
+        except Exception as error:  # the sample is lost, never the answer
+            self.errors += 1
+            self.last_error = f"sample queue {self.queue.path}: {type(error).__name__}: {error}"
+            log.exception("active learning could not queue a sample")
             return False
-        if observation.feedback is not None:
-            self.queue.note_feedback(observation.trace_id, *kept.answered,
-                                     observation.feedback.correct)
-        return self._offer(observation, kept)
 
     def _offer(self, observation: Observation, kept: _Kept) -> bool:
         if observation.feedback is None and self.gate is not None and not self.gate():
@@ -144,36 +164,58 @@ class DeviceSampling:
     # -- sending -------------------------------------------------------------------------
 
     def flush(self) -> bool:
-        """Send everything the budget allows now; True when the cloud took all of it (or
-        nothing was due)."""
+        """Send the users' verdicts and every sample the budget allows now; True when the
+        cloud took all of it (or nothing was due)."""
         if self._http is None:
             return True
         with self._send_lock:
-            due, verdicts = self.queue.due(), self.queue.feedback_due()
-            batches = [due[start:start + self.batch_size]
-                       for start in range(0, len(due), self.batch_size)] or \
-                ([[]] if verdicts else [])
-            for batch in batches:
-                taken = self._send(batch, verdicts)
-                if taken is None:
-                    self.queue.set_aside(batch, self.last_error or "refused")
-                    self.refused += len(batch)
-                    log.error("the label queue refused %d samples, set aside in %s: %s",
-                              len(batch), self.queue.path, self.last_error)
-                    verdicts = []  # they stay for the next flush, with other samples
-                    continue
-                if not taken:
+            verdicts = self.queue.feedback_due()
+            if verdicts:
+                taken = self._send([], verdicts)
+                if taken is False:
                     return False
-                self.queue.mark_sent(batch)
-                self.queue.feedback_sent(verdicts)
-                verdicts = []
-                self.sent_samples += len(batch)
-                self.sent_bytes += sum(sample.size for sample in batch)
+                self.queue.feedback_sent(verdicts)  # taken, or refused for good: logged
+                if taken is None:
+                    log.error("the label queue refused %d verdicts, dropped: %s",
+                              len(verdicts), self.last_error)
+            return all(self._send_samples(batch) for batch in self._batches(self.queue.due()))
+
+    def _batches(self, due: list[QueuedSample]) -> list[list[QueuedSample]]:
+        """`due` in requests of at most `batch_size` samples and `MAX_BATCH_BYTES`."""
+        batches: list[list[QueuedSample]] = []
+        size = 0
+        for sample in due:
+            if not batches or len(batches[-1]) >= self.batch_size or \
+                    size + sample.size > MAX_BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(sample)
+            size += sample.size
+        return batches
+
+    def _send_samples(self, batch: list[QueuedSample]) -> bool:
+        """Send one batch; a batch refused (400, 413) is sent again a sample at a time, and
+        only the sample refused on its own is set aside. False: try again later."""
+        taken = self._send(batch, [])
+        if taken is False:
+            return False
+        if taken is None and len(batch) > 1:
+            return all(self._send_samples([sample]) for sample in batch)
+        if taken is None:
+            self.queue.set_aside(batch, self.last_error or "refused")
+            self.refused += len(batch)
+            log.error("the label queue refused sample %s, set aside in %s: %s",
+                      batch[0].trace_id, self.queue.path, self.last_error)
             return True
+        self.queue.mark_sent(batch)
+        self.sent_samples += len(batch)
+        self.sent_bytes += sum(sample.size for sample in batch)
+        return True
 
     def _send(self, batch: list[QueuedSample], verdicts: list[dict[str, object]]
               ) -> bool | None:
-        """True: taken; False: try again later; None: refused for good."""
+        """True: taken; False: try again later; None: refused for good (400 or 422: this
+        content; 413: too large)."""
         assert self._http is not None
         body = orjson.dumps({"device": self.device_id,
                              "samples": [upload_record(sample) for sample in batch],
@@ -185,10 +227,7 @@ class DeviceSampling:
             return False
         if answer.status_code // 100 != 2:
             self.last_error = f"label queue answered {answer.status_code}: {answer.text[:200]}"
-            if 400 <= answer.status_code < 500 and answer.status_code not in (401, 403, 408,
-                                                                                429):
-                return None
-            return False
+            return None if answer.status_code in REFUSED_FOR_GOOD else False
         self.last_error = None
         return True
 
@@ -219,7 +258,7 @@ class DeviceSampling:
     def stats(self) -> dict[str, int]:
         return {"selected": self.selected, "queued": self.queue.backlog(),
                 "sent_samples": self.sent_samples, "sent_bytes": self.sent_bytes,
-                "refused": self.refused, "evicted": self.queue.evicted}
+                "refused": self.refused, "evicted": self.queue.evicted, "errors": self.errors}
 
 
 def upload_record(sample: QueuedSample) -> dict[str, object]:

@@ -358,9 +358,10 @@ class LabelStore:
         """Take the labels in Label Studio's JSON export `tasks` (a list of tasks): the last
         annotation that is not cancelled, its `choices` a class name. Skipped and counted:
         a task without `data.tierwise_id` or whose sample is not here ("missing"), without
-        an annotation ("unannotated"), whose choice is not a class ("unknown label"). All
-        that can be labelled is, in one transaction. LabelError when `tasks` is not a list
-        of tasks at all."""
+        an annotation ("unannotated"), whose choice is not a class ("unknown label") or not
+        one of its sample's model's ("label outside the model's classes"), whose annotation
+        is not Label Studio's shape ("malformed"). All that can be labelled is, in one
+        transaction. LabelError when `tasks` is not a list of tasks at all."""
         if not isinstance(tasks, list):
             raise LabelError("label file: expected Label Studio's JSON export, a list of tasks; "
                              f"got {type(tasks).__name__}")
@@ -374,18 +375,27 @@ class LabelStore:
             if not isinstance(sample_id, str):
                 result.skipped["missing"] += 1
                 continue
-            choice = _annotated_choice(task)
+            try:
+                choice = _annotated_choice(task)
+            except ValueError:
+                result.skipped["malformed"] += 1
+                continue
             if choice is None:
                 result.skipped["unannotated"] += 1
-                continue
-            if choice not in index:
+            elif choice not in index:
                 result.skipped["unknown label"] += 1
-                continue
-            wanted[sample_id] = index[choice]
+            else:
+                wanted[sample_id] = index[choice]
         with self.database.transaction(write=False) as db:
-            known = {row[0] for row in db.execute("SELECT id FROM samples").fetchall()}
-        found = {sample_id: label for sample_id, label in wanted.items() if sample_id in known}
-        result.skipped["missing"] += len(wanted) - len(found)
+            known = dict(db.execute("SELECT id, classes FROM samples").fetchall())
+        found = {}
+        for sample_id, label in wanted.items():
+            if sample_id not in known:
+                result.skipped["missing"] += 1
+            elif not label < (known[sample_id] or 0):
+                result.skipped["label outside the model's classes"] += 1
+            else:
+                found[sample_id] = label
         result.labelled = self.label_many(found.items(), by)
         result.skipped = Counter({why: n for why, n in result.skipped.items() if n})
         return result
@@ -408,16 +418,28 @@ def _choice(name: str) -> dict[str, Any]:
 
 
 def _annotated_choice(task: dict[str, Any]) -> str | None:
-    """The class chosen in the last annotation of `task` that was not cancelled."""
-    annotations = task.get("annotations") or task.get("completions") or []
-    for annotation in reversed(annotations if isinstance(annotations, list) else []):
-        if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
+    """The class chosen in the last annotation of `task` that was not cancelled; None when
+    there is none. ValueError when the annotations are not Label Studio's shape."""
+    annotations = task.get("annotations", task.get("completions")) or []
+    if not isinstance(annotations, list):
+        raise ValueError("annotations is not a list")
+    for annotation in reversed(annotations):
+        if not isinstance(annotation, dict):
+            raise ValueError("an annotation is not an object")
+        if annotation.get("was_cancelled"):
             continue
-        for region in annotation.get("result") or []:
-            if isinstance(region, dict) and region.get("type") == "choices":
-                choices = (region.get("value") or {}).get("choices") or []
-                if choices and isinstance(choices[0], str):
-                    return choices[0]
+        regions = annotation.get("result") or []
+        if not isinstance(regions, list):
+            raise ValueError("an annotation's result is not a list")
+        for region in regions:
+            if not isinstance(region, dict) or region.get("type") != "choices":
+                continue
+            value = region.get("value")
+            choices = value.get("choices") if isinstance(value, dict) else None
+            if not isinstance(choices, list) or not choices or \
+                    not all(isinstance(choice, str) for choice in choices):
+                raise ValueError("value.choices is not a list of class names")
+            return str(choices[0])
     return None
 
 

@@ -68,6 +68,9 @@ class _Loop:
         from tierwise.data import load_splits
         from tierwise.zoo.names import model_name
 
+        if devices < 1 or clean < 1 or labels < 2 or candidates < 1:
+            raise LoopError(f"devices, clean, labels, candidates: expected at least 1, 1, 2 "
+                            f"and 1, got {devices}, {clean}, {labels}, {candidates}")
         self.console = console
         self.started = time.monotonic()
         self.events: list[dict[str, Any]] = []
@@ -85,7 +88,7 @@ class _Loop:
         active.enabled, active.flush_s, active.period = True, 0.5, "hour"
         active.on_drift = True  # the devices select once their drift detector alerted
         active.max_samples = per_device_budget
-        active.retrain.min_labels = min(active.retrain.min_labels, labels // 2)
+        active.retrain.min_labels = max(1, min(active.retrain.min_labels, labels // 2))
         self.config = config
         splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
         rng = np.random.default_rng(seed)

@@ -102,27 +102,38 @@ class SampleQueue:
             "model": model, "model_version": model_version,
         })
         with self._db.transaction() as db:
-            if db.execute("SELECT 1 FROM sent WHERE trace_id = ?",
-                          (observation.trace_id,)).fetchone():
+            if db.execute("SELECT 1 FROM sent WHERE trace_id = ? UNION ALL SELECT 1 FROM "
+                          "refused WHERE trace_id = ?", (observation.trace_id,
+                                                         observation.trace_id)).fetchone():
+                return False  # the cloud has it, or refused it for good
+            queued = db.execute("SELECT score FROM samples WHERE trace_id = ?",
+                                (observation.trace_id,)).fetchone()
+            if queued is not None:  # selected again (the user's feedback came): the newer
+                # observation, and the better of the two scores
+                if score > queued[0]:
+                    db.execute("UPDATE samples SET sampler = ?, score = ?, observation = ? "
+                               "WHERE trace_id = ?",
+                               (sampler, float(score), record, observation.trace_id))
+                else:
+                    db.execute("UPDATE samples SET observation = ? WHERE trace_id = ?",
+                               (record, observation.trace_id))
                 return False
-            cursor = db.execute(
-                "INSERT INTO samples (trace_id, sampler, score, queued_at, sample, "
-                "observation) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING",
-                (observation.trace_id, sampler, float(score),
-                 time.time() if now is None else now, buffer.getvalue(), record))
-            if cursor.rowcount != 1:
-                return False
+            db.execute("INSERT INTO samples (trace_id, sampler, score, queued_at, sample, "
+                       "observation) VALUES (?, ?, ?, ?, ?, ?)",
+                       (observation.trace_id, sampler, float(score),
+                        time.time() if now is None else now, buffer.getvalue(), record))
             # full: the lowest score leaves (the newest among equals), perhaps this one
             over = int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]) - \
                 self.max_queued
-            if over > 0:
-                lowest = [row[0] for row in db.execute(
-                    "SELECT seq FROM samples ORDER BY score, seq DESC LIMIT ?", (over,))]
-                db.executemany("DELETE FROM samples WHERE seq = ?", [(seq,) for seq in lowest])
-                self.evicted += len(lowest)
-                return db.execute("SELECT 1 FROM samples WHERE trace_id = ?",
-                                  (observation.trace_id,)).fetchone() is not None
-            return True
+            if over <= 0:
+                return True
+            lowest = [(seq, trace_id) for seq, trace_id in db.execute(
+                "SELECT seq, trace_id FROM samples ORDER BY score, seq DESC LIMIT ?", (over,))]
+            db.executemany("DELETE FROM samples WHERE seq = ?", [(seq,) for seq, _ in lowest])
+            made_room = [trace_id for _, trace_id in lowest
+                         if trace_id != observation.trace_id]
+            self.evicted += len(made_room)  # queued before, and now not
+            return len(made_room) == len(lowest)
 
     def due(self, now: float | None = None) -> list[QueuedSample]:
         """The queued samples that may be sent now: highest score first (oldest first among
@@ -132,20 +143,24 @@ class SampleQueue:
             count, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM sent WHERE sent_at > ?",
                 (now - self.budget.period_s,)).fetchone()
-            rows = db.execute("SELECT trace_id, sampler, score, queued_at, sample, "
-                              "observation FROM samples ORDER BY score DESC, seq").fetchall()
-        samples_left = self.budget.max_samples - int(count)
-        bytes_left = self.budget.max_bytes - int(size)
-        chosen: list[QueuedSample] = []
-        for trace_id, sampler, score, queued_at, sample, observation in rows:
-            if len(chosen) >= samples_left:
-                break
-            if len(sample) > bytes_left:
-                continue  # a smaller one may still fit
-            chosen.append(QueuedSample(trace_id, sampler, float(score), float(queued_at),
-                                       bytes(sample), orjson.loads(observation)))
-            bytes_left -= len(sample)
-        return chosen
+            samples_left = self.budget.max_samples - int(count)
+            bytes_left = self.budget.max_bytes - int(size)
+            if samples_left <= 0 or bytes_left <= 0:
+                return []
+            picked = []
+            for seq, length in db.execute("SELECT seq, LENGTH(sample) FROM samples "
+                                          "ORDER BY score DESC, seq").fetchall():
+                if len(picked) >= samples_left:
+                    break
+                if length <= bytes_left:  # else a smaller one may still fit
+                    picked.append(seq)
+                    bytes_left -= length
+            rows = [db.execute("SELECT trace_id, sampler, score, queued_at, sample, "
+                               "observation FROM samples WHERE seq = ?", (seq,)).fetchone()
+                    for seq in picked]
+        return [QueuedSample(trace_id, sampler, float(score), float(queued_at), bytes(sample),
+                             orjson.loads(observation))
+                for trace_id, sampler, score, queued_at, sample, observation in rows]
 
     def mark_sent(self, samples: list[QueuedSample], now: float | None = None) -> None:
         """The cloud took `samples`: out of the queue, and counted against the budget."""

@@ -149,6 +149,10 @@ def retrain(config: Config, store: LabelStore, *, model: str | None = None,
         model=model, base_version=info.version, labels=len(items), trained_on=len(train),
         held_out=len(held), replay=len(replay), stable=stable_eval, candidate=candidate_eval,
         candidate_dir=str(staging), seconds=time.perf_counter() - started)
+    # the measurements are beside the candidate before it is pushed: a canary the rule
+    # finds is always one it can decide on
+    (staging / EVALUATION_FILE).write_text(json.dumps({**outcome.to_dict(),
+                                                       "pushed_at": time.time()}, indent=2))
     if push:
         outcome.version = _push_canary(config, staging, model)
         if outcome.version is not None:
@@ -156,8 +160,6 @@ def retrain(config: Config, store: LabelStore, *, model: str | None = None,
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
             outcome.candidate_dir = str(final)
-    (Path(outcome.candidate_dir) / EVALUATION_FILE).write_text(
-        json.dumps({**outcome.to_dict(), "pushed_at": time.time()}, indent=2))
     return outcome
 
 
@@ -251,10 +253,18 @@ def decide(config: Config, store: LabelStore, model: str | None = None) -> Decis
                         f"{evaluation_file}); promote or roll it back by hand",
                         rollout.canary)
     evaluation = json.loads(evaluation_file.read_text())
+    if str(evaluation["base_version"]) != str(rollout.stable):
+        return Decision("rollback", f"measured against version {evaluation['base_version']}, "
+                        f"but stable is {rollout.stable} now: retrain against it",
+                        rollout.canary)
     numbers, worse = _held_out(evaluation, settings.margin, settings.forgetting_margin)
     if worse:
         return Decision("rollback", f"worse on {worse}: {numbers}", rollout.canary)
     verdicts = store.feedback(model, since=evaluation["pushed_at"])
+    if sum(verdicts.get(str(rollout.stable), {}).values()) < settings.min_feedback:
+        # too few on stable meanwhile (a large canary share): stable's earlier ones too
+        verdicts[str(rollout.stable)] = store.feedback(model).get(
+            str(rollout.stable), {"correct": 0, "wrong": 0})
     action, said = _cohort(verdicts, str(rollout.canary), str(rollout.stable),
                            settings.min_feedback, settings.margin)
     return Decision(action, f"{numbers}; {said}", rollout.canary, verdicts)
@@ -282,47 +292,57 @@ def _cohort(verdicts: dict[str, dict[str, int]], canary: str, stable: str, min_f
         return "promote", "no cohort feedback asked for (min_feedback 0)"
     mine = verdicts.get(canary, {"correct": 0, "wrong": 0})
     theirs = verdicts.get(stable, {"correct": 0, "wrong": 0})
-    heard = mine["correct"] + mine["wrong"]
-    if heard < min_feedback:
-        return "wait", (f"{heard} of the {min_feedback} verdicts on the canary's answers the "
-                        "rule waits for")
-    wrong = mine["wrong"] / heard
-    stable_heard = theirs["correct"] + theirs["wrong"]
-    stable_wrong = theirs["wrong"] / stable_heard if stable_heard else None
-    said = f"users called {wrong:.1%} of {heard} canary answers wrong" + (
-        f", {stable_wrong:.1%} of {stable_heard} stable ones" if stable_wrong is not None
-        else ", none of stable's judged")
-    if stable_wrong is not None and wrong > stable_wrong + margin:
-        return "rollback", said
-    return "promote", said
+    heard, stable_heard = sum(mine.values()), sum(theirs.values())
+    if heard < min_feedback or stable_heard < min_feedback:
+        return "wait", (f"{heard} verdicts on the canary's answers and {stable_heard} on "
+                        f"stable's; the rule waits for {min_feedback} on each")
+    wrong, stable_wrong = mine["wrong"] / heard, theirs["wrong"] / stable_heard
+    said = (f"users called {wrong:.1%} of {heard} canary answers wrong, {stable_wrong:.1%} "
+            f"of {stable_heard} stable ones")
+    return ("rollback" if wrong > stable_wrong + margin else "promote"), said
 
 
 def apply(config: Config, decision: Decision, model: str | None = None) -> Decision:
-    """Carry out `decision` in the registry (its reason into the history); a promoted
-    candidate's files become the stable model's in the models directory."""
+    """Carry out `decision` in the registry, on the canary it was taken on (RegistryError if
+    that is no longer the canary), its reason into the history. A promoted candidate's files
+    become the stable model's in the models directory: copied beside them first, renamed into
+    place once the registry has promoted it."""
     from tierwise.registry.store import registry_of
 
     model = model or device_model_name(config, config.models_dir)
     registry = registry_of(config)
     if decision.action == "promote":
-        registry.promote(model, reason=decision.reason)
-        _install(candidates_dir(config, model) / str(decision.canary), config.models_dir,
-                 model, str(decision.canary))
+        assert decision.canary is not None
+        staged = _stage(candidates_dir(config, model) / str(decision.canary),
+                        config.models_dir, model, str(decision.canary))
+        try:
+            registry.promote(model, reason=decision.reason, canary=decision.canary)
+        except BaseException:
+            for scratch, _ in staged:
+                scratch.unlink(missing_ok=True)
+            raise
+        for scratch, target in staged:
+            scratch.replace(target)
     elif decision.action == "rollback":
-        registry.rollback(model, reason=decision.reason)
+        registry.rollback(model, reason=decision.reason, canary=decision.canary)
     return decision
 
 
-def _install(candidate: Path, models_dir: Path, model: str, version: str) -> None:
-    """Replace the stable model's files with the candidate's (its metadata saying the
-    registry version it is), each renamed into place."""
+def _stage(candidate: Path, models_dir: Path, model: str, version: str
+           ) -> list[tuple[Path, Path]]:
+    """The candidate's files copied beside the stable model's (its metadata saying the
+    registry version it is): [(the copy, the file it replaces)]."""
     from tierwise.models.store import METADATA_FILE
 
     source, target = model_dir(candidate, model), model_dir(models_dir, model)
     info = load_info(source).model_copy(update={"version": version})
-    (source / METADATA_FILE).write_text(info.model_dump_json(indent=2) + "\n")
+    staged = []
     for path in source.iterdir():
         if path.is_file():
             scratch = target / f".{path.name}.new"
-            shutil.copyfile(path, scratch)
-            scratch.replace(target / path.name)
+            if path.name == METADATA_FILE:
+                scratch.write_text(info.model_dump_json(indent=2) + "\n")
+            else:
+                shutil.copyfile(path, scratch)
+            staged.append((scratch, target / path.name))
+    return staged

@@ -2,27 +2,30 @@
 
 The field has shifted from what the device model was trained on, in two ways at once: the
 class mix (half the stream is three classes, `bench.drift.CLASS_MIX`) and the rendering
-(every image rotated 30 degrees, `bench.drift.SHIFTS`), both applied here to real
-Fashion-MNIST images the model was never trained on (emulated): a held-out set from the test
-split, which every model is measured on, and the devices' streams from the rest of the test
-split and the validation split, shifted the same way.
+(every image rotated 30 degrees, `bench.drift.SHIFTS`). Both are applied here (emulated) to
+real Fashion-MNIST images the model was never trained on: a held-out set from the test split,
+which every model is measured on, and a field of `POOL` distinct images from the rest of the
+test split and the validation split, shifted the same way.
 
-Each round, each of `devices` devices sees `stream` new images, answers them with the
-current model, and its sampler (`tierwise.active.samplers`) picks `budget / devices` of them
-(the core-set run: the device sends three times as many margin candidates, and the cloud's
-core-set picks the batch; Sener & Savarese 2018). Users flag a share of the wrong answers
-(`FLAG_RATE`, emulated), which the feedback sampler and "combined" (the device's default
-samplers, `active.samplers`: feedback, then margin) see. Disagreement compares with the cloud
-model's answer on every input, as if every request escalated: its best case. The oracle
-labels what was picked; the device model is fine-tuned from its stable weights on every label
-so far plus the replay sample (`tierwise.active.retrain.fine_tune`, what `tierwise learn
-retrain` runs), and the next round's devices run it. "all" labels every image the devices
-saw: the most one could spend. Every sampler sees the same streams; each run is repeated over
-`seeds` and averaged.
+Each round, each of `devices` devices sees `stream` images of the field (no two devices the
+same one in a round; across rounds they come again, as a camera sees the same things again),
+answers them with the current model, and sends the `budget / devices` its sampler
+(`tierwise.active.samplers`) picks. In the core-set and BADGE runs the device sends three
+times as many margin candidates, and the cloud picks the batch (Sener & Savarese 2018; Ash et
+al. 2020). Users flag a share of the wrong answers (`FLAG_RATE`, emulated), which the feedback
+sampler and "combined" (the device's default samplers, `active.samplers`) see. Disagreement
+compares with the cloud model's answer on every input, as if every request escalated: its
+best case. The label queue is content-addressed, so a sample labelled already is not labelled
+again (its bytes were still sent). The oracle labels the rest; the device model is fine-tuned
+from its stable weights on every label so far plus the replay sample
+(`tierwise.active.retrain.fine_tune`, what `tierwise learn retrain` runs), and the next
+round's devices run it. "all" labels every image the devices saw: the most one could spend.
+Every sampler sees the same streams; each run is repeated over `seeds` and averaged.
 
 The target (issue 18): the best sampler reaches random sampling's final accuracy with at most
-half its labels (`labels_to_match_random`). Bytes are what each device uploaded: the samples
-it sent, as `.npy`, the way `DeviceSampling` sends them.
+half its labels (`labels_to_match_random`, on the curves averaged over the seeds). Bytes are
+what each device uploaded: the samples it sent, as `.npy`, the way `DeviceSampling` sends
+them.
 """
 
 from __future__ import annotations
@@ -262,7 +265,7 @@ class ActiveBench:
                          self.config, seed, Progress(disable=True))  # the bench has its own
 
 
-def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds: int = 5,
+def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds: int = 12,
                      stream: int = 150, budget: int = 40, seeds: int = 3,
                      test_size: int = 2000, samplers: tuple[str, ...] = SAMPLERS,
                      console: Console | None = None) -> dict[str, Any]:

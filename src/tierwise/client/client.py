@@ -497,7 +497,9 @@ class Client:
             self.observe_escalation(plan, outcome.escalated)
         trace.total_ms = (time.perf_counter() - started) * 1e3
         observation = self._observe(trace, outcome)
-        if self.sampling is not None:
+        if self.sampling is not None and not slo.keep_input_on_device and slo.regions is None:
+            # (an input this request keeps on the device, or in some regions, is never a
+            # sample: the label queue is at the cloud)
             answered = trace.answered_by
             self.sampling.consider(observation, np.asarray(image), self.device_model,
                                    device_info.version, (answered.model, answered.model_version))

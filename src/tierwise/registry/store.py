@@ -303,13 +303,15 @@ class Registry:
 
     # -- rollout --------------------------------------------------------------------------
 
-    def promote(self, model: str, share: float | None = None, reason: str = "") -> Rollout:
+    def promote(self, model: str, share: float | None = None, reason: str = "",
+                canary: int | None = None) -> Rollout:
         """Raise the canary's share to `share`, or (None or 1) make the canary stable. Also
-        resumes a paused canary. `reason` goes into the history with it."""
+        resumes a paused canary. `reason` goes into the history with it; with `canary`,
+        RegistryError unless that is still the canary (a decision taken on another)."""
         if share is not None and not 0 < share <= 1:
             raise RegistryError(f"share: expected a number in (0, 1], got {share!r}")
         with self._db() as db:
-            rollout = self._canary_of(db, model, "promote")
+            rollout = self._canary_of(db, model, "promote", canary)
             if share is None or share >= 1:
                 self._set(db, model, stable=rollout.canary, canary=None, canary_share=0.0,
                           paused=0)
@@ -329,12 +331,14 @@ class Registry:
             self._event(db, model, "pause", rollout.canary)
             return self._required(db, model)
 
-    def rollback(self, model: str, reason: str = "") -> Rollout:
+    def rollback(self, model: str, reason: str = "", canary: int | None = None) -> Rollout:
         """Drop the canary (every device back on stable); with no canary, make the stable
         version before the current one stable again (repeatable: each rollback goes one
-        further back). `reason` goes into the history with it."""
+        further back). `reason` goes into the history with it; with `canary`, RegistryError
+        unless that is still the canary (never a stable version rolled back instead)."""
         with self._db() as db:
-            rollout = self._required(db, model)
+            rollout = self._required(db, model) if canary is None else \
+                self._canary_of(db, model, "roll back", canary)
             if rollout.canary is not None:
                 self._set(db, model, canary=None, canary_share=0.0, paused=0)
                 self._event(db, model, "rollback", rollout.canary, "canary dropped"
@@ -529,11 +533,15 @@ class Registry:
             raise RegistryError(f"no model {model!r} in the registry; it has {known}")
         return rollout
 
-    def _canary_of(self, db: Connection, model: str, action: str) -> Rollout:
+    def _canary_of(self, db: Connection, model: str, action: str,
+                   expected: int | None = None) -> Rollout:
         rollout = self._required(db, model)
         if rollout.canary is None:
             raise RegistryError(f"{model}: no canary to {action} (stable is version "
                                 f"{rollout.stable}; `registry push --channel canary` first)")
+        if expected is not None and rollout.canary != expected:
+            raise RegistryError(f"{model}: the canary is version {rollout.canary} now, not "
+                                f"{expected}; nothing done")
         return rollout
 
     @staticmethod
