@@ -139,6 +139,9 @@ def test_the_budget_sends_the_highest_scores_first_and_holds_the_rest(
         assert client.sampling.sent_samples == 12
         assert client.sampling.queue.backlog() == 80 - 12
         sent_bytes = client.sampling.sent_bytes
+        exposed = client.metrics.exposition().decode()
+        assert "tierwise_client_samples_sent_total 12.0" in exposed
+        assert f"tierwise_client_sample_bytes_sent_total {float(sent_bytes)}" in exposed
     scores = sorted(((Entropy().score(observations[t]), t) for t in traces), reverse=True)
     store = LabelStore(config.active.label_root(config.data_dir))
     assert {item.trace_id for item in store.items()} == {t for _, t in scores[:12]}

@@ -68,13 +68,15 @@ class DeviceSampling:
         verify: the TLS context an https cloud is verified with.
         gate: while it returns False, only the user's feedback selects (`active.on_drift`:
             until the device's drift detector has raised an alert).
+        on_sent: called with (samples, bytes) the cloud took (the client's metrics).
     """
 
     def __init__(self, samplers: Sequence[Sampler], queue: SampleQueue, url: str | None, *,
                  device_id: str, token: str = "", min_score: float = 0.5,
                  keep_inputs: int = 256, flush_s: float = 5.0, batch_size: int = 16,
                  timeout_s: float = 30.0, verify: ssl.SSLContext | bool = True,
-                 gate: Callable[[], bool] | None = None) -> None:
+                 gate: Callable[[], bool] | None = None,
+                 on_sent: Callable[[int, int], None] | None = None) -> None:
         if not 0 <= min_score <= 1:
             raise ValueError(f"min_score: expected a score in [0, 1], got {min_score}")
         self.samplers = Combined(samplers)
@@ -86,6 +88,7 @@ class DeviceSampling:
         self.flush_s = flush_s
         self.batch_size = batch_size
         self.gate = gate
+        self.on_sent = on_sent
         self.selected = 0  # inputs a sampler selected (queued, unless already there)
         self.sent_samples = 0  # taken by the cloud
         self.sent_bytes = 0
@@ -208,8 +211,11 @@ class DeviceSampling:
                       batch[0].trace_id, self.queue.path, self.last_error)
             return True
         self.queue.mark_sent(batch)
+        size = sum(sample.size for sample in batch)
         self.sent_samples += len(batch)
-        self.sent_bytes += sum(sample.size for sample in batch)
+        self.sent_bytes += size
+        if self.on_sent is not None:
+            self.on_sent(len(batch), size)
         return True
 
     def _send(self, batch: list[QueuedSample], verdicts: list[dict[str, object]]

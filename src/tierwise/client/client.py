@@ -354,7 +354,8 @@ class Client:
                 telemetry = telemetry_for(self.config, self.collector_url, self.device_id)
             if self.active:
                 sampling = sampling_for(self.config, self.config.active.url or
-                                        self.collector_url, self.device_id, self.drift)
+                                        self.collector_url, self.device_id, self.drift,
+                                        self.metrics)
             if self.metrics_port is not None:
                 self.metrics.serve(self.metrics_port)
             watcher = None

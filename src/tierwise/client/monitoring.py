@@ -48,7 +48,8 @@ def telemetry_for(config: Config, url: str, device_id: str) -> Telemetry:
 
 
 def sampling_for(config: Config, url: str, device_id: str,
-                 drift: DriftMonitor | None = None) -> DeviceSampling:
+                 drift: DriftMonitor | None = None,
+                 metrics: ClientMetrics | None = None) -> DeviceSampling:
     """Active learning on this device (the `active` config section): its samplers, its
     sample queue under the data directory (one per device id), sending to the label queue at
     `url` (empty: select and queue only); with `active.on_drift`, selecting once `drift` has
@@ -63,7 +64,8 @@ def sampling_for(config: Config, url: str, device_id: str,
         device_id=device_id, token=token, min_score=settings.min_score,
         keep_inputs=settings.keep_inputs, flush_s=settings.flush_s,
         batch_size=settings.batch_size, verify=client_context(config.tls) or True,
-        gate=(lambda: bool(drift.alerts)) if settings.on_drift and drift is not None else None)
+        gate=(lambda: bool(drift.alerts)) if settings.on_drift and drift is not None else None,
+        on_sent=metrics.count_samples_sent if metrics is not None else None)
 
 
 class Monitor:

@@ -41,6 +41,15 @@ class ClientMetrics:
         self.drift_alerts = Counter("tierwise_client_drift_alerts", "Drift alerts by detector "
                                     "and statistic", ["detector", "statistic"],
                                     registry=self.registry)
+        self.samples_sent = Counter("tierwise_client_samples_sent", "Samples the cloud's label "
+                                    "queue took from this device (active learning)",
+                                    registry=self.registry)
+        self.sample_bytes_sent = Counter("tierwise_client_sample_bytes_sent", "Their bytes "
+                                         "(.npy)", registry=self.registry)
+
+    def count_samples_sent(self, samples: int, size: int) -> None:
+        self.samples_sent.inc(samples)
+        self.sample_bytes_sent.inc(size)
 
     def observe(self, trace: Trace, alerts: Sequence[DriftScore] = ()) -> None:
         kind = plan_kind(trace.plan)
