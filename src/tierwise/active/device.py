@@ -31,6 +31,7 @@ import orjson
 
 from tierwise.active.queue import QueuedSample, SampleQueue
 from tierwise.active.samplers import Combined, Observation, Sampler
+from tierwise.monitor.telemetry import forward_until_stopped
 from tierwise.protocol.samples import encode_sample
 
 log = logging.getLogger("tierwise.active")
@@ -238,15 +239,11 @@ class DeviceSampling:
         return True
 
     def _run(self) -> None:
-        backoff_s = self.flush_s
-        while not self._stop.wait(backoff_s):
-            try:
-                taken = self.flush()
-            except Exception as error:  # never let sending end: say why, try again
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.exception("sending samples failed")
-                taken = False
-            backoff_s = self.flush_s if taken else min(backoff_s * 2, 60.0)
+        forward_until_stopped(self.flush, self._stop, self.flush_s, 60.0, self._failed,
+                              "samples")
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
 
     def close(self) -> None:
         """Stop the thread after one last attempt to send; what is not sent stays queued on

@@ -21,6 +21,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,23 @@ _OUTBOX_SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
     seq {serial}, id TEXT UNIQUE NOT NULL, record {blob} NOT NULL);
 CREATE TABLE IF NOT EXISTS refused (
     seq INTEGER PRIMARY KEY, id TEXT NOT NULL, record {blob} NOT NULL);"""
+
+
+def forward_until_stopped(flush: Callable[[], bool], stop: threading.Event, every_s: float,
+                          max_backoff_s: float, failed: Callable[[str], None],
+                          what: str) -> None:
+    """Store-and-forward's sending loop: `flush` every `every_s` seconds until `stop` is set,
+    the wait doubling (up to `max_backoff_s`) while it fails: returns False, or raises (then
+    `failed` gets why, and the loop goes on)."""
+    wait_s = every_s
+    while not stop.wait(wait_s):
+        try:
+            taken = flush()
+        except Exception as error:  # never let sending end: say why, try again
+            failed(f"{type(error).__name__}: {error}")
+            log.exception("%s: sending failed", what)
+            taken = False
+        wait_s = every_s if taken else min(wait_s * 2, max_backoff_s)
 
 
 class Telemetry:
@@ -159,19 +177,15 @@ class Telemetry:
             self._stop.wait(self.commit_s)
 
     def _run(self) -> None:
-        backoff_s = self.flush_s
-        while not self._stop.wait(backoff_s):
-            try:
-                taken = self.flush()
-            except Exception as error:  # never let telemetry end: say why, try again
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.exception("telemetry flush failed")
-                taken = False
-            backoff_s = self.flush_s if taken else min(backoff_s * 2, 10.0)
+        forward_until_stopped(self.flush, self._stop, self.flush_s, 10.0, self._failed,
+                              "telemetry")
         try:
             self.flush()
         except Exception:  # a last try only
             log.debug("final telemetry flush failed", exc_info=True)
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
 
     def _spool(self) -> None:
         with self._pending_lock:
