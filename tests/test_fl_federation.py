@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from tierwise.config import DEVICE_TIER, Config, config_from_dict
 from tierwise.data.fashion_mnist import load_fashion_mnist
@@ -84,6 +85,13 @@ def test_three_clients_two_rounds_over_real_processes_then_a_registry_version(tm
     onnx_accuracy = float((logits.argmax(1) == test_y).mean())
     assert abs(onnx_accuracy - summary["final_accuracy"]) < 0.002
     assert info.training_record().test_accuracy == pytest.approx(onnx_accuracy, abs=0.002)
+    # its torch weights are kept, so active learning can fine-tune it (`learn retrain`)
+    from tierwise.zoo.build import load_trained
+
+    module, _ = load_trained(config.models_dir, MODEL_NAME)
+    with torch.inference_mode():
+        again = module(torch.from_numpy(np.ascontiguousarray(test_x[:64]))).numpy()
+    np.testing.assert_allclose(again, logits[:64], rtol=1e-3, atol=1e-3)
 
     assert push_global(config, config.models_dir, MODEL_NAME) is None  # no registry yet
     keygen(config.registry_dir / "keys")

@@ -19,10 +19,12 @@ says it is worse. Either way the numbers go into the registry's history. A promo
 candidate's files replace the stable model's in the models directory, so the next retrain
 starts from it.
 
-Which models can be retrained: those with torch weights beside their ONNX file and a
-Fashion-MNIST head, i.e. the zoo's (`tierwise zoo train`) and what `tierwise optimize` made
-from them. An imported ONNX model (`tierwise models add`) has no weights to fine-tune: a
-retrain of one is a RetrainError that says so.
+Which models can be retrained: those that keep their torch weights beside their ONNX file,
+i.e. the zoo's (`tierwise zoo train`) and the federated model (`tierwise fl run`). Not an
+imported ONNX model (`tierwise models add`), nor a quantized, pruned or distilled variant:
+they have no weights to fine-tune here, and a retrain of one is a RetrainError that says so
+(an imported classifier's path would be onnx2torch, as learned bottlenecks take; it is not
+built).
 """
 
 from __future__ import annotations
@@ -112,10 +114,9 @@ def retrain(config: Config, store: LabelStore, *, model: str | None = None,
     model = model or device_model_name(config, models_dir)
     try:
         stable, info = load_trained(models_dir, model)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise RetrainError(f"retrain {model}: {error}. Only models with torch weights can be "
-                           "fine-tuned (the zoo's, and what `tierwise optimize` made of them)"
-                           ) from None
+                           "fine-tuned: the zoo's and the federated model") from None
     assert info.trained is not None  # load_trained checked
     items, arrays = store.labelled(model)
     held = [i for i, item in enumerate(items) if is_held_out(item.id, settings.holdout_share)]

@@ -100,9 +100,21 @@ def load_trained(models_dir: Path, name: str) -> tuple[nn.Sequential, ModelInfo]
         raise FileNotFoundError(
             f"{name}: no trained torch weights ({weights}); only zoo models trained by this "
             f"version keep them: retrain with `tierwise zoo train --retrain`")
-    model = build(info.trained.architecture)
+    model = _module(info.trained.architecture)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval(), info
+
+
+def _module(architecture: str) -> nn.Sequential:
+    """A fresh module of `architecture`: the zoo's, or the federated model's
+    (`tierwise fl run` exports it with its weights too)."""
+    from tierwise.learn.publish import ARCHITECTURE as FEDERATED
+
+    if architecture == FEDERATED:
+        from tierwise.learn.model import fedavg_cnn
+
+        return fedavg_cnn()
+    return build(architecture)
 
 
 def ensure_zoo(
