@@ -180,3 +180,15 @@ def test_the_shared_database_url_may_come_from_the_environment(
     file.write_text('[telemetry]\ncollector_db = "/var/traces.db"\n')  # the file's wins
     config = load_config(str(file))
     assert config.registry.database == url and config.telemetry.collector_db == "/var/traces.db"
+
+
+def test_a_written_config_reads_back_equal_wherever_the_file_is(tmp_path, monkeypatch) -> None:
+    from tierwise.config import Config, load_config, write_config
+
+    monkeypatch.chdir(tmp_path)
+    config = Config(data_dir="runs/data")  # relative to where this process runs
+    written = write_config(config, (tmp_path / "elsewhere").mkdir() or
+                           tmp_path / "elsewhere" / "tierwise.toml")
+    again = load_config(written)
+    assert again.data_dir == str(tmp_path / "runs" / "data")
+    assert again.model_dump(exclude={"data_dir"}) == config.model_dump(exclude={"data_dir"})

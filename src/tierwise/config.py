@@ -513,7 +513,7 @@ class ActiveConfig(_Section):
     label and send them within a budget; the cloud queues them for labelling and retrains."""
 
     enabled: bool = Field(False, description="devices select and send samples")
-    samplers: list[str] = Field(["feedback", "margin"], min_length=1,
+    samplers: list[str] = Field(["margin"], min_length=1,
                                 description="device samplers; an input's score is the best "
                                 "of theirs (entropy, margin, disagreement, feedback, random). "
                                 "`tierwise bench active` measures each")
@@ -698,10 +698,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 def write_config(config: Config, path: Path) -> Path:
     """`config` as a TOML file that `load_config` reads back to an equal config (e.g. for
-    the server processes a run starts)."""
+    the server processes a run starts). A relative `data_dir` (relative to where this process
+    runs) is written absolute: `load_config` resolves it against the file's directory."""
     import tomli_w
 
-    path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
+    raw = config.model_dump(mode="json", exclude_none=True)
+    raw["data_dir"] = str(Path(config.data_dir).resolve())
+    path.write_text(tomli_w.dumps(raw))
     return path
 
 

@@ -51,7 +51,7 @@ def run_loop(config: Config, out_dir: Path, *, devices: int = 3, clean: int = 30
     (also `out_dir`/results.json and loop.png)."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="loop-", dir=out_dir))
+    work = Path(tempfile.mkdtemp(prefix="loop-", dir=out_dir)).resolve()
     try:
         return _Loop(config, work, devices=devices, clean=clean, labels=labels,
                      candidates=candidates, per_device_budget=per_device_budget,

@@ -13,7 +13,7 @@ answers them with the current model, and sends the `budget / devices` its sample
 (`tierwise.active.samplers`) picks. In the core-set and BADGE runs the device sends three
 times as many margin candidates, and the cloud picks the batch (Sener & Savarese 2018; Ash et
 al. 2020). Users flag a share of the wrong answers (`FLAG_RATE`, emulated), which the feedback
-sampler and "combined" (the device's default samplers, `active.samplers`) see. Disagreement
+sampler and "feedback+margin" (both as one: `Combined`, flagged inputs first) see. Disagreement
 compares with the cloud model's answer on every input, as if every request escalated: its
 best case. The label queue is content-addressed, so a sample labelled already is not labelled
 again (its bytes were still sent). The oracle labels the rest; the device model is fine-tuned
@@ -52,17 +52,16 @@ from tierwise.active.samplers import (
     Sampler,
     device_sampler,
 )
-from tierwise.config import ActiveConfig, Config
+from tierwise.config import Config
 from tierwise.profile.calibration import softmax
 
-SAMPLERS = ("random", "entropy", "margin", "disagreement", "feedback", "combined",
+SAMPLERS = ("random", "entropy", "margin", "disagreement", "feedback", "feedback+margin",
             "margin+core-set", "margin+badge", "all")
 # emulated users: each wrong answer is flagged (`client.feedback(correct=False)`) with this
 # probability, a right one never
 FLAG_RATE = 0.3
 CANDIDATES_PER_PICK = 3  # margin candidates a device sends per label, for the core-set run
 MIX_SHARE = 0.5  # the share of the stream the class mix's three classes make up
-DEFAULT_SAMPLERS = ActiveConfig().samplers
 TARGET_RATIO = 2.0  # random's labels over the best sampler's, to reach random's accuracy
 POOL = 6000  # distinct field images
 NPY_HEADER_BYTES = 128
@@ -165,16 +164,16 @@ class _Run:
         observations = [
             Observation(f"{self.seed}-{number}-{device}-{i}", confidence=float(p.max()),
                         probabilities=p, device_label=int(p.argmax()),
-                        server_label=int(server[i]) if self.sampler in (
-                            "disagreement", "combined") else None,
+                        server_label=int(server[i]) if self.sampler == "disagreement"
+                        else None,
                         feedback=Feedback(False) if flagged[i] and p.argmax() != truth[i]
                         else None, classes=10)
             for i, p in enumerate(probabilities)]
         sampler: Sampler
         if self.sampler == "random":
             sampler = Random(self.seed)
-        elif self.sampler == "combined":  # the device's default samplers
-            sampler = Combined([device_sampler(name) for name in DEFAULT_SAMPLERS])
+        elif self.sampler == "feedback+margin":
+            sampler = Combined([device_sampler("feedback"), device_sampler("margin")])
         else:
             sampler = device_sampler("margin" if cloud_picks else self.sampler)
         if cloud_picks:
@@ -297,14 +296,14 @@ def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds:
     results.update({
         "emulated": ["class-mix and rotation shifts applied to real Fashion-MNIST test images "
                      "here; the oracle labels from ground truth",
-                     f"users flag {FLAG_RATE:.0%} of wrong answers (feedback, combined)"],
+                     f"users flag {FLAG_RATE:.0%} of wrong answers (feedback, feedback+margin)"],
         "setting": {"devices": devices, "rounds": rounds, "stream_per_device_round": stream,
                     "labels_per_round": budget, "seeds": seeds, "test_size": test_size,
                     "mix_share": MIX_SHARE, "replay": config.active.retrain.replay,
                     "field_weight": config.active.retrain.field_weight,
                     "train": config.active.retrain.train.model_dump(),
                     "core_set_candidates_per_label": CANDIDATES_PER_PICK,
-                    "combined": DEFAULT_SAMPLERS, "flag_rate": FLAG_RATE},
+                    "flag_rate": FLAG_RATE},
         "methods": {name: DEVICE_SAMPLERS[name].method for name in DEVICE_SAMPLERS},
         "bench_s": time.monotonic() - started})
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -386,7 +385,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
                             alpha=0.12, color=style.get("color"))
     if "random_final_accuracy" in results:
         curves.axhline(results["random_final_accuracy"], color="grey", linewidth=0.8)
-    curves.set_xscale("symlog", linthresh=50)
+    curves.set_xscale("symlog", linthresh=results["setting"]["labels_per_round"])
     curves.set_xlabel("labels spent (all devices)")
     curves.set_ylabel("accuracy on the shifted held-out set")
     curves.set_title("accuracy against labels (mean of seeds; band: min..max)", fontsize=9)
