@@ -650,7 +650,7 @@ def _parser() -> argparse.ArgumentParser:
         "per sampler, beside random and labelling everything; bytes per device")
     active.add_argument("--devices", type=_positive(int), default=4)
     active.add_argument("--rounds", type=_positive(int), default=12)
-    active.add_argument("--stream", type=_positive(int), default=150,
+    active.add_argument("--stream", type=_positive(int), default=500,
                         help="images each device sees per round")
     active.add_argument("--budget", type=_positive(int), default=40,
                         help="labels per round, all devices together")

@@ -265,7 +265,7 @@ class ActiveBench:
 
 
 def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds: int = 12,
-                     stream: int = 150, budget: int = 40, seeds: int = 3,
+                     stream: int = 500, budget: int = 40, seeds: int = 3,
                      test_size: int = 2000, samplers: tuple[str, ...] = SAMPLERS,
                      console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
