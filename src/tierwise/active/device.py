@@ -31,7 +31,7 @@ import orjson
 
 from tierwise.active.queue import QueuedSample, SampleQueue
 from tierwise.active.samplers import Combined, Observation, Sampler
-from tierwise.monitor.telemetry import forward_until_stopped
+from tierwise.monitor.telemetry import forward_until_stopped, post_once
 from tierwise.protocol.samples import encode_sample
 
 log = logging.getLogger("tierwise.active")
@@ -227,16 +227,10 @@ class DeviceSampling:
         body = orjson.dumps({"device": self.device_id,
                              "samples": [upload_record(sample) for sample in batch],
                              "feedback": verdicts})
-        try:
-            answer = self._http.post(SAMPLES_PATH, content=body)
-        except httpx.HTTPError as error:
-            self.last_error = f"label queue {self.url}: {type(error).__name__}: {error}"
-            return False
-        if answer.status_code // 100 != 2:
-            self.last_error = f"label queue answered {answer.status_code}: {answer.text[:200]}"
-            return None if answer.status_code in REFUSED_FOR_GOOD else False
-        self.last_error = None
-        return True
+        taken, self.last_error = post_once(self._http, SAMPLES_PATH, body,
+                                           f"label queue {self.url}",
+                                           lambda status: status in REFUSED_FOR_GOOD)
+        return taken
 
     def _run(self) -> None:
         forward_until_stopped(self.flush, self._stop, self.flush_s, 60.0, self._failed,

@@ -92,7 +92,8 @@ class _Loop:
         self.config = config
         splits = load_splits(config.data.path, config.data.validation_size, config.data.seed)
         rng = np.random.default_rng(seed)
-        self.clean_x = splits.test_x[rng.permutation(len(splits.test_x))[:devices * clean]]
+        clean_images = rng.permutation(len(splits.test_x))[:devices * clean]
+        self.clean_x, self.clean_y = splits.test_x[clean_images], splits.test_y[clean_images]
         images = np.concatenate([splits.val_x, splits.test_x])
         truth = np.concatenate([splits.val_y, splits.test_y])
         held = class_mixed(truth, np.arange(len(splits.val_x), len(images)), 500, rng)
@@ -127,7 +128,7 @@ class _Loop:
             clients = self._devices()
             try:
                 before = self._accuracy(clients[0])
-                self._answer(clients, self.clean_x, "clean")
+                self._answer(clients, self.clean_x)
                 self.event("clean traffic", f"{len(self.clean_x)} clean images answered")
                 self._until(lambda: bool(self._summary("/telemetry/v1/summary")["drift_alerts"]),
                             clients, "a drift alert at the collector")
@@ -138,7 +139,7 @@ class _Loop:
                             f"{self.candidates} samples in the label queue")
                 self.event("samples selected", f"{self._received()} samples received")
                 oracle = dataset_oracle(np.concatenate([self.field_x, self.clean_x]),
-                                        np.concatenate([self.field_y, self._clean_truth()]))
+                                        np.concatenate([self.field_y, self.clean_y]))
                 retrained = self._retrain(oracle)
                 self._until(lambda: any(self._version(c) == str(retrained["version"])
                                         for c in clients), clients, "the canary installed")
@@ -206,7 +207,7 @@ class _Loop:
             f"{i} ({'canary cohort' if i in inside else 'stable'})" for i in ids))
         return clients
 
-    def _answer(self, clients: list[Any], images: np.ndarray, phase: str,
+    def _answer(self, clients: list[Any], images: np.ndarray,
                 truth: np.ndarray | None = None) -> None:
         """Each device answers its share of `images`; with `truth`, users give feedback on
         some answers, and the accuracy over time is recorded."""
@@ -232,7 +233,7 @@ class _Loop:
             if self.next_field + 50 > len(self.field_x):
                 self.next_field = 0  # the stream repeats: content-addressed, sent once
             batch = slice(self.next_field, self.next_field + 50)
-            self._answer(clients, self.field_x[batch], "shifted", self.field_y[batch])
+            self._answer(clients, self.field_x[batch], self.field_y[batch])
             self.next_field += 50
             for client in clients:
                 client.monitor_drain()
@@ -311,16 +312,6 @@ class _Loop:
         session = client.session(self.model)
         batch = np.concatenate([as_batch(session.info, image) for image in self.test_x])
         return float((session.run_batched(batch).argmax(1) == self.test_y).mean())
-
-    def _clean_truth(self) -> np.ndarray:
-        from tierwise.data import load_splits
-
-        splits = load_splits(self.config.data.path, self.config.data.validation_size,
-                             self.config.data.seed)
-        lookup = {image.tobytes(): int(label) for image, label in zip(splits.test_x,
-                                                                      splits.test_y,
-                                                                      strict=True)}
-        return np.array([lookup[image.tobytes()] for image in self.clean_x])
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

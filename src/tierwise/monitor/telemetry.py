@@ -59,6 +59,21 @@ def forward_until_stopped(flush: Callable[[], bool], stop: threading.Event, ever
         wait_s = every_s if taken else min(wait_s * 2, max_backoff_s)
 
 
+def post_once(http: httpx.Client, path: str, body: bytes, who: str,
+              refused_for_good: Callable[[int], bool]) -> tuple[bool | None, str | None]:
+    """Store-and-forward's one send of `body` to `path`: (True: taken, False: try again
+    later, None: refused for good, as `refused_for_good` says of the status; the error, or
+    None when taken)."""
+    try:
+        answer = http.post(path, content=body)
+    except httpx.HTTPError as error:
+        return False, f"{who}: {type(error).__name__}: {error}"
+    if answer.status_code // 100 == 2:
+        return True, None
+    error_text = f"{who} answered {answer.status_code}: {answer.text[:200]}"
+    return (None if refused_for_good(answer.status_code) else False), error_text
+
+
 class Telemetry:
     """Store-and-forward of traces from one device to the collector at `url`.
 
@@ -210,19 +225,10 @@ class Telemetry:
         again cannot change)."""
         body = b'{"device":' + orjson.dumps(self.device_id) + b',"traces":[' + \
             b",".join(records) + b"]}"
-        try:
-            answer = self._http.post(TRACES_PATH, content=body)
-        except httpx.HTTPError as error:
-            self.last_error = f"collector {self.url}: {type(error).__name__}: {error}"
-            return False
-        if answer.status_code // 100 != 2:
-            self.last_error = f"collector answered {answer.status_code}: {answer.text[:200]}"
-            if 400 <= answer.status_code < 500 and answer.status_code not in (401, 403, 408,
-                                                                                429):
-                return None
-            return False
-        self.last_error = None
-        return True
+        taken, self.last_error = post_once(
+            self._http, TRACES_PATH, body, f"collector {self.url}",
+            lambda status: 400 <= status < 500 and status not in (401, 403, 408, 429))
+        return taken
 
     def _db(self) -> contextlib.AbstractContextManager[Connection]:
         return self._outbox.transaction()
