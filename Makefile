@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-camera test dataset browser photos postgres lint bench-serve clean
+.PHONY: demo demo-camera test dataset browser photos postgres lint bench-serve docs docs-results clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,11 +67,24 @@ demo-camera: photos $(STAMP)
 	$(BIN)/tierwise demo --workload camera
 
 test: dataset browser photos postgres
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# The documentation site (MkDocs + Material) in site/: the reference pages regenerated from
+# the code first (tests/test_docs.py fails when the committed ones differ). Browse it with
+# `.venv/bin/mkdocs serve`.
+docs: $(STAMP)
+	$(BIN)/python scripts/docs_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# After a benchmark run: copy its results.json, table.md and plots from reports/ into
+# docs/benchmarks/results/, which the benchmark pages read (commit them).
+docs-results:
+	$(BIN)/python scripts/docs_results.py
 
 bench-serve: dataset
 	$(BIN)/tierwise bench serve
 
 clean:
-	rm -rf $(VENV) reports
+	rm -rf $(VENV) reports site

@@ -497,7 +497,9 @@ def _parser() -> argparse.ArgumentParser:
             step_parser.add_argument("--models", help="comma-separated models (default: "
                                 "optimize.models)")
         if step == "report":
-            step_parser.add_argument("--test-images", type=int, default=10000)
+            step_parser.add_argument("--test-images", type=int, default=10000,
+                                     help="Fashion-MNIST test images (the first N) accuracy "
+                                     "is measured on")
         step_parser.set_defaults(run=_optimize)
 
     certs = commands.add_parser("certs", help="TLS: a local CA, server and device "
@@ -517,11 +519,14 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a tier server (OIP v2 over HTTP)")
     serve.add_argument("--tier", required=True, help="which configured server tier (site) "
                        "this is: edge, cloud, or a site of the config's [tiers] by its name")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (default: tiers.<tier>.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: "
+                       "tiers.<tier>.port)")
     serve.add_argument("--models", help="directory of models (default: <data_dir>/models)")
-    serve.add_argument("--max-batch-size", type=int)
-    serve.add_argument("--max-queue-delay-ms", type=float)
+    serve.add_argument("--max-batch-size", type=int, help="most rows per batched model call "
+                       "(default: tiers.<tier>.max_batch_size)")
+    serve.add_argument("--max-queue-delay-ms", type=float, help="ms a batch that is not full "
+                       "waits for more requests (default: tiers.<tier>.max_queue_delay_ms)")
     serve.add_argument("--compute-scale", type=float, help="emulate a slower server")
     serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413")
     serve.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
@@ -556,7 +561,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="one HTML file with plots of what the "
                                  "telemetry collector stored (latency, tier mix, cost, drift)")
-    report.add_argument("--out", default="reports/report.html")
+    report.add_argument("--out", default="reports/report.html", help="the HTML file written")
     report.add_argument("--last-s", type=_positive(float), help="only the last N seconds")
     report.set_defaults(run=_report)
 
@@ -590,7 +595,9 @@ def _parser() -> argparse.ArgumentParser:
                              "throughput)")
     bench_serve.add_argument("--concurrency", help="comma-separated client counts (default "
                              "1,8,32; --engine ray: 1,8,32,128)")
-    bench_serve.add_argument("--duration-s", type=float, default=5.0)
+    bench_serve.add_argument("--duration-s", type=float, default=5.0, help="seconds of "
+                             "measured load per server, payload and client count (after a "
+                             "warm-up of a fifth of it, at most 1 s)")
     bench_serve.add_argument("--out", help="default reports/bench-serve (camera: "
                              "reports/bench-serve-camera)")
     bench_serve.add_argument("--models", help="models directory of the servers started here "
@@ -610,18 +617,25 @@ def _parser() -> argparse.ArgumentParser:
     routing = bench_commands.add_parser(
         "routing", help="OIP inference through the hand-written ASGI vs through Starlette, "
         "side by side")
-    routing.add_argument("--model", default="fmnist-edge")
+    routing.add_argument("--model", default="fmnist-edge", help="the model inferred on, with "
+                         "Fashion-MNIST images")
     routing.add_argument("--models", help="default <data_dir>/models")
     routing.add_argument("--concurrency", default="1,8", help="comma-separated client counts")
-    routing.add_argument("--rounds", type=_positive(int), default=3)
-    routing.add_argument("--duration-s", type=_positive(float), default=5.0)
-    routing.add_argument("--warmup-s", type=float, default=1.0)
-    routing.add_argument("--out", default="reports/bench-routing")
+    routing.add_argument("--rounds", type=_positive(int), default=3, help="interleaved rounds "
+                         "per routing and concurrency; the median is reported")
+    routing.add_argument("--duration-s", type=_positive(float), default=5.0,
+                         help="seconds of measured load per run")
+    routing.add_argument("--warmup-s", type=float, default=1.0,
+                         help="seconds of unmeasured load before each run")
+    routing.add_argument("--out", default="reports/bench-routing",
+                         help="results folder (results.json, table.md, routing.png)")
     routing.set_defaults(run=_bench_routing)
 
     bandwidth = bench_commands.add_parser(
         "bandwidth", help="every strategy across a sweep of uplink bandwidth, with an oracle")
-    bandwidth.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist")
+    bandwidth.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist",
+                           help="fashion-mnist: the zoo trained here; camera: pretrained "
+                           "EfficientNet-Lite0/1/2 on street-camera frames (needs opencv-doc)")
     bandwidth.add_argument("--range", default="1KB/s..10MB/s", help="low..high uplink rates")
     bandwidth.add_argument("--levels", type=int, default=9, help="log-spaced levels (default 9)")
     bandwidth.add_argument("--images", type=_positive(int), default=200,
@@ -637,10 +651,16 @@ def _parser() -> argparse.ArgumentParser:
         "drift", help="detection delay and false alarms of each drift detector per shift")
     drift.add_argument("--clean", type=_positive(int), default=1000,
                        help="clean images before the shift (false alarms are counted here)")
-    drift.add_argument("--shifted", type=_positive(int), default=1000)
-    drift.add_argument("--window", type=_positive(int), default=200)
-    drift.add_argument("--step", type=_positive(int), default=25)
-    drift.add_argument("--out", default="reports/bench-drift")
+    drift.add_argument("--shifted", type=_positive(int), default=1000,
+                       help="shifted images after the shift, per shift (the detection delay "
+                       "is counted here)")
+    drift.add_argument("--window", type=_positive(int), default=200,
+                       help="images in each detector's sliding window (against a 500-image "
+                       "reference)")
+    drift.add_argument("--step", type=_positive(int), default=25,
+                       help="the detectors score every this many images")
+    drift.add_argument("--out", default="reports/bench-drift",
+                       help="results folder (results.json, drift.png)")
     drift.set_defaults(run=_bench_drift)
 
     from tierwise.bench.active import SAMPLERS
@@ -648,32 +668,40 @@ def _parser() -> argparse.ArgumentParser:
     active = bench_commands.add_parser(
         "active", help="active learning: accuracy on a shifted stream against labels spent, "
         "per sampler, beside random and labelling everything; bytes per device")
-    active.add_argument("--devices", type=_positive(int), default=4)
-    active.add_argument("--rounds", type=_positive(int), default=12)
+    active.add_argument("--devices", type=_positive(int), default=4,
+                        help="emulated devices, each seeing --stream images per round")
+    active.add_argument("--rounds", type=_positive(int), default=12,
+                        help="rounds of select, label and retrain")
     active.add_argument("--stream", type=_positive(int), default=500,
                         help="images each device sees per round")
     active.add_argument("--budget", type=_positive(int), default=40,
                         help="labels per round, all devices together")
-    active.add_argument("--seeds", type=_positive(int), default=3)
-    active.add_argument("--test-size", type=_positive(int), default=2000)
+    active.add_argument("--seeds", type=_positive(int), default=3,
+                        help="repeats of each run on other streams, averaged")
+    active.add_argument("--test-size", type=_positive(int), default=2000,
+                        help="held-out shifted test images every model is measured on")
     active.add_argument("--samplers", default=",".join(SAMPLERS),
                         help=f"comma-separated, of {', '.join(SAMPLERS)}")
-    active.add_argument("--out", default="reports/bench-active")
+    active.add_argument("--out", default="reports/bench-active",
+                        help="results folder (results.json, label-efficiency.png)")
     active.set_defaults(run=_bench_active)
 
     decide = bench_commands.add_parser(
         "decide", help="the planner's decision time against the number of candidate plans")
     decide.add_argument("--candidates", default="50,100,200,400",
                         help="comma-separated candidate counts (default 50,100,200,400)")
-    decide.add_argument("--repeats", type=_positive(int), default=5000)
-    decide.add_argument("--out", default="reports/bench-decide")
+    decide.add_argument("--repeats", type=_positive(int), default=5000,
+                        help="decisions timed per candidate count")
+    decide.add_argument("--out", default="reports/bench-decide",
+                        help="results folder (results.json)")
     decide.set_defaults(run=_bench_decide)
 
     durability = bench_commands.add_parser(
         "durability", help="per-inference latency with durable telemetry on and off")
     durability.add_argument("--requests", type=_positive(int), default=2000,
                             help="inferences per mode (default 2000)")
-    durability.add_argument("--out", default="reports/bench-durability")
+    durability.add_argument("--out", default="reports/bench-durability",
+                            help="results folder (results.json, table.md)")
     durability.set_defaults(run=_bench_durability)
 
     rollout = bench_commands.add_parser(
@@ -684,8 +712,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="a promote or rollback this often while rolling (default 2)")
     rollout.add_argument("--poll-s", type=_positive(float), default=0.5,
                          help="the subscribers' poll period (default 0.5)")
-    rollout.add_argument("--concurrency", type=_positive(int), default=4)
-    rollout.add_argument("--out", default="reports/bench-rollout")
+    rollout.add_argument("--concurrency", type=_positive(int), default=4,
+                         help="closed-loop clients sending to the edge server")
+    rollout.add_argument("--out", default="reports/bench-rollout",
+                         help="results folder (results.json, rollout.png)")
     rollout.set_defaults(run=_bench_rollout)
 
     fleet = bench_commands.add_parser(
@@ -695,14 +725,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="length of each strategy's run (default 30)")
     fleet.add_argument("--rate", type=_positive(float), default=30.0,
                        help="Poisson arrivals per second (default 30)")
-    fleet.add_argument("--deadline-ms", type=_positive(float), default=40.0)
+    fleet.add_argument("--deadline-ms", type=_positive(float), default=40.0,
+                       help="every request's deadline, ms (misses are counted against it)")
     fleet.add_argument("--compute-scale", type=_positive(float), default=20.0,
                        help="the sites' emulated compute, × this host's (default 20)")
     fleet.add_argument("--flood", type=_positive(int), default=16,
                        help="clients overloading the nearest site (default 16)")
     fleet.add_argument("--strategies", help="comma-separated, of tierwise, nearest-only, "
                        "round-robin, least-RTT (default all)")
-    fleet.add_argument("--out", default="reports/bench-fleet")
+    fleet.add_argument("--out", default="reports/bench-fleet",
+                       help="results folder (results.json, table.md, bench-fleet.png)")
     fleet.set_defaults(run=_bench_fleet)
 
     trace = bench_commands.add_parser(
@@ -716,21 +748,27 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--workload", choices=WORKLOAD_CHOICES, default="fashion-mnist",
                        help="fashion-mnist: the zoo trained here; camera: pretrained "
                        "EfficientNet-Lite0/1/2 on street-camera frames (needs opencv-doc)")
-    trace.add_argument("--out", default="reports/bench-trace")
+    trace.add_argument("--out", default="reports/bench-trace", help="results folder "
+                       "(results.json, table.md, requests.jsonl, trace.png)")
     _add_slo_flags(trace)
     trace.set_defaults(run=_bench_trace)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _reported_errors() -> tuple[type[Exception], ...]:
+    """The errors `main` reports in one line, with exit status 2."""
     from tierwise.active.cli import errors as active_errors
 
+    return (ConfigError, RegistryError, FederationError, DatabaseError, FileNotFoundError,
+            FileExistsError, *TierwiseInputError, *active_errors())
+
+
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (ConfigError, RegistryError, FederationError, DatabaseError, FileNotFoundError,
-            FileExistsError, *TierwiseInputError, *active_errors()) as error:
+    except _reported_errors() as error:
         # bad config, traces or registry input; DatasetMissingError; a federation that
         # could not start or failed (its message says which log to read); a database that
         # does not connect or is of another schema version

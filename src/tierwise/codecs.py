@@ -461,9 +461,10 @@ def _webp_available() -> bool:
 _QUALITIES = (90, 75, 50)
 # a Pillow built without libwebp still serves every other codec
 _WEBP = [Webp(quality) for quality in _QUALITIES] if _webp_available() else []
-CODECS: dict[str, Codec] = {codec.name: codec for codec in (
+_ALL: tuple[Codec, ...] = (
     Zstd(), Png(), *(Jpeg(quality) for quality in _QUALITIES), *_WEBP, HalfResolutionJpeg(75),
-    Float16Zstd(), Int8Zstd(), Int4Zstd(), PackedBits(4), PackedBits(8))}
+    Float16Zstd(), Int8Zstd(), Int4Zstd(), PackedBits(4), PackedBits(8))
+CODECS: dict[str, Codec] = {codec.name: codec for codec in _ALL}
 
 
 def get_codec(name: str) -> Codec:

@@ -103,8 +103,11 @@ class RayServeConfig(_Section):
     address: str = Field(
         "", description="an existing Ray cluster: its GCS address ('host:6379'), 'auto', or "
         "'ray://host:10001'; empty: start a local Ray instance for this server")
-    min_replicas: int = Field(1, ge=0, le=1000)
-    max_replicas: int = Field(1, ge=1, le=1000)
+    min_replicas: int = Field(1, ge=0, le=1000, description="fewest replicas of the server's "
+                              "deployment the autoscaler keeps (0: it may scale to none); it "
+                              "starts with at least 1")
+    max_replicas: int = Field(1, ge=1, le=1000, description="most replicas of the server's "
+                              "deployment the autoscaler runs")
     target_ongoing_requests: float = Field(
         4.0, gt=0, description="requests in flight per replica the autoscaler steers to")
     max_ongoing_requests: int = Field(
@@ -148,7 +151,8 @@ class TierConfig(_Section):
         "book's for its kind (prices.edge_usd_per_hour, prices.cloud_usd_per_hour)")
     price_source: str = Field("", description="where usd_per_hour comes from (printed by "
                               "`tierwise config show`)")
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="the address `tierwise serve` listens on, and "
+                      "that clients reach this site at when it has no url")
     port: int = Field(0, ge=0, le=65535, description="0: the demo picks a free port")
     url: str = Field("", description="where devices reach this site, as the cloud publishes "
                      "it in the fleet list (GET /fleet/v1/sites); empty: http(s)://host:port, "
@@ -156,7 +160,8 @@ class TierConfig(_Section):
     compute_scale: float = Field(
         1.0, gt=0, description="emulated compute speed: measured compute time is stretched by this"
     )
-    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most rows per batched model "
+                                "call; a request with more rows runs alone")
     cores: int = Field(0, ge=0, le=4096, description="the server's cores: at most this many "
                        "batches compute at once, across all its models (with compute_scale, "
                        "an emulated machine of this many cores); a batch waiting for one "
@@ -164,7 +169,9 @@ class TierConfig(_Section):
     max_queue_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="how long a batch waits to fill; 0 batches what is queued"
     )
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request "
+                                "body, in bytes (also after gzip/deflate decompression); a "
+                                "larger one is answered 413")
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, le=16 * 1024 * 1024, description="the request line and headers "
         "together; a longer request is answered 431")
@@ -204,7 +211,8 @@ class LinkConfig(_Section):
 
     bandwidth_up: Rate = Field(description="device → tier, e.g. '250KB/s'")
     bandwidth_down: Rate = Field(description="tier → device")
-    rtt_ms: float = Field(ge=0, le=60_000)
+    rtt_ms: float = Field(ge=0, le=60_000, description="round-trip time between the device "
+                          "and this site, ms (emulated, and the planner's starting estimate)")
     emulate: bool = Field(True, description="enforce the rates in the client's transport")
     usd_per_gb_up: float | None = Field(
         None, ge=0, description="what a GB sent to this site costs; default the price book's "
@@ -216,16 +224,27 @@ class LinkConfig(_Section):
 class PriceBook(_Section):
     """What compute, bytes and energy cost. Defaults are public list prices (see `sources`)."""
 
-    edge_usd_per_hour: float = Field(0.17, ge=0)
-    cloud_usd_per_hour: float = Field(0.526, ge=0)
-    edge_link_usd_per_gb_up: float = Field(0.0, ge=0)
-    edge_link_usd_per_gb_down: float = Field(0.0, ge=0)
-    cloud_link_usd_per_gb_up: float = Field(0.0, ge=0)
-    cloud_link_usd_per_gb_down: float = Field(0.09, ge=0)
-    device_power_w: float = Field(6.4, ge=0)
-    electricity_usd_per_kwh: float = Field(0.165, ge=0)
+    edge_usd_per_hour: float = Field(0.17, ge=0, description="USD per hour of an edge "
+                                     "server; a request pays for the compute time it used")
+    cloud_usd_per_hour: float = Field(0.526, ge=0, description="USD per hour of a cloud "
+                                      "server; a request pays for the compute time it used")
+    edge_link_usd_per_gb_up: float = Field(0.0, ge=0, description="USD per GB (10^9 bytes) "
+                                           "sent from the device to an edge site")
+    edge_link_usd_per_gb_down: float = Field(0.0, ge=0, description="USD per GB (10^9 "
+                                             "bytes) sent from an edge site to the device")
+    cloud_link_usd_per_gb_up: float = Field(0.0, ge=0, description="USD per GB (10^9 bytes) "
+                                            "sent from the device to a cloud site")
+    cloud_link_usd_per_gb_down: float = Field(0.09, ge=0, description="USD per GB (10^9 "
+                                              "bytes) sent from a cloud site to the device")
+    device_power_w: float = Field(6.4, ge=0, description="the device's power draw while it "
+                                  "computes, watts (its energy cost, with the electricity "
+                                  "price)")
+    electricity_usd_per_kwh: float = Field(0.165, ge=0, description="USD per kWh of the "
+                                           "device's energy")
 
     sources: dict[str, str] = Field(
+        description="where each default price comes from, by field (printed by `tierwise "
+        "config show`)",
         default_factory=lambda: {
             "edge_usd_per_hour": "AWS EC2 on-demand, c5.xlarge (4 vCPU), us-east-1, Linux: $0.17/h",
             "cloud_usd_per_hour": "AWS EC2 on-demand, g4dn.xlarge (1x T4 GPU), us-east-1, Linux: "
@@ -257,8 +276,11 @@ class PriceBook(_Section):
 class SLOConfig(_Section):
     """Default service-level objectives of a client; a request may override them."""
 
-    deadline_ms: float = Field(200.0, gt=0)
-    min_accuracy: float = Field(0.0, ge=0, le=1)
+    deadline_ms: float = Field(200.0, gt=0, description="a request's end-to-end latency "
+                               "budget, ms: the planner picks the cheapest plan expected to "
+                               "meet it")
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="the least expected accuracy "
+                                "(or fidelity) a plan may have, a fraction 0..1; 0: no floor")
     cascade_accuracy_margin_points: float = Field(
         0.5, ge=0, le=100,
         description="the cascade threshold is chosen to stay within this many accuracy points "
@@ -267,11 +289,15 @@ class SLOConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: str = Field("fashion-mnist", pattern="^fashion-mnist$")
+    dataset: str = Field("fashion-mnist", pattern="^fashion-mnist$",
+                         description="the dataset of the zoo and benchmarks; only "
+                         "fashion-mnist")
     path: str | None = Field(None, description="directory with the IDX files; default: the "
                              "Debian package, or $TIERWISE_DATA")
-    seed: int = 0
-    validation_size: int = Field(5000, ge=100, le=30000)
+    seed: int = Field(0, description="seeds which training images are held out for "
+                      "validation")
+    validation_size: int = Field(5000, ge=100, le=30000, description="training images held "
+                                 "out as the validation split; the rest are trained on")
 
 
 class ProfileConfig(_Section):
@@ -286,14 +312,17 @@ class ProfileConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(gt=0, le=200)
-    batch_size: int = Field(128, ge=8, le=4096)
-    learning_rate: float = Field(0.01, gt=0, le=10)
+    epochs: float = Field(gt=0, le=200, description="passes over the training data; may be "
+                          "fractional")
+    batch_size: int = Field(128, ge=8, le=4096, description="samples per optimizer step")
+    learning_rate: float = Field(0.01, gt=0, le=10, description="peak learning rate of AdamW's "
+                                 "one-cycle schedule")
     train_subset: int | None = Field(None, ge=256, description="train on this many images only")
 
 
 class ZooConfig(_Section):
-    seed: int = 0
+    seed: int = Field(0, description="seeds the zoo's training: initial weights, subsets, "
+                      "batch order")
     # Epochs sized so the whole zoo trains in about 10 minutes on 2 CPU cores.
     device: TrainConfig = TrainConfig(epochs=6, learning_rate=0.01)
     edge: TrainConfig = TrainConfig(epochs=5, learning_rate=0.01)
@@ -370,8 +399,10 @@ class OptimizeConfig(_Section):
 
 
 class DemoConfig(_Section):
-    images: int = Field(2000, ge=10, le=10000)
-    report_dir: str = "reports/demo"
+    images: int = Field(2000, ge=10, le=10000, description="requests per strategy in "
+                        "`tierwise demo` (the camera workload: 200 frames)")
+    report_dir: str = Field("reports/demo", description="where `tierwise demo` writes its "
+                            "table and plots (the camera workload: this with '-camera')")
 
 
 class RegistryConfig(_Section):
@@ -438,13 +469,15 @@ class FederatedConfig(_Section):
     between its SuperNode and the SuperLink; a sleep that stretches measured training time)."""
 
     clients: int = Field(10, ge=1, le=100, description="SuperNodes, one per simulated device")
-    rounds: int = Field(15, ge=1, le=1000)
+    rounds: int = Field(15, ge=1, le=1000, description="federated rounds")
     partition: str = Field("dirichlet", pattern="^(iid|dirichlet|labels)$",
                            description="how the training set is split across clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet)")
     labels_per_client: int = Field(2, ge=1, le=10, description="partition=labels")
-    seed: int = 0
-    strategy: str = Field("fedavg", pattern="^(fedavg|fedprox)$")
+    seed: int = Field(0, description="seeds the partition, initial weights, local batches "
+                      "and stochastic compression")
+    strategy: str = Field("fedavg", pattern="^(fedavg|fedprox)$", description="server "
+                          "aggregation: fedavg, or fedprox (with proximal_mu)")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx's proximal term")
     compressor: str = Field("none", pattern=r"^(none|q8|q4|topk:(0?\.[0-9]+|1(\.0*)?)(\+q[48])?)$",
                             description="update compression: none, q8, q4, "
@@ -452,9 +485,9 @@ class FederatedConfig(_Section):
     downlink: str = Field("none", pattern="^(none|q8)$", description="the global model "
                           "as sent to clients: float32, or 8-bit stochastic quantization")
     local_steps: int = Field(20, ge=1, description="SGD steps per client per round")
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1, description="images per local SGD step")
+    learning_rate: float = Field(0.1, gt=0, description="clients' SGD learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="clients' SGD momentum")
     uplink: Rate = Field(250_000.0, description="each client's emulated uplink")
     downlink_rate: Rate = Field(500_000.0, description="each client's emulated downlink")
     rtt_ms: float = Field(20.0, ge=0, description="each client's emulated round-trip time")
@@ -469,7 +502,8 @@ class FederatedConfig(_Section):
                                   "sampled each round")
     eval_images: int = Field(2000, ge=100, le=10000, description="test images the server "
                              "scores the global model on after each round (all 10,000 at the end)")
-    report_dir: str = "reports/fl"
+    report_dir: str = Field("reports/fl", description="where `tierwise fl run` writes (its "
+                            "run/ folder) when --out is not given")
 
     @field_validator("compute_scales")
     @classmethod

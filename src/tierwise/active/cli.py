@@ -38,14 +38,14 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     labels = commands.add_parser("labels", help="the label queue at the cloud: the samples "
                                  "devices selected, labelling, Label Studio export and import")
     steps = labels.add_subparsers(dest="labels_command", required=True)
     show = steps.add_parser("list", help="samples in the queue, highest score first")
     show.add_argument("--state", choices=STATES, help="only these (default all)")
     show.add_argument("--model", help="only this model's samples")
-    show.add_argument("--limit", type=_count, default=50)
+    show.add_argument("--limit", type=_count, default=50, help="most samples shown")
     show.set_defaults(run=_list)
     summary = steps.add_parser("summary", help="samples per state, and per device the "
                                "samples and bytes it sent")
@@ -64,11 +64,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                               "config (XML) for the samples to label")
     export.add_argument("--out", required=True, help="the tasks file, e.g. tasks.json; the "
                         "labelling config is written beside it")
-    export.add_argument("--state", choices=STATES, default="queued")
+    export.add_argument("--state", choices=STATES, default="queued",
+                        help="export the samples in this state")
     export.add_argument("--model", help="default the device model")
     export.set_defaults(run=_export)
     imported = steps.add_parser("import", help="take the labels in a Label Studio JSON export")
-    imported.add_argument("file")
+    imported.add_argument("file", help="Label Studio's JSON export (a list of tasks)")
     imported.add_argument("--model", help="whose class names the choices are (default the "
                           "device model)")
     imported.set_defaults(run=_import)
@@ -78,7 +79,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     oracle.set_defaults(run=_oracle)
 
 
-def add_learn_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_learn_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     learn = commands.add_parser("learn", help="retrain the device model on the field's labels "
                                 "and ship it as a canary (active learning)")
     steps = learn.add_subparsers(dest="learn_command", required=True)
@@ -93,7 +94,8 @@ def add_learn_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     loop = steps.add_parser("loop", help="the whole loop in one command, over real processes: "
                             "drift alert, samples selected, labelled, retrained canary, "
                             "promotion (shift, labels and feedback emulated)")
-    loop.add_argument("--devices", type=_count, default=3)
+    loop.add_argument("--devices", type=_count, default=3, help="devices (clients with "
+                      "active learning on) talking to the cloud server")
     loop.add_argument("--clean", type=_count, default=300,
                       help="clean images per device first")
     loop.add_argument("--labels", type=_count, default=120, help="labels the core-set picks")
@@ -101,7 +103,8 @@ def add_learn_commands(commands: argparse._SubParsersAction) -> None:  # type: i
                       help="samples in the label queue before labelling starts")
     loop.add_argument("--watch-s", type=_seconds, default=180.0,
                       help="the longest any step may take")
-    loop.add_argument("--out", default="reports/learn-loop")
+    loop.add_argument("--out", default="reports/learn-loop",
+                      help="results folder (results.json, loop.png)")
     loop.set_defaults(run=_loop)
     promote = steps.add_parser("promote", help="apply the promotion rule to the canary now")
     promote.add_argument("--model", help="default the device model")

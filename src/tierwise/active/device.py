@@ -261,7 +261,7 @@ class DeviceSampling:
 def upload_record(sample: QueuedSample) -> dict[str, object]:
     """`sample` as the label queue takes it (`tierwise.protocol.samples.SampleRecord`)."""
     observation = sample.observation
-    feedback = observation.get("feedback") or {}
+    feedback = observation.get("feedback")
     digest, data = encode_sample(sample.sample)
     return {"trace_id": sample.trace_id, "sampler": sample.sampler,
             "score": min(max(sample.score, 0.0), 1.0),
@@ -270,5 +270,6 @@ def upload_record(sample: QueuedSample) -> dict[str, object]:
             "confidence": observation.get("confidence"),
             "device_label": observation.get("device_label"),
             "server_label": observation.get("server_label"),
-            "feedback_correct": feedback.get("correct"), "feedback_label": feedback.get("label"),
+            "feedback_correct": feedback.get("correct") if feedback else None,
+            "feedback_label": feedback.get("label") if feedback else None,
             "classes": observation.get("classes") or 0, "sha256": digest, "data": data}

@@ -33,6 +33,7 @@ import httpx
 import numpy as np
 from rich.console import Console
 
+from tierwise.bench.harness import run_record
 from tierwise.config import DEVICE_TIER, Config, write_config
 
 FEEDBACK_RATE = 0.3  # emulated users: the share of answers they say something about
@@ -174,7 +175,7 @@ class _Loop:
             "registry_history": registry.events(self.model),
             "events": self.events, "accuracy_over_time": self.points,
             "loop_s": time.monotonic() - self.started}
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "results.json").write_text(json.dumps({**run_record(), **results}, indent=2))
         _plot(results, out_dir / "loop.png")
         self.console.print(
             f"accuracy on the shifted held-out set: {before:.2%} -> {after:.2%}; "

@@ -16,6 +16,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import orjson
@@ -35,6 +36,24 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE TABLE IF NOT EXISTS refused (
     trace_id TEXT NOT NULL, reason TEXT NOT NULL, sample {blob} NOT NULL,
     observation {blob} NOT NULL)"""
+
+
+class FeedbackRecord(TypedDict):
+    correct: bool
+    label: int | None
+
+
+class ObservationRecord(TypedDict):
+    """What the queue keeps of a sample's observation (JSON in its `observation` column)."""
+
+    trace_id: str
+    confidence: float | None
+    device_label: int | None
+    server_label: int | None
+    classes: int
+    feedback: FeedbackRecord | None
+    model: str
+    model_version: str
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ class QueuedSample:
     score: float
     queued_at: float       # epoch seconds
     sample: bytes          # the input as a .npy file
-    observation: dict[str, object]
+    observation: ObservationRecord
 
     @property
     def size(self) -> int:
@@ -93,14 +112,15 @@ class SampleQueue:
         sent (a trace is queued once), or when the queue is full of higher scores."""
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(sample), allow_pickle=False)
-        record = orjson.dumps({
+        kept: ObservationRecord = {
             "trace_id": observation.trace_id, "confidence": observation.confidence,
             "device_label": observation.device_label,
             "server_label": observation.server_label, "classes": observation.classes,
             "feedback": None if observation.feedback is None else {
                 "correct": observation.feedback.correct, "label": observation.feedback.label},
             "model": model, "model_version": model_version,
-        })
+        }
+        record = orjson.dumps(kept)
         with self._db.transaction() as db:
             if db.execute("SELECT 1 FROM sent WHERE trace_id = ? UNION ALL SELECT 1 FROM "
                           "refused WHERE trace_id = ?", (observation.trace_id,
@@ -123,8 +143,9 @@ class SampleQueue:
                        (observation.trace_id, sampler, float(score),
                         time.time() if now is None else now, buffer.getvalue(), record))
             # full: the lowest score leaves (the newest among equals), perhaps this one
-            over = int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]) - \
-                self.max_queued
+            queued_count = db.execute("SELECT COUNT(*) FROM samples").fetchone()
+            assert queued_count is not None  # an aggregate query always gives one row
+            over = int(queued_count[0]) - self.max_queued
             if over <= 0:
                 return True
             lowest = [(seq, trace_id) for seq, trace_id in db.execute(
@@ -140,14 +161,16 @@ class SampleQueue:
         equal scores), as many as fit in what the budget leaves of its window."""
         now = time.time() if now is None else now
         with self._db.transaction(write=False) as db:
-            count, size = db.execute(
+            spent = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM sent WHERE sent_at > ?",
                 (now - self.budget.period_s,)).fetchone()
+            assert spent is not None  # an aggregate query always gives one row
+            count, size = spent
             samples_left = self.budget.max_samples - int(count)
             bytes_left = self.budget.max_bytes - int(size)
             if samples_left <= 0 or bytes_left <= 0:
                 return []
-            picked = []
+            picked: list[int] = []
             for seq, length in db.execute("SELECT seq, LENGTH(sample) FROM samples "
                                           "ORDER BY score DESC, seq").fetchall():
                 if len(picked) >= samples_left:
@@ -155,9 +178,12 @@ class SampleQueue:
                 if length <= bytes_left:  # else a smaller one may still fit
                     picked.append(seq)
                     bytes_left -= length
-            rows = [db.execute("SELECT trace_id, sampler, score, queued_at, sample, "
-                               "observation FROM samples WHERE seq = ?", (seq,)).fetchone()
-                    for seq in picked]
+            rows = []
+            for seq in picked:  # read in this transaction just above: each is there
+                row = db.execute("SELECT trace_id, sampler, score, queued_at, sample, "
+                                 "observation FROM samples WHERE seq = ?", (seq,)).fetchone()
+                assert row is not None
+                rows.append(row)
         return [QueuedSample(trace_id, sampler, float(score), float(queued_at), bytes(sample),
                              orjson.loads(observation))
                 for trace_id, sampler, score, queued_at, sample, observation in rows]
@@ -209,11 +235,15 @@ class SampleQueue:
     def backlog(self) -> int:
         """Samples queued and not yet sent."""
         with self._db.transaction(write=False) as db:
-            return int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+            row = db.execute("SELECT COUNT(*) FROM samples").fetchone()
+        assert row is not None  # an aggregate query always gives one row
+        return int(row[0])
 
     def sent(self, since: float = 0.0) -> tuple[int, int]:
         """(samples, bytes) sent after `since` (epoch seconds)."""
         with self._db.transaction(write=False) as db:
-            count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM sent "
-                                     "WHERE sent_at > ?", (since,)).fetchone()
+            row = db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM sent "
+                             "WHERE sent_at > ?", (since,)).fetchone()
+        assert row is not None  # an aggregate query always gives one row
+        count, size = row
         return int(count), int(size)

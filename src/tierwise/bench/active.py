@@ -52,6 +52,7 @@ from tierwise.active.samplers import (
     Sampler,
     device_sampler,
 )
+from tierwise.bench.harness import run_record
 from tierwise.config import Config
 from tierwise.profile.calibration import softmax
 
@@ -306,7 +307,7 @@ def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds:
                     "flag_rate": FLAG_RATE},
         "methods": {name: DEVICE_SAMPLERS[name].method for name in DEVICE_SAMPLERS},
         "bench_s": time.monotonic() - started})
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json").write_text(json.dumps({**run_record(), **results}, indent=2))
     plot = _plot(results, out_dir / "label-efficiency.png")
     console.print(_table(results))
     best = results["best"]

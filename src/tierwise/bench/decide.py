@@ -19,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from tierwise.bench.harness import run_record
 from tierwise.client.planning import planning_state
 from tierwise.config import Config
 from tierwise.planner.cost import PriceTable
@@ -121,7 +122,7 @@ def run_bench_decide(config: Config, out_dir: Path, counts: list[int], repeats: 
                 "one process; choose: Policy.choose alone; decide: planning_state + choose, "
                 "what Client.decide runs under its lock"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "results.json").write_text(json.dumps({**run_record(), **result}, indent=2) + "\n")
     table = Table("candidates", "choose p50 µs", "choose p99 µs", "decide p50 µs",
                   "decide p99 µs", title=f"tierwise bench decide ({repeats} decisions each)")
     for row in rows:

@@ -22,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from tierwise.bench.harness import run_record
 from tierwise.config import Config
 from tierwise.data import load_splits
 from tierwise.monitor.drift import DriftMonitor, DriftScore
@@ -103,7 +104,7 @@ def run_bench_drift(config: Config, out_dir: Path, *, clean: int = 1000, shifted
     results = {"emulated": ["shifts applied to real Fashion-MNIST test images here"],
                "clean": clean, "shifted": shifted, "reference": reference, "window": window,
                "step": step, "model": DEVICE, "rows": rows}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json").write_text(json.dumps({**run_record(), **results}, indent=2))
     _plot(traces, reference + clean, out_dir / "drift.png")
     table = Table(title=f"drift detection: window {window}, checked every {step}",
                   caption="delay: shifted images seen before the first alert; false alarms: "

@@ -69,7 +69,7 @@ def run_bench_durability(config: Config, out_dir: Path, requests: int,
             backlog = on.telemetry.backlog()
             commits, committed = on.telemetry.commits, on.telemetry.committed
             commit_seconds = on.telemetry.commit_seconds
-    rows = []
+    rows: list[dict[str, Any]] = []  # table rows, as BenchReport.table takes them
     for mode in ("off", "on"):
         values = np.array(latencies[mode])
         rows.append({"telemetry": mode, "requests": len(values),

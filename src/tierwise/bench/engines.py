@@ -185,7 +185,8 @@ def run_bench_engines(config: Config, args: argparse.Namespace) -> None:
     config = config.model_copy(deep=True)
     config.tiers["edge"] = edge.model_copy(update={
         "compute_scale": getattr(args, "compute_scale", 1.0),
-        "max_batch_size": int(batch) if str(batch).isdigit() else edge.max_batch_size})
+        "max_batch_size": int(batch) if batch is not None and str(batch).isdigit()
+        else edge.max_batch_size})
     flags = ["--threads", str(threads), "--compute-scale",
              str(config.tiers["edge"].compute_scale), "--max-batch-size",
              str(config.tiers["edge"].max_batch_size)]

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.table import Table
 
+from tierwise.bench.harness import run_record
 from tierwise.config import Config, load_config
 from tierwise.learn.compression import COMPRESSORS
 
@@ -30,7 +31,7 @@ BASELINE = "none"
 TARGETS = {"accuracy_within": 0.01, "bytes_up_ratio": 10.0, "wall_ratio": 3.0}
 
 
-def add_command(fl_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_command(fl_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = fl_commands.add_parser(
         "bench", help="FedAvg uncompressed vs each compressor, 10 clients, Dirichlet 0.5, "
         "shaped links: JSON and plots (accuracy vs round, bytes, wall time)")
@@ -38,11 +39,14 @@ def add_command(fl_commands: argparse._SubParsersAction) -> None:  # type: ignor
                        help="comma-separated; 'none' is the uncompressed FedAvg baseline")
     bench.add_argument("--rounds", type=int, default=10,
                        help="rounds per run (default 10: the bench stays under 30 min here)")
-    bench.add_argument("--clients", type=int, default=10)
-    bench.add_argument("--alpha", type=float, default=0.5)
+    bench.add_argument("--clients", type=int, default=10,
+                       help="SuperNodes, one per emulated device")
+    bench.add_argument("--alpha", type=float, default=0.5,
+                       help="Dirichlet concentration of the partition (smaller: less IID)")
     bench.add_argument("--downlink", choices=("none", "q8"), default="q8",
                        help="how compressed runs send the global model (the baseline: float32)")
-    bench.add_argument("--out", default="reports/fl-bench")
+    bench.add_argument("--out", default="reports/fl-bench", help="results folder "
+                       "(results.json, accuracy.png, a folder per compressor)")
     bench.set_defaults(run=run)
 
 
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         "bench_s": time.monotonic() - started,
         "runs": runs,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.json").write_text(json.dumps({**run_record(), **result}, indent=2))
     plot = plot_runs({f"fedavg {name}": r for name, r in runs.items()}, out / "accuracy.png",
                      f"tierwise fl bench: {args.clients} clients, Dirichlet {args.alpha}",
                      reference=NIID_BENCH_REFERENCE)

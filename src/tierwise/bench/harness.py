@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,42 @@ class Column:
         return self.fmt(value) if callable(self.fmt) else self.fmt.format(value)
 
 
+def machine() -> dict[str, Any]:
+    """The machine a result was measured on: CPU model, cores, memory (GiB), OS, Python and
+    ONNX Runtime versions."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 1024**2, 1)
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib,
+            "os": platform.platform(terse=True),
+            "python": platform.python_version(), "onnxruntime": ort_version}
+
+
+def run_record() -> dict[str, Any]:
+    """What every results file starts with: the command line that produced it, when (UTC)
+    and on what machine. The documentation's benchmark pages print these beside the
+    numbers."""
+    return {"command": " ".join(["tierwise", *sys.argv[1:]]) if sys.argv else "",
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine()}
+
+
 class BenchReport:
     """The outputs of one benchmark run in `out_dir`."""
 
@@ -66,13 +103,11 @@ class BenchReport:
 
     def write(self, document: dict[str, Any], name: str = "results.json") -> Path:
         """`document` as JSON, with the benchmark's name, what was emulated, the command
-        line and the time added."""
+        line, the time and the machine added (`run_record`)."""
         path = self.out_dir / name
         path.write_text(json.dumps({
             "benchmark": self.benchmark, "emulated": self.emulated or [NOTHING_EMULATED],
-            "command": " ".join(["tierwise", *sys.argv[1:]]) if sys.argv else "",
-            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **document}, indent=1, default=_jsonable) + "\n")
+            **run_record(), **document}, indent=1, default=_jsonable) + "\n")
         self.written.append(path)
         return path
 

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tierwise.bench.harness import run_record
 from tierwise.bench.processes import free_port, tier_server
 from tierwise.config import Config, write_config
 from tierwise.data import load_splits
@@ -202,7 +203,7 @@ def _run(config: Config, out_dir: Path, work: Path, duration_s: float, swap_ever
         finally:
             load.stop()
     propagation = [c["propagation_ms"] for c in changes if c["propagation_ms"] is not None]
-    results = {
+    results: dict[str, Any] = {
         "emulated": ["none: loopback, no link shaping; this host's compute"],
         "models_pushed": len(pushed), "push_s": push_s,
         "bytes_pushed": sum(r.bytes for r in pushed), "download_bytes_per_tier": downloads,
@@ -217,7 +218,7 @@ def _run(config: Config, out_dir: Path, work: Path, duration_s: float, swap_ever
                                           / results["phases"][0]["latency_p99_ms"])
     results["rolling_over_steady_p50"] = (results["phases"][1]["latency_p50_ms"]
                                           / results["phases"][0]["latency_p50_ms"])
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json").write_text(json.dumps({**run_record(), **results}, indent=2))
     _plot(steady, rolling, out_dir / "rollout.png")
     console.print(_table(results))
     console.print(f"wrote {out_dir}/results.json, rollout.png")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -260,8 +261,8 @@ async def closed_loop(host: str, port: int, requests: list[bytes], concurrency: 
         done: asyncio.Future[int] = loop.create_future()
         spread = number * len(requests) // concurrency
         _, protocol = await loop.create_connection(
-            lambda spread=spread, done=done: _ClosedLoopConnection(
-                requests, spread, deadline, latencies, batch_sizes, done, keep_bodies),
+            functools.partial(_ClosedLoopConnection, requests, spread, deadline, latencies,
+                              batch_sizes, done, keep_bodies),
             host, port)
         connections.append(protocol)
     errors = 0
@@ -388,7 +389,7 @@ def measure_in_process(model: Any, samples: Sequence[np.ndarray], batch_size: in
         for start in range(0, len(order), batch_size)]
     for batch in batches[:3]:
         model.run(batch)
-    latencies = []
+    latencies: list[float] = []
     cpu_before = time.process_time()
     started = time.perf_counter()
     deadline = started + duration_s

@@ -62,6 +62,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
@@ -511,7 +512,7 @@ def plot_trace(axes: Any, points: list[TracePoint], records: list[dict[str, Any]
     bandwidth.set_title("the trace (emulated link)")
     for axis in (bandwidth, latency, plans):
         axis.set_xlim(0, points[-1].t_s)
-    series: dict[str, list[float]] = {}
+    series: dict[str, Sequence[float]] = {}
     for name in STRATEGIES:
         mine = sorted((r["t_s"], r["latency_ms"]) for r in records
                       if r["strategy"] == name and r["answered"])
@@ -527,9 +528,9 @@ def plot_trace(axes: Any, points: list[TracePoint], records: list[dict[str, Any]
     adaptive = [r for r in records if r["strategy"] == ADAPTIVE and r["answered"]]
     kinds = sorted({plan_kind(r["plan"]) for r in adaptive})
     for kind_index, kind in enumerate(kinds):
-        mine = [r for r in adaptive if plan_kind(r["plan"]) == kind]
-        plans.scatter([r["t_s"] for r in mine], [kind_index] * len(mine), s=6,
-                      c=["orange" if r["fallback"] else "tab:blue" for r in mine])
+        chosen = [r for r in adaptive if plan_kind(r["plan"]) == kind]
+        plans.scatter([r["t_s"] for r in chosen], [kind_index] * len(chosen), s=6,
+                      c=["orange" if r["fallback"] else "tab:blue" for r in chosen])
     plans.set_yticks(range(len(kinds)), kinds)
     plans.set_xlabel(f"trace time (s); {settings.rate_per_s:g} requests/s per strategy")
     plans.set_title("tierwise adaptive: plan chosen per request (orange: fell back)")

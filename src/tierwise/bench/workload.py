@@ -114,8 +114,9 @@ def load_workload(name: str, config: Config, console: Console | None = None) -> 
             console.rule("training the zoo (cached afterwards)")
             ensure_zoo(config, console=console)
         ensure_profiles(config, console=console)
+        device, edge, cloud = names
         return Workload(name, config, "Fashion-MNIST test images", "accuracy",
-                        "accuracy: against the test labels", *names)
+                        "accuracy: against the test labels", device, edge, cloud)
     if name == "camera":
         camera = camera_config(config)
         install_camera(camera, console)

@@ -203,9 +203,9 @@ class Client:
             `models_dir`: verified, kept current by polling, swapped in while requests run;
             default `registry.url` unless `models_dir` is given. Remote stages then ask for
             the version this device was given, and every trace records it.
-        channel, device_id: the registry channel and this device's id (its canary cohort,
-            the name its telemetry goes by); default `registry.channel`,
-            `registry.device_id` (else the host name).
+        channel: the registry channel (stable or canary); default `registry.channel`.
+        device_id: this device's id: its canary cohort, the name its telemetry goes by;
+            default `registry.device_id`, else the host name.
         collector_url: send every trace to this collector (the cloud server), stored and
             forwarded: nothing is lost across outages; default `telemetry.url`, else
             `registry.url`, else no telemetry.

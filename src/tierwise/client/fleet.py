@@ -44,7 +44,7 @@ class FleetWatcher:
     def poll(self) -> bool:
         """Ask once; True when a new list was taken."""
         try:
-            sites = self._fetch()
+            fetched = self._fetch()
         except Exception as error:  # FleetError, and anything unforeseen: never the thread
             reason = str(error) if isinstance(error, FleetError) else \
                 f"{type(error).__name__}: {error}"
@@ -54,9 +54,9 @@ class FleetWatcher:
             self.last_error = message
             return False
         self.last_error = ""
-        if sites is None:  # 304: unchanged
+        if fetched is None:  # 304: unchanged
             return False
-        sites, etag = sites
+        sites, etag = fetched
         try:
             self.on_sites(sites)
         except Exception as error:  # not taken: asked in full again at the next poll

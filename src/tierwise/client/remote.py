@@ -123,8 +123,8 @@ class TierConnections:
                                            verify=self.tls or True)
                     if self.device_id:
                         client.headers["tierwise-device"] = self.device_id
-                    settings = self.config.tiers.get(tier)  # None: known by URL only
-                    if settings is not None and settings.require_auth:
+                    known = self.config.tiers.get(tier)  # None: known by URL only
+                    if known is not None and known.require_auth:
                         client.headers["authorization"] = f"Bearer {self._token(tier)}"
                     self._clients[tier] = client
         return client

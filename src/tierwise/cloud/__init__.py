@@ -136,7 +136,7 @@ def control_plane(config: Config, metrics: Any = None,
                     Middleware(AuthenticationMiddleware,
                                backend=CredentialBackend(credentials, sessions),
                                on_error=authentication_failed)],
-        exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS)
     app.state.dashboard = dashboard
     return app
 

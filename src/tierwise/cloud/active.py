@@ -53,6 +53,10 @@ class ActiveAPI:
 
     @scoped("samples:write")
     async def samples(self, request: Request) -> Response:
+        """Add a device's selected samples to the label queue, `{"device": id, "samples":
+        [...]}`: `{"accepted", "duplicates"}` (scope samples:write; a device or edge server
+        only for its own id, else 403; 400 for a bad upload, nothing of it kept; 413 over
+        64 MiB)."""
         body = await read_body(request, MAX_UPLOAD_BYTES, "a sample upload")
         try:  # decoded and checked off the event loop: an upload may be megabytes
             batch, decoded = await asyncio.to_thread(parse_samples, body)
@@ -68,6 +72,8 @@ class ActiveAPI:
 
     @scoped("telemetry:read")
     async def summary(self, request: Request) -> Response:
+        """The label queue as JSON: samples per state, and per device the samples and bytes
+        it uploaded (scope telemetry:read: an operator)."""
         counts, uploads = await asyncio.gather(asyncio.to_thread(self.store.counts),
                                                asyncio.to_thread(self.store.uploads))
         return Response(orjson.dumps({"samples": counts, "uploads": uploads}),

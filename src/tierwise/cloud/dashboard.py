@@ -82,9 +82,13 @@ class Dashboard:
                 Route(f"{PREFIX}/plot/{{view}}.png", self.plot, methods=["GET"])]
 
     async def login_page(self, request: Request) -> Response:
+        """The sign-in page, an HTML form for an operator token (no credential needed)."""
         return HTMLResponse(_LOGIN_PAGE, headers=NO_STORE)
 
     async def login(self, request: Request) -> Response:
+        """Sign in with the form's `token=T` (an operator's): sets the session cookie and
+        answers 303 to the dashboard (no credential needed; 401 for a token that is not an
+        operator's, 413 over 4 KiB)."""
         body = await read_body(request, 4096, "a sign-in form")
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
         session = await asyncio.to_thread(self.sessions.start, token)
@@ -98,6 +102,8 @@ class Dashboard:
         return answer
 
     async def logout(self, request: Request) -> Response:
+        """End the session of the cookie sent, if any, and answer 303 to the sign-in page (no
+        credential needed)."""
         self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
         answer = RedirectResponse(LOGIN, status_code=303)
         answer.delete_cookie(SESSION_COOKIE, path=PREFIX, httponly=True, samesite="strict")
@@ -105,10 +111,14 @@ class Dashboard:
 
     @scoped("dashboard:read", sign_in=LOGIN)
     async def page(self, request: Request) -> Response:
+        """The dashboard's HTML page, which refreshes its summary and plots every 2 s (scope
+        dashboard:read: an operator; without a credential, 303 to the sign-in page)."""
         return HTMLResponse(self._page(), headers=NO_STORE)
 
     @scoped("dashboard:read")
     async def data(self, request: Request) -> Response:
+        """The summary of the traces of the last telemetry.dashboard_window_s seconds as JSON,
+        with what was emulated and the summary as HTML (scope dashboard:read)."""
         views = await asyncio.to_thread(self._views)
         body = orjson.dumps({**views.summary(), "emulated": views.emulated,
                              "summary_html": summary_html(views.summary(), views.emulated)})
@@ -116,6 +126,8 @@ class Dashboard:
 
     @scoped("dashboard:read")
     async def plot(self, request: Request) -> Response:
+        """One view as a PNG: latency, tier_mix, cost or drift (scope dashboard:read; 404 for
+        another view)."""
         name = request.path_params["view"]
         if name not in PLOTS:
             raise HTTPError(404, f"no view {name!r}; views: {sorted(PLOTS)}")

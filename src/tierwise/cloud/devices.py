@@ -75,10 +75,15 @@ def devices_routes(credentials: Credentials) -> list[BaseRoute]:
 
     @scoped("devices:admin")
     async def listed(request: Request) -> Response:
+        """Every credential as JSON, never a token: id, role, created, expiry and revocation
+        times, epoch seconds (scope devices:admin: an operator)."""
         return _json(await asyncio.to_thread(credentials.list))
 
     @scoped("devices:admin")
     async def enroll(request: Request) -> Response:
+        """Enrol `{id}`: body `{"role": "device"|"edge"|"operator"}` (default device); 201
+        with `{"id", "role", "token"}`, the token shown this once (scope devices:admin; 400
+        for a bad id, role or body, 409 if the id has a live credential, 413 over 4 KiB)."""
         device = request.path_params["id"]
         role = (await _options(request, {"role": (str,)})).get("role", "device")
         if role not in ROLES:
@@ -93,6 +98,9 @@ def devices_routes(credentials: Credentials) -> list[BaseRoute]:
 
     @scoped("devices:admin")
     async def rotate(request: Request) -> Response:
+        """A new token for `{id}`, `{"id", "token"}`; its old tokens keep working for the
+        body's `overlap_s` seconds (default a day) (scope devices:admin; 400 for a bad body,
+        404 when the id has no live credential)."""
         device = request.path_params["id"]
         options = await _options(request, {"overlap_s": (int, float)})
         overlap_s = options.get("overlap_s", DEFAULT_OVERLAP_S)
@@ -106,6 +114,8 @@ def devices_routes(credentials: Credentials) -> list[BaseRoute]:
 
     @scoped("devices:admin")
     async def revoke(request: Request) -> Response:
+        """End every token of `{id}` now: `{"id", "revoked"}`, how many were (scope
+        devices:admin; 404 when the id has none to revoke)."""
         device = request.path_params["id"]
         try:
             revoked = await asyncio.to_thread(credentials.revoke, device)
@@ -115,6 +125,9 @@ def devices_routes(credentials: Credentials) -> list[BaseRoute]:
 
     @scoped("tokens:introspect")
     async def introspect(request: Request) -> Response:
+        """Whose the form's `token=T` is now (RFC 7662): `{"active": true, "sub": id,
+        "role"}` or `{"active": false}` (scope tokens:introspect: an edge server or an
+        operator; 400 without a token, 413 over 4 KiB)."""
         body = await read_body(request, 4096, "an introspection request")
         token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
         if not token:

@@ -62,6 +62,9 @@ def fleet_routes(config: Config) -> list[BaseRoute]:
 
     @scoped("fleet:read")
     async def sites(request: Request) -> Response:
+        """The published edge and cloud sites, from the cloud's config: name, kind, URL,
+        region, prices and whether each requires a token; an ETag, 304 for a matching
+        If-None-Match (scope fleet:read)."""
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"etag": etag})
         return Response(body, media_type="application/json", headers={"etag": etag})

@@ -45,12 +45,18 @@ def registry_routes(registry: Registry) -> list[BaseRoute]:
 
     @scoped("models:read")
     async def models(request: Request) -> Response:
+        """Every model's rollout state as JSON: its stable and canary versions, the canary's
+        share and whether it is paused (scope models:read: an operator)."""
         rollouts = await asyncio.to_thread(registry.rollouts)
         return Response(orjson.dumps([r.__dict__ for r in rollouts]),
                         media_type="application/json")
 
     @scoped("deployments:read")
     async def deployment(request: Request) -> Response:
+        """What device `?device=ID` on `{channel}` (stable or canary) runs now, per model with
+        the signed manifests of every active version, in one signed document; an ETag, 304
+        for a matching If-None-Match (scope deployments:read; a device or edge server only
+        for its own id, else 403; 400 without a plain ?device, 404 for another channel)."""
         channel = request.path_params["channel"]
         if channel not in CHANNELS:
             raise HTTPError(404, f"no channel {channel!r}; channels: {list(CHANNELS)}")
@@ -72,6 +78,9 @@ def registry_routes(registry: Registry) -> list[BaseRoute]:
 
     @scoped("blobs:read")
     async def blob(request: Request) -> Response:
+        """The artifact whose SHA-256 is `{digest}`, as application/octet-stream; HTTP range
+        requests resume it (206) (scope blobs:read; 404 for a malformed or unknown
+        digest)."""
         digest = request.path_params["digest"]
         path = registry.blob_path(digest)  # RegistryError (404) for a malformed digest
         if not path.is_file():

@@ -55,6 +55,10 @@ class TelemetryAPI:
 
     @scoped("traces:write")
     async def traces(self, request: Request) -> Response:
+        """Store a device's batch of traces, `{"device": id, "traces": [...]}`, and watch
+        them for drift: `{"accepted", "duplicates"}` (scope traces:write; a device or edge
+        server only for its own id, else 403; 400 for a bad batch, nothing of it kept; 413
+        over 64 MiB)."""
         body = await read_body(request, MAX_BATCH_BYTES, "a trace batch")
         try:  # parsed and checked off the event loop: a batch may be megabytes
             batch = await asyncio.to_thread(parse_batch, body)
@@ -70,6 +74,8 @@ class TelemetryAPI:
 
     @scoped("telemetry:read")
     async def summary(self, request: Request) -> Response:
+        """The collector's summary as JSON: requests stored, devices, the last trace's start
+        (epoch s) and the latest 20 drift alerts (scope telemetry:read: an operator)."""
         summary = await asyncio.to_thread(self.collector.summary)
         summary["drift_alerts"] = [alert.__dict__ for alert in self.drift.alerts[-20:]]
         return Response(orjson.dumps(summary), media_type="application/json")

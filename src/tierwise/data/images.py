@@ -220,7 +220,7 @@ def load_frames(source: str | Path, limit: int | None = None, every: int = 1,
         return load_coco(path, limit)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         frames: list[np.ndarray] = []
-        skipped: list[str] = []
+        skipped = []  # typed by `_readable` above: list[str]
         for frame in iter_video(path, every, skipped=skipped):
             frames.append(frame)
             if limit and len(frames) >= limit:

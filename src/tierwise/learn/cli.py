@@ -23,7 +23,8 @@ OVERRIDES = {"clients": "clients", "rounds": "rounds", "partition": "partition",
              "min_fraction": "min_fraction"}
 
 
-def add_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+                 ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     fl = commands.add_parser("fl", help="federated learning on Flower (SuperLink, SuperNodes) "
                              "over emulated device links")
     steps = fl.add_subparsers(dest="fl_command", required=True)
@@ -47,18 +48,28 @@ def add_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAc
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--partition", choices=("iid", "dirichlet", "labels"))
+    parser.add_argument("--clients", type=int, help="SuperNodes, one per emulated device "
+                        "(default: fl.clients)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (default: fl.rounds)")
+    parser.add_argument("--partition", choices=("iid", "dirichlet", "labels"),
+                        help="how the training set is split across clients (default: "
+                        "fl.partition)")
     parser.add_argument("--alpha", type=float, help="Dirichlet concentration")
-    parser.add_argument("--labels-per-client", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--strategy", choices=("fedavg", "fedprox"))
+    parser.add_argument("--labels-per-client", type=int, help="classes each client holds, "
+                        "with --partition labels (default: fl.labels_per_client)")
+    parser.add_argument("--seed", type=int, help="seeds the partition, initial weights, local "
+                        "batches and stochastic compression (default: fl.seed)")
+    parser.add_argument("--strategy", choices=("fedavg", "fedprox"),
+                        help="server aggregation (default: fl.strategy)")
     parser.add_argument("--compressor", help="none, q8, q4, topk:F, topk:F+q8, topk:F+q4")
-    parser.add_argument("--downlink", choices=("none", "q8"))
-    parser.add_argument("--local-steps", type=int)
+    parser.add_argument("--downlink", choices=("none", "q8"), help="the global model as "
+                        "sent to clients: float32, or 8-bit (default: fl.downlink)")
+    parser.add_argument("--local-steps", type=int, help="SGD steps per client per round "
+                        "(default: fl.local_steps)")
     parser.add_argument("--deadline", type=float, help="round deadline, seconds")
-    parser.add_argument("--min-fraction", type=float)
+    parser.add_argument("--min-fraction", type=float, help="fewest clients, as a share "
+                        "0..1 of those sampled, whose updates make a round (default: "
+                        "fl.min_fraction)")
 
 
 def with_fl(config: Config, **overrides: Any) -> Config:

@@ -247,10 +247,11 @@ class UpdateCompressor(ABC):
                                  f"the update's {shapes}")
             flat = flat + _flatten(residual, "residual")
         dims = [dim for shape in shapes for dim in shape]
-        payload = {SPEC_KEY: np.frombuffer(self.spec.encode("utf-8"), np.uint8).copy(),
-                   NDIMS_KEY: np.array([len(shape) for shape in shapes], np.int64),
-                   DIMS_KEY: np.array(dims, np.int64),
-                   **self.pack(flat, rng)}
+        payload: dict[str, np.ndarray] = {
+            SPEC_KEY: np.frombuffer(self.spec.encode("utf-8"), np.uint8).copy(),
+            NDIMS_KEY: np.array([len(shape) for shape in shapes], np.int64),
+            DIMS_KEY: np.array(dims, np.int64),
+            **self.pack(flat, rng)}
         if not self.error_feedback:
             return payload, None
         return payload, _split(flat - self.unpack(payload, flat.size), shapes)

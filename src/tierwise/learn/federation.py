@@ -88,7 +88,7 @@ def _libc_prctl() -> Callable[..., int] | None:
     import ctypes
 
     try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl  # type: ignore[no-any-return]
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 

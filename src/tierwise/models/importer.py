@@ -97,7 +97,9 @@ def add_model(
         preprocess: a `Preprocessing` or its spec string (`resize=256x256,crop=224x224,...`):
             prepended to the graph, which then takes uint8 NHWC images.
         runs_on: the tiers that may run it (device, edge, cloud); empty: as the config says.
-        calibration, trained, provenance: metadata a caller already has (the zoo's training).
+        calibration: the temperature a caller already fitted (the zoo's training).
+        trained: the training record a caller already has (the zoo's).
+        provenance: where the model came from, as a caller knows it.
         cuts: restrict the split candidates to these tensors (each must be a cut point of the
             graph); default every cut point the graph has.
         eval_data: what `tierwise profile` measures it on (an ImageFolder, COCO-style JSON,

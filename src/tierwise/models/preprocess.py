@@ -21,6 +21,7 @@ Pillow, so a device can resize.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -190,7 +191,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resized.reshape(size[0], size[1], *image.shape[2:])
 
 
-def reference(pre: Preprocessing, images: np.ndarray) -> np.ndarray:
+def reference(pre: Preprocessing, images: Iterable[np.ndarray]) -> np.ndarray:
     """What the prepended graph computes, with numpy and Pillow: uint8 NHWC -> float32."""
     out = []
     for image in images:

@@ -59,13 +59,17 @@ class Collector:
 
     def count(self) -> int:
         with self._db() as db:
-            return int(db.execute("SELECT COUNT(*) FROM traces").fetchone()[0])
+            row = db.execute("SELECT COUNT(*) FROM traces").fetchone()
+        assert row is not None  # an aggregate query always gives one row
+        return int(row[0])
 
     def summary(self) -> dict[str, Any]:
         with self._db() as db:
-            count, devices, last = db.execute(
+            row = db.execute(
                 "SELECT COUNT(*), COUNT(DISTINCT device), MAX(started_at) FROM traces"
             ).fetchone()
+        assert row is not None  # an aggregate query always gives one row
+        count, devices, last = row
         return {"requests": count, "devices": devices, "last_started_at": last}
 
     def records(self, since: float = 0.0) -> list[dict[str, Any]]:

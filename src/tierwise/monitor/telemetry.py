@@ -135,7 +135,9 @@ class Telemetry:
         with self._pending_lock:
             pending = len(self._pending)
         with self._db() as db:
-            return pending + db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            row = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        assert row is not None  # an aggregate query always gives one row
+        return pending + int(row[0])
 
     def flush(self) -> bool:
         """Move what was recorded to the outbox and send all of it now; True when the

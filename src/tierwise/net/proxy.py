@@ -148,8 +148,9 @@ class ShapingProxy:
         tasks: list[asyncio.Task[None]] = []
         try:
             try:
-                target_reader, target_writer = await asyncio.wait_for(
+                target_reader, opened = await asyncio.wait_for(
                     asyncio.open_connection(*self.target, limit=CHUNK_BYTES), CONNECT_TIMEOUT_S)
+                target_writer = opened  # closed in `finally`
             except (OSError, TimeoutError) as exc:
                 log.warning("proxy %r: cannot reach %s:%d (%s); closing the client connection",
                             self.name, *self.target, str(exc) or type(exc).__name__)
@@ -158,7 +159,7 @@ class ShapingProxy:
             down: _InFlight = asyncio.Queue(IN_FLIGHT_CHUNKS)
             tasks = [
                 asyncio.create_task(self._pace(client_reader, self._up, up)),
-                asyncio.create_task(self._deliver(up, target_writer, "up")),
+                asyncio.create_task(self._deliver(up, opened, "up")),
                 asyncio.create_task(self._pace(target_reader, self._down, down)),
                 asyncio.create_task(self._deliver(down, client_writer, "down")),
             ]

@@ -279,6 +279,7 @@ def _export(models_dir: Path, parent: ModelInfo, point: int, name: str, stack: n
     from onnx import compose
 
     encoder, decoder, tail = stack[0], stack[1], stack[2]
+    assert isinstance(encoder, Encoder)  # every stack is (Encoder, Decoder, tail)
     directory = bottleneck_dir(models_dir, parent.name, point, name)
     directory.mkdir(parents=True, exist_ok=True)
     _export_encoder(encoder, directory / "encoder.onnx", sample_features)

@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 from rich.console import Console
@@ -38,6 +38,36 @@ if TYPE_CHECKING:  # torch is needed only where bottlenecks are trained
 
 RAW_IMAGE_BYTES = 784
 BATCH_64 = 64
+
+
+class _RateRow(TypedDict):
+    """One codec's point of the rate–accuracy plot (split_point 0: an input codec)."""
+
+    kind: str  # input, feature or learned
+    model: str
+    split_point: int
+    codec: str
+    bytes: float
+    test_accuracy: float
+    reduction_vs_raw_image: NotRequired[float]
+
+
+class _ModelRow(TypedDict):
+    """One whole model or variant: its size, latency and accuracy (and, for a variant,
+    each against its parent's)."""
+
+    model: str
+    parent: str | None
+    variant: str | None
+    bytes_on_disk: int
+    parameters: int
+    latency_batch1_ms: float
+    latency_batch64_ms: float
+    test_accuracy: float
+    bytes_vs_parent: NotRequired[float]
+    latency_batch1_vs_parent: NotRequired[float]
+    latency_batch64_vs_parent: NotRequired[float]
+    accuracy_drop_points: NotRequired[float]
 
 
 class _Sessions:
@@ -85,8 +115,8 @@ def build_report(config: Config, out_dir: Path, *, test_images: int = 10000,
     remote = [m for tier, names in placed.items() if tier != DEVICE_TIER
               for m in names if m in found and not found[m][0].variant]
     whole = [name for name, (info, _) in found.items() if info.role == "full"]
-    rows_rate: list[dict[str, object]] = []
-    rows_models: list[dict[str, object]] = []
+    rows_rate: list[_RateRow] = []
+    rows_models: list[_ModelRow] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("optimize report", total=len(remote) + len(whole))
         for name in remote:
@@ -116,8 +146,8 @@ def build_report(config: Config, out_dir: Path, *, test_images: int = 10000,
                 "latency_batch64_ms": _batch64_ms(runner, images),
                 "test_accuracy": float((runner.run_batched(images).argmax(1) == labels).mean())})
             progress.advance(task)
-    for row in rows_rate:
-        row["reduction_vs_raw_image"] = RAW_IMAGE_BYTES / max(float(row["bytes"]), 1e-9)
+    for rate in rows_rate:
+        rate["reduction_vs_raw_image"] = RAW_IMAGE_BYTES / max(float(rate["bytes"]), 1e-9)
     for row in rows_models:
         parent = next((r for r in rows_models if r["model"] == row["parent"]), None)
         if parent is not None:
@@ -148,7 +178,7 @@ def _cpu_note() -> str:
             f"slower than fp32")
 
 
-def _plot_rate(rows: list[dict[str, object]], path: Path) -> None:
+def _plot_rate(rows: list[_RateRow], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,15 +215,16 @@ def _plot_rate(rows: list[dict[str, object]], path: Path) -> None:
     plt.close(figure)
 
 
-def _plot_latency(rows: list[dict[str, object]], path: Path) -> None:
+def _plot_latency(rows: list[_ModelRow], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for axis, key, title in ((axes[0], "latency_batch1_ms", "batch 1"),
-                             (axes[1], "latency_batch64_ms", "batch 64")):
+    panels: tuple[tuple[Any, Literal["latency_batch1_ms", "latency_batch64_ms"], str], ...] = (
+        (axes[0], "latency_batch1_ms", "batch 1"), (axes[1], "latency_batch64_ms", "batch 64"))
+    for axis, key, title in panels:
         for row in rows:
             axis.scatter(float(row[key]), 100 * float(row["test_accuracy"]))
             axis.annotate(str(row["model"]).removeprefix("fmnist-"),
@@ -208,15 +239,16 @@ def _plot_latency(rows: list[dict[str, object]], path: Path) -> None:
     plt.close(figure)
 
 
-def _print(console: Console, rows_rate: list[dict[str, object]],
-           rows_models: list[dict[str, object]]) -> None:
+def _print(console: Console, rows_rate: list[_RateRow],
+           rows_models: list[_ModelRow]) -> None:
     table = Table(title="rate–accuracy (test data)")
     for column in ("model", "cut", "codec", "bytes", "× fewer than raw", "accuracy"):
         table.add_column(column)
-    for row in rows_rate:
-        table.add_row(str(row["model"]), str(row["split_point"] or "input"), str(row["codec"]),
-                      f"{float(row['bytes']):.1f}", f"{float(row['reduction_vs_raw_image']):.1f}",
-                      f"{100 * float(row['test_accuracy']):.2f}%")
+    for rate in rows_rate:
+        table.add_row(str(rate["model"]), str(rate["split_point"] or "input"), str(rate["codec"]),
+                      f"{float(rate['bytes']):.1f}",
+                      f"{float(rate['reduction_vs_raw_image']):.1f}",
+                      f"{100 * float(rate['test_accuracy']):.2f}%")
     console.print(table)
     table = Table(title="model variants (this CPU, ONNX Runtime, 1 thread)")
     for column in ("model", "KiB", "batch 1 ms", "batch 64 ms", "accuracy"):

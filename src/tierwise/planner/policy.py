@@ -159,12 +159,14 @@ def candidates_from_profiles(config: Config, profiles: Mapping[str, ModelProfile
         assert isinstance(first.plan, Local)
         curves = {curve.then: curve for curve in profiles[first.device_model].cascades}
         for then in remote:
+            then_plan = then.plan
+            assert isinstance(then_plan, Remote | Split)  # all `remote` holds
             # A lossy `then` would need its own curve; lossless ones share the model's.
-            model = then.plan.model  # type: ignore[union-attr]
-            lossless = isinstance(then.plan, Remote) or then.plan.feature_codec == RAW  # type: ignore[union-attr]
+            model = then_plan.model
+            lossless = isinstance(then_plan, Remote) or then_plan.feature_codec == RAW
             if model in curves and lossless:
                 cascades.append(Candidate(
-                    plan=Cascade(first.plan, then.plan, threshold=0.0),  # type: ignore[arg-type]
+                    plan=Cascade(first.plan, then_plan, threshold=0.0),
                     accuracy=0.0, device_model=first.device_model,
                     device_ms=first.device_ms + then.device_ms,
                     escalated_device_ms=then.device_ms, tier=then.tier,

@@ -246,8 +246,9 @@ def bottleneck_parts(found: dict[str, tuple[ModelInfo, Path]],
     """(fused head, fused tail) of every learned bottleneck registered for `model`."""
     heads = [info for info, _ in found.values()
              if info.parent == model and info.bottleneck and info.role == "head"]
-    tails = {(info.split_point, info.bottleneck): info for info, _ in found.values()
-             if info.parent == model and info.bottleneck and info.role == "tail"}
+    tails: dict[tuple[int | None, str | None], ModelInfo] = {
+        (info.split_point, info.bottleneck): info for info, _ in found.values()
+        if info.parent == model and info.bottleneck and info.role == "tail"}
     return [(head, tails[(head.split_point, head.bottleneck)]) for head in heads
             if (head.split_point, head.bottleneck) in tails]
 

@@ -80,6 +80,7 @@ def parse_fleet(body: bytes) -> list[FleetSite]:
             raise FleetError(f"{where}.kind: expected one of {list(KINDS)}, got {kind!r}")
         url = entry.get("url")
         check_site_url(url, f"{where}.url")
+        assert isinstance(url, str)  # check_site_url raised otherwise
         region = entry.get("region", "")
         if not isinstance(region, str):
             raise FleetError(f"{where}.region: expected a string, got {region!r}")

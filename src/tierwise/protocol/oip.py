@@ -479,9 +479,10 @@ def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest
         if not isinstance(requested, list):
             raise ProtocolError(f"'outputs' must be a list, got {requested!r}")
         for output in requested:
-            name = output.get("name") if isinstance(output, dict) else None
-            if not isinstance(name, str):
+            given = output.get("name") if isinstance(output, dict) else None
+            if not isinstance(given, str):
                 raise ProtocolError(f"each requested output needs a 'name', got {output!r}")
+            name = given
             output_parameters = _parameters(output.get("parameters"), f"output {name!r}: ")
             flag = output_parameters.get("binary_data")
             if flag is not None and not isinstance(flag, bool):

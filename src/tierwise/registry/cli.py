@@ -18,7 +18,7 @@ from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
 from tierwise.registry.store import CHANNELS, PushResult, Registry, Rollout, registry_of
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     registry = commands.add_parser("registry", help="signed model versions and their rollout")
     steps = registry.add_subparsers(dest="registry_command", required=True)
     keygen_parser = steps.add_parser("keygen", help="an Ed25519 signing key pair and API token")
@@ -38,13 +38,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
                       "tiers.*.models list it)")
     steps.add_parser("ls", help="every model: stable, canary, share")
     show = steps.add_parser("show", help="a model's versions, lineage, history and devices")
-    show.add_argument("model")
+    show.add_argument("model", help="the model's name in the registry")
     promote = steps.add_parser("promote", help="raise the canary's share, or make it stable")
-    promote.add_argument("model")
+    promote.add_argument("model", help="the model whose canary is promoted")
     promote.add_argument("--share", type=float, help="the new share (default: all: stable)")
     for name, text in (("pause", "hold the canary: no more devices get it"),
                        ("rollback", "drop the canary, or return to the previous stable")):
-        steps.add_parser(name, help=text).add_argument("model")
+        steps.add_parser(name, help=text).add_argument(
+            "model", help="the model's name in the registry")
     for parser in steps.choices.values():
         parser.set_defaults(run=run)
 
@@ -53,14 +54,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     device_steps = devices.add_subparsers(dest="devices_command", required=True)
     enroll = device_steps.add_parser("enroll", help="a new bearer token for a device or an "
                                      "edge server (shown once; stored as a hash)")
-    enroll.add_argument("id")
-    enroll.add_argument("--role", choices=ROLES, default="device")
+    enroll.add_argument("id", help="the device's or server's id (letters, digits, '.', '_', "
+                        "'@', '-'), as it sends it (registry.device_id)")
+    enroll.add_argument("--role", choices=ROLES, default="device", help="what the token may "
+                        "do: device, edge (also introspects device tokens), or operator "
+                        "(everything)")
     rotate = device_steps.add_parser("rotate", help="a new token; the old ones keep working "
                                      "for --overlap-s")
-    rotate.add_argument("id")
+    rotate.add_argument("id", help="the enrolled id whose token is replaced")
     rotate.add_argument("--overlap-s", type=float, default=DEFAULT_OVERLAP_S,
                         help="how long the old tokens stay valid (default a day)")
-    device_steps.add_parser("revoke", help="end every token of an id now").add_argument("id")
+    device_steps.add_parser("revoke", help="end every token of an id now").add_argument(
+        "id", help="the enrolled id whose tokens end")
     device_steps.add_parser("ls", help="every credential: id, role, created, expiry, revoked")
     for parser in device_steps.choices.values():
         parser.set_defaults(run=run_devices)

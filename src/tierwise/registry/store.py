@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import orjson
 
@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 _ROLLOUT_COLUMNS = "model, stable, canary, canary_share, paused"
 DEVICE_SEEN_RESOLUTION_S = 60.0
+
+
+class _FileEntry(TypedDict):
+    """One file of a version, as its manifest lists it."""
+    path: str
+    sha256: str
+    size: int
 
 
 def _rollout_of(row: tuple[Any, ...]) -> Rollout:
@@ -222,7 +229,7 @@ class Registry:
                     return self._unchanged(db, model, latest[0], rollout, channel, canary_share,
                                            config)
                 version = (latest[0] + 1) if latest else 1
-                entries = []
+                entries: list[_FileEntry] = []
                 for name, member_files, metadata, directory in files:
                     member_info = load_info(directory).model_copy(
                         update={"version": str(version)})
@@ -286,9 +293,10 @@ class Registry:
         if channel is not None and channel != on:
             on, share = self._publish(db, model, version, rollout, channel, canary_share,
                                       config)
-        manifest = orjson.loads(db.execute(
-            "SELECT manifest FROM versions WHERE model = ? AND version = ?",
-            (model, version)).fetchone()[0])
+        row = db.execute("SELECT manifest FROM versions WHERE model = ? AND version = ?",
+                         (model, version)).fetchone()
+        assert row is not None  # `version` was read from this table in this transaction
+        manifest = orjson.loads(row[0])
         return PushResult(model, version, False, on or "none", share, len(manifest["files"]),
                           sum(f["size"] for f in manifest["files"]))
 
@@ -509,16 +517,20 @@ class Registry:
         # every change of any rollout is an event: their last id orders the registry's
         # states, never going back (ids are never reused); the index's id says which
         # registry the sequence counts in (one rebuilt from nothing counts again)
-        sequence = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
-        row = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
-        return models, writes, sequence, str(row[0]) if row else None
+        last = db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        assert last is not None  # an aggregate query always gives one row
+        sequence = int(last[0])
+        instance = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        return models, writes, sequence, str(instance[0]) if instance else None
 
     @staticmethod
     def _instance(db: Connection) -> str:
         """This index's random id, made with it."""
         db.execute("INSERT INTO meta VALUES ('instance', ?) ON CONFLICT (key) DO NOTHING",
                    (uuid.uuid4().hex,))
-        return str(db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()[0])
+        row = db.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        assert row is not None  # inserted just above when it was not there
+        return str(row[0])
 
     @staticmethod
     def _rollout(db: Connection, model: str) -> Rollout | None:

@@ -1,16 +1,7 @@
 """The tier server: Open Inference Protocol v2 over HTTP/REST, as a plain ASGI app.
 
-Endpoints (KServe v2 / Triton REST):
-  GET  /v2/health/live, /v2/health/ready        200 when live / once the models are loaded
-  GET  /v2                                      server metadata (extensions: binary_tensor_data,
-                                                classification, model_repository)
-  GET  /v2/models/{name}[/versions/{v}]         model metadata
-  GET  /v2/models/{name}[/versions/{v}]/ready   200 when the model can infer
-  POST /v2/models/{name}[/versions/{v}]/infer   inference, JSON or binary tensor data
-  POST /v2/repository/index                     every model version known: READY, or
-                                                UNAVAILABLE with the reason (a file that did
-                                                not load); `{"ready": true}`: the READY ones
-  GET  /metrics                                 Prometheus exposition
+Endpoints (KServe v2 / Triton REST): `ROUTES` below, which the documentation's route
+reference is generated from (docs/reference/routes.md).
 
 Triton's extensions, as its docs/protocol/ describe them: a requested output with
 `parameters: {"classification": k}` comes back as BYTES [batch, k] strings
@@ -79,6 +70,21 @@ REPOSITORY_INDEX = "/v2/repository/index"
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"  # model states, as Triton names them
 # what the classification extension ranks: per-class scores [batch, classes]
 CLASSIFIABLE_DATATYPES = ("FP16", "FP32", "FP64")
+# (method, path, what): every route this server answers, as the reference documents them
+ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/v2/health/live", "200 while the server runs"),
+    ("GET", "/v2/health/ready", "200 once every model is loaded, else 503"),
+    ("GET", "/v2", "server metadata: name, version, extensions"),
+    ("GET", "/v2/models/{name}[/versions/{v}]", "model metadata: platform, versions, inputs "
+     "and outputs with datatype and shape"),
+    ("GET", "/v2/models/{name}[/versions/{v}]/ready", "200 when the model can infer"),
+    ("POST", "/v2/models/{name}[/versions/{v}]/infer", "inference, JSON or binary tensor "
+     "data (`Inference-Header-Content-Length`), gzip or deflate bodies; timing in "
+     "`tierwise-*` headers"),
+    ("POST", REPOSITORY_INDEX, "every model version known: READY, or UNAVAILABLE with the "
+     "reason; `{\"ready\": true}`: the READY ones"),
+    ("GET", "/metrics", "Prometheus exposition: requests, latency, batch sizes, queue"),
+)
 
 log = logging.getLogger("tierwise.server")
 

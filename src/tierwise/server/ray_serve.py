@@ -197,7 +197,9 @@ def _check_serve_instance(spec: TierApp, host: str, port: int, where: str) -> No
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    config = _get_global_client().http_config
+    client = _get_global_client()  # raises, rather than gives None, when Serve is not up
+    assert client is not None
+    config = client.http_config
     if (config.host, config.port) != (host, port):
         raise ConfigError(
             f"tiers.{spec.tier_name}.port: Ray Serve on {where} already answers at "

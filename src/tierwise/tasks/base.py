@@ -12,7 +12,7 @@ numpy only: devices decode their own outputs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -130,7 +130,7 @@ def pick_spec(task: str, specs: list[TensorSpec], name: str | None) -> TensorSpe
                     f"{', '.join(spec.describe() for spec in specs)}")
 
 
-def check_paired(task: str, results: Sequence[Any], others: Sequence[Any],
+def check_paired(task: str, results: Sequence[Any], others: Sized,
                  argument: str) -> None:
     """Raises TaskError unless `others` holds one entry per result, and there are results."""
     if len(results) == 0:
