@@ -98,8 +98,8 @@ def cli_page() -> str:
         if path:
             toc.append(f"{'    ' * (depth - 1)}- [`{title}`](#{title.replace(' ', '-')}): "
                        f"{_cell(text)}")
-            body.extend([f"{'#' * min(depth + 1, 4)} `{title}` {{#{title.replace(' ', '-')}}}",
-                         ""])
+            # a plain heading: MkDocs and GitHub derive the same anchor from it
+            body.extend([f"{'#' * min(depth + 1, 4)} {title}", ""])
             if text:
                 body.extend([text[0].upper() + text[1:] + ".", ""])
         usage = parser.format_usage().removeprefix("usage: ").strip()

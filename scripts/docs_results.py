@@ -28,6 +28,9 @@ RUNS = {
     "bench-serve": "tierwise bench serve",
     "bench-serve-camera": "tierwise bench serve --workload camera",
     "bench-serve-ray": "tierwise bench serve --engine ray",
+    "bench-serve-ray-scaled": "tierwise bench serve --engine ray --compute-scale 100 "
+                              "--max-batch-size 1 --concurrency 1,8,32 "
+                              "--out reports/bench-serve-ray-scaled",
     "bench-routing": "tierwise bench routing",
     "bench-bandwidth-fashion-mnist": "tierwise bench bandwidth",
     "bench-bandwidth-camera": "tierwise bench bandwidth --workload camera",

@@ -16,6 +16,7 @@ The directory starts with `data/models` holding the small zoo the other tests tr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+RESULTS = DOCS / "benchmarks" / "results"
 VENV_BIN = Path(sys.executable).parent
 TUTORIALS = sorted(path.name for path in (DOCS / "tutorials").glob("*.md")
                    if path.name != "index.md")
@@ -77,6 +79,56 @@ def test_the_readme_is_short_and_links_into_the_docs() -> None:
     assert missing == []
     for command in ("make demo", "make test", "tierwise models add"):
         assert command in readme
+
+
+def _load(run: str) -> dict:
+    return json.loads((RESULTS / run / "results.json").read_text())
+
+
+def _by(rows: list[dict], key: str) -> dict[str, dict]:
+    return {row[key]: row for row in rows}
+
+
+def _readme_numbers() -> list[str]:
+    """Each number the README's results table quotes, printed as the README prints it from
+    the results file the benchmark wrote."""
+    camera = _by(_load("demo-camera")["rows"], "strategy")
+    fleet = _by(_load("bench-fleet")["summaries"], "strategy")
+    levels = _load("bench-bandwidth-camera")["targets"]["per_level"]
+    batching = {row["concurrency"]: row for row in _load("bench-serve-camera")["factors"]}
+    active = _load("bench-active")["best"]
+    demo = _by(_load("demo")["rows"], "strategy")
+    fl = _by(_load("fl-bench")["comparison"], "compressor")
+    adaptive = camera["adaptive"]
+    return [
+        f"fidelity {adaptive['quality']:.0%}), p95 {adaptive['latency_p95_ms']:.0f} ms, "
+        f"{adaptive['bytes_up_per_inference']:,.0f} bytes per frame; cloud-only: p95 "
+        f"{camera['cloud-only']['latency_p95_ms']:,.0f} ms, "
+        f"{camera['cloud-only']['bytes_up_per_inference']:,.0f} bytes",
+        f"tierwise {fleet['tierwise']['miss_rate']:.1%}, least-RTT routing "
+        f"{fleet['least-RTT']['miss_rate']:.1%}; "
+        + ("no answer lost" if fleet["tierwise"]["lost"] == 0 else "answers lost"),
+        f"adaptive: {max(level['adaptive_miss_rate'] for level in levels):.1%} missed "
+        f"deadlines and {min(level['adaptive_accuracy'] for level in levels):.0%} fidelity at "
+        f"all {len(levels)} levels",
+        f"{batching[32]['factor']:.2f}× the requests/s of batch-1 serving at 32 clients",
+        f"{active['ratio']:.2f}× fewer labels than random to reach its accuracy; the "
+        f"{active['target_ratio']:g}× target is " + ("met" if active["met"] else "**not met**"),
+        f"adaptive {demo['adaptive']['quality']:.2%} accurate at "
+        f"${demo['adaptive']['cost_usd_per_1m']:.2g} per million inferences, p95 "
+        f"{demo['adaptive']['latency_p95_ms']:.1f} ms; cloud-only "
+        f"{demo['cloud-only']['quality']:.2%} at ${demo['cloud-only']['cost_usd_per_1m']:.2g}, "
+        f"p95 {demo['cloud-only']['latency_p95_ms']:.1f} ms",
+        f"{fl['topk:0.05+q8']['bytes_up_ratio']:.0f}× fewer bytes up than FedAvg, "
+        f"{100 * fl['topk:0.05+q8']['accuracy_delta']:+.2f} points of accuracy",
+    ]
+
+
+def test_the_readmes_results_are_the_results_files() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    missing = [number for number in _readme_numbers() if number not in readme]
+    assert missing == [], "README results differ from docs/benchmarks/results: " + \
+        "; ".join(missing)
 
 
 def blocks(page: Path) -> list[tuple[str, str, str | None]]:

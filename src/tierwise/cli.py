@@ -535,7 +535,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--channel", choices=["stable", "canary"], help="default registry.channel")
     serve.add_argument("--device-id", help="this server's id for canary cohorts")
     serve.add_argument("--require-auth", action="store_true", help="inference and /metrics "
-                       "need a bearer token (tiers.<tier>.require_auth; see the README)")
+                       "need a bearer token (tiers.<tier>.require_auth; see "
+                       "docs/how-to/tls-and-credentials.md)")
     serve.add_argument("--engine", choices=["process", "ray"], help="one process, or Ray "
                        "Serve deployments with autoscaling (default tiers.<tier>.engine)")
     serve.add_argument("--ray-address", help="with --engine ray: an existing Ray cluster "

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from tierwise.active.samplers import (
     DEVICE_SAMPLERS,
@@ -52,7 +51,7 @@ from tierwise.active.samplers import (
     Sampler,
     device_sampler,
 )
-from tierwise.bench.harness import run_record
+from tierwise.bench.harness import BenchReport, Column, run_record
 from tierwise.config import Config
 from tierwise.profile.calibration import softmax
 
@@ -309,7 +308,7 @@ def run_bench_active(config: Config, out_dir: Path, *, devices: int = 4, rounds:
         "bench_s": time.monotonic() - started})
     (out_dir / "results.json").write_text(json.dumps({**run_record(), **results}, indent=2))
     plot = _plot(results, out_dir / "label-efficiency.png")
-    console.print(_table(results))
+    write_table(results, out_dir, console)
     best = results["best"]
     console.print(
         f"random reaches {results['random_final_accuracy']:.2%} with "
@@ -353,20 +352,32 @@ def summarize(runs: dict[str, list[_Run]], bench: ActiveBench, seeds: int) -> di
     return out
 
 
-def _table(results: dict[str, Any]) -> Table:
-    table = Table(title="label efficiency on a shifted stream (class mix + rotation, emulated)")
-    for column in ("sampler", "labels", "start", "final", "labels to reach random's final",
-                   "vs random", "KB sent per device"):
-        table.add_column(column, justify="right")
-    for name, row in results["samplers"].items():
-        reached = row.get("labels_to_match_random")
-        ratio = row.get("ratio_vs_random")
-        table.add_row(name, f"{row['labels'][-1]:.0f}", f"{row['accuracy'][0]:.2%}",
-                      f"{row['accuracy'][-1]:.2%}",
-                      "-" if reached is None else f"{reached:.0f}",
-                      "-" if ratio is None else f"{ratio:.2f}x",
-                      f"{np.mean(row['bytes_per_device']) / 1e3:.1f}")
-    return table
+COLUMNS = (
+    Column("sampler", "sampler", left=True), Column("labels", "labels", "{:.0f}"),
+    Column("start", "start", "{:.2%}"), Column("final", "final accuracy", "{:.2%}"),
+    Column("reached", "labels to reach random's final", "{:.0f}"),
+    Column("ratio", "vs random", "{:.2f}×"), Column("kb_sent", "KB sent per device", "{:.1f}"))
+
+
+def write_table(results: dict[str, Any], out_dir: Path, console: Console | None = None,
+                show: bool = True) -> Path:
+    """The results' table, printed and written as `out_dir`/table.md, with what was
+    emulated. Reads only the results document, so a results.json can be tabled again."""
+    rows = [{"sampler": name, "labels": row["labels"][-1], "start": row["accuracy"][0],
+             "final": row["accuracy"][-1], "reached": row.get("labels_to_match_random"),
+             "ratio": row.get("ratio_vs_random"),
+             "kb_sent": float(np.mean(row["bytes_per_device"])) / 1e3}
+            for name, row in results["samplers"].items()]
+    best = results.get("best")
+    notes = []
+    if best:
+        notes.append(f"Best: {best['sampler']}, {best['labels']:.0f} labels to reach random's "
+                     f"{results['random_final_accuracy']:.2%} ({best['ratio']:.2f}× fewer; "
+                     f"target {best['target_ratio']:g}×: "
+                     f"{'met' if best['met'] else 'not met'}).")
+    report = BenchReport("active", out_dir, emulated=results["emulated"], console=console)
+    return report.table(rows, COLUMNS, title="label efficiency on a shifted stream",
+                        notes=notes, show=show)
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
