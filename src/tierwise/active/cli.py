@@ -105,6 +105,10 @@ def add_learn_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
                       help="the longest any step may take")
     loop.add_argument("--out", default="reports/learn-loop",
                       help="results folder (results.json, loop.png)")
+    loop.add_argument("--keep", action="store_true",
+                      help="keep the cloud's registry, label queue and config in OUT/work "
+                      "(default: removed); the later `tierwise labels` and `tierwise "
+                      "registry` commands take its config with --config")
     loop.set_defaults(run=_loop)
     promote = steps.add_parser("promote", help="apply the promotion rule to the canary now")
     promote.add_argument("--model", help="default the device model")
@@ -280,7 +284,8 @@ def _loop(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     ensure_zoo(config, ("device", "cloud"))
     run_loop(config, Path(args.out), devices=args.devices, clean=args.clean,
-             labels=args.labels, candidates=args.candidates, watch_s=args.watch_s)
+             labels=args.labels, candidates=args.candidates, watch_s=args.watch_s,
+             keep=args.keep)
     return 0
 
 

@@ -46,19 +46,29 @@ class LoopError(RuntimeError):
 
 def run_loop(config: Config, out_dir: Path, *, devices: int = 3, clean: int = 300,
              labels: int = 120, candidates: int = 200, per_device_budget: int = 120,
-             watch_s: float = 180.0, seed: int = 0,
+             watch_s: float = 180.0, seed: int = 0, keep: bool = False,
              console: Console | None = None) -> dict[str, Any]:
-    """Run the loop in a fresh work directory under `out_dir` (removed after); its results
-    (also `out_dir`/results.json and loop.png)."""
+    """Run the loop in a fresh work directory under `out_dir`; its results (also
+    `out_dir`/results.json and loop.png). The work directory (the cloud's registry, label
+    queue and collector, and the config its server ran with) is removed after, unless
+    `keep`: then it is `out_dir`/work, replaced if there was one, and the results name its
+    config file (`config`), which the `tierwise labels` and `tierwise registry` commands
+    take with `--config`."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="loop-", dir=out_dir)).resolve()
+    if keep:
+        work = (out_dir / "work").resolve()
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    else:
+        work = Path(tempfile.mkdtemp(prefix="loop-", dir=out_dir)).resolve()
     try:
         return _Loop(config, work, devices=devices, clean=clean, labels=labels,
                      candidates=candidates, per_device_budget=per_device_budget,
-                     watch_s=watch_s, seed=seed, console=console).run(out_dir)
+                     watch_s=watch_s, seed=seed, console=console).run(out_dir, keep)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 class _Loop:
@@ -106,7 +116,7 @@ class _Loop:
 
     # -- the steps ----------------------------------------------------------------------
 
-    def run(self, out_dir: Path) -> dict[str, Any]:
+    def run(self, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         from tierwise.active.cloud import dataset_oracle
         from tierwise.bench.processes import free_port, tier_server
         from tierwise.registry.signing import PRIVATE_KEY_FILE, keygen, load_private_key
@@ -174,7 +184,8 @@ class _Loop:
             - sum(u["samples"] for u in summary["uploads"].values()),
             "registry_history": registry.events(self.model),
             "events": self.events, "accuracy_over_time": self.points,
-            "loop_s": time.monotonic() - self.started}
+            "loop_s": time.monotonic() - self.started,
+            "config": config_path if keep else None}
         (out_dir / "results.json").write_text(json.dumps({**run_record(), **results}, indent=2))
         _plot(results, out_dir / "loop.png")
         self.console.print(
@@ -182,6 +193,9 @@ class _Loop:
             f"{results['decision']['action']}; lost samples {results['lost_samples']}; "
             f"{results['loop_s']:.0f} s. Results {out_dir / 'results.json'}, plot "
             f"{out_dir / 'loop.png'}")
+        if keep:
+            self.console.print(f"kept the cloud's registry and label queue: --config "
+                               f"{config_path}")
         return results
 
     def _devices(self) -> list[Any]:

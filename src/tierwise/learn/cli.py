@@ -42,15 +42,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     run_parser.set_defaults(run=run)
     partition_parser = steps.add_parser("partition", help="how the training set would be split: "
                                         "samples and label histogram per client")
-    add_run_options(partition_parser)
+    add_run_options(partition_parser, partition_only=True)
     partition_parser.set_defaults(run=partition_command)
     return steps
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser, partition_only: bool = False) -> None:
+    """The `fl` settings a run takes from the command line; with `partition_only`, those
+    that decide the partition (`tierwise fl partition`)."""
     parser.add_argument("--clients", type=int, help="SuperNodes, one per emulated device "
                         "(default: fl.clients)")
-    parser.add_argument("--rounds", type=int, help="federated rounds (default: fl.rounds)")
+    if not partition_only:
+        parser.add_argument("--rounds", type=int, help="federated rounds (default: fl.rounds)")
     parser.add_argument("--partition", choices=("iid", "dirichlet", "labels"),
                         help="how the training set is split across clients (default: "
                         "fl.partition)")
@@ -59,6 +62,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         "with --partition labels (default: fl.labels_per_client)")
     parser.add_argument("--seed", type=int, help="seeds the partition, initial weights, local "
                         "batches and stochastic compression (default: fl.seed)")
+    if partition_only:
+        return
     parser.add_argument("--strategy", choices=("fedavg", "fedprox"),
                         help="server aggregation (default: fl.strategy)")
     parser.add_argument("--compressor", help="none, q8, q4, topk:F, topk:F+q8, topk:F+q4")
@@ -81,7 +86,7 @@ def with_fl(config: Config, **overrides: Any) -> Config:
 
 def configured(args: argparse.Namespace) -> Config:
     return with_fl(load_config(args.config),
-                   **{field: getattr(args, flag) for flag, field in OVERRIDES.items()})
+                   **{field: getattr(args, flag, None) for flag, field in OVERRIDES.items()})
 
 
 def _schedule(items: list[str], what: str) -> dict[int, int]:

@@ -3,7 +3,8 @@
 A plan owns the control flow of an inference (run here, send there, cut the model, escalate
 when unsure); the client owns the stages (`StageRunner`): running a model on the device,
 calling a tier over OIP v2 through its link, measuring both. A new kind of plan is one new
-class; the policy (`tierwise.planner.policy`) scores plans from their `Legs`.
+class, and the policy (`tierwise.planner.policy`) scores it from the `Candidate` that
+`candidates_from_profiles` makes of it (predicted quality, compute and payload bytes).
 """
 
 from __future__ import annotations

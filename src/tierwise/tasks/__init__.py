@@ -1,6 +1,8 @@
 """ML tasks: how a model's raw outputs become results, how sure each result is, and how good
-a batch of them is. One class per task behind `Task`; `TASKS` is the only list of them, and
-`task_for` picks one from a model's metadata (`ModelInfo.task`). numpy only.
+a batch of them is. One class per task behind `Task`; `TASKS` lists them, and `task_for`
+picks one from a model's metadata (`ModelInfo.task`). The model store keeps their names too
+(`tierwise.models.store.TASKS`, below this package), and a test keeps the two equal.
+numpy only.
 """
 
 from __future__ import annotations
