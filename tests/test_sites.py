@@ -121,3 +121,28 @@ def test_a_hedged_request_is_answered_by_the_faster_site_and_both_are_counted(
         # a hedge that is not needed never starts: the fast site first
         fast_only = client.infer(splits.test_x[0], Remote("edge-paris", "fmnist-edge"))
         assert fast_only.trace.hedge is None
+
+
+def test_a_site_without_a_url_is_never_planned(small_config: Config, models_dir: Path) -> None:
+    """The default config's sites have port 0: a client told only the edge's URL never plans
+    the cloud, even for a request only the cloud can answer well; told both, it does."""
+    from tierwise.planner.policy import SLO
+    from tierwise.profile.model_profile import load_profile
+
+    config = small_config.model_copy(deep=True)
+    config.tiers["edge"].region, config.tiers["cloud"].region = "eu-west", "us-east"
+    device, cloud = (load_profile(models_dir, name).accuracy
+                     for name in ("fmnist-device", "fmnist-cloud"))
+    # in us-east only, above what the device model alone reaches: a cloud plan
+    slo = SLO(deadline_ms=10_000, min_accuracy=(device + cloud) / 2,
+              regions=frozenset({"us-east"}))
+    urls = {"edge": "http://127.0.0.1:9", "cloud": "http://127.0.0.1:9"}
+    edge_only = Client(config, models_dir=models_dir, probe=False, collector_url="",
+                       tier_urls={"edge": urls["edge"]})
+    both = Client(config, models_dir=models_dir, probe=False, collector_url="",
+                  tier_urls=urls)
+    with edge_only, both:
+        chosen = both.decide(slo).plan
+        assert "cloud" in chosen.tiers, chosen.describe()
+        chosen = edge_only.decide(slo).plan
+        assert "cloud" not in chosen.tiers, chosen.describe()

@@ -611,9 +611,13 @@ class Client:
         return policy.within_reach(slo, state, tier)
 
     def _planning_state(self, exclude: set[str] | None) -> PlanningState:
+        # a site with no URL (no port in the config, none passed or published) is never
+        # planned: every plan there would fail before it started
+        unreachable = {site for site in self.config.sites()
+                       if not self.connections.has_url(site)}
         return planning_state(self.link_estimators, self.server_estimators,
                               self._device_ratio,
-                              self.down | self.retired | (exclude or set()),
+                              self.down | self.retired | unreachable | (exclude or set()),
                               {plan: ewma.value for plan, ewma in self._escalation.items()
                                if ewma.samples >= ESCALATION_MIN_SAMPLES})
 

@@ -104,6 +104,10 @@ class TierConnections:
         self._clients: dict[str, httpx.Client] = {}
         self._lock = threading.Lock()
 
+    def has_url(self, tier: str) -> bool:
+        """Whether `tier` can be called at all: a URL given, or a port in the config."""
+        return tier in self.tier_urls or self.config.tier(tier).port != 0
+
     def get(self, tier: str, timeout_s: float) -> httpx.Client:
         """The client to `tier` (`timeout_s`: its default timeout, if it is made now).
         Raises RemoteStageError when the tier has no URL."""

@@ -48,6 +48,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                             "listed above; installed in this order")
     pretrained.add_argument("--runs-on", help="comma-separated tiers (default: each model's)")
     pretrained.add_argument("--eval", help="images or a video to profile them on")
+    pretrained.add_argument("--reference", help="the model whose results stand in for labels "
+                            "on --eval (quality is then fidelity to it); default the family's "
+                            "largest (blazeface-full), an EfficientNet-Lite its own")
     steps.add_parser("ls", help="every model in the store")
     show = steps.add_parser("show", help="one model's metadata, specs and cut points")
     show.add_argument("name", help="the model's name in the store")
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             runs_on = [tier.strip() for tier in args.runs_on.split(",")] if args.runs_on else None
             try:
                 install_pretrained(models_dir, args.names, runs_on=runs_on,
-                                   eval_data=args.eval, console=console)
+                                   eval_data=args.eval, reference=args.reference,
+                                   console=console)
             except PretrainedError as error:
                 raise ModelImportError(str(error)) from None
         elif command == "ls":
