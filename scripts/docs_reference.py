@@ -116,11 +116,10 @@ def cli_page() -> str:
 
 # ------------------------------------------------------------------------------------- config
 
-_UNIT_SUFFIXES = (  # longest first: a field's unit from its name
-    ("_usd_per_gb_up", "USD/GB"), ("_usd_per_gb_down", "USD/GB"), ("usd_per_gb_up", "USD/GB"),
-    ("usd_per_gb_down", "USD/GB"), ("_usd_per_hour", "USD/hour"), ("_usd_per_kwh", "USD/kWh"),
-    ("_bytes", "bytes"), ("_ms", "ms"), ("_s", "s"), ("_w", "W"), ("_mb", "MB"),
-    ("_fraction", "fraction"), ("_px", "pixels"), ("_per_s", "1/s"))
+_UNIT_SUFFIXES = (  # longest first: a field's unit from its name (or its whole name)
+    ("_usd_per_gb_up", "USD/GB"), ("_usd_per_gb_down", "USD/GB"),
+    ("_usd_per_hour", "USD/hour"), ("_usd_per_kwh", "USD/kWh"),
+    ("_fraction", "fraction"), ("_bytes", "bytes"), ("_ms", "ms"), ("_s", "s"), ("_w", "W"))
 
 
 def _is_model(kind: Any) -> bool:

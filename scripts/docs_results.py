@@ -45,7 +45,7 @@ RUNS = {
     "learn-loop": "tierwise learn loop",
     "optimize": "tierwise optimize report; tierwise optimize bottleneck --workload camera",
 }
-KEEP = ("*.json", "table.md", "*.md", "*.png")
+KEEP = ("*.json", "*.md", "*.png")  # results, tables, plots
 MAX_FILE_BYTES = 2_000_000
 
 

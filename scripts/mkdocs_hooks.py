@@ -66,7 +66,7 @@ def _machine(document: dict[str, Any]) -> str:
     if not machine:
         return "not recorded in this results file (it predates the machine record)"
     memory = f", {machine['memory_gib']} GiB" if machine.get("memory_gib") else ""
-    return (f"{machine.get('cpu')}, {machine.get('cores')} cores{memory}, no GPU used; "
+    return (f"{machine.get('cpu')}, {machine.get('cores')} cores{memory}; "
             f"{machine.get('os')}, Python {machine.get('python')}, ONNX Runtime "
             f"{machine.get('onnxruntime')}")
 

@@ -611,13 +611,9 @@ class Client:
         return policy.within_reach(slo, state, tier)
 
     def _planning_state(self, exclude: set[str] | None) -> PlanningState:
-        # a site with no URL (no port in the config, none passed or published) is never
-        # planned: every plan there would fail before it started
-        unreachable = {site for site in self.config.sites()
-                       if not self.connections.has_url(site)}
         return planning_state(self.link_estimators, self.server_estimators,
                               self._device_ratio,
-                              self.down | self.retired | unreachable | (exclude or set()),
+                              self.down | self.retired | (exclude or set()),
                               {plan: ewma.value for plan, ewma in self._escalation.items()
                                if ewma.samples >= ESCALATION_MIN_SAMPLES})
 
@@ -636,7 +632,12 @@ class Client:
                                         "profile` (the policy reads nothing else about a model)")
             self.profiled_ms.update(profiled_compute_ms(profiles, {
                 tier: config.tier(tier).compute_scale for tier in config.tiers}))
-            policy = Policy(candidates_from_profiles(config, profiles), prices,
+            # a site with no URL (no port in the config, none passed or published) is never
+            # planned: every plan there would fail before it started
+            candidates = [candidate for candidate in candidates_from_profiles(config, profiles)
+                          if all(self.connections.has_url(tier)
+                                 for tier in candidate.plan.tiers)]
+            policy = Policy(candidates, prices,
                             {site: config.tier(site).region for site in config.sites()})
             with self._lock:
                 if self._generation == generation:
